@@ -1,0 +1,45 @@
+//! `mig-autoscaler`: one binary, one subcommand per role. Wiring only; the work lives in the crates.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod catalog_cmd;
+
+/// Repartitions NVIDIA MIG GPUs in a Kubernetes cluster automatically.
+#[derive(Parser)]
+#[command(name = "mig-autoscaler", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect the MIG geometry catalog: models, valid layouts, layout checks, mig-parted configs.
+    Catalog {
+        #[command(subcommand)]
+        command: catalog_cmd::CatalogCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Catalog { command } => catalog_cmd::run(command),
+    };
+    match result {
+        Ok(code) => code,
+        // `mig-autoscaler catalog layouts ... | head` closes stdout early: that is not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! The `mig-autoscaler catalog` command-line contract, and an independent brute-force enumeration of
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on unexpected input.
+//! valid layouts compared with what the CLI prints.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
+        .args(args)
+        .output()
+        .expect("run mig-autoscaler")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../mig-catalog/tests/fixtures")
+        .join(name)
+}
+
+fn text(path: &PathBuf) -> String {
+    std::fs::read_to_string(path).unwrap()
+}
+
+type Placed = Vec<(String, u64)>;
+
+/// Brute force from first principles: every subset of every (profile, start) pair that nvidia-smi
+/// lists, kept when no memory slice is used twice, no profile exceeds its instance total, and at most
+/// one `+me` instance is present. Profiles and placements come from recorded `-lgip`/`-lgipp` text,
+/// not from the catalog.
+fn brute_force(key: &str, max_override: &[(&str, u32)]) -> BTreeSet<Placed> {
+    let mut names = std::collections::HashMap::new();
+    let mut totals = std::collections::HashMap::new();
+    for line in text(&fixture(&format!("{key}.lgip.txt"))).lines() {
+        let cells: Vec<&str> = line
+            .trim_matches(|c| c == '|' || c == ' ')
+            .split_whitespace()
+            .collect();
+        if cells.len() > 4 && cells[1] == "MIG" {
+            let id: u32 = cells[3].parse().unwrap();
+            names.insert(id, cells[2].to_string());
+            totals.insert(
+                cells[2].to_string(),
+                cells[4].split('/').nth(1).unwrap().parse::<u32>().unwrap(),
+            );
+        }
+    }
+    for (name, max) in max_override {
+        totals.insert(name.to_string(), *max);
+    }
+    // (name, start, slice mask)
+    let mut candidates: Vec<(String, u64, u32)> = Vec::new();
+    for line in text(&fixture(&format!("{key}.lgipp.txt"))).lines() {
+        let id: u32 = line
+            .split("ID")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let (set, size) = line.split_once('{').unwrap().1.split_once('}').unwrap();
+        let size: u32 = size.trim_start_matches(':').trim().parse().unwrap();
+        for s in set.split(',') {
+            let start: u32 = s.parse().unwrap();
+            candidates.push((names[&id].clone(), u64::from(start), ((1 << size) - 1) << start));
+        }
+    }
+    let n = candidates.len();
+    assert!(n <= 26, "{key}: {n} candidates is too many to brute-force");
+    let profile_names: Vec<&String> = names.values().collect();
+    let which: Vec<usize> = candidates
+        .iter()
+        .map(|c| profile_names.iter().position(|p| **p == c.0).unwrap())
+        .collect();
+    let limit: Vec<u32> = profile_names.iter().map(|p| totals[*p]).collect();
+    let is_me: Vec<bool> = candidates.iter().map(|c| c.0.contains("+me")).collect();
+    let mut out = BTreeSet::new();
+    'subsets: for subset in 1u32..(1 << n) {
+        let mut used = 0u32;
+        let mut me = 0;
+        let mut per = [0u32; 16];
+        for (i, (_, _, mask)) in candidates.iter().enumerate() {
+            if subset & (1 << i) == 0 {
+                continue;
+            }
+            if used & mask != 0 {
+                continue 'subsets;
+            }
+            used |= mask;
+            per[which[i]] += 1;
+            if per[which[i]] > limit[which[i]] {
+                continue 'subsets;
+            }
+            if is_me[i] {
+                me += 1;
+                if me > 1 {
+                    continue 'subsets;
+                }
+            }
+        }
+        let mut placed: Placed = candidates
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| subset & (1 << i) != 0)
+            .map(|(_, (name, start, _))| (name.clone(), *start))
+            .collect();
+        placed.sort();
+        out.insert(placed);
+    }
+    out
+}
+
+fn printed(label: &str, maximal: bool) -> BTreeSet<Placed> {
+    let mut args = vec!["catalog", "layouts", "--gpu", label, "--json"];
+    if maximal {
+        args.push("--maximal");
+    }
+    let out = cli(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let layouts = v.as_array().unwrap();
+    let set: BTreeSet<Placed> = layouts
+        .iter()
+        .map(|l| {
+            let mut p: Placed = l
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| {
+                    (
+                        i["profile"].as_str().unwrap().to_string(),
+                        i["start"].as_u64().unwrap(),
+                    )
+                })
+                .collect();
+            p.sort();
+            p
+        })
+        .collect();
+    assert_eq!(set.len(), layouts.len(), "{label}: duplicate layouts printed");
+    set
+}
+
+fn maximal_of(all: &BTreeSet<Placed>) -> BTreeSet<Placed> {
+    all.iter()
+        .filter(|l| {
+            !all.iter()
+                .any(|o| o.len() == l.len() + 1 && l.iter().all(|x| o.contains(x)))
+        })
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn printed_layouts_match_brute_force() {
+    // A30 instance totals from the MIG User Guide's A30 table (NVML's own A30 counts are wrong).
+    let a30_max = [
+        ("1g.6gb", 4),
+        ("1g.6gb+me", 1),
+        ("2g.12gb", 2),
+        ("2g.12gb+me", 1),
+        ("4g.24gb", 1),
+    ];
+    for (label, key, max) in [
+        ("NVIDIA-A100-SXM4-40GB", "a100-40gb", &[][..]),
+        ("NVIDIA-H100-80GB-HBM3", "h100-80gb", &[][..]),
+        ("NVIDIA-A30", "a30-24gb", &a30_max[..]),
+    ] {
+        let expected = brute_force(key, max);
+        let got = printed(label, false);
+        assert_eq!(got.len(), expected.len(), "{label}");
+        assert_eq!(got, expected, "{label}");
+        assert_eq!(printed(label, true), maximal_of(&expected), "{label} --maximal");
+    }
+}
+
+#[test]
+fn check_exit_codes() {
+    let ok = cli(&[
+        "catalog",
+        "check",
+        "--gpu",
+        "NVIDIA-H100-80GB-HBM3",
+        "--layout",
+        "3g.40gb@0,2g.20gb@4,1g.10gb@6",
+    ]);
+    assert_eq!(ok.status.code(), Some(0));
+    let bad = cli(&[
+        "catalog",
+        "check",
+        "--gpu",
+        "NVIDIA-H100-80GB-HBM3",
+        "--layout",
+        "4g.40gb@0,2g.20gb@2",
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("[overlap]") && stderr.contains("[2, 3]"),
+        "{stderr}"
+    );
+    let gate = cli(&[
+        "catalog",
+        "check",
+        "--gpu",
+        "a100-40gb",
+        "--layout",
+        "4g.20gb@0,3g.20gb@4",
+        "--driver",
+        "470",
+    ]);
+    assert_eq!(gate.status.code(), Some(1));
+    let unknown = cli(&["catalog", "check", "--gpu", "NVIDIA-L4", "--layout", "1g.10gb@0"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("NVIDIA-H100-80GB-HBM3"),
+        "names known models"
+    );
+    let unparsable = cli(&["catalog", "check", "--gpu", "NVIDIA-A30", "--layout", "2g.12gb@x"]);
+    assert_eq!(unparsable.status.code(), Some(2));
+    let unknown_profile = cli(&["catalog", "check", "--gpu", "NVIDIA-A30", "--layout", "3g.24gb@0"]);
+    assert_eq!(unknown_profile.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown_profile.stderr).contains("unknown profile"));
+}
+
+#[test]
+fn models_lists_every_model() {
+    let out = cli(&["catalog", "models"]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for key in [
+        "a30-24gb",
+        "a100-40gb",
+        "h100-80gb",
+        "h200-141gb",
+        "b200-180gb",
+        "gh200-144gb",
+        "h20-96gb",
+    ] {
+        assert!(stdout.contains(key), "{key}");
+    }
+    let json = cli(&["catalog", "models", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 10);
+}
+
+#[test]
+fn mig_parted_and_nvml_checks() {
+    let cfg = fixture("default-mig-parted-config.yaml");
+    let out = cli(&[
+        "catalog",
+        "mig-parted-check",
+        "--gpu",
+        "NVIDIA-H100-80GB-HBM3",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "the fixture has unrealisable configs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("all-balanced") && l.contains(" realisable")),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("all-1g.5gb ") && l.contains("unrealisable")),
+        "{stdout}"
+    );
+
+    let (lgip, lgipp) = (fixture("h100-80gb.lgip.txt"), fixture("h100-80gb.lgipp.txt"));
+    let args = [
+        "catalog",
+        "nvml-check",
+        "--lgip",
+        lgip.to_str().unwrap(),
+        "--lgipp",
+        lgipp.to_str().unwrap(),
+    ];
+    let ok = cli(&[&args[..], &["--name", "NVIDIA H100 80GB HBM3"]].concat());
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // The same capture claimed by an A30, whose profile ids mean other profiles.
+    let wrong = cli(&[&args[..], &["--name", "NVIDIA A30"]].concat());
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong.stdout).contains("MISMATCH"));
+    let missing = cli(&["catalog", "nvml-check", "--recorded", "/nonexistent.json"]);
+    assert_eq!(missing.status.code(), Some(2));
+}
