@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod catalog_cmd;
+mod plan_cmd;
 
 /// Repartitions NVIDIA MIG GPUs in a Kubernetes cluster automatically.
 #[derive(Parser)]
@@ -21,12 +22,15 @@ enum Command {
         #[command(subcommand)]
         command: catalog_cmd::CatalogCommand,
     },
+    /// Plan target MIG layouts for a cluster snapshot (dry run: reads a file, touches nothing).
+    Plan(plan_cmd::PlanArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Catalog { command } => catalog_cmd::run(command),
+        Command::Plan(args) => plan_cmd::run(args),
     };
     match result {
         Ok(code) => code,

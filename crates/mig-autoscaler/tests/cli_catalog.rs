@@ -297,3 +297,65 @@ fn mig_parted_and_nvml_checks() {
     let missing = cli(&["catalog", "nvml-check", "--recorded", "/nonexistent.json"]);
     assert_eq!(missing.status.code(), Some(2));
 }
+
+#[test]
+fn plan_prints_a_table_or_json_and_rejects_bad_snapshots_with_a_path() {
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples/snapshot-small.json");
+    let table = cli(&["plan", "--snapshot", example.to_str().unwrap()]);
+    assert_eq!(
+        table.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        stdout.contains("ml/train-3g: fits on gpu-a100-1") && stdout.contains("after repartition"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ml/h200-only: waits: no GPU in the cluster offers 3g.71gb"),
+        "{stdout}"
+    );
+
+    let json = cli(&["plan", "--snapshot", example.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["pods"].as_array().unwrap().len(), 4);
+    assert_eq!(v["nodes"][0]["actions"][0]["action"]["kind"], "taint");
+
+    let dir = std::env::temp_dir().join(format!("mig-autoscaler-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"nodes": [{"name": "n", "gpus": [{"index": "zero", "product": "x"}]}]}"#,
+    )
+    .unwrap();
+    let out = cli(&["plan", "--snapshot", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("$.nodes[0].gpus[0].index"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let policy = dir.join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"backend": "nvml", "budgets": {"maxNodesChanged": 0}}"#,
+    )
+    .unwrap();
+    let out = cli(&[
+        "plan",
+        "--snapshot",
+        example.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["disruption"]["nodesChanged"], 0,
+        "the policy file replaces the snapshot's policy"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

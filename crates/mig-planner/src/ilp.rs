@@ -1,0 +1,381 @@
+//! The class-level integer program.
+//!
+//! Variables: `n[c][o]` = GPUs of class `c` taking option `o` (keep, change to a maximal count vector,
+//! or drain and change); `z[k][s]` = pending pods of class `k` placed in capacity group `s`; `y[d]` =
+//! pod `d` evicted by a drain and placed again; `u[n]` = node `n` changes (per-node model only).
+//! Capacity per group and profile: pods' requests ≤ free instances of kept GPUs + Σ n·free.
+//! Objective: Σ w·placed − Σ w·evicted-and-not-placed − Σ option costs − node costs (see `weights`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use good_lp::solvers::highs::highs;
+use good_lp::{
+    Expression, ProblemVariables, ResolutionError, Solution, SolutionStatus, SolverModel, Variable,
+    WithInitialSolution, constraint, variable,
+};
+
+use crate::assign::Decision;
+use crate::problem::Problem;
+use crate::snapshot::SolverSettings;
+use crate::weights;
+
+/// What a solver run reports.
+#[derive(Clone, Debug)]
+pub(crate) struct SolveInfo {
+    pub status: String,
+    pub objective: f64,
+    pub variables: usize,
+    pub constraints: usize,
+    pub millis: f64,
+}
+
+/// A MIP solver for the class model.
+pub(crate) trait ClassSolver {
+    /// Solver name for the plan.
+    fn name(&self) -> &'static str;
+    /// Solve, warm-started from `warm`.
+    fn solve(
+        &self,
+        p: &Problem<'_>,
+        warm: &Decision,
+        settings: &SolverSettings,
+    ) -> Result<(Decision, SolveInfo), String>;
+}
+
+/// HiGHS, one thread, time limit and gap from the policy.
+pub(crate) struct Highs;
+
+/// A class of identical pending pods: its members and, per capacity group, its variable.
+type PodClass = (Vec<usize>, Vec<(usize, Variable)>);
+/// What makes pods identical for the model: request, groups, weight.
+type PodKey = (Vec<(usize, u16)>, Vec<usize>, i64);
+
+struct Model {
+    vars: ProblemVariables,
+    n: Vec<Vec<Variable>>,
+    /// pod class → (demands, per group variable)
+    pod_classes: Vec<PodClass>,
+    y: HashMap<usize, Variable>,
+    u: BTreeMap<usize, Variable>,
+    constraints: Vec<good_lp::Constraint>,
+    objective: Expression,
+}
+
+fn build(p: &Problem<'_>) -> Model {
+    let mut vars = ProblemVariables::new();
+    let mut constraints = Vec::new();
+    let mut objective = Expression::from(0.0);
+
+    // GPU classes.
+    let mut n: Vec<Vec<Variable>> = Vec::new();
+    for class in &p.classes {
+        let size = class.gpus.len() as f64;
+        let opts = &p.gpus[class.gpus[0]].options;
+        let vs: Vec<Variable> = opts
+            .iter()
+            .map(|_| vars.add(variable().integer().min(0).max(size)))
+            .collect();
+        constraints.push(constraint!(vs.iter().copied().sum::<Expression>() == size));
+        for (v, o) in vs.iter().zip(opts) {
+            objective -= o.cost * *v;
+        }
+        n.push(vs);
+    }
+    let drain_of = |g: usize| -> Expression {
+        let ci = p.classes.iter().position(|c| c.gpus.contains(&g));
+        match ci {
+            Some(ci) => p.gpus[g]
+                .options
+                .iter()
+                .zip(&n[ci])
+                .filter(|(o, _)| o.drain)
+                .map(|(_, v)| Expression::from(*v))
+                .sum(),
+            None => Expression::from(0.0),
+        }
+    };
+
+    // Pod classes: same request, groups and weight.
+    let mut by_key: BTreeMap<PodKey, Vec<usize>> = BTreeMap::new();
+    for (d, dm) in p.demands.iter().enumerate() {
+        if dm.evicted_from.is_none() && !dm.groups.is_empty() {
+            by_key
+                .entry((dm.req.clone(), dm.groups.clone(), dm.weight as i64))
+                .or_default()
+                .push(d);
+        }
+    }
+    let mut pod_classes = Vec::new();
+    for ((_, groups, weight), members) in by_key {
+        let size = members.len() as f64;
+        let zs: Vec<(usize, Variable)> = groups
+            .iter()
+            .map(|s| (*s, vars.add(variable().integer().min(0).max(size))))
+            .collect();
+        constraints.push(constraint!(
+            zs.iter().map(|(_, z)| *z).sum::<Expression>() <= size
+        ));
+        for (_, z) in &zs {
+            objective += weight as f64 * *z;
+        }
+        pod_classes.push((members, zs));
+    }
+
+    // Evicted pods.
+    let mut y = HashMap::new();
+    for (d, dm) in p.demands.iter().enumerate() {
+        if let Some(g) = dm.evicted_from {
+            let v = vars.add(variable().binary());
+            constraints.push(constraint!(v <= drain_of(g)));
+            objective += dm.weight * v;
+            objective -= dm.weight * drain_of(g);
+            y.insert(d, v);
+        }
+    }
+
+    // Capacity per group and profile.
+    let wanted: Vec<usize> = {
+        let mut w: Vec<usize> = p
+            .demands
+            .iter()
+            .flat_map(|d| d.req.iter().map(|(q, _)| *q))
+            .collect();
+        w.sort_unstable();
+        w.dedup();
+        w
+    };
+    for s in 0..p.groups.len() {
+        for &q in &wanted {
+            let mut supply = Expression::from(0.0);
+            let mut demand = Expression::from(0.0);
+            let mut any_demand = false;
+            for g in p.gpus.iter().filter(|g| g.group == s && g.options.len() == 1) {
+                supply += f64::from(g.options[0].free[q]);
+            }
+            for (ci, class) in p.classes.iter().enumerate() {
+                if p.gpus[class.gpus[0]].group == s {
+                    for (v, o) in n[ci].iter().zip(&p.gpus[class.gpus[0]].options) {
+                        supply += f64::from(o.free[q]) * *v;
+                    }
+                }
+            }
+            for (members, zs) in &pod_classes {
+                let need = p.demands[members[0]]
+                    .req
+                    .iter()
+                    .find(|(r, _)| *r == q)
+                    .map_or(0, |(_, c)| *c);
+                if need > 0
+                    && let Some((_, z)) = zs.iter().find(|(g, _)| *g == s)
+                {
+                    demand += f64::from(need) * *z;
+                    any_demand = true;
+                }
+            }
+            for (d, v) in &y {
+                let dm = &p.demands[*d];
+                let need = dm.req.iter().find(|(r, _)| *r == q).map_or(0, |(_, c)| *c);
+                if need > 0 && dm.groups.contains(&s) {
+                    demand += f64::from(need) * *v;
+                    any_demand = true;
+                }
+            }
+            if any_demand {
+                constraints.push(constraint!(demand <= supply));
+            }
+        }
+    }
+
+    // Node changes and budgets.
+    let mut u = BTreeMap::new();
+    let changed_in = |ci: usize| -> Expression {
+        p.gpus[p.classes[ci].gpus[0]]
+            .options
+            .iter()
+            .zip(&n[ci])
+            .filter(|(o, _)| o.changed)
+            .map(|(_, v)| Expression::from(*v))
+            .sum()
+    };
+    if p.exact {
+        for (node, info) in p.nodes.iter().enumerate() {
+            let classes: Vec<usize> = (0..p.classes.len())
+                .filter(|ci| p.gpus[p.classes[*ci].gpus[0]].node == node)
+                .collect();
+            if classes.is_empty() {
+                continue;
+            }
+            let un = vars.add(variable().binary());
+            let changed: Expression = classes.iter().map(|ci| changed_in(*ci)).sum();
+            constraints.push(constraint!(changed <= info.gpus.len() as f64 * un));
+            objective -= weights::CHANGE_NODE * un;
+            u.insert(node, un);
+        }
+        if let Some(b) = p.policy.budgets.max_nodes_changed {
+            constraints.push(constraint!(
+                u.values().copied().sum::<Expression>() <= f64::from(b)
+            ));
+        }
+    } else if let Some(b) = p.policy.budgets.max_nodes_changed {
+        // Relaxation; `assign::realise` enforces the exact node budget.
+        let per_node = p.nodes.iter().map(|n| n.gpus.len()).max().unwrap_or(0) as f64;
+        let all: Expression = (0..p.classes.len()).map(changed_in).sum();
+        constraints.push(constraint!(all <= f64::from(b) * per_node));
+    }
+    let drains: Vec<(usize, Expression)> = (0..p.gpus.len())
+        .filter(|g| p.gpus[*g].options.iter().any(|o| o.drain))
+        .map(|g| (g, drain_of(g)))
+        .collect();
+    if let Some(max) = p.policy.budgets.max_evictions
+        && !drains.is_empty()
+    {
+        let evicted: Expression = drains
+            .iter()
+            .map(|(g, e)| p.gpus[*g].pods.len() as f64 * e.clone())
+            .sum();
+        constraints.push(constraint!(evicted <= f64::from(max)));
+    }
+    for (pdb, allowed) in &p.pdb_allowed {
+        let covered: Vec<Expression> = drains
+            .iter()
+            .map(|(g, e)| {
+                let k = p.gpus[*g]
+                    .pods
+                    .iter()
+                    .filter(|pod| p.pod_pdbs.get(*pod).is_some_and(|v| v.contains(pdb)))
+                    .count();
+                k as f64 * e.clone()
+            })
+            .collect();
+        if !covered.is_empty() {
+            constraints.push(constraint!(
+                covered.into_iter().sum::<Expression>() <= f64::from(*allowed)
+            ));
+        }
+    }
+    Model {
+        vars,
+        n,
+        pod_classes,
+        y,
+        u,
+        constraints,
+        objective,
+    }
+}
+
+impl ClassSolver for Highs {
+    fn name(&self) -> &'static str {
+        "highs"
+    }
+
+    fn solve(
+        &self,
+        p: &Problem<'_>,
+        warm: &Decision,
+        settings: &SolverSettings,
+    ) -> Result<(Decision, SolveInfo), String> {
+        let started = Instant::now();
+        let m = build(p);
+        let variables = m.vars.len();
+        let constraints = m.constraints.len();
+        if variables == 0 {
+            return Err("nothing to decide".into());
+        }
+        // Warm start: the greedy decision in class form.
+        let mut initial: Vec<(Variable, f64)> = Vec::new();
+        for (ci, class) in p.classes.iter().enumerate() {
+            for (o, v) in m.n[ci].iter().enumerate() {
+                initial.push((
+                    *v,
+                    class.gpus.iter().filter(|g| warm.option[**g] == o).count() as f64,
+                ));
+            }
+        }
+        for (members, zs) in &m.pod_classes {
+            for (s, z) in zs {
+                let k = members
+                    .iter()
+                    .filter(|d| warm.prefer_node[**d].is_some_and(|n| p.groups[*s].nodes.contains(&n)))
+                    .count();
+                initial.push((*z, k as f64));
+            }
+        }
+        for v in m.y.values() {
+            initial.push((*v, 0.0));
+        }
+        for (node, v) in &m.u {
+            let changed = p.nodes[*node]
+                .gpus
+                .iter()
+                .any(|g| p.gpus[*g].options[warm.option[*g]].changed);
+            initial.push((*v, if changed { 1.0 } else { 0.0 }));
+        }
+        let mut model = m
+            .vars
+            .maximise(m.objective.clone())
+            .using(highs)
+            .set_time_limit(settings.time_limit_ms as f64 / 1000.0)
+            .set_threads(1)
+            .set_mip_rel_gap(settings.mip_gap as f32)
+            .map_err(|e| e.to_string())?
+            .with_initial_solution(initial);
+        model.set_verbose(false);
+        for c in m.constraints {
+            model = model.with(c);
+        }
+        let solution = model.solve().map_err(|e| match e {
+            ResolutionError::Infeasible => {
+                "infeasible (a bug: keeping every GPU is always feasible)".to_string()
+            }
+            other => other.to_string(),
+        })?;
+        let status = match solution.status() {
+            SolutionStatus::Optimal => "optimal",
+            SolutionStatus::TimeLimit => "time-limit",
+            SolutionStatus::GapLimit => "gap-limit",
+        };
+        let objective = solution.eval(&m.objective);
+
+        // Back to GPUs: within a class, members in order take options in order.
+        let mut option = vec![0usize; p.gpus.len()];
+        for (ci, class) in p.classes.iter().enumerate() {
+            let mut members = class.gpus.iter();
+            for (o, v) in m.n[ci].iter().enumerate() {
+                let count = solution.value(*v).round().max(0.0) as usize;
+                for g in members.by_ref().take(count) {
+                    option[*g] = o;
+                }
+            }
+        }
+        let mut prefer_group = vec![Vec::new(); p.demands.len()];
+        for (members, zs) in &m.pod_classes {
+            let mut members = members.iter();
+            for (s, z) in zs {
+                let count = solution.value(*z).round().max(0.0) as usize;
+                for d in members.by_ref().take(count) {
+                    prefer_group[*d].push(*s);
+                }
+            }
+        }
+        for (d, v) in &m.y {
+            if solution.value(*v) > 0.5 {
+                prefer_group[*d] = p.demands[*d].groups.clone();
+            }
+        }
+        let decision = Decision {
+            option,
+            prefer_node: vec![None; p.demands.len()],
+            prefer_group,
+        };
+        let info = SolveInfo {
+            status: status.to_string(),
+            objective,
+            variables,
+            constraints,
+            millis: started.elapsed().as_secs_f64() * 1000.0,
+        };
+        Ok((decision, info))
+    }
+}

@@ -1,0 +1,118 @@
+//! The planner: `plan(snapshot, policy) -> Plan`. Pure: no I/O, no async, no Kubernetes client.
+//!
+//! 1. [`problem`](crate) normalises the snapshot: models from the catalog, pinned (in-use) instances,
+//!    what each GPU may become (keep, change, drain and change), where each pod may go.
+//! 2. A greedy first-fit builds a plan; HiGHS solves the class-level ILP warm-started from it; the
+//!    better of the two, once placed on real instances, is the plan (the ILP falls back to greedy
+//!    when it fails or times out without an answer).
+//! 3. Every target layout is validated by the catalog again before it leaves the planner.
+//!
+//! ```
+//! use mig_planner::{plan, Snapshot};
+//! let snapshot = Snapshot::from_json(r#"{
+//!   "nodes": [{"name": "n1", "gpus": [{"index": 0, "product": "NVIDIA-H100-80GB-HBM3",
+//!     "instances": [{"profile": "1g.10gb", "start": 0}, {"profile": "1g.10gb", "start": 1}]}]}],
+//!   "pendingPods": [{"namespace": "ml", "name": "train", "requests": {"nvidia.com/mig-3g.40gb": 1}}]
+//! }"#).unwrap();
+//! let p = plan(&snapshot, &snapshot.policy);
+//! assert!(p.gpus[0].changed);
+//! assert!(matches!(p.pods[0].outcome, mig_planner::PodOutcome::Fits { .. }));
+//! ```
+
+mod assign;
+mod ilp;
+mod plan;
+mod problem;
+pub mod snapshot;
+
+use std::time::Instant;
+
+use mig_catalog::Catalog;
+
+pub use plan::{
+    Action, ActionStep, Disruption, Eviction, GpuPlan, NodePlan, PlacedInstance, Plan, PodOutcome, PodPlan,
+    RECONFIGURING_TAINT, SolverReport, Warning,
+};
+pub use snapshot::{Backend, DrainPolicy, InputError, Policy, Snapshot, SolverKind};
+
+use crate::ilp::ClassSolver;
+
+/// Objective weights. Placing any pod outweighs any disruption a plan can cause for it; among plans
+/// that place the same pods, fewer changed GPUs and nodes and fewer evictions win.
+pub mod weights {
+    /// Value of placing a pod, times (1 + rank of its priority among all pods' distinct priorities).
+    pub const PLACE: f64 = 1000.0;
+    /// Cost of reconfiguring a GPU.
+    pub const CHANGE_GPU: f64 = 10.0;
+    /// Extra cost of reconfiguring a GPU around in-use instances (nvml backend): idle GPUs go first.
+    pub const TOUCH_BUSY_GPU: f64 = 2.0;
+    /// Cost of touching a node at all (mig-manager pauses the node's GPU operands).
+    pub const CHANGE_NODE: f64 = 5.0;
+    /// Cost per evicted pod, plus this much times its instances' utilization.
+    pub const EVICT: f64 = 50.0;
+}
+
+/// Plan MIG layouts for a snapshot under a policy. Deterministic for the same input (apart from
+/// `solver.millis`, and the solver's own time limit).
+pub fn plan(snapshot: &Snapshot, policy: &Policy) -> Plan {
+    plan_with(Catalog::embedded(), snapshot, policy)
+}
+
+/// [`plan`] with another catalog.
+pub fn plan_with(catalog: &Catalog, snapshot: &Snapshot, policy: &Policy) -> Plan {
+    let started = Instant::now();
+    let p = problem::Problem::build(catalog, snapshot, policy);
+    let greedy = assign::greedy(&p);
+    let greedy_outcome = assign::realise(&p, &greedy);
+    let greedy_score = plan::score(&p, &greedy_outcome);
+    let model = if p.exact { "per-node" } else { "per-node-group" };
+    let mut report = SolverReport {
+        used: "greedy".into(),
+        status: "greedy".into(),
+        fallback_reason: None,
+        model: model.into(),
+        score: greedy_score,
+        greedy_score,
+        mip_gap: policy.solver.mip_gap,
+        variables: 0,
+        constraints: 0,
+        gpu_classes: p.classes.len(),
+        solver_millis: 0.0,
+        millis: 0.0,
+    };
+    let mut outcome = greedy_outcome;
+    if policy.solver.kind == SolverKind::Highs {
+        if p.classes.is_empty() && p.demands.iter().all(|d| d.evicted_from.is_none()) {
+            report.status = "trivial".into();
+        } else {
+            match ilp::Highs.solve(&p, &greedy, &policy.solver) {
+                Ok((decision, info)) => {
+                    report.variables = info.variables;
+                    report.constraints = info.constraints;
+                    report.solver_millis = info.millis;
+                    let ilp_outcome = assign::realise(&p, &decision);
+                    let ilp_score = plan::score(&p, &ilp_outcome);
+                    if ilp_score + 1e-6 >= greedy_score {
+                        report.used = ilp::Highs.name().into();
+                        report.status = info.status;
+                        outcome = ilp_outcome;
+                    } else {
+                        report.fallback_reason = Some(format!(
+                            "the ILP answer ({}, objective {:.1}) scored {ilp_score:.1} once placed, below greedy",
+                            info.status, info.objective
+                        ));
+                    }
+                }
+                Err(e) => report.fallback_reason = Some(format!("HiGHS: {e}")),
+            }
+        }
+    }
+    let mut plan = Plan::build(plan::Context {
+        p: &p,
+        snapshot,
+        outcome: &outcome,
+        report,
+    });
+    plan.solver.millis = started.elapsed().as_secs_f64() * 1000.0;
+    plan
+}

@@ -1,0 +1,785 @@
+//! The planner's output: what would change, why, and in which order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use mig_catalog::migparted::{GpuTarget, render_node_config};
+use mig_catalog::{Instance, Layout};
+use petgraph::algo::toposort;
+use petgraph::graph::DiGraph;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::assign::Outcome;
+use crate::problem::{Problem, node_rejects};
+use crate::snapshot::{Backend, Snapshot};
+use crate::weights;
+
+/// Our NoSchedule taint on nodes being reconfigured.
+pub const RECONFIGURING_TAINT: &str = "mig-autoscaler.io/reconfiguring";
+
+/// A plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    /// Content hash of the decisions (targets, placements, evictions): equal plans, equal ids.
+    pub id: String,
+    /// How it was solved.
+    pub solver: SolverReport,
+    /// Every GPU the planner knows, actual and target layout.
+    pub gpus: Vec<GpuPlan>,
+    /// Every pending pod: where it is expected to fit, or why it cannot.
+    pub pods: Vec<PodPlan>,
+    /// Pods to evict.
+    pub evictions: Vec<Eviction>,
+    /// Per changed node, the ordered actions.
+    pub nodes: Vec<NodePlan>,
+    /// Totals.
+    pub disruption: Disruption,
+    /// Input problems that did not stop planning.
+    pub warnings: Vec<Warning>,
+}
+
+/// A problem in the input, with its JSON path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Warning {
+    /// JSON path into the snapshot.
+    pub path: String,
+    /// What is wrong and what the planner did about it.
+    pub message: String,
+}
+
+/// Solver facts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SolverReport {
+    /// `highs` or `greedy`: whose decision the plan follows.
+    pub used: String,
+    /// `optimal`, `time-limit`, `gap-limit`, `greedy`, or `trivial` (nothing to decide).
+    pub status: String,
+    /// Why the ILP's answer was not used, if it was not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<String>,
+    /// `per-node` (exact) or `per-node-group` (aggregated).
+    pub model: String,
+    /// Score of the plan (see docs/planner.md).
+    pub score: f64,
+    /// Score of the greedy plan.
+    pub greedy_score: f64,
+    /// Relative MIP gap the ILP stops at.
+    pub mip_gap: f64,
+    /// ILP size.
+    pub variables: usize,
+    /// ILP size.
+    pub constraints: usize,
+    /// GPU classes (decision units).
+    pub gpu_classes: usize,
+    /// Wall time of the ILP (model building and solving), ms.
+    pub solver_millis: f64,
+    /// Wall time of planning, ms (not part of the plan id).
+    pub millis: f64,
+}
+
+/// One GPU.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuPlan {
+    /// Node.
+    pub node: String,
+    /// GPU index.
+    pub index: u32,
+    /// Catalog model key.
+    pub model: String,
+    /// Actual layout, canonical form.
+    pub actual: String,
+    /// Target layout, canonical form.
+    pub target: String,
+    /// Whether it changes.
+    pub changed: bool,
+    /// Whether its pods are evicted first.
+    pub drained: bool,
+    /// Why it changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One pending pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodPlan {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Priority.
+    pub priority: i32,
+    /// Where it fits, or why not.
+    pub outcome: PodOutcome,
+}
+
+/// A pod's outcome.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "camelCase")]
+pub enum PodOutcome {
+    /// It fits.
+    Fits {
+        /// Node.
+        node: String,
+        /// The instances it is expected to get.
+        instances: Vec<PlacedInstance>,
+        /// Whether that needs a layout change first.
+        needs_repartition: bool,
+    },
+    /// It keeps waiting.
+    Waits {
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+/// A GPU instance a pod is expected to use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedInstance {
+    /// GPU index on the node.
+    pub gpu: u32,
+    /// Profile.
+    pub profile: String,
+    /// Start slice.
+    pub start: u8,
+}
+
+/// A pod to evict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Eviction {
+    /// `namespace/name`.
+    pub pod: String,
+    /// Node.
+    pub node: String,
+    /// GPU index.
+    pub gpu: u32,
+    /// Where it is expected to run again, if anywhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replaced_on: Option<String>,
+    /// Why.
+    pub reason: String,
+}
+
+/// Actions for one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePlan {
+    /// Node.
+    pub node: String,
+    /// mig-parted config name to set as `nvidia.com/mig.config` (mig-manager backend).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mig_config: Option<String>,
+    /// Actions in a topological order; `after` lists prerequisites by index.
+    pub actions: Vec<ActionStep>,
+}
+
+/// One action and what must finish before it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionStep {
+    /// What to do.
+    pub action: Action,
+    /// Indices of prerequisite steps.
+    pub after: Vec<usize>,
+}
+
+/// Node-level actions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Action {
+    /// Add our NoSchedule taint.
+    Taint {
+        /// Taint key.
+        key: String,
+    },
+    /// Evict one pod through the Eviction API.
+    Evict {
+        /// `namespace/name`.
+        pod: String,
+    },
+    /// Set `nvidia.com/mig.config`.
+    Relabel {
+        /// Label value (mig-parted config name).
+        config: String,
+    },
+    /// Wait for `nvidia.com/mig.config.state=success`.
+    AwaitMigManager,
+    /// Create and destroy instances with NVML (nvml backend).
+    ApplyNvml {
+        /// GPU indices.
+        gpus: Vec<u32>,
+    },
+    /// Check actual == target for every GPU.
+    Verify {
+        /// GPU index → target layout.
+        targets: BTreeMap<u32, String>,
+    },
+    /// Remove our taint.
+    Untaint {
+        /// Taint key.
+        key: String,
+    },
+}
+
+/// Disruption totals.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Disruption {
+    /// GPUs reconfigured.
+    pub gpus_changed: usize,
+    /// Nodes with a reconfigured GPU.
+    pub nodes_changed: usize,
+    /// Pods evicted.
+    pub evictions: usize,
+    /// Disruption cost (weights in docs/planner.md).
+    pub cost: f64,
+}
+
+/// Score of an outcome: placed value minus disruption (the ILP's objective on the per-node model).
+pub(crate) fn score(p: &Problem<'_>, o: &Outcome) -> f64 {
+    let mut s = 0.0;
+    for (d, dm) in p.demands.iter().enumerate() {
+        match (dm.evicted_from, &o.placed[d]) {
+            (None, Some(_)) => s += dm.weight,
+            (Some(g), None) if p.gpus[g].options[o.option[g]].drain => s -= dm.weight,
+            _ => {}
+        }
+    }
+    s - disruption(p, o).cost
+}
+
+fn disruption(p: &Problem<'_>, o: &Outcome) -> Disruption {
+    let changed: Vec<usize> = (0..p.gpus.len())
+        .filter(|g| p.gpus[*g].options[o.option[*g]].changed)
+        .collect();
+    let nodes: BTreeSet<usize> = changed.iter().map(|g| p.gpus[*g].node).collect();
+    let evictions = (0..p.gpus.len())
+        .filter(|g| p.gpus[*g].options[o.option[*g]].drain)
+        .map(|g| p.gpus[g].pods.len())
+        .sum();
+    let cost = changed
+        .iter()
+        .map(|g| p.gpus[*g].options[o.option[*g]].cost)
+        .sum::<f64>()
+        + weights::CHANGE_NODE * nodes.len() as f64;
+    Disruption {
+        gpus_changed: changed.len(),
+        nodes_changed: nodes.len(),
+        evictions,
+        cost,
+    }
+}
+
+/// Target layout of each GPU under the outcome, placed.
+fn targets(p: &Problem<'_>, o: &Outcome, warnings: &mut Vec<Warning>) -> Vec<Layout> {
+    p.gpus
+        .iter()
+        .enumerate()
+        .map(|(g, gs)| {
+            let opt = &gs.options[o.option[g]];
+            let layout = if !opt.changed {
+                Ok(gs.actual.clone())
+            } else if opt.drain {
+                gs.model.arrange(&opt.counts)
+            } else {
+                gs.model.arrange_around(&gs.busy, &opt.counts)
+            };
+            // Every emitted layout is checked again; a failure here is a planner bug, never output.
+            match layout
+                .map_err(|e| e.to_string())
+                .and_then(|l| gs.model.validate(&l).map(|()| l).map_err(|e| e.to_string()))
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    warnings.push(Warning {
+                        path: format!("gpu {}/{}", p.nodes[gs.node].name, gs.index),
+                        message: format!("internal error, GPU kept as it is: {e}"),
+                    });
+                    gs.actual.clone()
+                }
+            }
+        })
+        .collect()
+}
+
+pub(crate) struct Context<'a, 'c> {
+    pub p: &'a Problem<'c>,
+    pub snapshot: &'a Snapshot,
+    pub outcome: &'a Outcome,
+    pub report: SolverReport,
+}
+
+impl Plan {
+    pub(crate) fn build(cx: Context<'_, '_>) -> Plan {
+        let Context {
+            p,
+            snapshot,
+            outcome: o,
+            mut report,
+        } = cx;
+        let mut warnings = p.warnings.clone();
+        let targets = targets(p, o, &mut warnings);
+        let option = o.option.clone();
+
+        // Hand out concrete instances: per GPU, the target's instances not kept busy, by start.
+        let mut free: Vec<Vec<Instance>> = (0..p.gpus.len())
+            .map(|g| {
+                let drained = p.gpus[g].options[option[g]].drain;
+                targets[g]
+                    .instances()
+                    .iter()
+                    .filter(|i| drained || !p.gpus[g].busy.contains(i))
+                    .copied()
+                    .collect()
+            })
+            .collect();
+        let mut placements: Vec<Option<(usize, Vec<PlacedInstance>)>> = vec![None; p.demands.len()];
+        for (d, pl) in o.placed.iter().enumerate() {
+            let Some((node, taken)) = pl else { continue };
+            let mut got = Vec::new();
+            for (g, q, n) in taken {
+                let model = p.gpus[*g].model;
+                for _ in 0..*n {
+                    if let Some(pos) = free[*g]
+                        .iter()
+                        .position(|i| model.profile_name(i.profile) == p.profiles[*q])
+                    {
+                        let inst = free[*g].remove(pos);
+                        got.push(PlacedInstance {
+                            gpu: p.gpus[*g].index,
+                            profile: p.profiles[*q].clone(),
+                            start: inst.start,
+                        });
+                    }
+                }
+            }
+            placements[d] = Some((*node, got));
+        }
+
+        // GPUs.
+        let mut reasons: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
+        for (d, pl) in placements.iter().enumerate() {
+            let Some((node, got)) = pl else { continue };
+            for i in got {
+                let on_node = p.nodes[*node]
+                    .gpus
+                    .iter()
+                    .copied()
+                    .find(|g| p.gpus[*g].index == i.gpu);
+                if let Some(g) = on_node
+                    && p.gpus[g].options[option[g]].changed
+                {
+                    reasons.entry(g).or_default().insert(p.demands[d].key.clone());
+                }
+            }
+        }
+        let gpus: Vec<GpuPlan> = p
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(g, gs)| {
+                let opt = &gs.options[option[g]];
+                GpuPlan {
+                    node: p.nodes[gs.node].name.clone(),
+                    index: gs.index,
+                    model: gs.model.key.clone(),
+                    actual: gs.model.format_layout(&gs.actual),
+                    target: gs.model.format_layout(&targets[g]),
+                    changed: opt.changed,
+                    drained: opt.drain,
+                    reason: opt.changed.then(|| {
+                        let pods: Vec<String> = reasons
+                            .get(&g)
+                            .map(|s| s.iter().cloned().collect())
+                            .unwrap_or_default();
+                        format!(
+                            "makes room for {}",
+                            if pods.is_empty() {
+                                "pending pods".to_string()
+                            } else {
+                                pods.join(", ")
+                            }
+                        )
+                    }),
+                }
+            })
+            .collect();
+
+        // Evictions.
+        let mut evictions = Vec::new();
+        for (d, dm) in p.demands.iter().enumerate() {
+            if let Some(g) = dm.evicted_from
+                && p.gpus[g].options[option[g]].drain
+            {
+                evictions.push(Eviction {
+                    pod: dm.key.clone(),
+                    node: p.nodes[p.gpus[g].node].name.clone(),
+                    gpu: p.gpus[g].index,
+                    replaced_on: placements[d].as_ref().map(|(n, _)| p.nodes[*n].name.clone()),
+                    reason: format!("GPU {} is rebuilt as {}", p.gpus[g].index, gpus[g].target),
+                });
+            }
+        }
+
+        // Pods.
+        let dis = disruption(
+            p,
+            &Outcome {
+                option: option.clone(),
+                placed: o.placed.clone(),
+                budget_reverted: o.budget_reverted.clone(),
+            },
+        );
+        let mut pods = Vec::new();
+        for (pi, pod) in snapshot.pending_pods.iter().enumerate() {
+            let outcome = if let Some((_, why)) = p.rejected.iter().find(|(i, _)| *i == pi) {
+                PodOutcome::Waits { reason: why.clone() }
+            } else {
+                let d = p
+                    .demands
+                    .iter()
+                    .position(|dm| dm.pending == Some(pi))
+                    .unwrap_or(usize::MAX);
+                match placements.get(d).cloned().flatten() {
+                    Some((node, instances)) => PodOutcome::Fits {
+                        node: p.nodes[node].name.clone(),
+                        needs_repartition: instances.iter().any(|i| {
+                            p.gpus.iter().enumerate().any(|(g, gs)| {
+                                gs.node == node && gs.index == i.gpu && p.gpus[g].options[option[g]].changed
+                            })
+                        }),
+                        instances,
+                    },
+                    None => PodOutcome::Waits {
+                        reason: explain(p, snapshot, d, &dis, o),
+                    },
+                }
+            };
+            pods.push(PodPlan {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                priority: pod.priority,
+                outcome,
+            });
+        }
+
+        // Node actions.
+        let mut nodes = Vec::new();
+        for info in &p.nodes {
+            let changed: Vec<usize> = info
+                .gpus
+                .iter()
+                .copied()
+                .filter(|g| p.gpus[*g].options[option[*g]].changed)
+                .collect();
+            if changed.is_empty() {
+                continue;
+            }
+            let mig_config = if p.policy.backend == Backend::MigManager {
+                let gpus: Vec<(u32, GpuTarget<'_>)> = info
+                    .gpus
+                    .iter()
+                    .map(|g| {
+                        (
+                            p.gpus[*g].index,
+                            GpuTarget::Mig {
+                                model: p.gpus[*g].model,
+                                layout: &targets[*g],
+                            },
+                        )
+                    })
+                    .collect();
+                match render_node_config(&gpus) {
+                    Ok(c) => Some(c.name),
+                    Err(e) => {
+                        warnings.push(Warning {
+                            path: format!("node {}", info.name),
+                            message: format!("internal error: {e}"),
+                        });
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let evict: Vec<String> = evictions
+                .iter()
+                .filter(|e| e.node == info.name)
+                .map(|e| e.pod.clone())
+                .collect();
+            let verify: BTreeMap<u32, String> = changed
+                .iter()
+                .map(|g| (p.gpus[*g].index, gpus[*g].target.clone()))
+                .collect();
+            let apply = match &mig_config {
+                Some(c) => vec![Action::Relabel { config: c.clone() }, Action::AwaitMigManager],
+                None => vec![Action::ApplyNvml {
+                    gpus: changed.iter().map(|g| p.gpus[*g].index).collect(),
+                }],
+            };
+            nodes.push(NodePlan {
+                node: info.name.clone(),
+                mig_config,
+                actions: action_dag(evict, apply, verify),
+            });
+        }
+
+        report.score = score(
+            p,
+            &Outcome {
+                option,
+                placed: o.placed.clone(),
+                budget_reverted: o.budget_reverted.clone(),
+            },
+        );
+        let mut plan = Plan {
+            id: String::new(),
+            solver: report,
+            gpus,
+            pods,
+            evictions,
+            nodes,
+            disruption: dis,
+            warnings,
+        };
+        let decisions = serde_json::to_string(&(&plan.gpus, &plan.pods, &plan.evictions)).unwrap_or_default();
+        let digest = Sha256::digest(decisions.as_bytes());
+        plan.id = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+        plan
+    }
+}
+
+/// taint → evict (each pod, in parallel) → apply → verify → untaint, as a DAG in topological order.
+fn action_dag(evict: Vec<String>, apply: Vec<Action>, verify: BTreeMap<u32, String>) -> Vec<ActionStep> {
+    let mut g: DiGraph<Action, ()> = DiGraph::new();
+    let taint = g.add_node(Action::Taint {
+        key: RECONFIGURING_TAINT.into(),
+    });
+    let evicts: Vec<_> = evict
+        .into_iter()
+        .map(|pod| g.add_node(Action::Evict { pod }))
+        .collect();
+    for e in &evicts {
+        g.add_edge(taint, *e, ());
+    }
+    let mut last = if evicts.is_empty() { vec![taint] } else { evicts };
+    for a in apply {
+        let n = g.add_node(a);
+        for l in &last {
+            g.add_edge(*l, n, ());
+        }
+        last = vec![n];
+    }
+    let v = g.add_node(Action::Verify { targets: verify });
+    let u = g.add_node(Action::Untaint {
+        key: RECONFIGURING_TAINT.into(),
+    });
+    for l in &last {
+        g.add_edge(*l, v, ());
+    }
+    g.add_edge(v, u, ());
+    let order = toposort(&g, None).unwrap_or_else(|_| g.node_indices().collect());
+    let pos: BTreeMap<_, _> = order.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    order
+        .iter()
+        .map(|n| ActionStep {
+            action: g[*n].clone(),
+            after: g
+                .neighbors_directed(*n, petgraph::Direction::Incoming)
+                .map(|m| pos[&m])
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+        })
+        .collect()
+}
+
+/// Why a pending pod keeps waiting, most specific reason first.
+fn explain(p: &Problem<'_>, snapshot: &Snapshot, d: usize, dis: &Disruption, o: &Outcome) -> String {
+    let Some(dm) = p.demands.get(d) else {
+        return "not planned".into();
+    };
+    let pod = dm.pending.and_then(|i| snapshot.pending_pods.get(i));
+    let eligible: Vec<usize> = dm
+        .groups
+        .iter()
+        .flat_map(|g| p.groups[*g].nodes.iter().copied())
+        .filter(|n| p.nodes[*n].schedulable)
+        .collect();
+    if eligible.is_empty() {
+        let mut why: BTreeMap<&str, usize> = BTreeMap::new();
+        if let Some(pod) = pod {
+            for n in &snapshot.nodes {
+                if let Some(r) = node_rejects(pod, n) {
+                    *why.entry(r).or_default() += 1;
+                }
+            }
+        }
+        let detail: Vec<String> = why.iter().map(|(r, k)| format!("{k} by {r}")).collect();
+        return format!(
+            "no node admits it ({} nodes: {})",
+            snapshot.nodes.len(),
+            detail.join(", ")
+        );
+    }
+    let eligible_gpus: Vec<usize> = eligible
+        .iter()
+        .flat_map(|n| p.nodes[*n].gpus.iter().copied())
+        .collect();
+    for (q, need) in &dm.req {
+        let name = &p.profiles[*q];
+        let models: BTreeSet<&str> = eligible_gpus
+            .iter()
+            .map(|g| p.gpus[*g].model.key.as_str())
+            .collect();
+        if !eligible_gpus
+            .iter()
+            .any(|g| p.gpus[*g].model.profile_by_name(name).is_some())
+        {
+            return format!(
+                "needs {name}, which no GPU on the nodes it may use has (their models: {})",
+                models.into_iter().collect::<Vec<_>>().join(", ")
+            );
+        }
+        let best_node = eligible
+            .iter()
+            .map(|n| {
+                p.nodes[*n]
+                    .gpus
+                    .iter()
+                    .map(|g| p.gpus[*g].options.iter().map(|o| o.free[*q]).max().unwrap_or(0))
+                    .sum::<u16>()
+            })
+            .max()
+            .unwrap_or(0);
+        if best_node < *need {
+            let pinned = eligible_gpus
+                .iter()
+                .all(|g| p.gpus[*g].options.len() == 1 || !p.gpus[*g].busy.is_empty());
+            let blocked: Vec<&str> = eligible_gpus
+                .iter()
+                .filter_map(|g| p.gpus[*g].drain_blocked.as_deref())
+                .collect();
+            return if best_node == 0 && pinned {
+                let why = match blocked.first() {
+                    Some(b) => format!(" and cannot be drained: {b}"),
+                    None if p.policy.drain == crate::snapshot::DrainPolicy::Never => {
+                        " (drain policy: never)".to_string()
+                    }
+                    None => String::new(),
+                };
+                format!("needs {name} but every GPU it may use is pinned by running pods or not managed{why}")
+            } else {
+                format!(
+                    "needs {need} x {name} on one node; at most {best_node} can exist on any node it may use without evicting protected pods"
+                )
+            };
+        }
+    }
+    if let Some(b) = p.policy.budgets.max_nodes_changed
+        && (dis.nodes_changed >= b as usize || !o.budget_reverted.is_empty())
+    {
+        return format!(
+            "disruption budget exhausted: {} of at most {b} nodes already change in this plan",
+            dis.nodes_changed
+        );
+    }
+    if let Some(b) = p.policy.budgets.max_evictions
+        && dis.evictions >= b as usize
+        && b > 0
+    {
+        return format!("eviction budget exhausted ({b} per plan)");
+    }
+    "the GPUs it may use are taken by higher-priority or earlier pods in this plan".into()
+}
+
+impl Plan {
+    /// A readable summary: solver line, GPU changes, pods, evictions.
+    pub fn render_table(&self) -> String {
+        let mut s = String::new();
+        let r = &self.solver;
+        let _ = writeln!(
+            s,
+            "plan {}  solver {} ({}{}), {} model, score {:.1} (greedy {:.1}), {:.1} ms",
+            self.id,
+            r.used,
+            r.status,
+            r.fallback_reason
+                .as_ref()
+                .map(|f| format!(": {f}"))
+                .unwrap_or_default(),
+            r.model,
+            r.score,
+            r.greedy_score,
+            r.millis
+        );
+        let _ = writeln!(
+            s,
+            "disruption: {} GPUs on {} nodes change, {} evictions",
+            self.disruption.gpus_changed, self.disruption.nodes_changed, self.disruption.evictions
+        );
+        let _ = writeln!(s, "\nGPU CHANGES");
+        for g in self.gpus.iter().filter(|g| g.changed) {
+            let _ = writeln!(
+                s,
+                "  {}/{} {}: {} -> {}{}",
+                g.node,
+                g.index,
+                g.model,
+                g.actual,
+                g.target,
+                if g.drained { " (drain)" } else { "" }
+            );
+            if let Some(why) = &g.reason {
+                let _ = writeln!(s, "      {why}");
+            }
+        }
+        let _ = writeln!(s, "\nPENDING PODS");
+        for p in &self.pods {
+            match &p.outcome {
+                PodOutcome::Fits {
+                    node,
+                    instances,
+                    needs_repartition,
+                } => {
+                    let inst: Vec<String> = instances
+                        .iter()
+                        .map(|i| format!("gpu{}:{}@{}", i.gpu, i.profile, i.start))
+                        .collect();
+                    let _ = writeln!(
+                        s,
+                        "  {}/{}: fits on {node} [{}]{}",
+                        p.namespace,
+                        p.name,
+                        inst.join(" "),
+                        if *needs_repartition {
+                            " after repartition"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                PodOutcome::Waits { reason } => {
+                    let _ = writeln!(s, "  {}/{}: waits: {reason}", p.namespace, p.name);
+                }
+            }
+        }
+        if !self.evictions.is_empty() {
+            let _ = writeln!(s, "\nEVICTIONS");
+            for e in &self.evictions {
+                let _ = writeln!(s, "  {} on {}/{}: {}", e.pod, e.node, e.gpu, e.reason);
+            }
+        }
+        if !self.warnings.is_empty() {
+            let _ = writeln!(s, "\nWARNINGS");
+            for w in &self.warnings {
+                let _ = writeln!(s, "  {}: {}", w.path, w.message);
+            }
+        }
+        s
+    }
+}

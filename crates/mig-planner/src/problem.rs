@@ -1,0 +1,616 @@
+//! From a snapshot to the planning problem: which GPUs may change and how, which pods want what,
+//! and where they may go. Bad input becomes a warning or a pod-level reason here, never a panic.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use mig_catalog::{Catalog, Counts, GpuModel, Instance, Layout, ProfileIdx};
+
+use crate::plan::Warning;
+use crate::snapshot::{Backend, DrainPolicy, LabelExpression, Node, PendingPod, Policy, Snapshot};
+use crate::weights;
+
+/// Taints with this prefix are ours and temporary: they do not make a node ineligible.
+pub const OWN_TAINT_PREFIX: &str = "mig-autoscaler.io/";
+const RESOURCE_PREFIX: &str = "nvidia.com/mig-";
+
+/// One way a GPU may end up.
+#[derive(Clone, Debug)]
+pub(crate) struct GpuOption {
+    /// Target profile counts (indexed by the GPU model's profiles).
+    pub counts: Counts,
+    /// Instances available to pods placed by this plan, per global profile name index.
+    pub free: Vec<u16>,
+    /// Whether the GPU is reconfigured.
+    pub changed: bool,
+    /// Whether its running pods are evicted first.
+    pub drain: bool,
+    /// Disruption cost of choosing this option.
+    pub cost: f64,
+}
+
+/// A GPU the planner knows about.
+#[derive(Clone, Debug)]
+pub(crate) struct GpuState<'c> {
+    pub node: usize,
+    pub index: u32,
+    pub model: &'c GpuModel,
+    pub actual: Layout,
+    /// Instances holding running pods.
+    pub busy: Layout,
+    /// Running pods on this GPU (keys), evicted if it is drained.
+    pub pods: Vec<String>,
+    /// options[0] is "keep".
+    pub options: Vec<GpuOption>,
+    /// Why its in-use instances may not be drained (when draining is allowed at all).
+    pub drain_blocked: Option<String>,
+    pub group: usize,
+}
+
+/// Something that wants instances: a pending pod, or a pod evicted by this plan that must find a new home.
+#[derive(Clone, Debug)]
+pub(crate) struct Demand {
+    pub key: String,
+    pub weight: f64,
+    /// (global profile index, count)
+    pub req: Vec<(usize, u16)>,
+    pub groups: Vec<usize>,
+    /// For evicted pods: the GPU whose drain evicts it.
+    pub evicted_from: Option<usize>,
+    pub created: String,
+    /// Index into `Snapshot::pending_pods` for pending pods.
+    pub pending: Option<usize>,
+}
+
+impl Demand {
+    /// Total memory slices asked for (for ordering big-first).
+    pub fn size(&self, p: &Problem<'_>) -> u32 {
+        self.req
+            .iter()
+            .map(|(q, n)| p.profile_size[*q] * u32::from(*n))
+            .sum()
+    }
+}
+
+/// A capacity group: one node (exact model) or nodes with identical labels and taints (aggregated).
+#[derive(Clone, Debug)]
+pub(crate) struct Group {
+    pub nodes: Vec<usize>,
+}
+
+/// GPUs with identical options in the same group: the ILP decides how many take each option.
+#[derive(Clone, Debug)]
+pub(crate) struct Class {
+    pub gpus: Vec<usize>,
+}
+
+/// The normalised problem.
+pub(crate) struct Problem<'c> {
+    pub policy: Policy,
+    pub nodes: Vec<NodeInfo>,
+    pub gpus: Vec<GpuState<'c>>,
+    pub groups: Vec<Group>,
+    pub classes: Vec<Class>,
+    /// Global profile names (sorted); capacity vectors index this.
+    pub profiles: Vec<String>,
+    /// Memory slices of each global profile name (largest over models, for ordering only).
+    pub profile_size: Vec<u32>,
+    pub demands: Vec<Demand>,
+    /// Pending pods that cannot be planned at all, with the reason.
+    pub rejected: Vec<(usize, String)>,
+    pub warnings: Vec<Warning>,
+    /// PDB name → disruptions allowed.
+    pub pdb_allowed: BTreeMap<String, u32>,
+    /// Running pod key → PDB names.
+    pub pod_pdbs: HashMap<String, Vec<String>>,
+    /// Whether groups are single nodes.
+    pub exact: bool,
+}
+
+/// What the planner keeps of a node.
+#[derive(Clone, Debug)]
+pub(crate) struct NodeInfo {
+    pub name: String,
+    pub managed: bool,
+    pub schedulable: bool,
+    pub gpus: Vec<usize>,
+}
+
+fn label_expression_holds(e: &LabelExpression, labels: &BTreeMap<String, String>) -> bool {
+    let v = labels.get(&e.key);
+    match e.operator.as_str() {
+        "In" => v.is_some_and(|v| e.values.contains(v)),
+        "NotIn" => v.is_none_or(|v| !e.values.contains(v)),
+        "Exists" => v.is_some(),
+        "DoesNotExist" => v.is_none(),
+        "Gt" | "Lt" => {
+            let (Some(v), Some(bound)) = (
+                v.and_then(|v| v.parse::<i64>().ok()),
+                e.values.first().and_then(|b| b.parse::<i64>().ok()),
+            ) else {
+                return false;
+            };
+            if e.operator == "Gt" { v > bound } else { v < bound }
+        }
+        _ => false,
+    }
+}
+
+/// Why a pod may not run on a node, or `None` if it may (selectors, affinity, taints).
+pub(crate) fn node_rejects(pod: &PendingPod, node: &Node) -> Option<&'static str> {
+    if !node.schedulable {
+        return Some("cordoned");
+    }
+    if pod
+        .node_selector
+        .iter()
+        .any(|(k, v)| node.labels.get(k) != Some(v))
+    {
+        return Some("node selector");
+    }
+    if !pod.node_affinity.is_empty()
+        && !pod.node_affinity.iter().any(|t| {
+            t.match_expressions
+                .iter()
+                .all(|e| label_expression_holds(e, &node.labels))
+        })
+    {
+        return Some("node affinity");
+    }
+    let untolerated = node.taints.iter().any(|t| {
+        (t.effect == "NoSchedule" || t.effect == "NoExecute")
+            && !t.key.starts_with(OWN_TAINT_PREFIX)
+            && !pod.tolerations.iter().any(|tol| {
+                let key_ok = (tol.key.is_empty() && tol.operator == "Exists") || tol.key == t.key;
+                let value_ok = tol.operator == "Exists" || tol.value == t.value;
+                let effect_ok = tol.effect.is_empty() || tol.effect == t.effect;
+                key_ok && value_ok && effect_ok
+            })
+    });
+    if untolerated { Some("taints") } else { None }
+}
+
+impl<'c> Problem<'c> {
+    pub fn build(catalog: &'c Catalog, snapshot: &Snapshot, policy: &Policy) -> Problem<'c> {
+        let mut warnings = Vec::new();
+        let warn = |warnings: &mut Vec<Warning>, path: String, message: String| {
+            warnings.push(Warning { path, message })
+        };
+
+        // Running pods and PDBs.
+        let running: HashMap<String, &crate::snapshot::RunningPod> = snapshot
+            .running_pods
+            .iter()
+            .map(|r| (format!("{}/{}", r.namespace, r.name), r))
+            .collect();
+        let pdb_allowed: BTreeMap<String, u32> = snapshot
+            .pdbs
+            .iter()
+            .map(|p| (format!("{}/{}", p.namespace, p.name), p.disruptions_allowed))
+            .collect();
+        let pod_pdbs: HashMap<String, Vec<String>> =
+            running.iter().map(|(k, r)| (k.clone(), r.pdbs.clone())).collect();
+
+        // GPUs: resolve models, parse actual layouts, find busy instances.
+        let mut nodes = Vec::new();
+        let mut gpus: Vec<GpuState<'c>> = Vec::new();
+        let mut pods_per_gpu: HashMap<String, BTreeSet<usize>> = HashMap::new();
+        for (ni, node) in snapshot.nodes.iter().enumerate() {
+            let managed = policy
+                .managed_node_selector
+                .iter()
+                .all(|(k, v)| node.labels.get(k) == Some(v));
+            let mut info = NodeInfo {
+                name: node.name.clone(),
+                managed,
+                schedulable: node.schedulable,
+                gpus: Vec::new(),
+            };
+            for (gi, gpu) in node.gpus.iter().enumerate() {
+                let path = format!("$.nodes[{ni}].gpus[{gi}]");
+                let model = match catalog.lookup(&gpu.product) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn(
+                            &mut warnings,
+                            format!("{path}.product"),
+                            format!("GPU left alone: {e}"),
+                        );
+                        continue;
+                    }
+                };
+                if !gpu.mig_enabled {
+                    warn(
+                        &mut warnings,
+                        path.clone(),
+                        "GPU left alone: MIG mode is off (the planner does not toggle MIG mode)".into(),
+                    );
+                    continue;
+                }
+                let mut actual = Vec::new();
+                let mut busy = Vec::new();
+                let mut pods = BTreeSet::new();
+                let mut bad = false;
+                for (ii, inst) in gpu.instances.iter().enumerate() {
+                    let Some(p) = model.profile_by_name(&inst.profile) else {
+                        warn(
+                            &mut warnings,
+                            format!("{path}.instances[{ii}].profile"),
+                            format!("GPU left alone: {} has no profile {:?}", model.key, inst.profile),
+                        );
+                        bad = true;
+                        continue;
+                    };
+                    let i = Instance::new(p, inst.start);
+                    actual.push(i);
+                    if !inst.pods.is_empty() {
+                        busy.push(i);
+                        pods.extend(inst.pods.iter().cloned());
+                    }
+                }
+                let actual = Layout::new(actual);
+                if let Err(e) = model.validate(&actual) {
+                    warn(
+                        &mut warnings,
+                        format!("{path}.instances"),
+                        format!("GPU left alone: {e}"),
+                    );
+                    bad = true;
+                }
+                if bad {
+                    continue;
+                }
+                let gpu_id = gpus.len();
+                for p in &pods {
+                    pods_per_gpu.entry(p.clone()).or_default().insert(gpu_id);
+                }
+                info.gpus.push(gpu_id);
+                gpus.push(GpuState {
+                    node: ni,
+                    index: gpu.index,
+                    model,
+                    actual,
+                    busy: Layout::new(busy),
+                    pods: pods.into_iter().collect(),
+                    options: Vec::new(),
+                    drain_blocked: None,
+                    group: 0,
+                });
+            }
+            nodes.push(info);
+        }
+
+        // Global profile universe: every profile of every model present, plus requested names.
+        let mut names: BTreeMap<String, u32> = BTreeMap::new();
+        for g in &gpus {
+            for p in &g.model.profiles {
+                let e = names.entry(p.name.clone()).or_insert(0);
+                *e = (*e).max(u32::from(p.memory_slices));
+            }
+        }
+        let profiles: Vec<String> = names.keys().cloned().collect();
+        let profile_size: Vec<u32> = names.values().copied().collect();
+        let global = |model: &GpuModel, idx: ProfileIdx| -> usize {
+            profiles
+                .binary_search(&model.profiles[usize::from(idx.0)].name)
+                .unwrap_or(0)
+        };
+
+        // Which profiles do pending pods want at all (to skip +me options nobody asked for).
+        let wanted: BTreeSet<String> = snapshot
+            .pending_pods
+            .iter()
+            .flat_map(|p| p.requests.keys())
+            .filter_map(|r| r.strip_prefix(RESOURCE_PREFIX))
+            .map(str::to_string)
+            .collect();
+
+        // Options per GPU.
+        let drain = policy.drain;
+        #[allow(clippy::needless_range_loop)] // reads gpus[g], then writes its options back
+        for g in 0..gpus.len() {
+            let gs = &gpus[g];
+            let model = gs.model;
+            let node = &nodes[gs.node];
+            let changeable = node.managed && node.schedulable;
+            let busy_counts = model.counts(&gs.busy);
+            let to_free = |counts: &Counts, kept: &Counts| -> Vec<u16> {
+                let mut free = vec![0u16; profiles.len()];
+                for (idx, _) in model.profiles_indexed() {
+                    let n = counts.get(idx).saturating_sub(kept.get(idx));
+                    free[global(model, idx)] += u16::from(n);
+                }
+                free
+            };
+            let actual_counts = model.counts(&gs.actual);
+            let mut options = vec![GpuOption {
+                counts: actual_counts.clone(),
+                free: to_free(&actual_counts, &busy_counts),
+                changed: false,
+                drain: false,
+                cost: 0.0,
+            }];
+            if changeable {
+                // `+me` instances nobody asked for are never worth creating (they serve only `+me`
+                // requests); pinned ones stay, of course.
+                let adds_unwanted_me = |c: &Counts, pinned: &Counts| {
+                    model.profiles_indexed().any(|(i, p)| {
+                        p.media_extensions && c.get(i) > pinned.get(i) && !wanted.contains(&p.name)
+                    })
+                };
+                let maximal_vectors = |pinned: &Layout| -> Vec<Counts> {
+                    let compatible: Vec<Counts> = {
+                        let mut v: Vec<Counts> = model
+                            .compatible_layouts(pinned)
+                            .map(|l| model.counts(l))
+                            .collect();
+                        v.sort_unstable();
+                        v.dedup();
+                        let pinned_counts = model.counts(pinned);
+                        v.retain(|c| !adds_unwanted_me(c, &pinned_counts));
+                        v
+                    };
+                    compatible
+                        .iter()
+                        .filter(|c| !compatible.iter().any(|d| d != *c && d.covers(c)))
+                        .cloned()
+                        .collect()
+                };
+                let can_change_in_place = gs.busy.is_empty() || policy.backend == Backend::Nvml;
+                if can_change_in_place {
+                    for c in maximal_vectors(&gs.busy) {
+                        if c != actual_counts {
+                            let cost = weights::CHANGE_GPU
+                                + if gs.busy.is_empty() {
+                                    0.0
+                                } else {
+                                    weights::TOUCH_BUSY_GPU
+                                };
+                            options.push(GpuOption {
+                                free: to_free(&c, &busy_counts),
+                                counts: c,
+                                changed: true,
+                                drain: false,
+                                cost,
+                            });
+                        }
+                    }
+                }
+                if !gs.busy.is_empty() && drain != DrainPolicy::Never {
+                    let blocked = gs.pods.iter().find_map(|p| {
+                        let r = running.get(p);
+                        if pods_per_gpu.get(p).is_none_or(|s| s.len() != 1) {
+                            return Some(format!("pod {p} uses instances on several GPUs"));
+                        }
+                        if r.is_some_and(|r| r.do_not_disrupt) {
+                            return Some(format!("pod {p} is marked mig-autoscaler.io/do-not-disrupt"));
+                        }
+                        if let Some(d) = r.and_then(|r| {
+                            r.pdbs
+                                .iter()
+                                .find(|d| pdb_allowed.get(*d).copied().unwrap_or(u32::MAX) == 0)
+                        }) {
+                            return Some(format!("pod {p} is protected by PDB {d} (0 disruptions allowed)"));
+                        }
+                        if drain == DrainPolicy::IdleOrLowPriority {
+                            let low = r.is_some_and(|r| r.priority < policy.low_priority_below);
+                            let idle = snapshot.nodes[gs.node]
+                                .gpus
+                                .iter()
+                                .flat_map(|x| &x.instances)
+                                .filter(|i| i.pods.contains(p))
+                                .all(|i| i.utilization.is_some_and(|u| u <= policy.idle_utilization));
+                            if !low && !idle {
+                                return Some(format!(
+                                    "pod {p} is neither idle nor below priority {}",
+                                    policy.low_priority_below
+                                ));
+                            }
+                        }
+                        None
+                    });
+                    let drainable = blocked.is_none();
+                    gpus[g].drain_blocked = blocked;
+                    let gs = &gpus[g];
+                    if drainable {
+                        let util: f64 = gs
+                            .pods
+                            .iter()
+                            .map(|p| {
+                                snapshot.nodes[gs.node]
+                                    .gpus
+                                    .iter()
+                                    .flat_map(|x| &x.instances)
+                                    .filter(|i| i.pods.contains(p))
+                                    .filter_map(|i| i.utilization)
+                                    .fold(0.0, f64::max)
+                            })
+                            .sum();
+                        let cost = weights::CHANGE_GPU
+                            + weights::EVICT * gs.pods.len() as f64
+                            + weights::EVICT * util;
+                        let none = Counts::zero(model.profiles.len());
+                        for c in maximal_vectors(&Layout::empty()) {
+                            options.push(GpuOption {
+                                free: to_free(&c, &none),
+                                counts: c,
+                                changed: true,
+                                drain: true,
+                                cost,
+                            });
+                        }
+                    }
+                }
+            }
+            gpus[g].options = options;
+        }
+
+        // Groups.
+        let exact = nodes.len() <= policy.solver.exact_node_limit;
+        let mut groups: Vec<Group> = Vec::new();
+        let mut node_group = vec![0usize; nodes.len()];
+        {
+            let mut by_sig: BTreeMap<String, usize> = BTreeMap::new();
+            for (ni, node) in snapshot.nodes.iter().enumerate() {
+                let sig = if exact {
+                    format!("node:{ni}")
+                } else {
+                    let mut taints: Vec<_> = node
+                        .taints
+                        .iter()
+                        .filter(|t| !t.key.starts_with(OWN_TAINT_PREFIX))
+                        .cloned()
+                        .collect();
+                    taints.sort();
+                    format!("{:?}|{:?}|{}", node.labels, taints, node.schedulable)
+                };
+                let gi = *by_sig.entry(sig).or_insert_with(|| {
+                    groups.push(Group { nodes: Vec::new() });
+                    groups.len() - 1
+                });
+                groups[gi].nodes.push(ni);
+                node_group[ni] = gi;
+            }
+        }
+        for g in &mut gpus {
+            g.group = node_group[g.node];
+        }
+
+        // Demands: pending pods.
+        let mut demands = Vec::new();
+        let mut rejected = Vec::new();
+        let mut priorities: BTreeSet<i32> = snapshot.pending_pods.iter().map(|p| p.priority).collect();
+        priorities.extend(snapshot.running_pods.iter().map(|p| p.priority));
+        let rank = |prio: i32| priorities.iter().position(|p| *p == prio).unwrap_or(0);
+        for (pi, pod) in snapshot.pending_pods.iter().enumerate() {
+            let mut req = Vec::new();
+            let mut problem = None;
+            for (res, count) in &pod.requests {
+                let Some(profile) = res.strip_prefix(RESOURCE_PREFIX) else {
+                    continue;
+                };
+                if *count <= 0 || *count > 64 {
+                    problem = Some(format!("request {res}: {count} is not a count between 1 and 64"));
+                    break;
+                }
+                match profiles.binary_search(&profile.to_string()) {
+                    Ok(q) => req.push((q, *count as u16)),
+                    Err(_) => {
+                        problem = Some(format!("no GPU in the cluster offers {profile} (resource {res})"));
+                        break;
+                    }
+                }
+            }
+            if problem.is_none() && req.is_empty() {
+                problem = Some("requests no nvidia.com/mig-* resource".into());
+            }
+            if let Some(p) = problem {
+                rejected.push((pi, p));
+                continue;
+            }
+            let eligible_nodes: BTreeSet<usize> = (0..nodes.len())
+                .filter(|n| node_rejects(pod, &snapshot.nodes[*n]).is_none())
+                .collect();
+            let groups_ok: Vec<usize> = (0..groups.len())
+                .filter(|g| groups[*g].nodes.iter().any(|n| eligible_nodes.contains(n)))
+                .collect();
+            demands.push(Demand {
+                key: pod.key(),
+                weight: weights::PLACE * (1 + rank(pod.priority)) as f64,
+                req,
+                groups: groups_ok,
+                evicted_from: None,
+                created: pod.created.clone().unwrap_or_default(),
+                pending: Some(pi),
+            });
+        }
+        // Demands: pods that a drain would evict, to be placed again in their own group.
+        for (gi, g) in gpus.iter().enumerate() {
+            if !g.options.iter().any(|o| o.drain) {
+                continue;
+            }
+            for p in &g.pods {
+                let mut counts: BTreeMap<usize, u16> = BTreeMap::new();
+                for inst in &snapshot.nodes[g.node]
+                    .gpus
+                    .iter()
+                    .find(|x| x.index == g.index)
+                    .map(|x| x.instances.clone())
+                    .unwrap_or_default()
+                {
+                    if inst.pods.contains(p)
+                        && let Ok(q) = profiles.binary_search(&inst.profile)
+                    {
+                        *counts.entry(q).or_default() += 1;
+                    }
+                }
+                let prio = running.get(p).map_or(0, |r| r.priority);
+                demands.push(Demand {
+                    key: p.clone(),
+                    weight: weights::PLACE * (1 + rank(prio)) as f64,
+                    req: counts.into_iter().collect(),
+                    groups: vec![g.group],
+                    evicted_from: Some(gi),
+                    created: String::new(),
+                    pending: None,
+                });
+            }
+        }
+
+        // Classes: GPUs in one group with identical options and no drain option.
+        let mut classes: Vec<Class> = Vec::new();
+        let mut by_key: HashMap<String, usize> = HashMap::new();
+        for (gi, g) in gpus.iter().enumerate() {
+            if g.options.len() == 1 {
+                continue; // keep only: a constant, no decision
+            }
+            let key = if g.options.iter().any(|o| o.drain) {
+                format!("drain:{gi}")
+            } else {
+                let node_key = if exact { g.node.to_string() } else { String::new() };
+                format!(
+                    "{}|{}|{}|{}|{node_key}",
+                    g.group,
+                    g.model.key,
+                    g.model.format_layout(&g.actual),
+                    g.model.format_layout(&g.busy)
+                )
+            };
+            let ci = *by_key.entry(key).or_insert_with(|| {
+                classes.push(Class { gpus: Vec::new() });
+                classes.len() - 1
+            });
+            classes[ci].gpus.push(gi);
+        }
+
+        Problem {
+            policy: policy.clone(),
+            nodes,
+            gpus,
+            groups,
+            classes,
+            profiles,
+            profile_size,
+            demands,
+            rejected,
+            warnings,
+            pdb_allowed,
+            pod_pdbs,
+            exact,
+        }
+    }
+
+    /// Demands in the order greedy and assignment serve them: weight, then size (big first), age, key.
+    pub fn demand_order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.demands.len()).collect();
+        order.sort_by(|a, b| {
+            let (x, y) = (&self.demands[*a], &self.demands[*b]);
+            y.weight
+                .total_cmp(&x.weight)
+                .then(y.evicted_from.is_some().cmp(&x.evicted_from.is_some()))
+                .then(y.size(self).cmp(&x.size(self)))
+                .then(x.created.cmp(&y.created))
+                .then(x.key.cmp(&y.key))
+        });
+        order
+    }
+}

@@ -1,0 +1,348 @@
+//! The planner's input: a snapshot of the cluster and the policy to plan under.
+//!
+//! The JSON form is documented by `docs/snapshot.schema.json`, generated from these types
+//! (`mig-autoscaler plan --print-schema`); a test keeps the two in sync.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Everything the planner needs to know, read from the cluster (or written by hand for a what-if).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Snapshot {
+    /// Nodes with their GPUs.
+    #[serde(default)]
+    pub nodes: Vec<Node>,
+    /// Pods waiting for MIG resources.
+    #[serde(default)]
+    pub pending_pods: Vec<PendingPod>,
+    /// Pods holding GPU instances (referenced by `namespace/name` from `GpuInstance::pods`).
+    #[serde(default)]
+    pub running_pods: Vec<RunningPod>,
+    /// PodDisruptionBudgets that cover running pods.
+    #[serde(default)]
+    pub pdbs: Vec<Pdb>,
+    /// Policy; `mig-autoscaler plan --policy FILE` replaces it.
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+/// A Kubernetes node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Node {
+    /// Node name.
+    pub name: String,
+    /// Node labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Node taints.
+    #[serde(default)]
+    pub taints: Vec<Taint>,
+    /// False when cordoned (`spec.unschedulable`).
+    #[serde(default = "yes")]
+    pub schedulable: bool,
+    /// The node's GPUs.
+    #[serde(default)]
+    pub gpus: Vec<Gpu>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A taint on a node.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Taint {
+    /// Taint key.
+    pub key: String,
+    /// Taint value.
+    #[serde(default)]
+    pub value: String,
+    /// `NoSchedule`, `PreferNoSchedule` or `NoExecute`.
+    pub effect: String,
+}
+
+/// One physical GPU.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Gpu {
+    /// GPU index on the node (as NVML and mig-parted count).
+    pub index: u32,
+    /// `nvidia.com/gpu.product` label value (or NVML name, PCI id, catalog key).
+    pub product: String,
+    /// Whether MIG mode is on. The planner does not toggle MIG mode.
+    #[serde(default = "yes")]
+    pub mig_enabled: bool,
+    /// Existing GPU instances at their placements.
+    #[serde(default)]
+    pub instances: Vec<GpuInstance>,
+}
+
+/// An existing GPU instance.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GpuInstance {
+    /// Profile name (`3g.40gb`).
+    pub profile: String,
+    /// First memory slice.
+    pub start: u8,
+    /// Pods using it, as `namespace/name`.
+    #[serde(default)]
+    pub pods: Vec<String>,
+    /// Utilization in `[0, 1]` (DCGM `GR_ENGINE_ACTIVE` or NVML GPM), when known.
+    #[serde(default)]
+    pub utilization: Option<f64>,
+}
+
+/// A pod waiting for MIG resources.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PendingPod {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Pod priority (from its PriorityClass).
+    #[serde(default)]
+    pub priority: i32,
+    /// Extended-resource requests, e.g. `{"nvidia.com/mig-3g.40gb": 1}`; other resources are ignored.
+    #[serde(default)]
+    pub requests: BTreeMap<String, i64>,
+    /// `spec.nodeSelector`.
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// Required node affinity: the pod fits a node matching any one term.
+    #[serde(default)]
+    pub node_affinity: Vec<NodeSelectorTerm>,
+    /// Tolerations.
+    #[serde(default)]
+    pub tolerations: Vec<Toleration>,
+    /// Creation time (RFC 3339); older pods are served first among equals.
+    #[serde(default)]
+    pub created: Option<String>,
+}
+
+impl PendingPod {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A required node-affinity term: every expression must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeSelectorTerm {
+    /// Label expressions.
+    #[serde(default)]
+    pub match_expressions: Vec<LabelExpression>,
+}
+
+/// One label expression (`In`, `NotIn`, `Exists`, `DoesNotExist`, `Gt`, `Lt`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabelExpression {
+    /// Label key.
+    pub key: String,
+    /// Operator.
+    pub operator: String,
+    /// Values.
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+/// A toleration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Toleration {
+    /// Taint key; empty with `Exists` tolerates everything.
+    #[serde(default)]
+    pub key: String,
+    /// `Equal` (default) or `Exists`.
+    #[serde(default)]
+    pub operator: String,
+    /// Value for `Equal`.
+    #[serde(default)]
+    pub value: String,
+    /// Effect; empty matches all effects.
+    #[serde(default)]
+    pub effect: String,
+}
+
+/// A pod holding GPU instances.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RunningPod {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Pod priority.
+    #[serde(default)]
+    pub priority: i32,
+    /// `mig-autoscaler.io/do-not-disrupt: "true"`.
+    #[serde(default)]
+    pub do_not_disrupt: bool,
+    /// Names (`namespace/name`) of the PDBs that select it.
+    #[serde(default)]
+    pub pdbs: Vec<String>,
+}
+
+/// A PodDisruptionBudget.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Pdb {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `status.disruptionsAllowed`.
+    pub disruptions_allowed: u32,
+}
+
+/// How the planner may act.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Policy {
+    /// How layouts are applied.
+    pub backend: Backend,
+    /// Which in-use instances may be drained.
+    pub drain: DrainPolicy,
+    /// Under `idle-or-low-priority`: pods below this priority may be evicted.
+    pub low_priority_below: i32,
+    /// Under `idle-or-low-priority`: instances at or below this utilization count as idle.
+    pub idle_utilization: f64,
+    /// Disruption budgets for one plan.
+    pub budgets: Budgets,
+    /// Only nodes with all these labels are planned (empty: every node with known MIG GPUs).
+    pub managed_node_selector: BTreeMap<String, String>,
+    /// Solver settings.
+    pub solver: SolverSettings,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            backend: Backend::MigManager,
+            drain: DrainPolicy::Never,
+            low_priority_below: 0,
+            idle_utilization: 0.05,
+            budgets: Budgets::default(),
+            managed_node_selector: BTreeMap::new(),
+            solver: SolverSettings::default(),
+        }
+    }
+}
+
+/// How target layouts reach the GPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// NVIDIA mig-manager applies a generated mig-parted config; a changed GPU is rebuilt whole, so
+    /// every in-use instance on it must be drained first.
+    MigManager,
+    /// The agent creates and destroys instances with NVML at explicit placements; in-use instances stay.
+    Nvml,
+}
+
+/// Which in-use instances the planner may drain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum DrainPolicy {
+    /// Never evict: only free capacity changes.
+    Never,
+    /// Evict pods that are idle or below `lowPriorityBelow`.
+    IdleOrLowPriority,
+    /// Evict any pod not marked do-not-disrupt, within PDBs.
+    Allowed,
+}
+
+/// Limits on one plan's disruption.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Budgets {
+    /// Most nodes whose layout changes (unbounded when absent).
+    pub max_nodes_changed: Option<u32>,
+    /// Most pods evicted (unbounded when absent).
+    pub max_evictions: Option<u32>,
+}
+
+/// Solver settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SolverSettings {
+    /// `highs` (ILP, greedy fallback) or `greedy` only.
+    pub kind: SolverKind,
+    /// Wall-clock limit for the ILP, in milliseconds.
+    pub time_limit_ms: u64,
+    /// Relative MIP gap at which the ILP stops.
+    pub mip_gap: f64,
+    /// Up to this many nodes, capacity is modelled per node (exact); above, per group of identical
+    /// nodes (labels and taints), with node budgets and co-location enforced when assigning.
+    pub exact_node_limit: usize,
+}
+
+impl Default for SolverSettings {
+    fn default() -> Self {
+        SolverSettings {
+            kind: SolverKind::Highs,
+            time_limit_ms: 5_000,
+            mip_gap: 1e-4,
+            exact_node_limit: 64,
+        }
+    }
+}
+
+/// Which solver plans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SolverKind {
+    /// HiGHS through good_lp, warm-started from the greedy plan, which is also the fallback.
+    Highs,
+    /// The greedy heuristic alone.
+    Greedy,
+}
+
+/// A snapshot or policy that could not be read, with the JSON path of the problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct InputError {
+    /// JSON path (`nodes[2].gpus[0].instances[1].start`).
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, InputError> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| InputError {
+        path: match e.path().to_string().as_str() {
+            "." => "$".to_string(),
+            p => format!("$.{p}"),
+        },
+        message: e.into_inner().to_string(),
+    })
+}
+
+impl Snapshot {
+    /// Parse a snapshot from JSON; errors carry the JSON path.
+    pub fn from_json(text: &str) -> Result<Snapshot, InputError> {
+        from_json(text)
+    }
+
+    /// The JSON Schema of the snapshot.
+    pub fn json_schema() -> serde_json::Value {
+        serde_json::to_value(schemars::schema_for!(Snapshot)).unwrap_or_default()
+    }
+}
+
+impl Policy {
+    /// Parse a policy from JSON; errors carry the JSON path.
+    pub fn from_json(text: &str) -> Result<Policy, InputError> {
+        from_json(text)
+    }
+}

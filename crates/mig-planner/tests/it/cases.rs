@@ -1,0 +1,371 @@
+//! Named scenarios: where greedy first-fit is wrong, what drains may and may not do, and the reasons
+//! a pod is told when it keeps waiting.
+
+use mig_planner::snapshot::{Pdb, Taint, Toleration};
+use mig_planner::{Backend, DrainPolicy, Plan, PodOutcome, Policy, Snapshot, SolverKind};
+
+use crate::check::check_plan;
+use crate::fixtures::{gpu, node, pending, running};
+
+const A100: &str = "NVIDIA-A100-SXM4-80GB";
+const H100: &str = "NVIDIA-H100-80GB-HBM3";
+const H200: &str = "NVIDIA-H200";
+
+fn run(s: &Snapshot, policy: &Policy) -> Plan {
+    let plan = mig_planner::plan(s, policy);
+    check_plan(s, policy, &plan);
+    plan
+}
+
+fn outcome<'a>(plan: &'a Plan, name: &str) -> &'a PodOutcome {
+    &plan.pods.iter().find(|p| p.name == name).unwrap().outcome
+}
+
+fn waits(plan: &Plan, name: &str) -> String {
+    match outcome(plan, name) {
+        PodOutcome::Waits { reason } => reason.clone(),
+        other => panic!("{name} fits: {other:?}\n{}", plan.render_table()),
+    }
+}
+
+fn fits_on(plan: &Plan, name: &str) -> String {
+    match outcome(plan, name) {
+        PodOutcome::Fits { node, .. } => node.clone(),
+        other => panic!("{name} waits: {other:?}\n{}", plan.render_table()),
+    }
+}
+
+#[test]
+fn greedy_is_wrong_when_the_first_node_is_the_only_one_a_later_pod_may_use() {
+    let s = Snapshot {
+        nodes: vec![
+            node("a", &[("zone", "a")], vec![gpu(0, A100, &[("7g.80gb", 0, None)])]),
+            node("b", &[("zone", "b")], vec![gpu(0, A100, &[("7g.80gb", 0, None)])]),
+        ],
+        pending_pods: vec![pending("wide", 10, &[("4g.40gb", 1)]), {
+            let mut p = pending("zone-a-7g", 0, &[("7g.80gb", 1)]);
+            p.node_selector.insert("zone".into(), "a".into());
+            p
+        }],
+        ..Default::default()
+    };
+    let greedy_only = Policy {
+        solver: mig_planner::snapshot::SolverSettings {
+            kind: SolverKind::Greedy,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let g = run(&s, &greedy_only);
+    assert_eq!(g.solver.used, "greedy");
+    assert_eq!(fits_on(&g, "wide"), "a");
+    assert!(waits(&g, "zone-a-7g").contains("taken by higher-priority or earlier pods"));
+
+    let plan = run(&s, &Policy::default());
+    assert_eq!(plan.solver.used, "highs");
+    assert_eq!(fits_on(&plan, "wide"), "b");
+    assert_eq!(fits_on(&plan, "zone-a-7g"), "a");
+    assert!(plan.solver.greedy_score < plan.solver.score);
+    assert_eq!(
+        plan.disruption.gpus_changed, 1,
+        "the 7g on node a is used as it is"
+    );
+}
+
+#[test]
+fn greedy_is_wrong_on_partly_used_gpus() {
+    // nvml backend: in-use 1g instances stay; GPU 0 has slice 6 taken, GPU 1 slice 0.
+    let s = Snapshot {
+        nodes: vec![node(
+            "n",
+            &[],
+            vec![
+                gpu(0, H100, &[("1g.10gb", 6, Some("run/a"))]),
+                gpu(1, H100, &[("1g.10gb", 0, Some("run/b"))]),
+            ],
+        )],
+        pending_pods: vec![
+            pending("three", 10, &[("3g.40gb", 1)]),
+            pending("four", 0, &[("4g.40gb", 1)]),
+        ],
+        running_pods: vec![running("run/a", 0), running("run/b", 0)],
+        ..Default::default()
+    };
+    let policy = Policy {
+        backend: Backend::Nvml,
+        ..Default::default()
+    };
+    let plan = run(&s, &policy);
+    fits_on(&plan, "three");
+    fits_on(&plan, "four");
+    assert!(
+        plan.solver.greedy_score < plan.solver.score,
+        "greedy puts the 3g at slice 0 of GPU 0 and blocks the 4g"
+    );
+    let PodOutcome::Fits { instances, .. } = outcome(&plan, "four") else {
+        unreachable!()
+    };
+    assert_eq!((instances[0].gpu, instances[0].start), (0, 0));
+}
+
+fn one_busy_gpu(pdb_allowed: u32, do_not_disrupt: bool) -> Snapshot {
+    let mut victim = running("batch/low", 0);
+    victim.pdbs = vec!["batch/keep".into()];
+    victim.do_not_disrupt = do_not_disrupt;
+    Snapshot {
+        nodes: vec![node(
+            "n",
+            &[],
+            vec![gpu(0, H100, &[("7g.80gb", 0, Some("batch/low"))])],
+        )],
+        pending_pods: vec![pending("urgent", 100, &[("3g.40gb", 1)])],
+        running_pods: vec![victim],
+        pdbs: vec![Pdb {
+            namespace: "batch".into(),
+            name: "keep".into(),
+            disruptions_allowed: pdb_allowed,
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_pdb_with_no_disruptions_left_is_never_overridden() {
+    let policy = Policy {
+        drain: DrainPolicy::Allowed,
+        ..Default::default()
+    };
+    let plan = run(&one_busy_gpu(0, false), &policy);
+    assert!(plan.evictions.is_empty());
+    let why = waits(&plan, "urgent");
+    assert!(why.contains("protected by PDB batch/keep"), "{why}");
+
+    let plan = run(&one_busy_gpu(1, false), &policy);
+    assert_eq!(plan.evictions.len(), 1, "{}", plan.render_table());
+    assert_eq!(plan.evictions[0].pod, "batch/low");
+    fits_on(&plan, "urgent");
+    let actions: Vec<String> = plan.nodes[0]
+        .actions
+        .iter()
+        .map(|a| format!("{:?}", a.action))
+        .collect();
+    assert!(
+        actions[0].starts_with("Taint")
+            && actions[1].starts_with("Evict")
+            && actions[2].starts_with("Relabel"),
+        "{actions:?}"
+    );
+    assert!(actions.last().unwrap().starts_with("Untaint"));
+}
+
+#[test]
+fn do_not_disrupt_and_drain_policies() {
+    let allowed = Policy {
+        drain: DrainPolicy::Allowed,
+        ..Default::default()
+    };
+    let plan = run(&one_busy_gpu(5, true), &allowed);
+    assert!(plan.evictions.is_empty());
+    assert!(waits(&plan, "urgent").contains("do-not-disrupt"));
+
+    let never = Policy::default();
+    let plan = run(&one_busy_gpu(5, false), &never);
+    assert!(plan.evictions.is_empty());
+    assert!(waits(&plan, "urgent").contains("drain policy: never"));
+
+    // idle-or-low-priority: the running pod (priority 0) is below 50, so it may go.
+    let low = Policy {
+        drain: DrainPolicy::IdleOrLowPriority,
+        low_priority_below: 50,
+        ..Default::default()
+    };
+    let plan = run(&one_busy_gpu(5, false), &low);
+    assert_eq!(plan.evictions.len(), 1);
+    // ...but not when the threshold is below its priority and it is busy.
+    let strict = Policy {
+        drain: DrainPolicy::IdleOrLowPriority,
+        low_priority_below: 0,
+        ..Default::default()
+    };
+    let plan = run(&one_busy_gpu(5, false), &strict);
+    assert!(plan.evictions.is_empty());
+    assert!(waits(&plan, "urgent").contains("neither idle nor below priority 0"));
+    // An eviction budget of zero wins over everything.
+    let mut capped = allowed.clone();
+    capped.budgets.max_evictions = Some(0);
+    assert!(run(&one_busy_gpu(5, false), &capped).evictions.is_empty());
+}
+
+#[test]
+fn an_equal_priority_pod_is_not_evicted_for_another() {
+    let mut s = one_busy_gpu(5, false);
+    s.pending_pods[0].priority = 0;
+    let plan = run(
+        &s,
+        &Policy {
+            drain: DrainPolicy::Allowed,
+            ..Default::default()
+        },
+    );
+    assert!(plan.evictions.is_empty(), "{}", plan.render_table());
+}
+
+#[test]
+fn reasons_name_the_obstacle() {
+    let mut s = Snapshot {
+        nodes: vec![
+            node("h200", &[("pool", "big")], vec![gpu(0, H200, &[])]),
+            node("h100-a", &[("pool", "small")], vec![gpu(0, H100, &[])]),
+            node("h100-b", &[("pool", "small")], vec![gpu(0, H100, &[])]),
+        ],
+        pending_pods: vec![
+            {
+                let mut p = pending("wrong-model", 0, &[("3g.40gb", 1)]);
+                p.node_selector.insert("pool".into(), "big".into());
+                p
+            },
+            pending("two-4g", 0, &[("4g.40gb", 2)]),
+            pending("negative", 0, &[("1g.10gb", -1)]),
+            pending("unknown", 0, &[("9g.1tb", 1)]),
+            {
+                let mut p = pending("nowhere", 0, &[("1g.10gb", 1)]);
+                p.node_selector.insert("pool".into(), "gone".into());
+                p
+            },
+        ],
+        ..Default::default()
+    };
+    let plan = run(&s, &Policy::default());
+    assert!(
+        waits(&plan, "wrong-model")
+            .contains("needs 3g.40gb, which no GPU on the nodes it may use has (their models: h200-141gb)")
+    );
+    assert!(waits(&plan, "two-4g").contains("needs 2 x 4g.40gb on one node; at most 1"));
+    assert!(waits(&plan, "negative").contains("-1 is not a count"));
+    assert!(waits(&plan, "unknown").contains("no GPU in the cluster offers 9g.1tb"));
+    assert!(waits(&plan, "nowhere").contains("no node admits it (3 nodes: 3 by node selector)"));
+
+    // Taints: a tainted node is only for pods that tolerate it; our own taint does not count.
+    s.nodes[1].taints.push(Taint {
+        key: "dedicated".into(),
+        value: "x".into(),
+        effect: "NoSchedule".into(),
+    });
+    s.nodes[2].taints.push(Taint {
+        key: "mig-autoscaler.io/reconfiguring".into(),
+        value: String::new(),
+        effect: "NoSchedule".into(),
+    });
+    s.pending_pods = vec![pending("plain", 0, &[("1g.10gb", 1)]), {
+        let mut p = pending("tolerant", 0, &[("1g.10gb", 1)]);
+        p.tolerations.push(Toleration {
+            key: "dedicated".into(),
+            operator: "Equal".into(),
+            value: "x".into(),
+            effect: String::new(),
+        });
+        p.node_selector.insert("pool".into(), "small".into());
+        p
+    }];
+    let plan = run(&s, &Policy::default());
+    assert_ne!(fits_on(&plan, "plain"), "h100-a");
+    fits_on(&plan, "tolerant");
+}
+
+#[test]
+fn the_node_budget_holds_and_is_named() {
+    let s = Snapshot {
+        nodes: vec![
+            node("a", &[], vec![gpu(0, H100, &[])]),
+            node("b", &[], vec![gpu(0, H100, &[])]),
+        ],
+        pending_pods: vec![
+            pending("p1", 0, &[("7g.80gb", 1)]),
+            pending("p2", 0, &[("7g.80gb", 1)]),
+        ],
+        ..Default::default()
+    };
+    let mut policy = Policy::default();
+    policy.budgets.max_nodes_changed = Some(1);
+    let plan = run(&s, &policy);
+    assert_eq!(plan.disruption.nodes_changed, 1);
+    let waiting: Vec<String> = ["p1", "p2"]
+        .iter()
+        .filter_map(|p| match outcome(&plan, p) {
+            PodOutcome::Waits { reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(waiting.len(), 1);
+    assert!(waiting[0].contains("disruption budget exhausted"), "{waiting:?}");
+    // The same under the aggregated model, which enforces node budgets when assigning.
+    policy.solver.exact_node_limit = 0;
+    let plan = run(&s, &policy);
+    assert_eq!(plan.disruption.nodes_changed, 1);
+}
+
+#[test]
+fn multi_instance_pods_stay_on_one_node() {
+    let s = Snapshot {
+        nodes: vec![
+            node("one-gpu", &[], vec![gpu(0, A100, &[])]),
+            node("two-gpus", &[], vec![gpu(0, A100, &[]), gpu(1, A100, &[])]),
+        ],
+        pending_pods: vec![pending("pair", 0, &[("4g.40gb", 2)])],
+        ..Default::default()
+    };
+    let plan = run(&s, &Policy::default());
+    assert_eq!(fits_on(&plan, "pair"), "two-gpus");
+    let PodOutcome::Fits { instances, .. } = outcome(&plan, "pair") else {
+        unreachable!()
+    };
+    let gpus: Vec<u32> = instances.iter().map(|i| i.gpu).collect();
+    assert_eq!(gpus, [0, 1]);
+}
+
+#[test]
+fn bad_gpus_are_left_alone_with_a_warning() {
+    let s = Snapshot {
+        nodes: vec![node(
+            "n",
+            &[],
+            vec![
+                gpu(0, "NVIDIA-L4", &[]),
+                gpu(1, H100, &[("7g.80gb", 0, None), ("1g.10gb", 0, None)]),
+                gpu(2, H100, &[("3g.20gb", 0, None)]),
+                gpu(3, H100, &[]),
+            ],
+        )],
+        pending_pods: vec![pending("p", 0, &[("1g.10gb", 1)])],
+        ..Default::default()
+    };
+    let plan = run(&s, &Policy::default());
+    let paths: Vec<&str> = plan.warnings.iter().map(|w| w.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "$.nodes[0].gpus[0].product",
+            "$.nodes[0].gpus[1].instances",
+            "$.nodes[0].gpus[2].instances[0].profile"
+        ]
+    );
+    assert!(plan.warnings[1].message.contains("overlap") || plan.warnings[1].message.contains("both occupy"));
+    assert_eq!(plan.gpus.len(), 1, "only the good GPU is planned");
+    fits_on(&plan, "p");
+}
+
+#[test]
+fn malformed_snapshots_name_the_json_path() {
+    let err = Snapshot::from_json(r#"{"nodes": [{"name": "n", "gpus": [{"index": 0, "product": "x", "instances": [{"profile": "1g.10gb", "start": -1}]}]}]}"#)
+        .unwrap_err();
+    assert_eq!(err.path, "$.nodes[0].gpus[0].instances[0].start", "{err}");
+    let err = Snapshot::from_json(
+        r#"{"pendingPods": [{"namespace": "a", "name": "b", "requests": {"x": "one"}}]}"#,
+    )
+    .unwrap_err();
+    assert!(err.path.starts_with("$.pendingPods[0].requests"), "{err}");
+    let err = Snapshot::from_json(r#"{"nodes": [], "surprise": 1}"#).unwrap_err();
+    assert!(err.message.contains("unknown field `surprise`"), "{err}");
+    let err = Policy::from_json(r#"{"drain": "sometimes"}"#).unwrap_err();
+    assert_eq!(err.path, "$.drain");
+}

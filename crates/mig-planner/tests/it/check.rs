@@ -1,0 +1,227 @@
+//! Every invariant a plan must hold, checked from the snapshot and the plan alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use mig_catalog::{Catalog, Layout};
+use mig_planner::{Backend, DrainPolicy, Plan, PodOutcome, Policy, Snapshot, weights};
+
+fn busy_layout(snapshot: &Snapshot, node: &str, gpu: u32) -> (Layout, Vec<String>) {
+    let catalog = Catalog::embedded();
+    let n = snapshot.nodes.iter().find(|n| n.name == node).unwrap();
+    let g = n.gpus.iter().find(|g| g.index == gpu).unwrap();
+    let model = catalog.lookup(&g.product).unwrap();
+    let mut pods = Vec::new();
+    let busy = g
+        .instances
+        .iter()
+        .filter(|i| !i.pods.is_empty())
+        .map(|i| {
+            pods.extend(i.pods.iter().cloned());
+            mig_catalog::Instance::new(model.profile_by_name(&i.profile).unwrap(), i.start)
+        })
+        .collect();
+    (busy, pods)
+}
+
+/// Panics with a message naming the broken invariant.
+pub fn check_plan(snapshot: &Snapshot, policy: &Policy, plan: &Plan) {
+    let catalog = Catalog::embedded();
+    let mut targets: BTreeMap<(String, u32), Layout> = BTreeMap::new();
+    let mut drained: BTreeSet<(String, u32)> = BTreeSet::new();
+    for g in &plan.gpus {
+        let model = catalog.model(&g.model).unwrap();
+        let target = model.parse_layout(&g.target).unwrap();
+        model
+            .validate(&target)
+            .unwrap_or_else(|e| panic!("invalid target emitted: {e}"));
+        let (busy, _) = busy_layout(snapshot, &g.node, g.index);
+        if g.drained {
+            assert!(
+                g.changed && policy.drain != DrainPolicy::Never,
+                "drain under drain=never: {g:?}"
+            );
+            drained.insert((g.node.clone(), g.index));
+        } else if policy.backend == Backend::MigManager {
+            assert!(
+                !g.changed || busy.is_empty(),
+                "mig-manager rebuild of an in-use GPU without drain: {g:?}"
+            );
+        } else {
+            assert!(
+                target.contains_all(&busy),
+                "nvml change moved an in-use instance: {g:?}"
+            );
+        }
+        assert_eq!(
+            g.changed,
+            g.target != g.actual || g.drained,
+            "changed flag: {g:?}"
+        );
+        targets.insert((g.node.clone(), g.index), target);
+    }
+    assert!(
+        plan.warnings.iter().all(|w| !w.message.contains("internal")),
+        "{:?}",
+        plan.warnings
+    );
+
+    // Evictions: only from drained GPUs, never do-not-disrupt, within budgets and PDBs.
+    let mut per_pdb: BTreeMap<&str, u32> = BTreeMap::new();
+    for e in &plan.evictions {
+        assert!(
+            drained.contains(&(e.node.clone(), e.gpu)),
+            "eviction from a GPU that is not drained: {e:?}"
+        );
+        let r = snapshot
+            .running_pods
+            .iter()
+            .find(|r| format!("{}/{}", r.namespace, r.name) == e.pod);
+        if let Some(r) = r {
+            assert!(!r.do_not_disrupt, "do-not-disrupt pod evicted: {e:?}");
+            for d in &r.pdbs {
+                *per_pdb.entry(d.as_str()).or_default() += 1;
+            }
+        }
+    }
+    for (d, n) in per_pdb {
+        let allowed = snapshot
+            .pdbs
+            .iter()
+            .find(|p| format!("{}/{}", p.namespace, p.name) == d)
+            .map_or(u32::MAX, |p| p.disruptions_allowed);
+        assert!(n <= allowed, "PDB {d}: {n} evictions, {allowed} allowed");
+    }
+    for (node, gpu) in &drained {
+        let (_, pods) = busy_layout(snapshot, node, *gpu);
+        for p in pods {
+            assert!(
+                plan.evictions.iter().any(|e| e.pod == p),
+                "drained GPU {node}/{gpu} keeps pod {p}"
+            );
+        }
+    }
+    if let Some(max) = policy.budgets.max_evictions {
+        assert!(
+            plan.evictions.len() <= max as usize,
+            "{} evictions > {max}",
+            plan.evictions.len()
+        );
+    }
+    let changed_nodes: BTreeSet<&str> = plan
+        .gpus
+        .iter()
+        .filter(|g| g.changed)
+        .map(|g| g.node.as_str())
+        .collect();
+    if let Some(max) = policy.budgets.max_nodes_changed {
+        assert!(
+            changed_nodes.len() <= max as usize,
+            "{} nodes change > {max}",
+            changed_nodes.len()
+        );
+    }
+    assert_eq!(plan.disruption.nodes_changed, changed_nodes.len());
+    assert_eq!(plan.disruption.evictions, plan.evictions.len());
+
+    // Placements: real free instances of the target, each used once, on a node the pod may use.
+    let mut used: BTreeSet<(String, u32, u8)> = BTreeSet::new();
+    let mut hosting: BTreeSet<(String, u32)> = BTreeSet::new();
+    for (pp, pod) in plan.pods.iter().zip(&snapshot.pending_pods) {
+        assert_eq!(
+            (pp.namespace.as_str(), pp.name.as_str()),
+            (pod.namespace.as_str(), pod.name.as_str())
+        );
+        let PodOutcome::Fits { node, instances, .. } = &pp.outcome else {
+            continue;
+        };
+        let n = snapshot.nodes.iter().find(|n| &n.name == node).unwrap();
+        for (k, v) in &pod.node_selector {
+            assert_eq!(
+                n.labels.get(k),
+                Some(v),
+                "{} placed against its selector",
+                pp.name
+            );
+        }
+        let mut got: BTreeMap<String, i64> = BTreeMap::new();
+        for i in instances {
+            let target = &targets[&(node.clone(), i.gpu)];
+            let model = catalog
+                .lookup(&n.gpus.iter().find(|g| g.index == i.gpu).unwrap().product)
+                .unwrap();
+            let inst = mig_catalog::Instance::new(model.profile_by_name(&i.profile).unwrap(), i.start);
+            assert!(
+                target.contains(&inst),
+                "{} uses {}@{} not in target",
+                pp.name,
+                i.profile,
+                i.start
+            );
+            let (busy, _) = busy_layout(snapshot, node, i.gpu);
+            assert!(
+                drained.contains(&(node.clone(), i.gpu)) || !busy.contains(&inst),
+                "{} takes an in-use instance",
+                pp.name
+            );
+            assert!(
+                used.insert((node.clone(), i.gpu, i.start)),
+                "instance {node}/{}@{} given twice",
+                i.gpu,
+                i.start
+            );
+            *got.entry(format!("nvidia.com/mig-{}", i.profile)).or_default() += 1;
+            hosting.insert((node.clone(), i.gpu));
+        }
+        let wanted: BTreeMap<String, i64> = pod
+            .requests
+            .iter()
+            .filter(|(k, _)| k.starts_with("nvidia.com/mig-"))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        assert_eq!(got, wanted, "{} gets other instances than it asked for", pp.name);
+    }
+    for e in &plan.evictions {
+        if let Some(n) = &e.replaced_on {
+            assert!(snapshot.nodes.iter().any(|x| &x.name == n));
+        }
+    }
+    // No gratuitous change: a changed GPU hosts a placed pending pod or an evicted pod placed again.
+    for g in plan.gpus.iter().filter(|g| g.changed) {
+        let hosts_pending = hosting.contains(&(g.node.clone(), g.index));
+        assert!(
+            hosts_pending || !plan.evictions.is_empty(),
+            "GPU {}/{} changes for nothing",
+            g.node,
+            g.index
+        );
+    }
+}
+
+/// Score of a plan under drain=never, recomputed from its output (see `mig_planner::weights`).
+pub fn score_without_drains(snapshot: &Snapshot, plan: &Plan) -> f64 {
+    let ranks: BTreeSet<i32> = snapshot
+        .pending_pods
+        .iter()
+        .map(|p| p.priority)
+        .chain(snapshot.running_pods.iter().map(|p| p.priority))
+        .collect();
+    let weight = |prio: i32| weights::PLACE * (1 + ranks.iter().position(|r| *r == prio).unwrap()) as f64;
+    let placed: f64 = plan
+        .pods
+        .iter()
+        .filter(|p| matches!(p.outcome, PodOutcome::Fits { .. }))
+        .map(|p| weight(p.priority))
+        .sum();
+    let mut cost = 0.0;
+    for g in plan.gpus.iter().filter(|g| g.changed) {
+        let (busy, _) = busy_layout(snapshot, &g.node, g.index);
+        cost += weights::CHANGE_GPU
+            + if busy.is_empty() {
+                0.0
+            } else {
+                weights::TOUCH_BUSY_GPU
+            };
+    }
+    cost += weights::CHANGE_NODE * plan.disruption.nodes_changed as f64;
+    placed - cost
+}
