@@ -98,49 +98,92 @@ fn eligible_nodes<'a>(p: &'a Problem<'_>, d: usize) -> impl Iterator<Item = usiz
 /// reconfiguring that node's changeable GPUs (never draining) when that makes it fit, within the
 /// node budget.
 pub(crate) fn greedy(p: &Problem<'_>) -> Decision {
-    let mut option = vec![0usize; p.gpus.len()];
+    let keep_all = Decision {
+        option: vec![0; p.gpus.len()],
+        prefer_node: vec![None; p.demands.len()],
+        prefer_group: vec![Vec::new(); p.demands.len()],
+    };
+    greedy_from(p, &keep_all)
+}
+
+/// Greedy, starting from another decision: its options stay and its placements (`prefer_node`) are
+/// replayed first; the remaining demands are placed greedily, changing more GPUs where that helps.
+/// Used to complete an ILP answer that the aggregated model could not place whole.
+pub(crate) fn greedy_from(p: &Problem<'_>, start: &Decision) -> Decision {
+    let mut option = start.option.clone();
     let mut prefer_node = vec![None; p.demands.len()];
     let mut cap = Capacity::new(p);
+    for d in p.demand_order() {
+        if let Some(n) = start.prefer_node[d]
+            && cap.missing(n, &option, &p.demands[d].req) == 0
+        {
+            cap.take(n, &option, &p.demands[d].req);
+            prefer_node[d] = Some(n);
+        }
+    }
     let max_nodes = p.policy.budgets.max_nodes_changed.map(|b| b as usize);
+    // Upper bound of what each node could offer per profile: skip nodes that can never fit.
+    let ceiling: Vec<Vec<u16>> = p
+        .nodes
+        .iter()
+        .map(|n| {
+            (0..p.profiles.len())
+                .map(|q| {
+                    n.gpus
+                        .iter()
+                        .map(|g| p.gpus[*g].options.iter().map(|o| o.free[q]).max().unwrap_or(0))
+                        .sum()
+                })
+                .collect()
+        })
+        .collect();
     for d in p.demand_order() {
         let demand = &p.demands[d];
-        if demand.evicted_from.is_some() {
+        if demand.evicted_from.is_some() || prefer_node[d].is_some() {
             continue;
         }
-        for n in eligible_nodes(p, d) {
-            if !p.nodes[n].schedulable {
+        let nodes: Vec<usize> = eligible_nodes(p, d)
+            .filter(|n| p.nodes[*n].schedulable && demand.req.iter().all(|(q, c)| ceiling[*n][*q] >= *c))
+            .collect();
+        // Existing free instances first, anywhere; only then reconfigure.
+        if let Some(n) = nodes
+            .iter()
+            .copied()
+            .find(|n| cap.missing(*n, &option, &demand.req) == 0)
+        {
+            cap.take(n, &option, &demand.req);
+            prefer_node[d] = Some(n);
+            continue;
+        }
+        let changed_nodes = (0..p.nodes.len())
+            .filter(|m| node_changed(p, &option, *m))
+            .count();
+        for &n in &nodes {
+            if max_nodes.is_some_and(|b| !node_changed(p, &option, n) && changed_nodes >= b) {
                 continue;
             }
             let mut trial = option.clone();
             let mut missing = cap.missing(n, &trial, &demand.req);
-            if missing > 0 {
-                let changed_nodes = (0..p.nodes.len())
-                    .filter(|m| node_changed(p, &option, *m))
-                    .count();
-                if max_nodes.is_some_and(|b| !node_changed(p, &option, n) && changed_nodes >= b) {
-                    continue;
+            for g in &p.nodes[n].gpus {
+                let gs = &p.gpus[*g];
+                let mut best = (missing, trial[*g]);
+                for (o, opt) in gs.options.iter().enumerate() {
+                    // Keep what this plan already put on the GPU.
+                    if opt.drain || (0..p.profiles.len()).any(|q| opt.free[q] < cap.used[*g][q]) {
+                        continue;
+                    }
+                    let saved = trial[*g];
+                    trial[*g] = o;
+                    let m = cap.missing(n, &trial, &demand.req);
+                    trial[*g] = saved;
+                    if m < best.0 {
+                        best = (m, o);
+                    }
                 }
-                for g in &p.nodes[n].gpus {
-                    let gs = &p.gpus[*g];
-                    let mut best = (missing, trial[*g]);
-                    for (o, opt) in gs.options.iter().enumerate() {
-                        // Keep what this plan already put on the GPU.
-                        if opt.drain || (0..p.profiles.len()).any(|q| opt.free[q] < cap.used[*g][q]) {
-                            continue;
-                        }
-                        let saved = trial[*g];
-                        trial[*g] = o;
-                        let m = cap.missing(n, &trial, &demand.req);
-                        trial[*g] = saved;
-                        if m < best.0 {
-                            best = (m, o);
-                        }
-                    }
-                    trial[*g] = best.1;
-                    missing = best.0;
-                    if missing == 0 {
-                        break;
-                    }
+                trial[*g] = best.1;
+                missing = best.0;
+                if missing == 0 {
+                    break;
                 }
             }
             if missing == 0 {
@@ -162,6 +205,13 @@ pub(crate) fn greedy(p: &Problem<'_>) -> Decision {
 /// budget, then undo changes that no placed demand uses.
 pub(crate) fn realise(p: &Problem<'_>, decision: &Decision) -> Outcome {
     let mut option = decision.option.clone();
+    // "Change" to the counts a GPU already has is no change (mig-parted would skip it too).
+    for (g, o) in option.iter_mut().enumerate() {
+        let opt = &p.gpus[g].options[*o];
+        if opt.changed && !opt.drain && opt.counts == p.gpus[g].options[0].counts {
+            *o = 0;
+        }
+    }
     let mut budget_reverted = BTreeSet::new();
     // The aggregated model cannot see nodes: keep the first changed nodes up to the budget.
     if let Some(b) = p.policy.budgets.max_nodes_changed {

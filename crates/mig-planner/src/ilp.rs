@@ -51,9 +51,16 @@ type PodClass = (Vec<usize>, Vec<(usize, Variable)>);
 /// What makes pods identical for the model: request, groups, weight.
 type PodKey = (Vec<(usize, u16)>, Vec<usize>, i64);
 
+/// Variables of one GPU class: one per distinct "keep" (members grouped by actual layout, each var
+/// bounded by the group's size) and one per shared change option (`options[1..]`).
+struct ClassVars {
+    keep: Vec<(Vec<usize>, Variable)>,
+    change: Vec<Variable>,
+}
+
 struct Model {
     vars: ProblemVariables,
-    n: Vec<Vec<Variable>>,
+    n: Vec<ClassVars>,
     /// pod class → (demands, per group variable)
     pod_classes: Vec<PodClass>,
     y: HashMap<usize, Variable>,
@@ -68,27 +75,45 @@ fn build(p: &Problem<'_>) -> Model {
     let mut objective = Expression::from(0.0);
 
     // GPU classes.
-    let mut n: Vec<Vec<Variable>> = Vec::new();
+    let mut n: Vec<ClassVars> = Vec::new();
     for class in &p.classes {
         let size = class.gpus.len() as f64;
         let opts = &p.gpus[class.gpus[0]].options;
-        let vs: Vec<Variable> = opts
+        let mut by_actual: BTreeMap<Vec<u16>, Vec<usize>> = BTreeMap::new();
+        for g in &class.gpus {
+            by_actual
+                .entry(p.gpus[*g].options[0].free.clone())
+                .or_default()
+                .push(*g);
+        }
+        let keep: Vec<(Vec<usize>, Variable)> = by_actual
+            .into_values()
+            .map(|members| {
+                let v = vars.add(variable().integer().min(0).max(members.len() as f64));
+                (members, v)
+            })
+            .collect();
+        let change: Vec<Variable> = opts[1..]
             .iter()
             .map(|_| vars.add(variable().integer().min(0).max(size)))
             .collect();
-        constraints.push(constraint!(vs.iter().copied().sum::<Expression>() == size));
-        for (v, o) in vs.iter().zip(opts) {
+        let all: Expression = keep
+            .iter()
+            .map(|(_, v)| Expression::from(*v))
+            .chain(change.iter().map(|v| Expression::from(*v)))
+            .sum();
+        constraints.push(constraint!(all == size));
+        for (v, o) in change.iter().zip(&opts[1..]) {
             objective -= o.cost * *v;
         }
-        n.push(vs);
+        n.push(ClassVars { keep, change });
     }
     let drain_of = |g: usize| -> Expression {
         let ci = p.classes.iter().position(|c| c.gpus.contains(&g));
         match ci {
-            Some(ci) => p.gpus[g]
-                .options
+            Some(ci) => p.gpus[g].options[1..]
                 .iter()
-                .zip(&n[ci])
+                .zip(&n[ci].change)
                 .filter(|(o, _)| o.drain)
                 .map(|(_, v)| Expression::from(*v))
                 .sum(),
@@ -155,7 +180,10 @@ fn build(p: &Problem<'_>) -> Model {
             }
             for (ci, class) in p.classes.iter().enumerate() {
                 if p.gpus[class.gpus[0]].group == s {
-                    for (v, o) in n[ci].iter().zip(&p.gpus[class.gpus[0]].options) {
+                    for (members, v) in &n[ci].keep {
+                        supply += f64::from(p.gpus[members[0]].options[0].free[q]) * *v;
+                    }
+                    for (v, o) in n[ci].change.iter().zip(&p.gpus[class.gpus[0]].options[1..]) {
                         supply += f64::from(o.free[q]) * *v;
                     }
                 }
@@ -189,15 +217,7 @@ fn build(p: &Problem<'_>) -> Model {
 
     // Node changes and budgets.
     let mut u = BTreeMap::new();
-    let changed_in = |ci: usize| -> Expression {
-        p.gpus[p.classes[ci].gpus[0]]
-            .options
-            .iter()
-            .zip(&n[ci])
-            .filter(|(o, _)| o.changed)
-            .map(|(_, v)| Expression::from(*v))
-            .sum()
-    };
+    let changed_in = |ci: usize| -> Expression { n[ci].change.iter().map(|v| Expression::from(*v)).sum() };
     if p.exact {
         for (node, info) in p.nodes.iter().enumerate() {
             let classes: Vec<usize> = (0..p.classes.len())
@@ -286,10 +306,16 @@ impl ClassSolver for Highs {
         // Warm start: the greedy decision in class form.
         let mut initial: Vec<(Variable, f64)> = Vec::new();
         for (ci, class) in p.classes.iter().enumerate() {
-            for (o, v) in m.n[ci].iter().enumerate() {
+            for (members, v) in &m.n[ci].keep {
                 initial.push((
                     *v,
-                    class.gpus.iter().filter(|g| warm.option[**g] == o).count() as f64,
+                    members.iter().filter(|g| warm.option[**g] == 0).count() as f64,
+                ));
+            }
+            for (o, v) in m.n[ci].change.iter().enumerate() {
+                initial.push((
+                    *v,
+                    class.gpus.iter().filter(|g| warm.option[**g] == o + 1).count() as f64,
                 ));
             }
         }
@@ -338,14 +364,21 @@ impl ClassSolver for Highs {
         };
         let objective = solution.eval(&m.objective);
 
-        // Back to GPUs: within a class, members in order take options in order.
+        // Back to GPUs: members keep their layout as the keep variables say; the rest, in order
+        // (so that changes gather on the first nodes), take the change options in order.
         let mut option = vec![0usize; p.gpus.len()];
-        for (ci, class) in p.classes.iter().enumerate() {
-            let mut members = class.gpus.iter();
-            for (o, v) in m.n[ci].iter().enumerate() {
+        for (ci, _) in p.classes.iter().enumerate() {
+            let mut rest: Vec<usize> = Vec::new();
+            for (members, v) in &m.n[ci].keep {
+                let k = solution.value(*v).round().max(0.0) as usize;
+                rest.extend(members.iter().skip(k));
+            }
+            rest.sort_unstable();
+            let mut rest = rest.into_iter();
+            for (o, v) in m.n[ci].change.iter().enumerate() {
                 let count = solution.value(*v).round().max(0.0) as usize;
-                for g in members.by_ref().take(count) {
-                    option[*g] = o;
+                for g in rest.by_ref().take(count) {
+                    option[g] = o + 1;
                 }
             }
         }

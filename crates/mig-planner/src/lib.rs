@@ -24,6 +24,7 @@ mod ilp;
 mod plan;
 mod problem;
 pub mod snapshot;
+pub mod synthetic;
 
 use std::time::Instant;
 
@@ -92,6 +93,33 @@ pub fn plan_with(catalog: &Catalog, snapshot: &Snapshot, policy: &Policy) -> Pla
                     report.solver_millis = info.millis;
                     let ilp_outcome = assign::realise(&p, &decision);
                     let ilp_score = plan::score(&p, &ilp_outcome);
+                    // The per-node-group model pools capacity over identical nodes; what it could
+                    // not place on a real node, greedy may still place by changing more GPUs.
+                    let (ilp_outcome, ilp_score) = if ilp_outcome
+                        .placed
+                        .iter()
+                        .zip(&p.demands)
+                        .any(|(x, d)| x.is_none() && d.evicted_from.is_none())
+                    {
+                        let start = assign::Decision {
+                            option: ilp_outcome.option.clone(),
+                            prefer_node: ilp_outcome
+                                .placed
+                                .iter()
+                                .map(|x| x.as_ref().map(|(n, _)| *n))
+                                .collect(),
+                            prefer_group: vec![Vec::new(); p.demands.len()],
+                        };
+                        let completed = assign::realise(&p, &assign::greedy_from(&p, &start));
+                        let completed_score = plan::score(&p, &completed);
+                        if completed_score > ilp_score {
+                            (completed, completed_score)
+                        } else {
+                            (ilp_outcome, ilp_score)
+                        }
+                    } else {
+                        (ilp_outcome, ilp_score)
+                    };
                     if ilp_score + 1e-6 >= greedy_score {
                         report.used = ilp::Highs.name().into();
                         report.status = info.status;

@@ -77,7 +77,8 @@ pub(crate) struct Group {
     pub nodes: Vec<usize>,
 }
 
-/// GPUs with identical options in the same group: the ILP decides how many take each option.
+/// GPUs in one group with the same model and pinned instances, so the same change options; each
+/// member's "keep" option (its actual layout) may differ. The ILP decides how many take each option.
 #[derive(Clone, Debug)]
 pub(crate) struct Class {
     pub gpus: Vec<usize>,
@@ -306,6 +307,7 @@ impl<'c> Problem<'c> {
 
         // Options per GPU.
         let drain = policy.drain;
+        let mut vector_cache: HashMap<(String, String), Vec<Counts>> = HashMap::new();
         #[allow(clippy::needless_range_loop)] // reads gpus[g], then writes its options back
         for g in 0..gpus.len() {
             let gs = &gpus[g];
@@ -337,42 +339,45 @@ impl<'c> Problem<'c> {
                         p.media_extensions && c.get(i) > pinned.get(i) && !wanted.contains(&p.name)
                     })
                 };
-                let maximal_vectors = |pinned: &Layout| -> Vec<Counts> {
-                    let compatible: Vec<Counts> = {
-                        let mut v: Vec<Counts> = model
-                            .compatible_layouts(pinned)
-                            .map(|l| model.counts(l))
-                            .collect();
-                        v.sort_unstable();
-                        v.dedup();
-                        let pinned_counts = model.counts(pinned);
-                        v.retain(|c| !adds_unwanted_me(c, &pinned_counts));
-                        v
-                    };
-                    compatible
+                let mut maximal_vectors = |pinned: &Layout| -> Vec<Counts> {
+                    let key = (model.key.clone(), model.format_layout(pinned));
+                    if let Some(v) = vector_cache.get(&key) {
+                        return v.clone();
+                    }
+                    let pinned_counts = model.counts(pinned);
+                    let mut compatible: Vec<Counts> = model
+                        .compatible_layouts(pinned)
+                        .map(|l| model.counts(l))
+                        .collect();
+                    compatible.sort_unstable();
+                    compatible.dedup();
+                    compatible.retain(|c| !adds_unwanted_me(c, &pinned_counts));
+                    let maximal: Vec<Counts> = compatible
                         .iter()
                         .filter(|c| !compatible.iter().any(|d| d != *c && d.covers(c)))
                         .cloned()
-                        .collect()
+                        .collect();
+                    vector_cache.insert(key, maximal.clone());
+                    maximal
                 };
                 let can_change_in_place = gs.busy.is_empty() || policy.backend == Backend::Nvml;
                 if can_change_in_place {
+                    // The GPU's own count vector stays in the list so that identical GPUs share one
+                    // option set; choosing it is turned back into "keep" when decisions are made.
                     for c in maximal_vectors(&gs.busy) {
-                        if c != actual_counts {
-                            let cost = weights::CHANGE_GPU
-                                + if gs.busy.is_empty() {
-                                    0.0
-                                } else {
-                                    weights::TOUCH_BUSY_GPU
-                                };
-                            options.push(GpuOption {
-                                free: to_free(&c, &busy_counts),
-                                counts: c,
-                                changed: true,
-                                drain: false,
-                                cost,
-                            });
-                        }
+                        let cost = weights::CHANGE_GPU
+                            + if gs.busy.is_empty() {
+                                0.0
+                            } else {
+                                weights::TOUCH_BUSY_GPU
+                            };
+                        options.push(GpuOption {
+                            free: to_free(&c, &busy_counts),
+                            counts: c,
+                            changed: true,
+                            drain: false,
+                            cost,
+                        });
                     }
                 }
                 if !gs.busy.is_empty() && drain != DrainPolicy::Never {
@@ -446,6 +451,18 @@ impl<'c> Problem<'c> {
 
         // Groups.
         let exact = nodes.len() <= policy.solver.exact_node_limit;
+        // Only labels that some pending pod selects on tell nodes apart (not, say, the hostname).
+        let relevant: BTreeSet<&str> = snapshot
+            .pending_pods
+            .iter()
+            .flat_map(|p| {
+                p.node_selector.keys().map(String::as_str).chain(
+                    p.node_affinity
+                        .iter()
+                        .flat_map(|t| t.match_expressions.iter().map(|e| e.key.as_str())),
+                )
+            })
+            .collect();
         let mut groups: Vec<Group> = Vec::new();
         let mut node_group = vec![0usize; nodes.len()];
         {
@@ -461,7 +478,12 @@ impl<'c> Problem<'c> {
                         .cloned()
                         .collect();
                     taints.sort();
-                    format!("{:?}|{:?}|{}", node.labels, taints, node.schedulable)
+                    let labels: Vec<(&String, &String)> = node
+                        .labels
+                        .iter()
+                        .filter(|(k, _)| relevant.contains(k.as_str()))
+                        .collect();
+                    format!("{labels:?}|{taints:?}|{}", node.schedulable)
                 };
                 let gi = *by_sig.entry(sig).or_insert_with(|| {
                     groups.push(Group { nodes: Vec::new() });
@@ -567,11 +589,12 @@ impl<'c> Problem<'c> {
                 format!("drain:{gi}")
             } else {
                 let node_key = if exact { g.node.to_string() } else { String::new() };
+                // Members must share options[1..] exactly: the fingerprint makes that structural.
+                let changes: Vec<&Counts> = g.options[1..].iter().map(|o| &o.counts).collect();
                 format!(
-                    "{}|{}|{}|{}|{node_key}",
+                    "{}|{}|{}|{node_key}|{changes:?}",
                     g.group,
                     g.model.key,
-                    g.model.format_layout(&g.actual),
                     g.model.format_layout(&g.busy)
                 )
             };

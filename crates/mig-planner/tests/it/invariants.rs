@@ -39,3 +39,27 @@ fn aggregated_model_keeps_the_invariants() {
         check_plan(&snapshot, &policy, &plan);
     }
 }
+
+#[test]
+fn synthetic_fleets_match_their_description_and_plan_cleanly() {
+    use mig_planner::synthetic::{FleetSpec, fleet, used_share};
+    for (gpus, pending, exact) in [(96, 150, true), (1_000, 600, false)] {
+        let s = fleet(&FleetSpec {
+            gpus,
+            pending,
+            busy_gpu_share: 0.6,
+            seed: 7,
+        });
+        assert_eq!(s.nodes.len(), gpus / 8);
+        assert_eq!(s.pending_pods.len(), pending);
+        let share = used_share(&s);
+        assert!((0.25..=0.6).contains(&share), "{share}");
+        let plan = mig_planner::plan(&s, &s.policy);
+        assert_eq!(
+            plan.solver.model,
+            if exact { "per-node" } else { "per-node-group" }
+        );
+        check_plan(&s, &s.policy, &plan);
+        assert!(plan.solver.score >= plan.solver.greedy_score);
+    }
+}

@@ -1,0 +1,41 @@
+//! Planner benchmarks (issue: planner): synthetic A100-80GB / H100-80GB fleets, 8 GPUs per node,
+//! 25–60% of slices in use, with pending pods of an openb-like size mix.
+//! Run: `cargo bench -p mig-planner --bench plan`; figures go in docs/performance.md.
+
+#![allow(missing_docs)] // criterion_group! generates an undocumented function.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use mig_planner::synthetic::{FleetSpec, fleet};
+use mig_planner::{Policy, SolverKind};
+
+fn plan(c: &mut Criterion) {
+    let mut group = c.benchmark_group("plan");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(8))
+        .warm_up_time(Duration::from_secs(1));
+    for (gpus, pending) in [(100, 200), (1_000, 1_000), (10_000, 2_000)] {
+        let snapshot = fleet(&FleetSpec {
+            gpus,
+            pending,
+            busy_gpu_share: 0.6,
+            seed: 7,
+        });
+        let id = format!("{gpus}gpus-{pending}pods");
+        group.bench_with_input(BenchmarkId::new("highs", &id), &snapshot, |b, s| {
+            b.iter(|| black_box(mig_planner::plan(s, &Policy::default())))
+        });
+        let mut greedy = Policy::default();
+        greedy.solver.kind = SolverKind::Greedy;
+        group.bench_with_input(BenchmarkId::new("greedy", &id), &snapshot, |b, s| {
+            b.iter(|| black_box(mig_planner::plan(s, &greedy)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, plan);
+criterion_main!(benches);

@@ -1,0 +1,46 @@
+//! Times one plan on a synthetic fleet: `cargo run --release -p mig-planner --example time_plan -- GPUS PODS`.
+
+fn main() {
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let (gpus, pending) = (
+        args.first().copied().unwrap_or(1000),
+        args.get(1).copied().unwrap_or(1000),
+    );
+    let spec = mig_planner::synthetic::FleetSpec {
+        gpus,
+        pending,
+        busy_gpu_share: 0.6,
+        seed: 7,
+    };
+    let mut s = mig_planner::synthetic::fleet(&spec);
+    if let Ok(g) = std::env::var("MIP_GAP") {
+        s.policy.solver.mip_gap = g.parse().unwrap_or(s.policy.solver.mip_gap);
+    }
+    println!(
+        "{} GPUs, {} pending, {:.0}% of slices in use",
+        gpus,
+        pending,
+        100.0 * mig_planner::synthetic::used_share(&s)
+    );
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let p = mig_planner::plan(&s, &s.policy);
+        let placed = p
+            .pods
+            .iter()
+            .filter(|x| matches!(x.outcome, mig_planner::PodOutcome::Fits { .. }))
+            .count();
+        println!(
+            "{:>8.1} ms  solver {} {} ({} vars, {} classes, ilp {:.1} ms)  placed {placed}  gpus changed {}  score {:.0} greedy {:.0}",
+            t.elapsed().as_secs_f64() * 1000.0,
+            p.solver.used,
+            p.solver.status,
+            p.solver.variables,
+            p.solver.gpu_classes,
+            p.solver.solver_millis,
+            p.disruption.gpus_changed,
+            p.solver.score,
+            p.solver.greedy_score
+        );
+    }
+}
