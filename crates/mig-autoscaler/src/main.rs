@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod catalog_cmd;
+mod emulator_cmd;
 mod plan_cmd;
 
 /// Repartitions NVIDIA MIG GPUs in a Kubernetes cluster automatically.
@@ -22,6 +23,8 @@ enum Command {
         #[command(subcommand)]
         command: catalog_cmd::CatalogCommand,
     },
+    /// Serve an in-process Kubernetes API with a default MIG fleet (test equipment, for kubectl and clients).
+    Emulator(emulator_cmd::EmulatorArgs),
     /// Plan target MIG layouts for a cluster snapshot (dry run: reads a file, touches nothing).
     Plan(plan_cmd::PlanArgs),
 }
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Catalog { command } => catalog_cmd::run(command),
         Command::Plan(args) => plan_cmd::run(args),
+        Command::Emulator(args) => emulator_cmd::run(args),
     };
     match result {
         Ok(code) => code,

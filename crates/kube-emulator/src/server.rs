@@ -1,0 +1,744 @@
+//! The HTTP API: discovery, CRUD, list/watch, patches, eviction and binding, over real HTTP/JSON.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::resources::{RESOURCES, Resource, find};
+use crate::selectors::{FieldSelector, LabelSelector};
+use crate::status::ApiError;
+use crate::store::{Change, Event, Store};
+
+/// Faults to inject, per test.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Share of non-watch requests answered with 500, in [0, 1].
+    pub error_rate: f64,
+    /// Added to every request.
+    pub latency: Duration,
+    /// End every watch stream after this many events (a dropped connection).
+    pub drop_watch_after: Option<usize>,
+    /// Answer the next N watches with 410 Gone.
+    pub force_gone: u32,
+}
+
+/// Server configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Changes kept for watches; a watch from an older resourceVersion gets 410 Gone.
+    pub retention: usize,
+    /// Interval between watch bookmarks (when the client allows them).
+    pub bookmark_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            retention: 10_000,
+            bookmark_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Shared server state.
+pub struct Shared {
+    store: Mutex<Store>,
+    faults: Mutex<Faults>,
+    config: Config,
+    dice: AtomicU64,
+    lists: AtomicU64,
+}
+
+impl Shared {
+    /// A state with an empty store.
+    pub fn new(config: Config) -> Arc<Self> {
+        Arc::new(Shared {
+            store: Mutex::new(Store::new(config.retention)),
+            faults: Mutex::new(Faults::default()),
+            config,
+            dice: AtomicU64::new(0x2545_F491_4F6C_DD1D),
+            lists: AtomicU64::new(0),
+        })
+    }
+
+    /// Lock the store (never held across an await).
+    pub fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many list requests were served (a watcher relists after 410 or a failed watch).
+    pub fn list_requests(&self) -> u64 {
+        self.lists.load(Ordering::Relaxed)
+    }
+
+    /// Replace the faults.
+    pub fn set_faults(&self, faults: Faults) {
+        *self.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
+    }
+
+    fn faults(&self) -> Faults {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn roll(&self) -> f64 {
+        // xorshift on an atomic: cheap, good enough to spread injected errors.
+        let mut x = self.dice.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.dice.store(x, Ordering::Relaxed);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn take_forced_gone(&self) -> bool {
+        let mut f = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        if f.force_gone > 0 {
+            f.force_gone -= 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The router.
+pub fn router(state: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/version", get(version))
+        .route("/api", get(core_versions))
+        .route("/apis", get(groups))
+        .route("/api/v1", get(|| async { axum::Json(resource_list("", "v1")) }))
+        .route(
+            "/apis/{group}/{version}",
+            get(|Path((g, v)): Path<(String, String)>| async move { axum::Json(resource_list(&g, &v)) }),
+        )
+        .route("/api/v1/{*rest}", any(core_handler))
+        .route("/apis/{group}/{version}/{*rest}", any(group_handler))
+        .with_state(state)
+}
+
+async fn version() -> axum::Json<Value> {
+    axum::Json(
+        json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-kube-emulator", "platform": "linux/amd64"}),
+    )
+}
+
+async fn core_versions() -> axum::Json<Value> {
+    axum::Json(json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}))
+}
+
+async fn groups() -> axum::Json<Value> {
+    let mut names: Vec<(&str, &str)> = RESOURCES
+        .iter()
+        .filter(|r| !r.group.is_empty())
+        .map(|r| (r.group, r.version))
+        .collect();
+    names.dedup();
+    let groups: Vec<Value> = names
+        .iter()
+        .map(|(g, v)| {
+            let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
+            json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+        })
+        .collect();
+    axum::Json(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
+}
+
+fn resource_list(group: &str, version: &str) -> Value {
+    let mut resources = Vec::new();
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        resources.push(json!({
+            "name": r.plural, "singularName": r.kind.to_lowercase(), "namespaced": r.namespaced, "kind": r.kind,
+            "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+        }));
+        for sub in r.subresources {
+            let verbs = if *sub == "status" {
+                json!(["get", "patch", "update"])
+            } else {
+                json!(["create"])
+            };
+            resources.push(json!({"name": format!("{}/{sub}", r.plural), "namespaced": r.namespaced, "kind": r.kind, "verbs": verbs}));
+        }
+    }
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
+}
+
+/// What a URL names.
+struct Target {
+    resource: &'static Resource,
+    namespace: Option<String>,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+fn parse_target(group: &str, version: &str, rest: &str) -> Result<Target, ApiError> {
+    let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let nf = || ApiError::no_such_path(rest);
+    let resolve = |plural: &str| find(group, version, plural).ok_or_else(nf);
+    let t = match segs.as_slice() {
+        ["namespaces", ns, plural, tail @ ..]
+            if find(group, version, plural).is_some_and(|r| r.namespaced) =>
+        {
+            let r = resolve(plural)?;
+            match tail {
+                [] => Target {
+                    resource: r,
+                    namespace: Some(ns.to_string()),
+                    name: None,
+                    sub: None,
+                },
+                [name] => Target {
+                    resource: r,
+                    namespace: Some(ns.to_string()),
+                    name: Some(name.to_string()),
+                    sub: None,
+                },
+                [name, sub] => Target {
+                    resource: r,
+                    namespace: Some(ns.to_string()),
+                    name: Some(name.to_string()),
+                    sub: Some(sub.to_string()),
+                },
+                _ => return Err(nf()),
+            }
+        }
+        [plural] => Target {
+            resource: resolve(plural)?,
+            namespace: None,
+            name: None,
+            sub: None,
+        },
+        [plural, name] if !resolve(plural)?.namespaced => Target {
+            resource: resolve(plural)?,
+            namespace: None,
+            name: Some(name.to_string()),
+            sub: None,
+        },
+        [plural, name, sub] if !resolve(plural)?.namespaced => Target {
+            resource: resolve(plural)?,
+            namespace: None,
+            name: Some(name.to_string()),
+            sub: Some(sub.to_string()),
+        },
+        _ => return Err(nf()),
+    };
+    if let Some(sub) = &t.sub
+        && !t.resource.subresources.contains(&sub.as_str())
+    {
+        return Err(nf());
+    }
+    Ok(t)
+}
+
+async fn core_handler(
+    State(state): State<Arc<Shared>>,
+    Path(rest): Path<String>,
+    method: Method,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    dispatch(state, "", "v1", &rest, method, query, headers, body).await
+}
+
+async fn group_handler(
+    State(state): State<Arc<Shared>>,
+    Path((group, version, rest)): Path<(String, String, String)>,
+    method: Method,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    dispatch(state, &group, &version, &rest, method, query, headers, body).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    state: Arc<Shared>,
+    group: &str,
+    version: &str,
+    rest: &str,
+    method: Method,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let faults = state.faults();
+    if !faults.latency.is_zero() {
+        tokio::time::sleep(faults.latency).await;
+    }
+    let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    if !watch && faults.error_rate > 0.0 && state.roll() < faults.error_rate {
+        return ApiError::internal("injected fault").into_response();
+    }
+    let target = match parse_target(group, version, rest) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let result = match (&method, &target.name, &target.sub) {
+        (&Method::GET, None, _) if watch => return watch_stream(state, &target, &query),
+        (&Method::GET, None, _) => list(&state, &target, &query),
+        (&Method::POST, None, _) => parse_body(&body).and_then(|o| {
+            let ns = target
+                .namespace
+                .clone()
+                .or_else(|| o["metadata"]["namespace"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            state
+                .store()
+                .create(target.resource, &ns, o)
+                .map(|v| (StatusCode::CREATED, v))
+        }),
+        (&Method::GET, Some(name), None | Some(_)) => state
+            .store()
+            .get(target.resource, ns(&target), name)
+            .map(|v| (StatusCode::OK, v)),
+        (&Method::PUT, Some(name), sub) => parse_body(&body).and_then(|o| {
+            let mut store = state.store();
+            let o = if sub.as_deref() == Some("status") {
+                with_status_only(&store.get(target.resource, ns(&target), name)?, o)
+            } else {
+                o
+            };
+            store
+                .replace(target.resource, ns(&target), name, o)
+                .map(|v| (StatusCode::OK, v))
+        }),
+        (&Method::PATCH, Some(name), _) => patch(&state, &target, name, &headers, &body),
+        (&Method::DELETE, Some(name), None) => state
+            .store()
+            .delete(target.resource, ns(&target), name)
+            .map(|v| (StatusCode::OK, v)),
+        (&Method::POST, Some(name), Some(sub)) if sub == "eviction" => evict(&state, &target, name),
+        (&Method::POST, Some(name), Some(sub)) if sub == "binding" => bind(&state, &target, name, &body),
+        _ => Err(ApiError::method_not_allowed()),
+    };
+    match result {
+        Ok((code, v)) => (code, axum::Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn ns(t: &Target) -> &str {
+    t.namespace.as_deref().unwrap_or_default()
+}
+
+fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(&format!("the body is not valid JSON: {e}")))
+}
+
+/// A status-subresource write changes only `.status`.
+fn with_status_only(current: &Value, incoming: Value) -> Value {
+    let mut merged = current.clone();
+    merged["status"] = incoming["status"].clone();
+    merged["metadata"]["resourceVersion"] = incoming["metadata"]["resourceVersion"].clone();
+    merged
+}
+
+fn list(
+    state: &Shared,
+    t: &Target,
+    query: &HashMap<String, String>,
+) -> Result<(StatusCode, Value), ApiError> {
+    state.lists.fetch_add(1, Ordering::Relaxed);
+    let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))?;
+    let fields = FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))?;
+    let store = state.store();
+    let mut items: Vec<Value> = store
+        .list(t.resource, t.namespace.as_deref())
+        .into_iter()
+        .filter(|o| labels.matches(o) && fields.matches(o))
+        .collect();
+    let rv = store.resource_version();
+    drop(store);
+    let start: usize = query.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+    let limit: usize = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let total = items.len();
+    items = items.into_iter().skip(start).take(limit).collect();
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if start + items.len() < total {
+        meta["continue"] = json!((start + items.len()).to_string());
+        meta["remainingItemCount"] = json!(total - start - items.len());
+    }
+    Ok((
+        StatusCode::OK,
+        json!({"kind": format!("{}List", t.resource.kind), "apiVersion": t.resource.api_version(), "metadata": meta, "items": items}),
+    ))
+}
+
+fn patch(
+    state: &Shared,
+    t: &Target,
+    name: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(StatusCode, Value), ApiError> {
+    let ct = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let ct = ct.split(';').next().unwrap_or_default().trim().to_string();
+    let mut store = state.store();
+    let current = match store.get(t.resource, ns(t), name) {
+        Ok(c) => Some(c),
+        Err(e) if ct == "application/apply-patch+yaml" && e.code == 404 => None,
+        Err(e) => return Err(e),
+    };
+    let patch_doc = parse_body(body)?;
+    let mut doc = current
+        .clone()
+        .unwrap_or_else(|| json!({"metadata": {"name": name}}));
+    match ct.as_str() {
+        // Strategic merge and server-side apply are served as JSON merge patches: they agree on the
+        // maps our code patches (labels, annotations, status fields); lists are replaced whole.
+        "application/merge-patch+json"
+        | "application/strategic-merge-patch+json"
+        | "application/apply-patch+yaml" => {
+            json_patch::merge(&mut doc, &patch_doc);
+        }
+        "application/json-patch+json" => {
+            let ops: json_patch::Patch = serde_json::from_value(patch_doc)
+                .map_err(|e| ApiError::bad_request(&format!("invalid JSON patch: {e}")))?;
+            json_patch::patch(&mut doc, &ops)
+                .map_err(|e| ApiError::invalid(t.resource, name, &e.to_string()))?;
+        }
+        other => return Err(ApiError::unsupported_media(other)),
+    }
+    match current {
+        None => store
+            .create(t.resource, ns(t), doc)
+            .map(|v| (StatusCode::CREATED, v)),
+        Some(c) => {
+            // A patch may carry a resourceVersion precondition; without one it applies to the latest.
+            if doc["metadata"]["resourceVersion"].is_null() {
+                doc["metadata"]["resourceVersion"] = c["metadata"]["resourceVersion"].clone();
+            }
+            let doc = if t.sub.as_deref() == Some("status") {
+                with_status_only(&c, doc)
+            } else {
+                doc
+            };
+            store
+                .replace(t.resource, ns(t), name, doc)
+                .map(|v| (StatusCode::OK, v))
+        }
+    }
+}
+
+fn pdb_selects(pdb: &Value, pod: &Value) -> bool {
+    let sel = &pdb["spec"]["selector"];
+    let labels = &pod["metadata"]["labels"];
+    let by_labels = sel["matchLabels"]
+        .as_object()
+        .is_none_or(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    let by_expr = sel["matchExpressions"].as_array().is_none_or(|exprs| {
+        exprs.iter().all(|e| {
+            let key = e["key"].as_str().unwrap_or_default();
+            let values: Vec<&str> = e["values"]
+                .as_array()
+                .map(|v| v.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let got = labels.get(key).and_then(Value::as_str);
+            match e["operator"].as_str().unwrap_or_default() {
+                "In" => got.is_some_and(|g| values.contains(&g)),
+                "NotIn" => got.is_none_or(|g| !values.contains(&g)),
+                "Exists" => got.is_some(),
+                "DoesNotExist" => got.is_none(),
+                _ => false,
+            }
+        })
+    });
+    // An empty selector selects every pod in the namespace (policy/v1).
+    !sel.is_null() && by_labels && by_expr
+}
+
+/// POST pods/{name}/eviction: honour PodDisruptionBudgets like the real server.
+fn evict(state: &Shared, t: &Target, name: &str) -> Result<(StatusCode, Value), ApiError> {
+    let mut store = state.store();
+    let pod = store.get(t.resource, ns(t), name)?;
+    let pdb_resource =
+        find("policy", "v1", "poddisruptionbudgets").ok_or_else(|| ApiError::internal("no PDB resource"))?;
+    let pdbs: Vec<Value> = store
+        .list(pdb_resource, Some(ns(t)))
+        .into_iter()
+        .filter(|p| pdb_selects(p, &pod))
+        .collect();
+    if pdbs.len() > 1 {
+        return Err(ApiError::internal(
+            "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+        ));
+    }
+    // Terminal pods are not protected.
+    let phase = pod["status"]["phase"].as_str().unwrap_or_default();
+    if let Some(pdb) = pdbs.first()
+        && phase != "Succeeded"
+        && phase != "Failed"
+    {
+        let allowed = pdb["status"]["disruptionsAllowed"].as_i64().unwrap_or(0);
+        if allowed <= 0 {
+            return Err(ApiError::disruption_budget());
+        }
+        let mut updated = pdb.clone();
+        updated["status"]["disruptionsAllowed"] = json!(allowed - 1);
+        let pdb_name = pdb["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        store.replace(pdb_resource, ns(t), &pdb_name, updated)?;
+    }
+    store.delete(t.resource, ns(t), name)?;
+    Ok((
+        StatusCode::CREATED,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+    ))
+}
+
+/// POST pods/{name}/binding: set `spec.nodeName`.
+fn bind(state: &Shared, t: &Target, name: &str, body: &Bytes) -> Result<(StatusCode, Value), ApiError> {
+    let binding = parse_body(body)?;
+    let node = binding["target"]["name"]
+        .as_str()
+        .ok_or_else(|| ApiError::bad_request("binding has no target.name"))?
+        .to_string();
+    let mut store = state.store();
+    let mut pod = store.get(t.resource, ns(t), name)?;
+    if pod["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty()) {
+        return Err(ApiError::conflict(t.resource, name));
+    }
+    pod["spec"]["nodeName"] = json!(node);
+    store.replace(t.resource, ns(t), name, pod)?;
+    Ok((
+        StatusCode::CREATED,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+    ))
+}
+
+fn watch_line(kind: &str, object: &Value) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// GET ...?watch=true: newline-delimited watch events from `resourceVersion` on.
+fn watch_stream(state: Arc<Shared>, t: &Target, query: &HashMap<String, String>) -> Response {
+    let labels = match LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str)) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
+    let fields = match FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str)) {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let timeout = Duration::from_secs(
+        query
+            .get("timeoutSeconds")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1800),
+    );
+    let faults = state.faults();
+    let resource = t.resource;
+    let namespace = t.namespace.clone();
+    let wants = move |e: &Event| {
+        e.resource == resource.plural
+            && e.object["apiVersion"].as_str() == Some(&resource.api_version())
+            && namespace
+                .as_deref()
+                .is_none_or(|n| e.object["metadata"]["namespace"].as_str() == Some(n))
+            && labels.matches(&e.object)
+            && fields.matches(&e.object)
+    };
+
+    // Subscribe and read the backlog under one lock, so that no change falls between them.
+    let (backlog, mut rx, gone) = {
+        let store = state.store();
+        let from: Option<u64> = query
+            .get("resourceVersion")
+            .and_then(|r| r.parse().ok())
+            .filter(|r| *r > 0);
+        let oldest = store.oldest_watchable();
+        let gone = match from {
+            _ if state.take_forced_gone() => Some(ApiError::gone(from.unwrap_or(0), oldest)),
+            Some(rv) if rv < oldest => Some(ApiError::gone(rv, oldest)),
+            _ => None,
+        };
+        // Without a resourceVersion a watch starts with ADDED for every existing object.
+        let backlog: Vec<Event> = match from {
+            Some(rv) => store.since(rv),
+            None => store
+                .list(resource, t.namespace.as_deref())
+                .into_iter()
+                .map(|o| Event {
+                    rv: 0,
+                    resource: resource.plural,
+                    change: Change::Added,
+                    object: o,
+                })
+                .collect(),
+        };
+        (backlog, store.subscribe(), gone)
+    };
+    let interval = state.config.bookmark_interval;
+    let kind = resource.kind;
+    let api_version = resource.api_version();
+    let stream = async_stream(move |tx| async move {
+        if let Some(e) = gone {
+            let _ = tx.send(watch_line("ERROR", &e.body())).await;
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut sent = 0usize;
+        let mut last_rv = 0u64;
+        let limit = faults.drop_watch_after.unwrap_or(usize::MAX);
+        for e in backlog.iter().filter(|e| wants(e)) {
+            if sent >= limit || tx.send(watch_line(e.change.as_str(), &e.object)).await.is_err() {
+                return;
+            }
+            sent += 1;
+            last_rv = last_rv.max(e.rv);
+        }
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = ticker.tick(), if bookmarks => {
+                    let rv = state.store().resource_version();
+                    let mark = json!({"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": rv.to_string()}});
+                    if tx.send(watch_line("BOOKMARK", &mark)).await.is_err() { return; }
+                }
+                msg = rx.recv() => match msg {
+                    Ok(e) => {
+                        if e.rv <= last_rv || !wants(&e) { continue; }
+                        if sent >= limit { return; }
+                        if tx.send(watch_line(e.change.as_str(), &e.object)).await.is_err() { return; }
+                        sent += 1;
+                        last_rv = e.rv;
+                    }
+                    // Fell behind the broadcast: the client must relist, as after a real 410.
+                    Err(RecvError::Lagged(_)) => {
+                        let oldest = state.store().oldest_watchable();
+                        let _ = tx.send(watch_line("ERROR", &ApiError::gone(last_rv, oldest).body())).await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Body::from_stream(stream.map(Ok::<Bytes, Infallible>)))
+        .unwrap_or_else(|_| ApiError::internal("response").into_response())
+}
+
+/// A stream fed by a spawned task through a channel.
+fn async_stream<F, Fut>(f: F) -> impl futures::Stream<Item = Bytes>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A running server on 127.0.0.1.
+pub struct Running {
+    /// Bound address.
+    pub addr: SocketAddr,
+    /// State, for tests to inspect or to inject faults.
+    pub state: Arc<Shared>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Start on `addr` (port 0: any free port).
+    pub async fn start(addr: SocketAddr, config: Config) -> std::io::Result<Running> {
+        let state = Shared::new(config);
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = router(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Ok(Running {
+            addr,
+            state,
+            shutdown: Some(tx),
+            task,
+        })
+    }
+
+    /// Create objects (each must carry apiVersion and kind of a served resource).
+    pub fn seed(&self, objects: impl IntoIterator<Item = Value>) -> Result<(), ApiError> {
+        let mut store = self.state.store();
+        for o in objects {
+            let api_version = o["apiVersion"].as_str().unwrap_or("v1").to_string();
+            let (group, version) = api_version.split_once('/').unwrap_or(("", api_version.as_str()));
+            let kind = o["kind"].as_str().unwrap_or_default();
+            let r = RESOURCES
+                .iter()
+                .find(|r| r.group == group && r.version == version && r.kind == kind)
+                .ok_or_else(|| ApiError::bad_request(&format!("not a served kind: {api_version} {kind}")))?;
+            let ns = o["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string();
+            store.create(r, &ns, o)?;
+        }
+        Ok(())
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig pointing at this server (plain HTTP, no auth), for kubectl and clients.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-emulator\n  cluster:\n    server: {}\ncontexts:\n- name: kube-emulator\n  context:\n    cluster: kube-emulator\n    user: kube-emulator\ncurrent-context: kube-emulator\nusers:\n- name: kube-emulator\n  user: {{}}\n",
+            self.url()
+        )
+    }
+
+    /// Stop: open watches end, new connections are refused.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
+        self.task.abort();
+    }
+}
