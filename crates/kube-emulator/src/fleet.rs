@@ -1,65 +1,53 @@
-//! The default fleet of the standalone mode: MIG nodes as GPU Feature Discovery and the device
-//! plugin (mixed strategy) label and advertise them.
+//! The default fleet of the standalone mode and the demo: A100-80GB and H100-80GB nodes on NVIDIA's
+//! `all-balanced` MIG config, and a mig-parted ConfigMap for mig-manager.
 
 use serde_json::{Value, json};
 
-/// One node type of the default fleet.
-struct NodeType {
-    product: &'static str,
-    memory_mib: u64,
-    /// `all-balanced` instances per GPU: (profile, count).
-    balanced: &'static [(&'static str, u64)],
+use crate::cluster::{ClusterSpec, GpuSpec, MIG_CONFIG_LABEL, NodeSpec};
+
+/// All-balanced on the 80GB A100/H100: 2 x 1g.10gb, 1 x 2g.20gb, 1 x 3g.40gb.
+pub const ALL_BALANCED_80GB: &str = "1g.10gb@0,1g.10gb@1,2g.20gb@2,3g.40gb@4";
+
+/// `nodes` nodes alternating A100-80GB and H100-80GB with `gpus` GPUs each, all on `all-balanced`.
+pub fn default_spec(nodes: usize, gpus: usize) -> ClusterSpec {
+    let products = ["NVIDIA-A100-SXM4-80GB", "NVIDIA-H100-80GB-HBM3"];
+    ClusterSpec {
+        nodes: (0..nodes)
+            .map(|i| NodeSpec {
+                name: format!("gpu-node-{i}"),
+                labels: [(MIG_CONFIG_LABEL.to_string(), "all-balanced".to_string())]
+                    .into_iter()
+                    .collect(),
+                gpus: (0..gpus)
+                    .map(|_| GpuSpec {
+                        product: products[i % 2].into(),
+                        layout: ALL_BALANCED_80GB.into(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        mig_parted_config_map: "gpu-operator/default-mig-parted-config".into(),
+        mig_manager_delay_ms: 2_000,
+    }
 }
 
-const TYPES: [NodeType; 2] = [
-    NodeType {
-        product: "NVIDIA-A100-SXM4-80GB",
-        memory_mib: 81_920,
-        balanced: &[("1g.10gb", 2), ("2g.20gb", 1), ("3g.40gb", 1)],
-    },
-    NodeType {
-        product: "NVIDIA-H100-80GB-HBM3",
-        memory_mib: 81_559,
-        balanced: &[("1g.10gb", 2), ("2g.20gb", 1), ("3g.40gb", 1)],
-    },
-];
-
-/// `nodes` nodes alternating A100-80GB and H100-80GB, `gpus` GPUs each, all on NVIDIA's
-/// `all-balanced` MIG config, with the labels GFD and mig-manager set and the allocatable
-/// `nvidia.com/mig-*` resources the device plugin advertises.
-pub fn default_nodes(nodes: usize, gpus: u64) -> Vec<Value> {
-    (0..nodes)
-        .map(|i| {
-            let t = &TYPES[i % TYPES.len()];
-            let name = format!("gpu-node-{i}");
-            let mut resources = json!({"cpu": "64", "memory": "512Gi", "pods": "110"});
-            for (profile, n) in t.balanced {
-                resources[format!("nvidia.com/mig-{profile}")] = json!((n * gpus).to_string());
-            }
-            json!({
-                "apiVersion": "v1",
-                "kind": "Node",
-                "metadata": {
-                    "name": name,
-                    "labels": {
-                        "kubernetes.io/hostname": name,
-                        "kubernetes.io/os": "linux",
-                        "nvidia.com/gpu.product": t.product,
-                        "nvidia.com/gpu.count": gpus.to_string(),
-                        "nvidia.com/gpu.memory": t.memory_mib.to_string(),
-                        "nvidia.com/mig.capable": "true",
-                        "nvidia.com/mig.strategy": "mixed",
-                        "nvidia.com/mig.config": "all-balanced",
-                        "nvidia.com/mig.config.state": "success",
-                    },
-                },
-                "spec": {},
-                "status": {
-                    "capacity": resources.clone(),
-                    "allocatable": resources,
-                    "conditions": [{"type": "Ready", "status": "True"}],
-                },
-            })
-        })
-        .collect()
+/// The GPU operator's ConfigMap with the `all-*` configs of the 80GB A100/H100.
+pub fn default_mig_parted_config_map() -> Value {
+    let mut configs = String::from("version: v1\nmig-configs:\n");
+    configs.push_str("  all-balanced:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {\"1g.10gb\": 2, \"2g.20gb\": 1, \"3g.40gb\": 1}\n");
+    for (profile, n) in [
+        ("1g.10gb", 7),
+        ("1g.20gb", 4),
+        ("2g.20gb", 3),
+        ("3g.40gb", 2),
+        ("4g.40gb", 1),
+        ("7g.80gb", 1),
+    ] {
+        configs.push_str(&format!("  all-{profile}:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {{\"{profile}\": {n}}}\n"));
+    }
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "default-mig-parted-config", "namespace": "gpu-operator"},
+        "data": {"config.yaml": configs},
+    })
 }

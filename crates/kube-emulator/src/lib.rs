@@ -12,6 +12,7 @@
 //! patches (lists are replaced whole); a watch with a selector filters on the new object only; pods
 //! are deleted at once (no kubelet yet).
 
+pub mod cluster;
 pub mod fleet;
 pub mod resources;
 pub mod selectors;
@@ -19,4 +20,5 @@ pub mod server;
 pub mod status;
 pub mod store;
 
+pub use cluster::{Cluster, ClusterSpec, GpuSpec, NodeSpec, SimGpu};
 pub use server::{Config, Faults, Running};

@@ -17,12 +17,16 @@ pub struct EmulatorArgs {
     /// Write a kubeconfig for this server here.
     #[arg(long)]
     kubeconfig_out: Option<PathBuf>,
+    /// Cluster spec (YAML or JSON: nodes with GPUs and initial layouts); default: a fleet of
+    /// A100-80GB and H100-80GB nodes on all-balanced.
+    #[arg(long)]
+    cluster: Option<PathBuf>,
     /// Nodes of the default fleet (A100-80GB and H100-80GB, alternating).
     #[arg(long, default_value_t = 4)]
     nodes: usize,
     /// GPUs per node.
     #[arg(long, default_value_t = 8)]
-    gpus_per_node: u64,
+    gpus_per_node: usize,
 }
 
 /// Run `emulator` until Ctrl-C.
@@ -32,12 +36,21 @@ pub fn run(args: EmulatorArgs) -> Result<ExitCode> {
         let server = Running::start(args.listen, Config::default())
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let spec = match &args.cluster {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                serde_yaml::from_str::<kube_emulator::ClusterSpec>(&text)
+                    .with_context(|| format!("{} is not a cluster spec", path.display()))?
+            }
+            None => kube_emulator::fleet::default_spec(args.nodes, args.gpus_per_node),
+        };
         server
-            .seed(kube_emulator::fleet::default_nodes(
-                args.nodes,
-                args.gpus_per_node,
-            ))
+            .seed([kube_emulator::fleet::default_mig_parted_config_map()])
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let cluster =
+            kube_emulator::Cluster::new(server.state.clone(), &spec).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let _actors = cluster.spawn();
         if let Some(path) = &args.kubeconfig_out {
             // Written whole, then renamed: a reader never sees half a file.
             let tmp = path.with_extension("tmp");

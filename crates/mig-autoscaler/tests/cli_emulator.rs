@@ -157,6 +157,17 @@ fn kubectl_gets_labels_taints_drains_and_watches() {
         &["drain", "gpu-node-2", "--dry-run=client", "--ignore-daemonsets"],
     );
     assert!(drain.contains("drained (dry run)"), "{drain}");
+    let state = kubectl(
+        &kc,
+        &[
+            "get",
+            "node",
+            "gpu-node-1",
+            "-o",
+            "jsonpath={.metadata.labels.nvidia\\.com/mig\\.config\\.state}",
+        ],
+    );
+    assert_eq!(state, "success");
 
     // A watch sees a change made while it runs.
     let mut watch = Command::new("kubectl")

@@ -1,0 +1,551 @@
+//! Simulated cluster actors over the store: a scheduler, kubelets with the NVIDIA device plugin
+//! (mixed strategy), and NVIDIA's k8s-mig-manager, acting on simulated MIG GPUs.
+//!
+//! They act on the store directly (not over HTTP); what clients observe through the API is what a
+//! real scheduler, kubelet and mig-manager would write: `spec.nodeName`, pod phases, node
+//! capacity/allocatable per `nvidia.com/mig-<profile>`, and `nvidia.com/mig.config.state`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mig_catalog::migparted::MigPartedConfig;
+use mig_catalog::{Catalog, GpuModel, Instance, Layout};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::resources::{Resource, find};
+use crate::server::Shared;
+use crate::status::ApiError;
+
+/// Label mig-manager reads.
+pub const MIG_CONFIG_LABEL: &str = "nvidia.com/mig.config";
+/// Label mig-manager writes: `pending`, `success`, `failed`.
+pub const MIG_STATE_LABEL: &str = "nvidia.com/mig.config.state";
+
+/// A GPU in a cluster spec.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GpuSpec {
+    /// GFD product label (`NVIDIA-A100-SXM4-80GB`).
+    pub product: String,
+    /// Initial layout, canonical form (`3g.40gb@0,3g.40gb@4`; `empty`).
+    pub layout: String,
+}
+
+/// A node in a cluster spec.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeSpec {
+    /// Name.
+    pub name: String,
+    /// Extra labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// GPUs, by index.
+    pub gpus: Vec<GpuSpec>,
+}
+
+/// A simulated cluster.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterSpec {
+    /// Nodes.
+    pub nodes: Vec<NodeSpec>,
+    /// Where mig-manager reads its mig-parted config: namespace/name, key `config.yaml`.
+    #[serde(default = "default_config_map")]
+    pub mig_parted_config_map: String,
+    /// How long mig-manager takes to apply a config.
+    #[serde(default = "default_delay")]
+    pub mig_manager_delay_ms: u64,
+}
+
+fn default_config_map() -> String {
+    "gpu-operator/default-mig-parted-config".into()
+}
+fn default_delay() -> u64 {
+    200
+}
+
+/// A simulated GPU.
+#[derive(Clone, Debug)]
+pub struct SimGpu {
+    /// Index on the node.
+    pub index: u32,
+    /// Model.
+    pub model: &'static GpuModel,
+    /// Actual layout.
+    pub layout: Layout,
+    /// Instance → pod (`namespace/name`) using it.
+    pub used: BTreeMap<Instance, String>,
+}
+
+#[derive(Default)]
+struct NodeState {
+    gpus: Vec<SimGpu>,
+    /// Config mig-manager last applied.
+    applied: Option<String>,
+    /// Since when a different config is pending.
+    pending_since: Option<Instant>,
+}
+
+/// The actors.
+pub struct Cluster {
+    state: Arc<Shared>,
+    nodes: Mutex<BTreeMap<String, NodeState>>,
+    config_map: (String, String),
+    delay: Duration,
+}
+
+fn res(group: &str, version: &str, plural: &str) -> &'static Resource {
+    find(group, version, plural).unwrap_or_else(|| unreachable!("{plural} is served"))
+}
+
+/// CPU in millicores / memory in bytes from a Kubernetes quantity.
+fn quantity(q: &Value) -> f64 {
+    let s = match q {
+        Value::String(s) => s.as_str(),
+        Value::Number(n) => return n.as_f64().unwrap_or(0.0),
+        _ => return 0.0,
+    };
+    let suffixes: [(&str, f64); 11] = [
+        ("Ki", 1024.0),
+        ("Mi", 1024f64.powi(2)),
+        ("Gi", 1024f64.powi(3)),
+        ("Ti", 1024f64.powi(4)),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("m", 1e-3),
+        ("u", 1e-6),
+        ("n", 1e-9),
+    ];
+    for (suf, mul) in suffixes {
+        if let Some(num) = s.strip_suffix(suf) {
+            return num.parse::<f64>().unwrap_or(0.0) * mul;
+        }
+    }
+    s.parse().unwrap_or(0.0)
+}
+
+/// Summed container limits (else requests) of a pod, by resource name.
+fn pod_requests(pod: &Value) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
+        let r = &c["resources"];
+        let src = if r["limits"].is_object() {
+            &r["limits"]
+        } else {
+            &r["requests"]
+        };
+        for (k, v) in src.as_object().into_iter().flatten() {
+            *out.entry(k.clone()).or_default() += quantity(v);
+        }
+        if r["limits"].is_object() {
+            for (k, v) in r["requests"].as_object().into_iter().flatten() {
+                if r["limits"].get(k).is_none_or(|x| x.is_null()) {
+                    *out.entry(k.clone()).or_default() += quantity(v);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn tolerates(pod: &Value, taint: &Value) -> bool {
+    pod["spec"]["tolerations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|t| {
+            let op = t["operator"].as_str().unwrap_or("Equal");
+            let key_ok = (t["key"].as_str().unwrap_or_default().is_empty() && op == "Exists")
+                || t["key"] == taint["key"];
+            let value_ok = op == "Exists"
+                || t["value"].as_str().unwrap_or_default() == taint["value"].as_str().unwrap_or_default();
+            let effect_ok =
+                t["effect"].as_str().unwrap_or_default().is_empty() || t["effect"] == taint["effect"];
+            key_ok && value_ok && effect_ok
+        })
+}
+
+fn node_admits(pod: &Value, node: &Value) -> bool {
+    if node["spec"]["unschedulable"].as_bool() == Some(true) {
+        return false;
+    }
+    let labels = &node["metadata"]["labels"];
+    let selector_ok = pod["spec"]["nodeSelector"]
+        .as_object()
+        .is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    let terms = &pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
+    let affinity_ok = terms.as_array().is_none_or(|terms| {
+        terms.is_empty()
+            || terms.iter().any(|term| {
+                term["matchExpressions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|e| {
+                        let got = labels
+                            .get(e["key"].as_str().unwrap_or_default())
+                            .and_then(Value::as_str);
+                        let values: Vec<&str> = e["values"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(Value::as_str)
+                            .collect();
+                        match e["operator"].as_str().unwrap_or_default() {
+                            "In" => got.is_some_and(|g| values.contains(&g)),
+                            "NotIn" => got.is_none_or(|g| !values.contains(&g)),
+                            "Exists" => got.is_some(),
+                            "DoesNotExist" => got.is_none(),
+                            _ => false,
+                        }
+                    })
+            })
+    });
+    let taints_ok = node["spec"]["taints"].as_array().into_iter().flatten().all(|t| {
+        let effect = t["effect"].as_str().unwrap_or_default();
+        !(effect == "NoSchedule" || effect == "NoExecute") || tolerates(pod, t)
+    });
+    selector_ok && affinity_ok && taints_ok
+}
+
+impl Cluster {
+    /// Create the nodes of `spec` in the store and return the actors (not yet running).
+    pub fn new(state: Arc<Shared>, spec: &ClusterSpec) -> Result<Arc<Cluster>, String> {
+        let catalog = Catalog::embedded();
+        let mut nodes = BTreeMap::new();
+        for n in &spec.nodes {
+            let mut gpus = Vec::new();
+            for (i, g) in n.gpus.iter().enumerate() {
+                let model = catalog
+                    .lookup(&g.product)
+                    .map_err(|e| format!("node {}: {e}", n.name))?;
+                let layout = model
+                    .parse_layout(&g.layout)
+                    .map_err(|e| format!("node {}: {e}", n.name))?;
+                model
+                    .validate(&layout)
+                    .map_err(|e| format!("node {}: {e}", n.name))?;
+                gpus.push(SimGpu {
+                    index: i as u32,
+                    model,
+                    layout,
+                    used: BTreeMap::new(),
+                });
+            }
+            nodes.insert(
+                n.name.clone(),
+                NodeState {
+                    gpus,
+                    applied: n.labels.get(MIG_CONFIG_LABEL).cloned(),
+                    pending_since: None,
+                },
+            );
+        }
+        let (ns, name) = spec
+            .mig_parted_config_map
+            .split_once('/')
+            .unwrap_or(("gpu-operator", &spec.mig_parted_config_map));
+        let cluster = Arc::new(Cluster {
+            state,
+            nodes: Mutex::new(nodes),
+            config_map: (ns.to_string(), name.to_string()),
+            delay: Duration::from_millis(spec.mig_manager_delay_ms),
+        });
+        {
+            let mut store = cluster.state.store();
+            for n in &spec.nodes {
+                let product = n.gpus.first().map(|g| g.product.clone()).unwrap_or_default();
+                let mut labels = json!({
+                    "kubernetes.io/hostname": n.name, "kubernetes.io/os": "linux",
+                    "nvidia.com/gpu.product": product, "nvidia.com/gpu.count": n.gpus.len().to_string(),
+                    "nvidia.com/mig.capable": "true", "nvidia.com/mig.strategy": "mixed",
+                });
+                for (k, v) in &n.labels {
+                    labels[k] = json!(v);
+                }
+                if n.labels.contains_key(MIG_CONFIG_LABEL) {
+                    labels[MIG_STATE_LABEL] = json!("success");
+                }
+                let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n.name, "labels": labels}, "spec": {}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+                store
+                    .create(res("", "v1", "nodes"), "", node)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        cluster.step();
+        Ok(cluster)
+    }
+
+    /// Run the actors until the returned handle is aborted: a step after every store change, and at
+    /// least every 20 ms (for mig-manager's delay).
+    pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut rx = me.state.store().subscribe();
+            loop {
+                let _ = tokio::time::timeout(Duration::from_millis(20), rx.recv()).await;
+                me.step();
+            }
+        })
+    }
+
+    /// The simulated GPUs of a node (what NVML would report there).
+    pub fn gpus(&self, node: &str) -> Vec<SimGpu> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .map(|n| n.gpus.clone())
+            .unwrap_or_default()
+    }
+
+    /// One round of every actor.
+    pub fn step(&self) {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut store = self.state.store();
+        let pods_r = res("", "v1", "pods");
+        let nodes_r = res("", "v1", "nodes");
+
+        // Kubelet: instances of pods that are gone are free again.
+        let live: std::collections::BTreeSet<String> = store
+            .list(pods_r, None)
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p["metadata"]["namespace"].as_str().unwrap_or_default(),
+                    p["metadata"]["name"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        for n in nodes.values_mut() {
+            for g in &mut n.gpus {
+                g.used.retain(|_, pod| live.contains(pod));
+            }
+        }
+
+        // mig-manager.
+        let config = store
+            .get(
+                res("", "v1", "configmaps"),
+                &self.config_map.0,
+                &self.config_map.1,
+            )
+            .ok()
+            .and_then(|cm| cm["data"]["config.yaml"].as_str().map(str::to_string))
+            .map(|text| MigPartedConfig::from_yaml(&text));
+        for (name, n) in nodes.iter_mut() {
+            let Ok(node) = store.get(nodes_r, "", name) else {
+                continue;
+            };
+            let wanted = node["metadata"]["labels"][MIG_CONFIG_LABEL]
+                .as_str()
+                .map(str::to_string);
+            let state = node["metadata"]["labels"][MIG_STATE_LABEL]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let Some(wanted) = wanted else { continue };
+            if n.applied.as_deref() == Some(wanted.as_str()) && state == "success" {
+                continue;
+            }
+            if n.applied.as_deref() == Some(wanted.as_str()) && state == "failed" {
+                continue; // failed stays failed until the label changes
+            }
+            match n.pending_since {
+                None => {
+                    n.pending_since = Some(Instant::now());
+                    let _ = set_label(&mut store, nodes_r, name, MIG_STATE_LABEL, "pending");
+                    continue;
+                }
+                Some(t) if t.elapsed() < self.delay => continue,
+                Some(_) => {}
+            }
+            n.pending_since = None;
+            n.applied = Some(wanted.clone());
+            let outcome = match &config {
+                None => Err(format!(
+                    "ConfigMap {}/{} with config.yaml not found",
+                    self.config_map.0, self.config_map.1
+                )),
+                Some(Err(e)) => Err(e.to_string()),
+                Some(Ok(cfg)) => apply(cfg, &wanted, &mut n.gpus),
+            };
+            let state = if outcome.is_ok() { "success" } else { "failed" };
+            let _ = set_label(&mut store, nodes_r, name, MIG_STATE_LABEL, state);
+        }
+
+        // Device plugin: allocatable per MIG profile from the actual layouts.
+        for (name, n) in nodes.iter() {
+            let Ok(mut node) = store.get(nodes_r, "", name) else {
+                continue;
+            };
+            let mut capacity: BTreeMap<String, u64> = BTreeMap::new();
+            for g in &n.gpus {
+                for p in &g.model.profiles {
+                    capacity.entry(p.resource_name()).or_default();
+                }
+                for i in g.layout.instances() {
+                    if let Some(p) = g.model.profile(i.profile) {
+                        *capacity.entry(p.resource_name()).or_default() += 1;
+                    }
+                }
+            }
+            let mut changed = false;
+            for field in ["capacity", "allocatable"] {
+                if !node["status"][field].is_object() {
+                    node["status"][field] = json!({"cpu": "64", "memory": "512Gi", "pods": "110"});
+                }
+                for (k, v) in &capacity {
+                    if node["status"][field][k] != json!(v.to_string()) {
+                        node["status"][field][k] = json!(v.to_string());
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                let _ = store.replace(nodes_r, "", name, node);
+            }
+        }
+
+        // Scheduler: bind pending pods in creation order where their MIG instances are free.
+        let mut pending: Vec<Value> = store
+            .list(pods_r, None)
+            .into_iter()
+            .filter(|p| {
+                p["spec"]["nodeName"].as_str().is_none_or(str::is_empty)
+                    && p["metadata"]["deletionTimestamp"].is_null()
+            })
+            .collect();
+        pending.sort_by(|a, b| {
+            let key = |p: &Value| {
+                (
+                    p["metadata"]["creationTimestamp"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    p["metadata"]["resourceVersion"]
+                        .as_str()
+                        .and_then(|r| r.parse::<u64>().ok())
+                        .unwrap_or(0),
+                )
+            };
+            key(a).cmp(&key(b))
+        });
+        for pod in pending {
+            let ns = pod["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let key = format!("{ns}/{pod_name}");
+            let requests = pod_requests(&pod);
+            let mig: Vec<(String, u64)> = requests
+                .iter()
+                .filter(|(k, _)| k.starts_with("nvidia.com/mig-"))
+                .map(|(k, v)| (k.clone(), *v as u64))
+                .collect();
+            let all_pods = store.list(pods_r, None);
+            let chosen = nodes.iter_mut().find_map(|(name, n)| {
+                let node = store.get(nodes_r, "", name).ok()?;
+                if !node_admits(&pod, &node) {
+                    return None;
+                }
+                // CPU and memory against allocatable, minus pods already bound here.
+                for res_name in ["cpu", "memory"] {
+                    let want = requests.get(res_name).copied().unwrap_or(0.0);
+                    if want > 0.0 {
+                        let have = quantity(&node["status"]["allocatable"][res_name]);
+                        let used: f64 = all_pods
+                            .iter()
+                            .filter(|p| p["spec"]["nodeName"].as_str() == Some(name.as_str()))
+                            .map(|p| pod_requests(p).get(res_name).copied().unwrap_or(0.0))
+                            .sum();
+                        if used + want > have {
+                            return None;
+                        }
+                    }
+                }
+                let mut taken: Vec<(usize, Instance)> = Vec::new();
+                for (resource, count) in &mig {
+                    for _ in 0..*count {
+                        let free = n.gpus.iter().enumerate().find_map(|(gi, g)| {
+                            g.layout
+                                .instances()
+                                .iter()
+                                .find(|i| {
+                                    !g.used.contains_key(i)
+                                        && !taken.contains(&(gi, **i))
+                                        && g.model
+                                            .profile(i.profile)
+                                            .is_some_and(|p| &p.resource_name() == resource)
+                                })
+                                .map(|i| (gi, *i))
+                        });
+                        taken.push(free?);
+                    }
+                }
+                for (gi, i) in &taken {
+                    n.gpus[*gi].used.insert(*i, key.clone());
+                }
+                Some(name.clone())
+            });
+            if let Some(node) = chosen {
+                let mut bound = pod.clone();
+                bound["spec"]["nodeName"] = json!(node);
+                bound["status"]["phase"] = json!("Running");
+                let _ = store.replace(pods_r, &ns, &pod_name, bound);
+            } else if pod["status"]["phase"].is_null() {
+                let mut waiting = pod.clone();
+                waiting["status"]["phase"] = json!("Pending");
+                let _ = store.replace(pods_r, &ns, &pod_name, waiting);
+            }
+        }
+    }
+}
+
+fn set_label(
+    store: &mut crate::store::Store,
+    r: &Resource,
+    name: &str,
+    key: &str,
+    value: &str,
+) -> Result<(), ApiError> {
+    let mut node = store.get(r, "", name)?;
+    if node["metadata"]["labels"][key] == json!(value) {
+        return Ok(());
+    }
+    node["metadata"]["labels"][key] = json!(value);
+    store.replace(r, "", name, node).map(|_| ())
+}
+
+/// mig-parted apply: every GPU whose count vector changes is rebuilt whole; that fails when a pod
+/// still holds one of its instances. All or nothing, like a failed apply leaves `failed`.
+fn apply(config: &MigPartedConfig, name: &str, gpus: &mut [SimGpu]) -> Result<(), String> {
+    let mut targets: HashMap<u32, Layout> = HashMap::new();
+    for g in gpus.iter() {
+        let counts = config.counts_for_gpu(name, g.model, g.index)?;
+        let Some(counts) = counts else {
+            return Err("MIG disable is not simulated".into());
+        };
+        if counts == g.model.counts(&g.layout) {
+            continue;
+        }
+        if !g.used.is_empty() {
+            return Err(format!(
+                "GPU {} is in use by {}",
+                g.index,
+                g.used.values().next().cloned().unwrap_or_default()
+            ));
+        }
+        targets.insert(g.index, g.model.arrange(&counts).map_err(|e| e.to_string())?);
+    }
+    for g in gpus.iter_mut() {
+        if let Some(l) = targets.remove(&g.index) {
+            g.layout = l;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! The simulated scheduler, kubelet/device plugin and mig-manager, seen through the real kube-rs client.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on unexpected input.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use kube_emulator::{Cluster, ClusterSpec, Config, GpuSpec, NodeSpec, Running};
+use serde_json::json;
+
+const CONFIG: &str = r#"
+version: v1
+mig-configs:
+  all-1g.10gb:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {"1g.10gb": 7}
+  all-3g.40gb:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {"3g.40gb": 2}
+"#;
+
+const SEVEN_1G: &str = "1g.10gb@0,1g.10gb@1,1g.10gb@2,1g.10gb@3,1g.10gb@4,1g.10gb@5,1g.10gb@6";
+
+async fn start(
+    nodes: Vec<NodeSpec>,
+) -> (
+    Running,
+    std::sync::Arc<Cluster>,
+    tokio::task::JoinHandle<()>,
+    Client,
+) {
+    let server = Running::start("127.0.0.1:0".parse().unwrap(), Config::default())
+        .await
+        .unwrap();
+    let spec = ClusterSpec {
+        nodes,
+        mig_parted_config_map: "gpu-operator/default-mig-parted-config".into(),
+        mig_manager_delay_ms: 100,
+    };
+    let cluster = Cluster::new(server.state.clone(), &spec).unwrap();
+    let actors = cluster.spawn();
+    let mut config = kube::Config::new(server.url().parse().unwrap());
+    config.default_retry = false;
+    let client = Client::try_from(config).unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "gpu-operator");
+    let cm: ConfigMap = serde_json::from_value(
+        json!({"metadata": {"name": "default-mig-parted-config"}, "data": {"config.yaml": CONFIG}}),
+    )
+    .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    (server, cluster, actors, client)
+}
+
+fn a100_node(name: &str, layout: &str, labels: &[(&str, &str)]) -> NodeSpec {
+    NodeSpec {
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        gpus: vec![GpuSpec {
+            product: "NVIDIA-A100-SXM4-80GB".into(),
+            layout: layout.into(),
+        }],
+    }
+}
+
+fn mig_pod(name: &str, profile: &str, extra: serde_json::Value) -> Pod {
+    let mut v = json!({
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "c", "image": "x", "resources": {"limits": {format!("nvidia.com/mig-{profile}"): "1"}}}]},
+    });
+    if let Some(spec) = extra.as_object() {
+        for (k, x) in spec {
+            v["spec"][k] = x.clone();
+        }
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+async fn eventually<F: Fn() -> Fut, Fut: std::future::Future<Output = bool>>(what: &str, f: F) {
+    let start = Instant::now();
+    while !f().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn node_of(pods: &Api<Pod>, name: &str) -> Option<String> {
+    pods.get(name).await.ok()?.spec?.node_name
+}
+
+#[tokio::test]
+async fn a_pod_waits_for_its_profile_and_binds_after_mig_manager_reconfigures() {
+    let (server, cluster, actors, client) = start(vec![a100_node(
+        "n1",
+        SEVEN_1G,
+        &[("nvidia.com/mig.config", "all-1g.10gb")],
+    )])
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "ml");
+    let nodes: Api<Node> = Api::all(client.clone());
+
+    // The device plugin advertises what the layout has.
+    eventually("allocatable", || async {
+        nodes
+            .get("n1")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .allocatable
+            .unwrap()
+            .get("nvidia.com/mig-1g.10gb")
+            .map(|q| q.0.clone())
+            == Some("7".into())
+    })
+    .await;
+    pods.create(&PostParams::default(), &mig_pod("big", "3g.40gb", json!({})))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &mig_pod("small", "1g.10gb", json!({})))
+        .await
+        .unwrap();
+    eventually("small binds", || async {
+        node_of(&pods, "small").await.as_deref() == Some("n1")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let big = pods.get("big").await.unwrap();
+    assert!(big.spec.unwrap().node_name.is_none(), "no 3g.40gb exists yet");
+    assert_eq!(big.status.unwrap().phase.as_deref(), Some("Pending"));
+
+    // A changed GPU still in use: mig-manager fails and changes nothing.
+    nodes
+        .patch(
+            "n1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"nvidia.com/mig.config": "all-3g.40gb"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("state failed", || async {
+        nodes
+            .get("n1")
+            .await
+            .unwrap()
+            .labels()
+            .get("nvidia.com/mig.config.state")
+            .map(String::as_str)
+            == Some("failed")
+    })
+    .await;
+    assert_eq!(cluster.gpus("n1")[0].layout.len(), 7);
+
+    // Free the GPU, ask again: pending, then success, then the 3g pod binds.
+    pods.delete("small", &DeleteParams::default()).await.unwrap();
+    nodes
+        .patch(
+            "n1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"nvidia.com/mig.config": "all-1g.10gb"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("back to success", || async {
+        nodes
+            .get("n1")
+            .await
+            .unwrap()
+            .labels()
+            .get("nvidia.com/mig.config.state")
+            .map(String::as_str)
+            == Some("success")
+    })
+    .await;
+    nodes
+        .patch(
+            "n1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"nvidia.com/mig.config": "all-3g.40gb"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("pending", || async {
+        nodes
+            .get("n1")
+            .await
+            .unwrap()
+            .labels()
+            .get("nvidia.com/mig.config.state")
+            .map(String::as_str)
+            == Some("pending")
+    })
+    .await;
+    eventually("success", || async {
+        nodes
+            .get("n1")
+            .await
+            .unwrap()
+            .labels()
+            .get("nvidia.com/mig.config.state")
+            .map(String::as_str)
+            == Some("success")
+    })
+    .await;
+    let gpu = &cluster.gpus("n1")[0];
+    assert_eq!(gpu.model.format_layout(&gpu.layout), "3g.40gb@0,3g.40gb@4");
+    eventually("big binds", || async {
+        node_of(&pods, "big").await.as_deref() == Some("n1")
+    })
+    .await;
+    let alloc = nodes
+        .get("n1")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .allocatable
+        .unwrap();
+    assert_eq!(alloc["nvidia.com/mig-3g.40gb"].0, "2");
+    assert_eq!(alloc["nvidia.com/mig-1g.10gb"].0, "0");
+    actors.abort();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_scheduler_honours_selectors_taints_and_capacity() {
+    let (server, _cluster, actors, client) = start(vec![
+        a100_node("a", "3g.40gb@0,3g.40gb@4", &[("zone", "a")]),
+        a100_node("b", "3g.40gb@0,3g.40gb@4", &[("zone", "b")]),
+    ])
+    .await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"taints": [{"key": "dedicated", "value": "x", "effect": "NoSchedule"}]}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "ml");
+    pods.create(
+        &PostParams::default(),
+        &mig_pod("to-b", "3g.40gb", json!({"nodeSelector": {"zone": "b"}})),
+    )
+    .await
+    .unwrap();
+    pods.create(&PostParams::default(), &mig_pod("tolerant-a", "3g.40gb", json!({"nodeSelector": {"zone": "a"}, "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "x", "effect": "NoSchedule"}]}))).await.unwrap();
+    pods.create(
+        &PostParams::default(),
+        &mig_pod("intolerant-a", "3g.40gb", json!({"nodeSelector": {"zone": "a"}})),
+    )
+    .await
+    .unwrap();
+    eventually("bindings", || async {
+        node_of(&pods, "to-b").await.is_some() && node_of(&pods, "tolerant-a").await.is_some()
+    })
+    .await;
+    assert_eq!(node_of(&pods, "to-b").await.as_deref(), Some("b"));
+    assert_eq!(node_of(&pods, "tolerant-a").await.as_deref(), Some("a"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(node_of(&pods, "intolerant-a").await, None);
+    // Capacity: b has one 3g left; two more pods, one binds.
+    pods.create(
+        &PostParams::default(),
+        &mig_pod("x1", "3g.40gb", json!({"nodeSelector": {"zone": "b"}})),
+    )
+    .await
+    .unwrap();
+    pods.create(
+        &PostParams::default(),
+        &mig_pod("x2", "3g.40gb", json!({"nodeSelector": {"zone": "b"}})),
+    )
+    .await
+    .unwrap();
+    eventually("x1 binds", || async { node_of(&pods, "x1").await.is_some() }).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(node_of(&pods, "x2").await, None, "no 3g.40gb left on b");
+    actors.abort();
+    server.stop().await;
+}
