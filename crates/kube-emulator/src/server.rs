@@ -365,26 +365,37 @@ fn list(
     state.lists.fetch_add(1, Ordering::Relaxed);
     let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))?;
     let fields = FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))?;
-    let store = state.store();
-    let mut items: Vec<Value> = store
-        .list(t.resource, t.namespace.as_deref())
-        .into_iter()
-        .filter(|o| labels.matches(o) && fields.matches(o))
-        .collect();
-    let rv = store.resource_version();
-    drop(store);
-    let start: usize = query.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+    // The continue token is the key of the last object sent: "namespace/name" ("/name" if cluster-scoped).
+    let after = query
+        .get("continue")
+        .filter(|c| !c.is_empty())
+        .map(|c| match c.split_once('/') {
+            Some((n, name)) => (n.to_string(), name.to_string()),
+            None => (String::new(), c.clone()),
+        });
     let limit: usize = query
         .get("limit")
         .and_then(|l| l.parse().ok())
         .filter(|l| *l > 0)
         .unwrap_or(usize::MAX);
-    let total = items.len();
-    items = items.into_iter().skip(start).take(limit).collect();
+    let store = state.store();
+    let (items, remaining) = store.list_page(
+        t.resource,
+        t.namespace.as_deref(),
+        |o| labels.matches(o) && fields.matches(o),
+        after,
+        limit,
+    );
+    let rv = store.resource_version();
+    drop(store);
     let mut meta = json!({"resourceVersion": rv.to_string()});
-    if start + items.len() < total {
-        meta["continue"] = json!((start + items.len()).to_string());
-        meta["remainingItemCount"] = json!(total - start - items.len());
+    if remaining > 0
+        && let Some(last) = items.last()
+    {
+        let n = last["metadata"]["namespace"].as_str().unwrap_or_default();
+        let name = last["metadata"]["name"].as_str().unwrap_or_default();
+        meta["continue"] = json!(format!("{n}/{name}"));
+        meta["remainingItemCount"] = json!(remaining);
     }
     Ok((
         StatusCode::OK,

@@ -136,6 +136,42 @@ impl Store {
             .collect()
     }
 
+    /// One page of matching objects after the key `after` (namespace, name), up to `limit` of them,
+    /// and how many more match after the page. Only the page is cloned and the scan starts after the
+    /// key, so paging through a large list stays linear, and objects added or removed meanwhile never
+    /// shift the pages (keyset pagination).
+    pub fn list_page(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        matches: impl Fn(&Value) -> bool,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> (Vec<Value>, usize) {
+        use std::ops::Bound;
+        let lower = match after {
+            Some((n, name)) => Bound::Excluded((r.plural, n, name)),
+            None => Bound::Included((r.plural, String::new(), String::new())),
+        };
+        let mut page = Vec::new();
+        let mut remaining = 0;
+        let iter = self
+            .objects
+            .range((lower, Bound::Unbounded))
+            .take_while(|((p, _, _), _)| *p == r.plural)
+            .filter(|((_, n, _), _)| ns.is_none_or(|ns| n == ns))
+            .map(|(_, v)| v)
+            .filter(|v| matches(v));
+        for v in iter {
+            if page.len() < limit {
+                page.push(v.clone());
+            } else {
+                remaining += 1;
+            }
+        }
+        (page, remaining)
+    }
+
     /// Create; fills uid, creationTimestamp, resourceVersion, namespace and generateName.
     pub fn create(&mut self, r: &Resource, ns: &str, mut object: Value) -> Result<Value, ApiError> {
         if !object.is_object() {
