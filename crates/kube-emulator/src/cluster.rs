@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::resources::{Resource, find};
+use crate::selectors::expression_holds;
 use crate::server::Shared;
 use crate::status::ApiError;
 
@@ -183,24 +184,7 @@ fn node_admits(pod: &Value, node: &Value) -> bool {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .all(|e| {
-                        let got = labels
-                            .get(e["key"].as_str().unwrap_or_default())
-                            .and_then(Value::as_str);
-                        let values: Vec<&str> = e["values"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(Value::as_str)
-                            .collect();
-                        match e["operator"].as_str().unwrap_or_default() {
-                            "In" => got.is_some_and(|g| values.contains(&g)),
-                            "NotIn" => got.is_none_or(|g| !values.contains(&g)),
-                            "Exists" => got.is_some(),
-                            "DoesNotExist" => got.is_none(),
-                            _ => false,
-                        }
-                    })
+                    .all(|e| expression_holds(e, labels))
             })
     });
     let taints_ok = node["spec"]["taints"].as_array().into_iter().flatten().all(|t| {

@@ -121,3 +121,24 @@ impl FieldSelector {
         })
     }
 }
+
+/// Whether one `matchExpressions` entry (`{key, operator, values}`: `In`, `NotIn`, `Exists`,
+/// `DoesNotExist`) holds for a `labels` object. Used by node affinity and PDB selectors alike.
+pub fn expression_holds(expr: &Value, labels: &Value) -> bool {
+    let got = labels
+        .get(expr["key"].as_str().unwrap_or_default())
+        .and_then(Value::as_str);
+    let values: Vec<&str> = expr["values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    match expr["operator"].as_str().unwrap_or_default() {
+        "In" => got.is_some_and(|g| values.contains(&g)),
+        "NotIn" => got.is_none_or(|g| !values.contains(&g)),
+        "Exists" => got.is_some(),
+        "DoesNotExist" => got.is_none(),
+        _ => false,
+    }
+}

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::resources::{RESOURCES, Resource, find};
-use crate::selectors::{FieldSelector, LabelSelector};
+use crate::selectors::{FieldSelector, LabelSelector, expression_holds};
 use crate::status::ApiError;
 use crate::store::{Change, Event, Store};
 
@@ -469,23 +469,9 @@ fn pdb_selects(pdb: &Value, pod: &Value) -> bool {
     let by_labels = sel["matchLabels"]
         .as_object()
         .is_none_or(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)));
-    let by_expr = sel["matchExpressions"].as_array().is_none_or(|exprs| {
-        exprs.iter().all(|e| {
-            let key = e["key"].as_str().unwrap_or_default();
-            let values: Vec<&str> = e["values"]
-                .as_array()
-                .map(|v| v.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            let got = labels.get(key).and_then(Value::as_str);
-            match e["operator"].as_str().unwrap_or_default() {
-                "In" => got.is_some_and(|g| values.contains(&g)),
-                "NotIn" => got.is_none_or(|g| !values.contains(&g)),
-                "Exists" => got.is_some(),
-                "DoesNotExist" => got.is_none(),
-                _ => false,
-            }
-        })
-    });
+    let by_expr = sel["matchExpressions"]
+        .as_array()
+        .is_none_or(|exprs| exprs.iter().all(|e| expression_holds(e, labels)));
     // An empty selector selects every pod in the namespace (policy/v1).
     !sel.is_null() && by_labels && by_expr
 }

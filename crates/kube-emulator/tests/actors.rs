@@ -94,6 +94,28 @@ async fn eventually<F: Fn() -> Fut, Fut: std::future::Future<Output = bool>>(wha
     }
 }
 
+async fn set_mig_config(nodes: &Api<Node>, node: &str, config: &str) {
+    let patch = json!({"metadata": {"labels": {"nvidia.com/mig.config": config}}});
+    nodes
+        .patch(node, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+}
+
+async fn wait_state(nodes: &Api<Node>, node: &str, state: &str) {
+    eventually(&format!("{node} mig.config.state={state}"), || async {
+        nodes
+            .get(node)
+            .await
+            .unwrap()
+            .labels()
+            .get("nvidia.com/mig.config.state")
+            .map(String::as_str)
+            == Some(state)
+    })
+    .await;
+}
+
 async fn node_of(pods: &Api<Pod>, name: &str) -> Option<String> {
     pods.get(name).await.ok()?.spec?.node_name
 }
@@ -140,78 +162,17 @@ async fn a_pod_waits_for_its_profile_and_binds_after_mig_manager_reconfigures() 
     assert_eq!(big.status.unwrap().phase.as_deref(), Some("Pending"));
 
     // A changed GPU still in use: mig-manager fails and changes nothing.
-    nodes
-        .patch(
-            "n1",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"nvidia.com/mig.config": "all-3g.40gb"}}})),
-        )
-        .await
-        .unwrap();
-    eventually("state failed", || async {
-        nodes
-            .get("n1")
-            .await
-            .unwrap()
-            .labels()
-            .get("nvidia.com/mig.config.state")
-            .map(String::as_str)
-            == Some("failed")
-    })
-    .await;
+    set_mig_config(&nodes, "n1", "all-3g.40gb").await;
+    wait_state(&nodes, "n1", "failed").await;
     assert_eq!(cluster.gpus("n1")[0].layout.len(), 7);
 
     // Free the GPU, ask again: pending, then success, then the 3g pod binds.
     pods.delete("small", &DeleteParams::default()).await.unwrap();
-    nodes
-        .patch(
-            "n1",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"nvidia.com/mig.config": "all-1g.10gb"}}})),
-        )
-        .await
-        .unwrap();
-    eventually("back to success", || async {
-        nodes
-            .get("n1")
-            .await
-            .unwrap()
-            .labels()
-            .get("nvidia.com/mig.config.state")
-            .map(String::as_str)
-            == Some("success")
-    })
-    .await;
-    nodes
-        .patch(
-            "n1",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"nvidia.com/mig.config": "all-3g.40gb"}}})),
-        )
-        .await
-        .unwrap();
-    eventually("pending", || async {
-        nodes
-            .get("n1")
-            .await
-            .unwrap()
-            .labels()
-            .get("nvidia.com/mig.config.state")
-            .map(String::as_str)
-            == Some("pending")
-    })
-    .await;
-    eventually("success", || async {
-        nodes
-            .get("n1")
-            .await
-            .unwrap()
-            .labels()
-            .get("nvidia.com/mig.config.state")
-            .map(String::as_str)
-            == Some("success")
-    })
-    .await;
+    set_mig_config(&nodes, "n1", "all-1g.10gb").await;
+    wait_state(&nodes, "n1", "success").await;
+    set_mig_config(&nodes, "n1", "all-3g.40gb").await;
+    wait_state(&nodes, "n1", "pending").await;
+    wait_state(&nodes, "n1", "success").await;
     let gpu = &cluster.gpus("n1")[0];
     assert_eq!(gpu.model.format_layout(&gpu.layout), "3g.40gb@0,3g.40gb@4");
     eventually("big binds", || async {
