@@ -136,25 +136,24 @@ impl Store {
             .collect()
     }
 
-    /// One page of matching objects after the key `after` (namespace, name), up to `limit` of them,
-    /// and how many more match after the page. Only the page is cloned and the scan starts after the
-    /// key, so paging through a large list stays linear, and objects added or removed meanwhile never
-    /// shift the pages (keyset pagination).
-    pub fn list_page(
+    /// Visit one page of matching objects after the key `after` (namespace, name), up to `limit` of
+    /// them, without cloning; returns whether more match after the page. The scan starts after the key
+    /// and stops at the first match past the page, so paging through a large list stays linear, and
+    /// objects added or removed meanwhile never shift the pages (keyset pagination).
+    pub fn visit_page(
         &self,
         r: &Resource,
         ns: Option<&str>,
         matches: impl Fn(&Value) -> bool,
         after: Option<(String, String)>,
         limit: usize,
-    ) -> (Vec<Value>, usize) {
+        mut visit: impl FnMut(&Value),
+    ) -> bool {
         use std::ops::Bound;
         let lower = match after {
             Some((n, name)) => Bound::Excluded((r.plural, n, name)),
             None => Bound::Included((r.plural, String::new(), String::new())),
         };
-        let mut page = Vec::new();
-        let mut remaining = 0;
         let iter = self
             .objects
             .range((lower, Bound::Unbounded))
@@ -162,14 +161,13 @@ impl Store {
             .filter(|((_, n, _), _)| ns.is_none_or(|ns| n == ns))
             .map(|(_, v)| v)
             .filter(|v| matches(v));
-        for v in iter {
-            if page.len() < limit {
-                page.push(v.clone());
-            } else {
-                remaining += 1;
+        for (sent, v) in iter.enumerate() {
+            if sent == limit {
+                return true;
             }
+            visit(v);
         }
-        (page, remaining)
+        false
     }
 
     /// Create; fills uid, creationTimestamp, resourceVersion, namespace and generateName.
