@@ -93,6 +93,7 @@ pub struct Cluster {
     nodes: Mutex<BTreeMap<String, NodeState>>,
     config_map: (String, String),
     delay: Duration,
+    fail_applies: Mutex<u32>,
 }
 
 fn res(group: &str, version: &str, plural: &str) -> &'static Resource {
@@ -236,7 +237,9 @@ impl Cluster {
             nodes: Mutex::new(nodes),
             config_map: (ns.to_string(), name.to_string()),
             delay: Duration::from_millis(spec.mig_manager_delay_ms),
+            fail_applies: Mutex::new(0),
         });
+        cluster.state.set_kubelets(true);
         {
             let mut store = cluster.state.store();
             for n in &spec.nodes {
@@ -285,6 +288,46 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    fn take_injected_failure(&self) -> bool {
+        let mut f = self.fail_applies.lock().unwrap_or_else(|e| e.into_inner());
+        if *f > 0 {
+            *f -= 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Make mig-manager's next `n` applies fail (state `failed`), as a broken driver or a held GPU would.
+    pub fn fail_next_applies(&self, n: u32) {
+        *self.fail_applies.lock().unwrap_or_else(|e| e.into_inner()) = n;
+    }
+
+    /// Reboot a node: its pods die, its GPUs lose every instance, and mig-manager applies the
+    /// node's `nvidia.com/mig.config` again (pending, then success).
+    pub fn reboot(&self, node: &str) {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(n) = nodes.get_mut(node) else { return };
+        for g in &mut n.gpus {
+            g.layout = Layout::empty();
+            g.used.clear();
+        }
+        n.applied = None;
+        n.pending_since = None;
+        let mut store = self.state.store();
+        let pods_r = res("", "v1", "pods");
+        for p in store.list(pods_r, None) {
+            if p["spec"]["nodeName"].as_str() == Some(node) {
+                let ns = p["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let name = p["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                let _ = store.delete(pods_r, &ns, &name);
+            }
+        }
+    }
+
     /// One round of every actor.
     pub fn step(&self) {
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
@@ -292,6 +335,21 @@ impl Cluster {
         let pods_r = res("", "v1", "pods");
         let nodes_r = res("", "v1", "nodes");
 
+        // Kubelet: terminating pods go when their grace period is over.
+        let now = jiff::Timestamp::now();
+        for p in store.list(pods_r, None) {
+            let due = p["metadata"]["deletionTimestamp"]
+                .as_str()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+            if due.is_some_and(|d| d <= now) {
+                let ns = p["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let name = p["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                let _ = store.delete(pods_r, &ns, &name);
+            }
+        }
         // Kubelet: instances of pods that are gone are free again.
         let live: std::collections::BTreeSet<String> = store
             .list(pods_r, None)
@@ -355,6 +413,7 @@ impl Cluster {
                     self.config_map.0, self.config_map.1
                 )),
                 Some(Err(e)) => Err(e.to_string()),
+                Some(Ok(_)) if self.take_injected_failure() => Err("injected failure".to_string()),
                 Some(Ok(cfg)) => apply(cfg, &wanted, &mut n.gpus),
             };
             let state = if outcome.is_ok() { "success" } else { "failed" };

@@ -60,6 +60,7 @@ pub struct Shared {
     config: Config,
     dice: AtomicU64,
     lists: AtomicU64,
+    kubelets: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -71,6 +72,7 @@ impl Shared {
             config,
             dice: AtomicU64::new(0x2545_F491_4F6C_DD1D),
             lists: AtomicU64::new(0),
+            kubelets: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -82,6 +84,12 @@ impl Shared {
     /// How many list requests were served (a watcher relists after 410 or a failed watch).
     pub fn list_requests(&self) -> u64 {
         self.lists.load(Ordering::Relaxed)
+    }
+
+    /// Whether kubelets run (the cluster actors): then deleting a pod with a grace period marks it
+    /// terminating and its kubelet removes it when the grace period is over; without them pods go at once.
+    pub fn set_kubelets(&self, on: bool) {
+        self.kubelets.store(on, Ordering::Relaxed);
     }
 
     /// Replace the faults.
@@ -328,11 +336,15 @@ async fn dispatch(
                 .map(|v| (StatusCode::OK, v))
         }),
         (&Method::PATCH, Some(name), _) => patch(&state, &target, name, &headers, &body),
-        (&Method::DELETE, Some(name), None) => state
-            .store()
-            .delete(target.resource, ns(&target), name)
-            .map(|v| (StatusCode::OK, v)),
-        (&Method::POST, Some(name), Some(sub)) if sub == "eviction" => evict(&state, &target, name),
+        (&Method::DELETE, Some(name), None) => {
+            // DeleteOptions may come as a body or as a query parameter.
+            let body_grace = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|b| b["gracePeriodSeconds"].as_i64());
+            let grace = body_grace.or_else(|| query.get("gracePeriodSeconds").and_then(|g| g.parse().ok()));
+            delete_object(&state, &mut state.store(), &target, name, grace).map(|v| (StatusCode::OK, v))
+        }
+        (&Method::POST, Some(name), Some(sub)) if sub == "eviction" => evict(&state, &target, name, &body),
         (&Method::POST, Some(name), Some(sub)) if sub == "binding" => bind(&state, &target, name, &body),
         _ => Err(ApiError::method_not_allowed()),
     };
@@ -492,8 +504,37 @@ fn pdb_selects(pdb: &Value, pod: &Value) -> bool {
     !sel.is_null() && by_labels && by_expr
 }
 
+/// Delete, or for a pod with a grace period while kubelets run, mark it terminating:
+/// `deletionTimestamp` = now + grace (as the real server does); the kubelet removes it then.
+fn delete_object(
+    state: &Shared,
+    store: &mut Store,
+    t: &Target,
+    name: &str,
+    grace: Option<i64>,
+) -> Result<Value, ApiError> {
+    if t.resource.plural == "pods" && t.resource.group.is_empty() && state.kubelets.load(Ordering::Relaxed) {
+        let mut pod = store.get(t.resource, ns(t), name)?;
+        if !pod["metadata"]["deletionTimestamp"].is_null() {
+            return Ok(pod);
+        }
+        let grace = grace
+            .or_else(|| pod["spec"]["terminationGracePeriodSeconds"].as_i64())
+            .unwrap_or(30);
+        if grace > 0 {
+            pod["metadata"]["deletionTimestamp"] = json!(crate::store::in_seconds(grace));
+            pod["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+            return store.replace(t.resource, ns(t), name, pod);
+        }
+    }
+    store.delete(t.resource, ns(t), name)
+}
+
 /// POST pods/{name}/eviction: honour PodDisruptionBudgets like the real server.
-fn evict(state: &Shared, t: &Target, name: &str) -> Result<(StatusCode, Value), ApiError> {
+fn evict(state: &Shared, t: &Target, name: &str, body: &Bytes) -> Result<(StatusCode, Value), ApiError> {
+    let grace = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|b| b["deleteOptions"]["gracePeriodSeconds"].as_i64());
     let mut store = state.store();
     let pod = store.get(t.resource, ns(t), name)?;
     let pdb_resource =
@@ -523,7 +564,7 @@ fn evict(state: &Shared, t: &Target, name: &str) -> Result<(StatusCode, Value), 
         let pdb_name = pdb["metadata"]["name"].as_str().unwrap_or_default().to_string();
         store.replace(pdb_resource, ns(t), &pdb_name, updated)?;
     }
-    store.delete(t.resource, ns(t), name)?;
+    delete_object(state, &mut store, t, name, grace)?;
     Ok((
         StatusCode::CREATED,
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),

@@ -57,10 +57,15 @@ pub struct Store {
     events: broadcast::Sender<Event>,
 }
 
-fn now() -> String {
-    // Second precision, as the API server writes metav1.Time.
-    jiff::Timestamp::now()
-        .round(jiff::Unit::Second)
+/// Now, as metav1.Time (second precision).
+pub fn now() -> String {
+    in_seconds(0)
+}
+
+/// Now plus `secs` seconds, as metav1.Time (second precision, as the API server writes it).
+pub fn in_seconds(secs: i64) -> String {
+    let t = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(secs);
+    t.round(jiff::Unit::Second)
         .map(|t| t.to_string())
         .unwrap_or_default()
 }

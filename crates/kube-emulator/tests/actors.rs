@@ -167,7 +167,20 @@ async fn a_pod_waits_for_its_profile_and_binds_after_mig_manager_reconfigures() 
     assert_eq!(cluster.gpus("n1")[0].layout.len(), 7);
 
     // Free the GPU, ask again: pending, then success, then the 3g pod binds.
-    pods.delete("small", &DeleteParams::default()).await.unwrap();
+    // Deleting with a grace period leaves the pod terminating, holding its instance, until the kubelet
+    // removes it.
+    pods.delete("small", &DeleteParams::default().grace_period(1))
+        .await
+        .unwrap();
+    assert!(
+        pods.get("small")
+            .await
+            .unwrap()
+            .metadata
+            .deletion_timestamp
+            .is_some()
+    );
+    eventually("small is gone", || async { pods.get("small").await.is_err() }).await;
     set_mig_config(&nodes, "n1", "all-1g.10gb").await;
     wait_state(&nodes, "n1", "success").await;
     set_mig_config(&nodes, "n1", "all-3g.40gb").await;
@@ -249,6 +262,86 @@ async fn the_scheduler_honours_selectors_taints_and_capacity() {
     eventually("x1 binds", || async { node_of(&pods, "x1").await.is_some() }).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(node_of(&pods, "x2").await, None, "no 3g.40gb left on b");
+    actors.abort();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn eviction_grace_injected_failures_and_reboots() {
+    let (server, cluster, actors, client) = start(vec![a100_node(
+        "n1",
+        "3g.40gb@0,3g.40gb@4",
+        &[("nvidia.com/mig.config", "all-3g.40gb")],
+    )])
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "ml");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut graceful = mig_pod("graceful", "3g.40gb", json!({"terminationGracePeriodSeconds": 1}));
+    graceful.metadata.labels = Some([("app".to_string(), "x".to_string())].into_iter().collect());
+    pods.create(&PostParams::default(), &graceful).await.unwrap();
+    pods.create(&PostParams::default(), &mig_pod("other", "3g.40gb", json!({})))
+        .await
+        .unwrap();
+    eventually("both bound", || async {
+        node_of(&pods, "graceful").await.is_some() && node_of(&pods, "other").await.is_some()
+    })
+    .await;
+    pods.create(&PostParams::default(), &mig_pod("third", "3g.40gb", json!({})))
+        .await
+        .unwrap();
+
+    // Evicted with a grace period: terminating, still holding its instance, then gone; then "third" binds.
+    pods.evict("graceful", &kube::api::EvictParams::default())
+        .await
+        .unwrap();
+    let p = pods.get("graceful").await.unwrap();
+    assert!(p.metadata.deletion_timestamp.is_some());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        node_of(&pods, "third").await,
+        None,
+        "the instance is held until the pod is gone"
+    );
+    eventually("graceful gone", || async { pods.get("graceful").await.is_err() }).await;
+    eventually("third binds", || async {
+        node_of(&pods, "third").await.is_some()
+    })
+    .await;
+
+    // An injected mig-manager failure is visible as state=failed; the next change succeeds.
+    pods.delete("other", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    pods.delete("third", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    cluster.fail_next_applies(1);
+    set_mig_config(&nodes, "n1", "all-1g.10gb").await;
+    wait_state(&nodes, "n1", "failed").await;
+    assert_eq!(
+        cluster.gpus("n1")[0].layout.len(),
+        2,
+        "a failed apply changes nothing"
+    );
+    set_mig_config(&nodes, "n1", "all-3g.40gb").await;
+    wait_state(&nodes, "n1", "success").await;
+
+    // A reboot loses every instance and kills the node's pods; mig-manager applies the config again.
+    pods.create(&PostParams::default(), &mig_pod("victim", "3g.40gb", json!({})))
+        .await
+        .unwrap();
+    eventually("victim bound", || async {
+        node_of(&pods, "victim").await.is_some()
+    })
+    .await;
+    cluster.reboot("n1");
+    assert!(pods.get("victim").await.is_err());
+    assert!(cluster.gpus("n1")[0].layout.is_empty());
+    eventually("layout restored", || async {
+        cluster.gpus("n1")[0].layout.len() == 2
+    })
+    .await;
+    wait_state(&nodes, "n1", "success").await;
     actors.abort();
     server.stop().await;
 }
