@@ -314,18 +314,9 @@ impl Cluster {
         }
         n.applied = None;
         n.pending_since = None;
-        let mut store = self.state.store();
-        let pods_r = res("", "v1", "pods");
-        for p in store.list(pods_r, None) {
-            if p["spec"]["nodeName"].as_str() == Some(node) {
-                let ns = p["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let name = p["metadata"]["name"].as_str().unwrap_or_default().to_string();
-                let _ = store.delete(pods_r, &ns, &name);
-            }
-        }
+        delete_pods_where(&mut self.state.store(), |p| {
+            p["spec"]["nodeName"].as_str() == Some(node)
+        });
     }
 
     /// One round of every actor.
@@ -337,29 +328,19 @@ impl Cluster {
 
         // Kubelet: terminating pods go when their grace period is over.
         let now = jiff::Timestamp::now();
-        for p in store.list(pods_r, None) {
+        delete_pods_where(&mut store, |p| {
             let due = p["metadata"]["deletionTimestamp"]
                 .as_str()
                 .and_then(|t| t.parse::<jiff::Timestamp>().ok());
-            if due.is_some_and(|d| d <= now) {
-                let ns = p["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let name = p["metadata"]["name"].as_str().unwrap_or_default().to_string();
-                let _ = store.delete(pods_r, &ns, &name);
-            }
-        }
+            due.is_some_and(|d| d <= now)
+        });
         // Kubelet: instances of pods that are gone are free again.
         let live: std::collections::BTreeSet<String> = store
             .list(pods_r, None)
             .iter()
             .map(|p| {
-                format!(
-                    "{}/{}",
-                    p["metadata"]["namespace"].as_str().unwrap_or_default(),
-                    p["metadata"]["name"].as_str().unwrap_or_default()
-                )
+                let (ns, name) = ns_name(p);
+                format!("{ns}/{name}")
             })
             .collect();
         for n in nodes.values_mut() {
@@ -478,11 +459,7 @@ impl Cluster {
             key(a).cmp(&key(b))
         });
         for pod in pending {
-            let ns = pod["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let (ns, pod_name) = ns_name(&pod);
             let key = format!("{ns}/{pod_name}");
             let requests = pod_requests(&pod);
             let mig: Vec<(String, u64)> = requests
@@ -545,6 +522,23 @@ impl Cluster {
                 waiting["status"]["phase"] = json!("Pending");
                 let _ = store.replace(pods_r, &ns, &pod_name, waiting);
             }
+        }
+    }
+}
+
+/// `(namespace, name)` of an object.
+fn ns_name(o: &Value) -> (String, String) {
+    let field = |k: &str| o["metadata"][k].as_str().unwrap_or_default().to_string();
+    (field("namespace"), field("name"))
+}
+
+/// Delete every pod for which `doomed` holds.
+fn delete_pods_where(store: &mut crate::store::Store, doomed: impl Fn(&Value) -> bool) {
+    let pods_r = res("", "v1", "pods");
+    for p in store.list(pods_r, None) {
+        if doomed(&p) {
+            let (ns, name) = ns_name(&p);
+            let _ = store.delete(pods_r, &ns, &name);
         }
     }
 }
