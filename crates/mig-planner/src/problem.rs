@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use mig_catalog::{Catalog, Counts, GpuModel, Instance, Layout, ProfileIdx};
 
 use crate::plan::Warning;
-use crate::snapshot::{Backend, DrainPolicy, LabelExpression, Node, PendingPod, Policy, Snapshot};
+use crate::snapshot::{
+    Backend, DrainPolicy, GpuInstance, LabelExpression, Node, PendingPod, Policy, Snapshot,
+};
 use crate::weights;
 
 /// Taints with this prefix are ours and temporary: they do not make a node ineligible.
@@ -134,6 +136,14 @@ fn label_expression_holds(e: &LabelExpression, labels: &BTreeMap<String, String>
         }
         _ => false,
     }
+}
+
+/// The instances a running pod (`namespace/name`) holds on a node.
+fn pod_instances<'a>(node: &'a Node, pod: &'a str) -> impl Iterator<Item = &'a GpuInstance> + 'a {
+    node.gpus
+        .iter()
+        .flat_map(|g| &g.instances)
+        .filter(move |i| i.pods.iter().any(|x| x == pod))
 }
 
 /// Why a pod may not run on a node, or `None` if it may (selectors, affinity, taints).
@@ -398,11 +408,7 @@ impl<'c> Problem<'c> {
                         }
                         if drain == DrainPolicy::IdleOrLowPriority {
                             let low = r.is_some_and(|r| r.priority < policy.low_priority_below);
-                            let idle = snapshot.nodes[gs.node]
-                                .gpus
-                                .iter()
-                                .flat_map(|x| &x.instances)
-                                .filter(|i| i.pods.contains(p))
+                            let idle = pod_instances(&snapshot.nodes[gs.node], p)
                                 .all(|i| i.utilization.is_some_and(|u| u <= policy.idle_utilization));
                             if !low && !idle {
                                 return Some(format!(
@@ -421,11 +427,7 @@ impl<'c> Problem<'c> {
                             .pods
                             .iter()
                             .map(|p| {
-                                snapshot.nodes[gs.node]
-                                    .gpus
-                                    .iter()
-                                    .flat_map(|x| &x.instances)
-                                    .filter(|i| i.pods.contains(p))
+                                pod_instances(&snapshot.nodes[gs.node], p)
                                     .filter_map(|i| i.utilization)
                                     .fold(0.0, f64::max)
                             })
@@ -552,16 +554,9 @@ impl<'c> Problem<'c> {
             }
             for p in &g.pods {
                 let mut counts: BTreeMap<usize, u16> = BTreeMap::new();
-                for inst in &snapshot.nodes[g.node]
-                    .gpus
-                    .iter()
-                    .find(|x| x.index == g.index)
-                    .map(|x| x.instances.clone())
-                    .unwrap_or_default()
-                {
-                    if inst.pods.contains(p)
-                        && let Ok(q) = profiles.binary_search(&inst.profile)
-                    {
+                // A drainable GPU's pods hold instances on that GPU only, so the node's are its.
+                for inst in pod_instances(&snapshot.nodes[g.node], p) {
+                    if let Ok(q) = profiles.binary_search(&inst.profile) {
                         *counts.entry(q).or_default() += 1;
                     }
                 }
