@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod catalog_cmd;
+mod controller_cmd;
 mod emulator_cmd;
 mod plan_cmd;
 
@@ -23,6 +24,9 @@ enum Command {
         #[command(subcommand)]
         command: catalog_cmd::CatalogCommand,
     },
+    /// Run the controller: watch the cluster, plan in batches, serve the plan API and metrics, and
+    /// (mode auto) grant reconfigurations to node agents under disruption budgets.
+    Controller(controller_cmd::ControllerArgs),
     /// Serve an in-process Kubernetes API with a default MIG fleet (test equipment, for kubectl and clients).
     Emulator(emulator_cmd::EmulatorArgs),
     /// Plan target MIG layouts for a cluster snapshot (dry run: reads a file, touches nothing).
@@ -35,6 +39,7 @@ fn main() -> ExitCode {
         Command::Catalog { command } => catalog_cmd::run(command),
         Command::Plan(args) => plan_cmd::run(args),
         Command::Emulator(args) => emulator_cmd::run(args),
+        Command::Controller(args) => controller_cmd::run(args),
     };
     match result {
         Ok(code) => code,

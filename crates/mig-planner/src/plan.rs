@@ -119,7 +119,7 @@ pub struct PodPlan {
 
 /// A pod's outcome.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "status", rename_all = "camelCase")]
+#[serde(tag = "status", rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum PodOutcome {
     /// It fits.
     Fits {
@@ -216,6 +216,7 @@ pub enum Action {
     /// Check actual == target for every GPU.
     Verify {
         /// GPU index → target layout.
+        #[serde(deserialize_with = "u32_keys")]
         targets: BTreeMap<u32, String>,
     },
     /// Remove our taint.
@@ -223,6 +224,19 @@ pub enum Action {
         /// Taint key.
         key: String,
     },
+}
+
+/// A map with GPU-index keys. JSON keys are strings, and serde's internally tagged enums cannot turn
+/// them back into integers by themselves.
+fn u32_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, String>, D::Error> {
+    let raw = BTreeMap::<String, String>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            k.parse()
+                .map(|k| (k, v))
+                .map_err(|_| serde::de::Error::custom(format!("GPU index {k:?} is not a number")))
+        })
+        .collect()
 }
 
 /// Disruption totals.

@@ -115,6 +115,7 @@ pub(crate) struct NodeInfo {
     pub name: String,
     pub managed: bool,
     pub schedulable: bool,
+    pub frozen: bool,
     pub gpus: Vec<usize>,
 }
 
@@ -214,6 +215,7 @@ impl<'c> Problem<'c> {
                 name: node.name.clone(),
                 managed,
                 schedulable: node.schedulable,
+                frozen: node.frozen,
                 gpus: Vec::new(),
             };
             for (gi, gpu) in node.gpus.iter().enumerate() {
@@ -323,7 +325,7 @@ impl<'c> Problem<'c> {
             let gs = &gpus[g];
             let model = gs.model;
             let node = &nodes[gs.node];
-            let changeable = node.managed && node.schedulable;
+            let changeable = node.managed && node.schedulable && !node.frozen;
             let busy_counts = model.counts(&gs.busy);
             let to_free = |counts: &Counts, kept: &Counts| -> Vec<u16> {
                 let mut free = vec![0u16; profiles.len()];
@@ -485,7 +487,7 @@ impl<'c> Problem<'c> {
                         .iter()
                         .filter(|(k, _)| relevant.contains(k.as_str()))
                         .collect();
-                    format!("{labels:?}|{taints:?}|{}", node.schedulable)
+                    format!("{labels:?}|{taints:?}|{}|{}", node.schedulable, node.frozen)
                 };
                 let gi = *by_sig.entry(sig).or_insert_with(|| {
                     groups.push(Group { nodes: Vec::new() });

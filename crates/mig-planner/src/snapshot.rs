@@ -44,6 +44,10 @@ pub struct Node {
     /// False when cordoned (`spec.unschedulable`).
     #[serde(default = "yes")]
     pub schedulable: bool,
+    /// True while a reconfiguration is in flight: the GPUs are given at their target layouts, pods
+    /// may be placed on them, but the planner changes nothing on this node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub frozen: bool,
     /// The node's GPUs.
     #[serde(default)]
     pub gpus: Vec<Gpu>,

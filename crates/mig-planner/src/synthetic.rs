@@ -115,6 +115,7 @@ pub fn fleet(spec: &FleetSpec) -> Snapshot {
             labels,
             taints: Vec::new(),
             schedulable: true,
+            frozen: false,
             gpus,
         });
     }

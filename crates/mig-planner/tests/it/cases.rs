@@ -369,3 +369,49 @@ fn malformed_snapshots_name_the_json_path() {
     let err = Policy::from_json(r#"{"drain": "sometimes"}"#).unwrap_err();
     assert_eq!(err.path, "$.drain");
 }
+
+#[test]
+fn a_frozen_node_is_never_changed_but_takes_pods_on_its_target() {
+    // Node `busy-change` is mid-reconfiguration to one 7g; node `idle` could be changed instead.
+    let mut frozen = node("frozen", &[], vec![gpu(0, H100, &[("7g.80gb", 0, None)])]);
+    frozen.frozen = true;
+    let s = Snapshot {
+        nodes: vec![
+            frozen,
+            node("idle", &[], vec![gpu(0, H100, &[("1g.10gb", 0, None)])]),
+        ],
+        pending_pods: vec![
+            pending("big", 0, &[("7g.80gb", 1)]),
+            pending("mid", 0, &[("3g.40gb", 1)]),
+        ],
+        ..Default::default()
+    };
+    let plan = run(&s, &Policy::default());
+    assert_eq!(fits_on(&plan, "big"), "frozen");
+    assert_eq!(fits_on(&plan, "mid"), "idle");
+    let f = plan.gpus.iter().find(|g| g.node == "frozen").unwrap();
+    assert!(!f.changed, "{}", plan.render_table());
+
+    // A frozen node whose target does not serve the pod is still not changed for it.
+    let mut frozen = node("frozen", &[], vec![gpu(0, H100, &[("1g.10gb", 0, None)])]);
+    frozen.frozen = true;
+    let s = Snapshot {
+        nodes: vec![frozen],
+        pending_pods: vec![pending("big", 0, &[("7g.80gb", 1)])],
+        ..Default::default()
+    };
+    let plan = run(&s, &Policy::default());
+    waits(&plan, "big");
+    assert!(plan.nodes.is_empty());
+}
+
+#[test]
+fn a_plan_reads_back_from_its_json() {
+    let s = Snapshot::from_json(include_str!("../../../../docs/examples/snapshot-small.json")).unwrap();
+    let plan = run(&s, &s.policy);
+    assert!(!plan.nodes.is_empty(), "the example changes a node");
+    let json = serde_json::to_string(&plan).unwrap();
+    assert!(json.contains("\"needsRepartition\""), "fields are camelCase");
+    let back: Plan = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, plan);
+}

@@ -54,6 +54,7 @@ pub fn node(name: &str, labels: &[(&str, &str)], gpus: Vec<Gpu>) -> Node {
             .collect(),
         taints: Vec::new(),
         schedulable: true,
+        frozen: false,
         gpus,
     }
 }

@@ -1,0 +1,150 @@
+//! `mig-autoscaler controller`: run the cluster-level controller until SIGTERM or Ctrl-C.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use mig_controller::{Mode, Settings};
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line (the cluster default).
+    Json,
+}
+
+/// Arguments of `controller`. Flags override the settings file; environment variables (in
+/// brackets) override defaults the same way flags do.
+#[derive(Args)]
+pub struct ControllerArgs {
+    /// Kubeconfig to use; default: in-cluster service account, else ~/.kube/config.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Settings file (YAML or JSON; see docs/controller.md). Unknown keys are errors.
+    #[arg(long, env = "MIG_AUTOSCALER_CONFIG")]
+    config: Option<PathBuf>,
+    /// `dry-run` (plan, explain, never write to nodes) or `auto` (also grant reconfigurations).
+    #[arg(long, env = "MIG_AUTOSCALER_MODE")]
+    mode: Option<Mode>,
+    /// Listen address for the API, metrics and probes.
+    #[arg(long, env = "MIG_AUTOSCALER_LISTEN")]
+    listen: Option<String>,
+    /// This replica's identity in the leader lease and Events (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Namespace of the leader lease (the controller's own).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, value_enum, default_value = "plain", env = "MIG_AUTOSCALER_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Print the effective settings as YAML and exit.
+    #[arg(long)]
+    print_settings: bool,
+}
+
+/// Settings from the file, then flags and environment.
+fn settings(args: &ControllerArgs) -> Result<Settings> {
+    let mut s = match &args.config {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            Settings::from_yaml(&text).with_context(|| format!("settings file {}", path.display()))?
+        }
+        None => Settings::default(),
+    };
+    if let Some(m) = args.mode {
+        s.mode = m;
+    }
+    if let Some(l) = &args.listen {
+        s.http.listen = l.clone();
+    }
+    if let Some(ns) = &args.lease_namespace {
+        s.lease.namespace = ns.clone();
+    }
+    s.validate()?;
+    Ok(s)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+async fn client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig given and none found (in-cluster or ~/.kube/config)")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Run until the first SIGTERM/Ctrl-C (graceful: lease released); a second one exits at once.
+pub fn run(args: ControllerArgs) -> Result<ExitCode> {
+    let settings = settings(&args)?;
+    if args.print_settings {
+        print!("{}", serde_yaml::to_string(&settings)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    init_logging(args.log_format);
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        std::env::var("HOSTNAME").unwrap_or_else(|_| format!("mig-autoscaler-{}", std::process::id()))
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let client = client(args.kubeconfig.as_ref()).await?;
+        let running = mig_controller::start(client, settings.clone(), identity.clone()).await?;
+        tracing::info!(addr = %running.addr, mode = settings.mode.as_str(), identity, "controller started");
+        eprintln!(
+            "mig-autoscaler controller ({}) serving http://{}/api/v1/plan",
+            settings.mode.as_str(),
+            running.addr
+        );
+        shutdown_signal().await;
+        tracing::info!("shutting down: releasing the lease; a second signal exits at once");
+        tokio::select! {
+            _ = running.stop() => {}
+            _ = shutdown_signal() => {}
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,165 @@
+//! `mig-autoscaler controller` as a process: settings errors, and a run against `mig-autoscaler
+//! emulator` that becomes ready, serves a plan, and exits cleanly on SIGTERM.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on unexpected input.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mig-autoscaler");
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mig-autoscaler-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split(' ').nth(1)?.parse().ok()?;
+    Some((status, out))
+}
+
+#[test]
+fn bad_settings_are_refused_with_their_path() {
+    let d = dir("bad-settings");
+    let f = d.join("settings.yaml");
+    std::fs::write(&f, "mode: auto\nbudgets:\n  maxNodesReconfiguring: 150%\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["controller", "--config"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("budgets.maxNodesReconfiguring"), "{err}");
+
+    let out = Command::new(BIN)
+        .args(["controller", "--mode", "sometimes", "--print-settings"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use dry-run or auto"));
+
+    let out = Command::new(BIN)
+        .args(["controller", "--mode", "auto", "--print-settings"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("mode: auto"), "{text}");
+    assert!(
+        text.contains("maxNodesReconfiguring: '1'") || text.contains("maxNodesReconfiguring: \"1\""),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[cfg(unix)]
+#[test]
+fn runs_against_the_emulator_and_stops_on_sigterm() {
+    let d = dir("controller-run");
+    let kubeconfig = d.join("kubeconfig");
+    let _emulator = Killed(
+        Command::new(BIN)
+            .args([
+                "emulator",
+                "--listen",
+                "127.0.0.1:0",
+                "--nodes",
+                "2",
+                "--kubeconfig-out",
+            ])
+            .arg(&kubeconfig)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    while !kubeconfig.exists() {
+        assert!(started.elapsed() < Duration::from_secs(20), "no kubeconfig");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut controller = Killed(
+        Command::new(BIN)
+            .args(["controller", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args([
+                "--listen",
+                &addr,
+                "--identity",
+                "cli-test",
+                "--lease-namespace",
+                "default",
+                "--log-format",
+                "json",
+            ])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    loop {
+        if let Some((200, body)) = get(&addr, "/api/v1/plan") {
+            assert!(body.contains("\"mode\":\"dry-run\""), "{body}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no plan served");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(get(&addr, "/readyz").unwrap().0, 200);
+    let pid = controller.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = controller.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    let mut logs = String::new();
+    controller
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(
+        logs.lines()
+            .any(|l| l.starts_with('{') && l.contains("controller started")),
+        "{logs}"
+    );
+    let _ = std::fs::remove_dir_all(d);
+}

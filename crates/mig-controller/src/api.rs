@@ -1,0 +1,197 @@
+//! HTTP: the dry-run plan API, metrics and probes. Errors are JSON `{"error": "..."}` with a
+//! fitting status; request bodies are size-limited and every request has a timeout.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use mig_planner::{PodOutcome, Snapshot};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::controller::Shared;
+
+/// An error response.
+pub struct ApiError(StatusCode, String, Option<String>);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.1});
+        if let Some(path) = self.2 {
+            body["path"] = json!(path);
+        }
+        (self.0, Json(body)).into_response()
+    }
+}
+
+fn no_plan_yet() -> ApiError {
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no plan yet: the caches are still syncing or the first batch has not been planned".into(),
+        None,
+    )
+}
+
+/// The router.
+pub fn router(shared: Arc<Shared>) -> Router {
+    let http = &shared.settings.http;
+    Router::new()
+        .route("/api/v1/plan", get(get_plan).post(post_plan))
+        .route("/api/v1/layouts", get(layouts))
+        .route("/api/v1/pods/{namespace}/{name}/explain", get(explain))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see docs/controller.md".into(),
+                None,
+            )
+        })
+        .layer(DefaultBodyLimit::max(http.max_body_bytes))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            http.request_timeout.0,
+        ))
+        .with_state(shared)
+}
+
+async fn get_plan(State(s): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    let p = s.latest().ok_or_else(no_plan_yet)?;
+    Ok(Json(&*p).into_response())
+}
+
+async fn post_plan(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "body is not UTF-8 JSON".into(), None))?;
+    let mut snapshot = Snapshot::from_json(text)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.message.clone(), Some(e.path.clone())))?;
+    // A snapshot without a policy is planned under the controller's.
+    let value: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+    if value.get("policy").is_none() {
+        snapshot.policy = s.settings.planner.clone();
+    }
+    let plan = tokio::task::spawn_blocking(move || mig_planner::plan(&snapshot, &snapshot.policy))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("planner failed: {e}"),
+                None,
+            )
+        })?;
+    Ok(Json(plan).into_response())
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LayoutRow {
+    node: String,
+    gpu: u32,
+    model: String,
+    actual: String,
+    proposed: String,
+    changed: bool,
+    decision: Option<String>,
+}
+
+async fn layouts(State(s): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    let p = s.latest().ok_or_else(no_plan_yet)?;
+    let rows: Vec<LayoutRow> = p
+        .plan
+        .gpus
+        .iter()
+        .map(|g| LayoutRow {
+            node: g.node.clone(),
+            gpu: g.index,
+            model: g.model.clone(),
+            actual: g.actual.clone(),
+            proposed: g.target.clone(),
+            changed: g.changed,
+            decision: if g.changed {
+                p.decisions.get(&g.node).cloned()
+            } else {
+                None
+            },
+        })
+        .collect();
+    Ok(Json(json!({"planId": p.plan.id, "computedAt": p.computed_at, "gpus": rows})).into_response())
+}
+
+async fn explain(
+    State(s): State<Arc<Shared>>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let p = s.latest().ok_or_else(no_plan_yet)?;
+    let object = format!("Pod/{namespace}/{name}");
+    if let Some(problem) = p.problems.iter().find(|x| x.object == object) {
+        return Ok(Json(json!({
+            "pod": format!("{namespace}/{name}"), "planId": p.plan.id, "status": "invalid",
+            "reason": problem.reason, "explanation": problem.message,
+        }))
+        .into_response());
+    }
+    let pod = p
+        .plan
+        .pods
+        .iter()
+        .find(|x| x.namespace == namespace && x.name == name)
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "pod {namespace}/{name} is not a pending pod with MIG requests in plan {} (computed {})",
+                    p.plan.id, p.computed_at
+                ),
+                None,
+            )
+        })?;
+    let explanation = match &pod.outcome {
+        PodOutcome::Waits { reason } => format!("waits: {reason}"),
+        PodOutcome::Fits {
+            node,
+            needs_repartition: false,
+            ..
+        } => {
+            format!("fits on node {node} as its GPUs are; the scheduler should bind it")
+        }
+        PodOutcome::Fits { node, .. } => match p.decisions.get(node) {
+            Some(d) => format!("fits on node {node} after a repartition: {d}"),
+            None => format!("fits on node {node} after a repartition"),
+        },
+    };
+    Ok(Json(json!({
+        "pod": format!("{namespace}/{name}"), "planId": p.plan.id, "computedAt": p.computed_at,
+        "outcome": pod.outcome, "explanation": explanation,
+    }))
+    .into_response())
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    if s.ready.load(Ordering::SeqCst) {
+        "ready".into_response()
+    } else {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "caches not synced yet".into(),
+            None,
+        )
+        .into_response()
+    }
+}

@@ -1,0 +1,1106 @@
+//! The control loop: watch (reflectors), batch, plan, decide under budgets, grant, report.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Pod};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use mig_catalog::Catalog;
+use mig_catalog::migparted::{GpuTarget, render_node_config};
+use mig_planner::{Plan, PodOutcome};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::budget::{self, Candidate, Headroom};
+use crate::lease::{self, LeaseHandle};
+use crate::metrics::{
+    BudgetLabel, DecisionLabel, InstanceLabels, OutcomeLabel, ProfileLabel, ReasonLabel, ResultLabel,
+    SolverLabels,
+};
+use crate::observe::{InputProblem, Observation, observe};
+use crate::protocol::{Flight, GRANT_ANNOTATION, Grant, Phase, TAINT_KEY};
+use crate::settings::{Mode, Settings};
+use crate::{Metrics, api};
+
+/// Name in Events' `reportingController`.
+pub const CONTROLLER_NAME: &str = "mig-autoscaler.io/controller";
+/// Field manager of our writes.
+pub const FIELD_MANAGER: &str = "mig-autoscaler-controller";
+/// Prefix of the mig-parted entries we own.
+pub const CONFIG_PREFIX: &str = "mig-autoscaler-";
+
+/// The latest plan and what the controller made of it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Published {
+    /// When it was computed.
+    pub computed_at: String,
+    /// Controller mode.
+    pub mode: &'static str,
+    /// Identity of the replica that computed it.
+    pub computed_by: String,
+    /// Whether that replica was the leader.
+    pub leader: bool,
+    /// The plan.
+    pub plan: Plan,
+    /// Per changed node: `granted`, `dry-run`, or why it was deferred.
+    pub decisions: BTreeMap<String, String>,
+    /// Input the controller could not use.
+    pub problems: Vec<ProblemView>,
+    /// Budget headroom when it was planned.
+    pub headroom: HeadroomView,
+}
+
+/// An input problem, for the API.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProblemView {
+    /// `Pod/ns/name` or `Node/name`.
+    pub object: String,
+    /// Reason.
+    pub reason: &'static str,
+    /// Message.
+    pub message: String,
+}
+
+/// Budget headroom, for the API.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeadroomView {
+    /// Nodes that may start now.
+    pub nodes: u32,
+    /// Evictions that may be granted now.
+    pub evictions: u32,
+    /// Nodes reconfiguring.
+    pub in_flight: u32,
+    /// Whether a change window is open.
+    pub window_open: bool,
+}
+
+/// State shared by the loop and the HTTP server.
+pub struct Shared {
+    /// Settings.
+    pub settings: Settings,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Leadership.
+    pub lease: LeaseHandle,
+    /// Caches synced.
+    pub ready: AtomicBool,
+    /// Latest plan.
+    pub latest: RwLock<Option<Arc<Published>>>,
+    /// Successful writes to nodes and the ConfigMap (for tests and the fencing proof): when, what.
+    pub writes: std::sync::Mutex<Vec<(Instant, String)>>,
+}
+
+impl Shared {
+    /// The latest published plan.
+    pub fn latest(&self) -> Option<Arc<Published>> {
+        self.latest.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn record_write(&self, what: String) {
+        self.writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((Instant::now(), what));
+    }
+}
+
+/// A running controller.
+pub struct Running {
+    /// Where the HTTP server listens.
+    pub addr: SocketAddr,
+    /// Shared state (plan, metrics, lease).
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    lease_task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Graceful stop: stop planning and serving, release the lease.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.lease_task).await;
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+
+    /// Stop as a crash would: no release, nothing finished.
+    pub fn kill(self) {
+        self.lease_task.abort();
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+
+    /// Wait until stopped from elsewhere (never returns on its own unless a task ends).
+    pub async fn wait(&mut self) {
+        if let Some(t) = self.tasks.first_mut() {
+            let _ = t.await;
+        }
+    }
+}
+
+fn spawn_reflector<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    notify: Arc<Notify>,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let task = tokio::spawn(async move {
+        stream
+            .for_each(|event| {
+                if let Err(e) = &event {
+                    tracing::warn!(error = %e, "watch error; retrying with backoff");
+                }
+                notify.notify_one();
+                futures::future::ready(())
+            })
+            .await;
+    });
+    (reader, task)
+}
+
+/// Start the controller: reflectors, leader election, the control loop and the HTTP server.
+pub async fn start(client: Client, settings: Settings, identity: String) -> anyhow::Result<Running> {
+    settings.validate()?;
+    let catalog = Catalog::embedded();
+    let mut profiles: BTreeSet<String> = BTreeSet::new();
+    for m in catalog.models.iter() {
+        profiles.extend(m.profiles.iter().map(|p| p.name.clone()));
+    }
+    let shared = Arc::new(Shared {
+        metrics: Metrics::new(profiles),
+        lease: LeaseHandle::new(identity.clone()),
+        ready: AtomicBool::new(false),
+        latest: RwLock::new(None),
+        writes: std::sync::Mutex::new(Vec::new()),
+        settings: settings.clone(),
+    });
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let notify = Arc::new(Notify::new());
+    let (cm_ns, cm_name) = settings.config_map();
+    let (nodes, t1) = spawn_reflector(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let (pods, t2) = spawn_reflector(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let (pdbs, t3) = spawn_reflector(
+        Api::<PodDisruptionBudget>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let (config_maps, t4) = spawn_reflector(
+        Api::<ConfigMap>::namespaced(client.clone(), cm_ns),
+        watcher::Config::default().fields(&format!("metadata.name={cm_name}")),
+        notify.clone(),
+    );
+
+    let lease_task = tokio::spawn(lease::run(
+        Api::<Lease>::namespaced(client.clone(), &settings.lease.namespace),
+        settings.lease.name.clone(),
+        settings.lease.duration.0,
+        settings.lease.retry.0,
+        shared.lease.clone(),
+        shutdown_rx.clone(),
+    ));
+
+    let listener = tokio::net::TcpListener::bind(&settings.http.listen).await?;
+    let addr = listener.local_addr()?;
+    let app = api::router(shared.clone());
+    let mut server_shutdown = shutdown_rx.clone();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = server_shutdown.wait_for(|s| *s).await;
+            })
+            .await;
+    });
+
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let events = tokio::spawn(publish_events(
+        Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: CONTROLLER_NAME.into(),
+                instance: Some(identity.clone()),
+            },
+        ),
+        events_rx,
+    ));
+
+    let caches = Caches {
+        nodes,
+        pods,
+        pdbs,
+        config_maps,
+    };
+    let control = tokio::spawn(control_loop(ControlLoop {
+        client,
+        shared: shared.clone(),
+        caches,
+        notify,
+        shutdown: shutdown_rx,
+        events: events_tx,
+        state: LoopState::default(),
+    }));
+    Ok(Running {
+        addr,
+        shared,
+        shutdown,
+        tasks: vec![control, server, events, t1, t2, t3, t4],
+        lease_task,
+    })
+}
+
+struct Caches {
+    nodes: Store<Node>,
+    pods: Store<Pod>,
+    pdbs: Store<PodDisruptionBudget>,
+    config_maps: Store<ConfigMap>,
+}
+
+#[derive(Default)]
+struct LoopState {
+    known_pending: BTreeSet<String>,
+    batch_first: Option<Instant>,
+    batch_last: Option<Instant>,
+    last_plan: Option<Instant>,
+    /// Last flight per node, to count ended reconfigurations once.
+    flights: BTreeMap<String, (Option<String>, Option<Phase>)>,
+    /// Events sent recently: key → when.
+    sent: HashMap<String, Instant>,
+}
+
+struct ControlLoop {
+    client: Client,
+    shared: Arc<Shared>,
+    caches: Caches,
+    notify: Arc<Notify>,
+    shutdown: watch::Receiver<bool>,
+    events: mpsc::Sender<(Event, ObjectReference)>,
+    state: LoopState,
+}
+
+async fn publish_events(recorder: Recorder, mut rx: mpsc::Receiver<(Event, ObjectReference)>) {
+    while let Some((event, reference)) = rx.recv().await {
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, reason = %event.reason, "could not publish event");
+        }
+    }
+}
+
+fn node_ref(name: &str, uid: Option<String>) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(name.into()),
+        uid,
+        ..Default::default()
+    }
+}
+
+fn pod_ref(ns: &str, name: &str, uid: Option<String>) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(name.into()),
+        namespace: Some(ns.into()),
+        uid,
+        ..Default::default()
+    }
+}
+
+async fn control_loop(mut cl: ControlLoop) {
+    // Readiness: every cache has listed once.
+    let synced = {
+        let c = &cl.caches;
+        futures::future::join4(
+            c.nodes.wait_until_ready(),
+            c.pods.wait_until_ready(),
+            c.pdbs.wait_until_ready(),
+            c.config_maps.wait_until_ready(),
+        )
+    };
+    tokio::select! {
+        _ = synced => {}
+        _ = cl.shutdown.wait_for(|s| *s) => return,
+    }
+    cl.shared.ready.store(true, Ordering::SeqCst);
+    cl.shared.metrics.caches_synced.set(1);
+    tracing::info!("caches synced");
+    let tick = cl.shared.settings.tick.0;
+    loop {
+        tokio::select! {
+            _ = cl.notify.notified() => {}
+            _ = tokio::time::sleep(tick) => {}
+            _ = cl.shutdown.wait_for(|s| *s) => return,
+        }
+        cl.shared
+            .metrics
+            .leader
+            .set(i64::from(cl.shared.lease.is_leader()));
+        cl.round().await;
+    }
+}
+
+impl ControlLoop {
+    fn emit(
+        &mut self,
+        type_: EventType,
+        reason: &str,
+        note: String,
+        action: &str,
+        regarding: ObjectReference,
+        related: Option<ObjectReference>,
+    ) {
+        if !self.shared.lease.is_leader() {
+            return; // only the leader writes, Events included
+        }
+        let key = format!(
+            "{}/{}/{}|{reason}|{note}",
+            regarding.kind.as_deref().unwrap_or_default(),
+            regarding.namespace.as_deref().unwrap_or_default(),
+            regarding.name.as_deref().unwrap_or_default()
+        );
+        let dedupe = self.shared.settings.event_dedupe.0;
+        let now = Instant::now();
+        self.state.sent.retain(|_, t| now.duration_since(*t) < dedupe);
+        if self.state.sent.contains_key(&key) {
+            return;
+        }
+        self.state.sent.insert(key, now);
+        let mut note = note;
+        if note.len() > 1000 {
+            let mut cut = 1000;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+        }
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: related,
+        };
+        if self.events.try_send((event, regarding)).is_err() {
+            tracing::warn!(reason, "event queue full; event dropped");
+        }
+    }
+
+    async fn round(&mut self) {
+        let now = Instant::now();
+        let pods = self.caches.pods.state();
+        let pending: BTreeSet<String> = pods
+            .iter()
+            .filter(|p| crate::observe::is_pending(p))
+            .filter(|p| {
+                p.spec.as_ref().is_some_and(|s| {
+                    crate::observe::mig_requests(s)
+                        .map(|r| !r.is_empty())
+                        .unwrap_or(true)
+                })
+            })
+            .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+            .collect();
+        let new = pending.difference(&self.state.known_pending).count();
+        self.state.known_pending = pending.clone();
+        if new > 0 {
+            self.state.batch_first.get_or_insert(now);
+            self.state.batch_last = Some(now);
+        }
+        let b = &self.shared.settings.batching;
+        let batch_due = match (self.state.batch_first, self.state.batch_last) {
+            (Some(first), Some(last)) => {
+                now.duration_since(last) >= b.quiet.0 || now.duration_since(first) >= b.max_wait.0
+            }
+            _ => false,
+        };
+        let resync_due = self
+            .state
+            .last_plan
+            .is_none_or(|t| now.duration_since(t) >= b.resync.0);
+        if self.shared.settings.mode == Mode::Auto && self.shared.lease.is_leader() {
+            self.housekeeping().await;
+        }
+        if !(batch_due || resync_due) {
+            return;
+        }
+        self.state.batch_first = None;
+        self.state.batch_last = None;
+        self.state.last_plan = Some(now);
+        self.plan_and_act().await;
+    }
+
+    fn observe_now(&self) -> Observation {
+        let s = &self.shared.settings;
+        observe(
+            &self.caches.nodes.state(),
+            &self.caches.pods.state(),
+            &self.caches.pdbs.state(),
+            &s.planner,
+            &s.budgets,
+            Timestamp::now(),
+        )
+    }
+
+    async fn plan_and_act(&mut self) {
+        let settings = self.shared.settings.clone();
+        let started = Instant::now();
+        let obs = self.observe_now();
+        let now = Timestamp::now();
+        let facts = obs.facts();
+        let room = budget::headroom(&settings.budgets, now, obs.managed, &facts);
+        let mut policy = settings.planner.clone();
+        let cap = |a: Option<u32>, b: u32| Some(a.map_or(b, |a| a.min(b)));
+        policy.budgets.max_nodes_changed = cap(policy.budgets.max_nodes_changed, room.nodes);
+        policy.budgets.max_evictions = cap(policy.budgets.max_evictions, room.evictions);
+        let snapshot = obs.snapshot.clone();
+        let plan = match tokio::task::spawn_blocking(move || mig_planner::plan(&snapshot, &policy)).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "planner task failed");
+                return;
+            }
+        };
+        let m = &self.shared.metrics;
+        m.plan_duration.observe(started.elapsed().as_secs_f64());
+        m.last_plan_timestamp.set(now.as_millisecond() as f64 / 1000.0);
+        m.plans
+            .get_or_create(&SolverLabels {
+                solver: plan.solver.used.clone(),
+                status: plan.solver.status.clone(),
+            })
+            .inc();
+        self.record_plan_metrics(&obs, &plan, room);
+        for p in &obs.problems {
+            self.report_problem(p);
+        }
+
+        // Decisions per changed node.
+        let candidates: Vec<Candidate> = plan
+            .nodes
+            .iter()
+            .map(|n| Candidate {
+                node: n.node.clone(),
+                evictions: plan.evictions.iter().filter(|e| e.node == n.node).count() as u32,
+            })
+            .collect();
+        let (verdicts, _) = budget::decide(&settings.budgets, now, obs.managed, &facts, &candidates);
+        let mut decisions = BTreeMap::new();
+        let leader = self.shared.lease.is_leader();
+        for (c, verdict) in verdicts {
+            let decision = match (&verdict, settings.mode) {
+                (Err(d), _) => {
+                    let words = d.describe(&settings.budgets);
+                    self.emit(
+                        EventType::Normal,
+                        "ReconfigurationDeferred",
+                        format!("plan {}: {words}", plan.id),
+                        "Plan",
+                        node_ref(&c.node, None),
+                        None,
+                    );
+                    decisions.insert(c.node.clone(), format!("deferred: {words}"));
+                    d.reason()
+                }
+                (Ok(()), Mode::DryRun) => {
+                    decisions.insert(c.node.clone(), "dry-run".into());
+                    "dry-run"
+                }
+                (Ok(()), Mode::Auto) if !leader => {
+                    decisions.insert(c.node.clone(), "follower: the leader decides".into());
+                    continue;
+                }
+                (Ok(()), Mode::Auto) => match self.grant(&plan, &obs, &c).await {
+                    Ok(()) => {
+                        decisions.insert(c.node.clone(), "granted".into());
+                        "granted"
+                    }
+                    Err(GrantError::Invalidated(why)) => {
+                        decisions.insert(c.node.clone(), format!("invalidated: {why}"));
+                        "invalidated"
+                    }
+                    Err(GrantError::Write(result, why)) => {
+                        self.shared
+                            .metrics
+                            .grants
+                            .get_or_create(&ResultLabel { result })
+                            .inc();
+                        decisions.insert(c.node.clone(), format!("not written ({result}): {why}"));
+                        continue;
+                    }
+                },
+            };
+            self.shared
+                .metrics
+                .decisions
+                .get_or_create(&DecisionLabel { decision })
+                .inc();
+        }
+        self.explain_to_pods_and_nodes(&plan, &decisions, settings.mode);
+
+        let published = Published {
+            computed_at: now.to_string(),
+            mode: settings.mode.as_str(),
+            computed_by: self.shared.lease.identity().to_string(),
+            leader,
+            plan,
+            decisions,
+            problems: obs
+                .problems
+                .iter()
+                .map(|p| ProblemView {
+                    object: if p.namespace.is_empty() {
+                        format!("{}/{}", p.kind, p.name)
+                    } else {
+                        format!("{}/{}/{}", p.kind, p.namespace, p.name)
+                    },
+                    reason: p.reason,
+                    message: p.message.clone(),
+                })
+                .collect(),
+            headroom: HeadroomView {
+                nodes: room.nodes,
+                evictions: room.evictions,
+                in_flight: room.in_flight,
+                window_open: room.window_open,
+            },
+        };
+        *self.shared.latest.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(published));
+    }
+
+    fn record_plan_metrics(&self, obs: &Observation, plan: &Plan, room: Headroom) {
+        let m = &self.shared.metrics;
+        let mut by_profile: BTreeMap<String, i64> = BTreeMap::new();
+        for p in &obs.snapshot.pending_pods {
+            for r in p.requests.keys() {
+                if let Some(profile) = r.strip_prefix(crate::observe::MIG_RESOURCE_PREFIX) {
+                    *by_profile.entry(profile.to_string()).or_default() += 1;
+                }
+            }
+        }
+        for (profile, n) in &by_profile {
+            m.pending_pods
+                .get_or_create(&ProfileLabel {
+                    profile: profile.clone(),
+                })
+                .set(*n);
+        }
+        // Zero the profiles no pod asks for any more.
+        let catalog = Catalog::embedded();
+        for model in catalog.models.iter() {
+            for p in &model.profiles {
+                if !by_profile.contains_key(&p.name) {
+                    m.pending_pods
+                        .get_or_create(&ProfileLabel {
+                            profile: p.name.clone(),
+                        })
+                        .set(0);
+                }
+            }
+        }
+        m.gpu_instances.clear();
+        for g in &plan.gpus {
+            let Ok(model) = catalog.lookup(&g.model) else {
+                continue;
+            };
+            for (layout, text) in [("actual", &g.actual), ("proposed", &g.target)] {
+                let Ok(l) = model.parse_layout(text) else { continue };
+                let mut counts: BTreeMap<String, i64> =
+                    model.profiles.iter().map(|p| (p.name.clone(), 0)).collect();
+                for i in l.instances() {
+                    if let Some(p) = model.profile(i.profile) {
+                        *counts.entry(p.name.clone()).or_default() += 1;
+                    }
+                }
+                for (profile, n) in counts {
+                    m.gpu_instances
+                        .get_or_create(&InstanceLabels {
+                            node: g.node.clone(),
+                            gpu: g.index.to_string(),
+                            profile,
+                            layout,
+                        })
+                        .set(n);
+                }
+            }
+        }
+        let fits = plan
+            .pods
+            .iter()
+            .filter(|p| matches!(p.outcome, PodOutcome::Fits { .. }))
+            .count() as i64;
+        m.plan_pods
+            .get_or_create(&OutcomeLabel { outcome: "fits" })
+            .set(fits);
+        m.plan_pods
+            .get_or_create(&OutcomeLabel { outcome: "waits" })
+            .set(plan.pods.len() as i64 - fits);
+        m.plan_evictions.set(plan.evictions.len() as i64);
+        m.budget_headroom
+            .get_or_create(&BudgetLabel { budget: "nodes" })
+            .set(i64::from(room.nodes));
+        m.budget_headroom
+            .get_or_create(&BudgetLabel { budget: "evictions" })
+            .set(i64::from(room.evictions));
+        m.nodes_reconfiguring.set(i64::from(room.in_flight));
+    }
+
+    fn report_problem(&mut self, p: &InputProblem) {
+        let before = self.state.sent.len();
+        let regarding = if p.kind == "Pod" {
+            pod_ref(&p.namespace, &p.name, None)
+        } else {
+            node_ref(&p.name, None)
+        };
+        self.emit(
+            EventType::Warning,
+            p.reason,
+            p.message.clone(),
+            "Observe",
+            regarding,
+            None,
+        );
+        if self.state.sent.len() > before || !self.shared.lease.is_leader() {
+            // Counted once per dedupe period per distinct problem (on followers: per plan).
+            self.shared
+                .metrics
+                .input_problems
+                .get_or_create(&ReasonLabel { reason: p.reason })
+                .inc();
+        }
+    }
+
+    fn explain_to_pods_and_nodes(&mut self, plan: &Plan, decisions: &BTreeMap<String, String>, mode: Mode) {
+        for pod in &plan.pods {
+            let reference = pod_ref(&pod.namespace, &pod.name, None);
+            match &pod.outcome {
+                PodOutcome::Waits { reason } => {
+                    self.emit(
+                        EventType::Normal,
+                        "WaitingForMigCapacity",
+                        format!("no MIG layout can serve this pod now: {reason}"),
+                        "Plan",
+                        reference,
+                        None,
+                    );
+                }
+                PodOutcome::Fits {
+                    node,
+                    needs_repartition: true,
+                    ..
+                } => {
+                    let decision = decisions.get(node).map(String::as_str).unwrap_or("planned");
+                    let note = match (mode, decision) {
+                        (Mode::DryRun, _) => format!(
+                            "would fit on node {node} after a repartition (plan {}); mode dry-run changes nothing",
+                            plan.id
+                        ),
+                        (Mode::Auto, "granted") => {
+                            format!("waiting for repartition of node {node} (plan {})", plan.id)
+                        }
+                        (Mode::Auto, other) => format!(
+                            "fits on node {node} after a repartition (plan {}), not started yet: {other}",
+                            plan.id
+                        ),
+                    };
+                    self.emit(
+                        EventType::Normal,
+                        "WaitingForRepartition",
+                        note,
+                        "Plan",
+                        reference,
+                        Some(node_ref(node, None)),
+                    );
+                }
+                PodOutcome::Fits { .. } => {}
+            }
+        }
+        for n in &plan.nodes {
+            let changes: Vec<String> = plan
+                .gpus
+                .iter()
+                .filter(|g| g.node == n.node && g.changed)
+                .map(|g| {
+                    format!(
+                        "GPU {}: {} -> {}{}",
+                        g.index,
+                        g.actual,
+                        g.target,
+                        g.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+                    )
+                })
+                .collect();
+            let reason = match decisions.get(&n.node).map(String::as_str) {
+                Some("granted") => "ReconfigurationGranted",
+                _ => "LayoutChangePlanned",
+            };
+            self.emit(
+                EventType::Normal,
+                reason,
+                format!("plan {}: {}", plan.id, changes.join("; ")),
+                "Plan",
+                node_ref(&n.node, None),
+                None,
+            );
+        }
+    }
+
+    /// Re-check a candidate against fresh state, then write the ConfigMap entry and the grant.
+    async fn grant(&mut self, plan: &Plan, planned: &Observation, c: &Candidate) -> Result<(), GrantError> {
+        let settings = self.shared.settings.clone();
+        let fresh = self.observe_now();
+        let now = Timestamp::now();
+        let Some(view) = fresh.nodes.get(&c.node) else {
+            return Err(GrantError::Invalidated("node is gone".into()));
+        };
+        let Some(old) = planned.nodes.get(&c.node) else {
+            return Err(GrantError::Invalidated("node was not observed".into()));
+        };
+        if view.report_raw != old.report_raw {
+            return Err(GrantError::Invalidated(
+                "the node's GPUs changed since planning".into(),
+            ));
+        }
+        let (verdicts, _) = budget::decide(
+            &settings.budgets,
+            now,
+            fresh.managed,
+            &fresh.facts(),
+            std::slice::from_ref(c),
+        );
+        if let Some((_, Err(d))) = verdicts.first() {
+            return Err(GrantError::Invalidated(d.describe(&settings.budgets)));
+        }
+        let evictions: Vec<String> = plan
+            .evictions
+            .iter()
+            .filter(|e| e.node == c.node)
+            .map(|e| e.pod.clone())
+            .collect();
+        for pod in &evictions {
+            let gone_or_protected = !fresh
+                .snapshot
+                .running_pods
+                .iter()
+                .any(|r| format!("{}/{}", r.namespace, r.name) == *pod && !r.do_not_disrupt);
+            if gone_or_protected {
+                return Err(GrantError::Invalidated(format!(
+                    "pod {pod} to evict is gone or now do-not-disrupt"
+                )));
+            }
+        }
+        let Some(node_plan) = plan.nodes.iter().find(|n| n.node == c.node) else {
+            return Err(GrantError::Invalidated("not in the plan".into()));
+        };
+        let targets: BTreeMap<u32, String> = plan
+            .gpus
+            .iter()
+            .filter(|g| g.node == c.node && g.changed)
+            .map(|g| (g.index, g.target.clone()))
+            .collect();
+        if !self.shared.lease.is_leader() {
+            return Err(GrantError::Invalidated("no longer the leader".into()));
+        }
+        if let Some(config) = &node_plan.mig_config {
+            self.ensure_config(plan, &c.node, config).await?;
+        }
+        let window = jiff::SignedDuration::try_from(settings.budgets.eviction_window.0)
+            .unwrap_or(jiff::SignedDuration::MAX);
+        let mut recent: Vec<String> = view
+            .recent_evictions
+            .iter()
+            .filter(|t| now.duration_since(**t) < window)
+            .map(|t| t.to_string())
+            .collect();
+        recent.extend(std::iter::repeat_n(now.to_string(), evictions.len()));
+        let grant = Grant {
+            plan_id: plan.id.clone(),
+            mig_config: node_plan.mig_config.clone(),
+            targets,
+            evictions: evictions.clone(),
+            granted_at: now.to_string(),
+            granted_by: self.shared.lease.identity().to_string(),
+            recent_evictions: recent,
+        };
+        let node = self
+            .caches
+            .nodes
+            .state()
+            .into_iter()
+            .find(|n| n.name_any() == c.node)
+            .ok_or_else(|| GrantError::Invalidated("node is gone".into()))?;
+        let patch = json!({"metadata": {
+            "resourceVersion": node.resource_version(),
+            "annotations": {GRANT_ANNOTATION: serde_json::to_string(&grant).unwrap_or_default()},
+        }});
+        if !self.shared.lease.is_leader() {
+            return Err(GrantError::Invalidated("no longer the leader".into()));
+        }
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        match nodes
+            .patch(&c.node, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                self.shared.record_write(format!("grant {} {}", c.node, plan.id));
+                self.shared
+                    .metrics
+                    .grants
+                    .get_or_create(&ResultLabel { result: "written" })
+                    .inc();
+                self.shared
+                    .metrics
+                    .evictions_granted
+                    .inc_by(evictions.len() as u64);
+                tracing::info!(node = %c.node, plan_id = %plan.id, evictions = evictions.len(), "reconfiguration granted");
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => Err(GrantError::Write(
+                "conflict",
+                "the node changed; retried next round".into(),
+            )),
+            Err(e) => Err(GrantError::Write("error", e.to_string())),
+        }
+    }
+
+    /// Put the node's mig-parted config into the ConfigMap; drop our entries nothing refers to.
+    async fn ensure_config(&mut self, plan: &Plan, node: &str, name: &str) -> Result<(), GrantError> {
+        let catalog = Catalog::embedded();
+        let mut targets = Vec::new();
+        for g in plan.gpus.iter().filter(|g| g.node == node) {
+            let model = catalog
+                .lookup(&g.model)
+                .map_err(|e| GrantError::Invalidated(e.to_string()))?;
+            let layout = model
+                .parse_layout(&g.target)
+                .map_err(|e| GrantError::Invalidated(e.to_string()))?;
+            targets.push((g.index, model, layout));
+        }
+        let gpus: Vec<(u32, GpuTarget<'_>)> = targets
+            .iter()
+            .map(|(i, model, layout)| (*i, GpuTarget::Mig { model, layout }))
+            .collect();
+        let rendered =
+            render_node_config(&gpus).map_err(|e| GrantError::Invalidated(format!("invalid target: {e}")))?;
+        if rendered.name != name {
+            return Err(GrantError::Invalidated(format!(
+                "config name {} differs from the plan's {name}",
+                rendered.name
+            )));
+        }
+        let (ns, cm_name) = self.shared.settings.config_map();
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        let mut cm = match api.get(cm_name).await {
+            Ok(cm) => cm,
+            Err(e) => {
+                return Err(GrantError::Write(
+                    "error",
+                    format!("mig-parted ConfigMap {ns}/{cm_name}: {e}"),
+                ));
+            }
+        };
+        let text = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get("config.yaml"))
+            .cloned()
+            .unwrap_or_default();
+        let mut doc: serde_yaml::Value = serde_yaml::from_str(&text)
+            .map_err(|e| GrantError::Write("error", format!("ConfigMap {ns}/{cm_name} config.yaml: {e}")))?;
+        let Some(configs) = doc.get_mut("mig-configs").and_then(|c| c.as_mapping_mut()) else {
+            return Err(GrantError::Write(
+                "error",
+                format!("ConfigMap {ns}/{cm_name} config.yaml has no mig-configs"),
+            ));
+        };
+        // Entries still referenced: by a node's label, by a grant, and this one.
+        let mut referenced: BTreeSet<String> = BTreeSet::from([name.to_string()]);
+        for n in self.caches.nodes.state() {
+            if let Some(v) = n.labels().get(crate::protocol::MIG_CONFIG_LABEL) {
+                referenced.insert(v.clone());
+            }
+            if let Some(Some(g)) = crate::protocol::parse_annotation::<Grant>(
+                n.metadata.annotations.as_ref(),
+                GRANT_ANNOTATION,
+                "",
+            )
+            .ok()
+                && let Some(c) = g.mig_config
+            {
+                referenced.insert(c);
+            }
+        }
+        let before = configs.clone();
+        configs.retain(|k, _| {
+            k.as_str()
+                .is_none_or(|k| !k.starts_with(CONFIG_PREFIX) || referenced.contains(k))
+        });
+        let entries =
+            serde_yaml::to_value(&rendered.entries).map_err(|e| GrantError::Write("error", e.to_string()))?;
+        configs.insert(serde_yaml::Value::String(name.to_string()), entries);
+        if *configs == before {
+            return Ok(());
+        }
+        let text = serde_yaml::to_string(&doc).map_err(|e| GrantError::Write("error", e.to_string()))?;
+        cm.data
+            .get_or_insert_with(Default::default)
+            .insert("config.yaml".into(), text);
+        if !self.shared.lease.is_leader() {
+            return Err(GrantError::Invalidated("no longer the leader".into()));
+        }
+        match api.replace(cm_name, &PostParams::default(), &cm).await {
+            Ok(_) => {
+                self.shared.record_write(format!("configmap {name}"));
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => Err(GrantError::Write(
+                "conflict",
+                "the ConfigMap changed; retried next round".into(),
+            )),
+            Err(e) => Err(GrantError::Write("error", e.to_string())),
+        }
+    }
+
+    /// Leader, auto mode, every round: count ended reconfigurations, withdraw grants never started,
+    /// remove our taint from nodes with nothing in flight.
+    async fn housekeeping(&mut self) {
+        let obs = self.observe_now();
+        let now = Timestamp::now();
+        let timeout = jiff::SignedDuration::try_from(self.shared.settings.budgets.grant_timeout.0)
+            .unwrap_or(jiff::SignedDuration::MAX);
+        let nodes_api: Api<Node> = Api::all(self.client.clone());
+        let first_round = self.state.flights.is_empty();
+        for (name, view) in &obs.nodes {
+            if view.malformed {
+                continue;
+            }
+            // Ended reconfigurations, counted once (not those already ended when we started).
+            let current = (
+                view.state.as_ref().map(|s| s.plan_id.clone()),
+                view.state.as_ref().map(|s| s.phase),
+            );
+            let previous = self.state.flights.insert(name.clone(), current.clone());
+            if !first_round
+                && previous.as_ref() != Some(&current)
+                && let (Some(_), Some(phase)) = &current
+                && phase.is_terminal()
+            {
+                self.shared
+                    .metrics
+                    .reconfigurations
+                    .get_or_create(&ResultLabel {
+                        result: phase.as_str(),
+                    })
+                    .inc();
+                let (type_, reason) = match phase {
+                    Phase::Done => (EventType::Normal, "ReconfigurationSucceeded"),
+                    Phase::RolledBack => (EventType::Warning, "ReconfigurationRolledBack"),
+                    _ => (EventType::Warning, "ReconfigurationFailed"),
+                };
+                let msg = view
+                    .state
+                    .as_ref()
+                    .and_then(|s| s.message.clone())
+                    .unwrap_or_default();
+                self.emit(
+                    type_,
+                    reason,
+                    format!("plan {}: {msg}", current.0.clone().unwrap_or_default()),
+                    "Reconfigure",
+                    node_ref(name, None),
+                    None,
+                );
+            }
+            // A grant the agent never started.
+            if let (Flight::InFlight { phase: None }, Some(g)) = (&view.flight, &view.grant)
+                && let Ok(at) = g.granted_at.parse::<Timestamp>()
+                && now.duration_since(at) > timeout
+            {
+                let patch = json!({"metadata": {"annotations": {GRANT_ANNOTATION: null}}});
+                if self.shared.lease.is_leader()
+                    && nodes_api
+                        .patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))
+                        .await
+                        .is_ok()
+                {
+                    self.shared.record_write(format!("withdraw {name}"));
+                    self.emit(EventType::Warning, "GrantWithdrawn", format!("the node agent did not start plan {} within {}; is the agent running on this node?", g.plan_id, self.shared.settings.budgets.grant_timeout), "Sweep", node_ref(name, None), None);
+                }
+            }
+            // Our taint with nothing in flight (a crash between phases, or a removed grant).
+            if view.tainted && matches!(view.flight, Flight::Idle { .. }) {
+                let Some(node) = self
+                    .caches
+                    .nodes
+                    .state()
+                    .into_iter()
+                    .find(|n| n.name_any() == *name)
+                else {
+                    continue;
+                };
+                let taints: Vec<_> = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|t| t.key != TAINT_KEY)
+                    .collect();
+                let patch = json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": taints}});
+                if self.shared.lease.is_leader()
+                    && nodes_api
+                        .patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))
+                        .await
+                        .is_ok()
+                {
+                    self.shared.record_write(format!("untaint {name}"));
+                    self.emit(
+                        EventType::Normal,
+                        "StaleTaintRemoved",
+                        format!("removed taint {TAINT_KEY}: no reconfiguration is in flight on this node"),
+                        "Sweep",
+                        node_ref(name, None),
+                        None,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Why a grant was not written.
+#[derive(Debug)]
+enum GrantError {
+    /// Fresh state no longer supports it (counted as decision `invalidated`).
+    Invalidated(String),
+    /// The write failed (`conflict` or `error`).
+    Write(&'static str, String),
+}

@@ -1,0 +1,20 @@
+//! mig-autoscaler's controller: watches nodes, pods, PDBs and the mig-parted ConfigMap through
+//! kube-rs reflectors; plans in batches with [`mig_planner`]; grants node reconfigurations to the
+//! node agents under cluster-wide disruption budgets (leader only, `auto` mode only); and serves
+//! the dry-run plan API, metrics and probes.
+//!
+//! Pure parts, unit-tested without an API server: [`settings`], [`budget`], [`observe`],
+//! [`protocol`]. The rest ([`controller`], [`lease`], [`api`]) is tested against kube-emulator.
+
+pub mod api;
+pub mod budget;
+pub mod controller;
+pub mod lease;
+pub mod metrics;
+pub mod observe;
+pub mod protocol;
+pub mod settings;
+
+pub use controller::{Published, Running, Shared, start};
+pub use metrics::Metrics;
+pub use settings::{Mode, Settings};

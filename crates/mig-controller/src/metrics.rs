@@ -1,0 +1,283 @@
+//! Prometheus metrics, `mig_autoscaler_*`. Label values come from fixed enums (never pod names, plan
+//! ids or error strings); `node` and `gpu` are bounded by the cluster. Known label values start at 0.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// `{profile}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProfileLabel {
+    /// MIG profile (`3g.40gb`).
+    pub profile: String,
+}
+
+/// `{node, gpu, profile, layout}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    /// Node.
+    pub node: String,
+    /// GPU index.
+    pub gpu: String,
+    /// MIG profile.
+    pub profile: String,
+    /// `actual` or `proposed`.
+    pub layout: &'static str,
+}
+
+/// `{solver, status}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SolverLabels {
+    /// `highs` or `greedy`.
+    pub solver: String,
+    /// `optimal`, `time-limit`, `gap-limit`, `greedy`, `trivial`.
+    pub status: String,
+}
+
+/// A single `{label}` of a fixed set.
+macro_rules! one_label {
+    ($name:ident, $field:ident, $doc:literal) => {
+        #[doc = $doc]
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        pub struct $name {
+            #[doc = $doc]
+            pub $field: &'static str,
+        }
+    };
+}
+one_label!(
+    DecisionLabel,
+    decision,
+    "`granted`, `dry-run`, `invalidated`, or deferred: `in-flight`, `outside-window`, `cooldown`, `node-budget`, `eviction-budget`."
+);
+one_label!(ResultLabel, result, "Outcome of a write or a reconfiguration.");
+one_label!(BudgetLabel, budget, "`nodes` or `evictions`.");
+one_label!(ReasonLabel, reason, "Input problem reason.");
+one_label!(OutcomeLabel, outcome, "`fits` or `waits`.");
+
+/// Decisions per node of a plan.
+pub const DECISIONS: [&str; 8] = [
+    "granted",
+    "dry-run",
+    "invalidated",
+    "in-flight",
+    "outside-window",
+    "cooldown",
+    "node-budget",
+    "eviction-budget",
+];
+/// Results of grant writes.
+pub const GRANT_RESULTS: [&str; 3] = ["written", "conflict", "error"];
+/// Results of reconfigurations (the agent's terminal phases).
+pub const RECONFIGURATION_RESULTS: [&str; 3] = ["done", "rolled-back", "failed"];
+/// Input problem reasons.
+pub const INPUT_PROBLEMS: [&str; 3] = ["InvalidMigRequest", "MalformedAnnotation", "UnknownGpuModel"];
+
+/// Every metric the controller exports.
+pub struct Metrics {
+    /// The registry they are in.
+    pub registry: Registry,
+    /// 1 on the replica holding the lease.
+    pub leader: Gauge,
+    /// 1 once every cache has listed.
+    pub caches_synced: Gauge,
+    /// Pending pods per requested profile.
+    pub pending_pods: Family<ProfileLabel, Gauge>,
+    /// Instances per node, GPU, profile, actual or proposed.
+    pub gpu_instances: Family<InstanceLabels, Gauge>,
+    /// Planning time.
+    pub plan_duration: Histogram,
+    /// Plans by solver outcome.
+    pub plans: Family<SolverLabels, Counter>,
+    /// Pending pods of the last plan by outcome.
+    pub plan_pods: Family<OutcomeLabel, Gauge>,
+    /// Evictions in the last plan.
+    pub plan_evictions: Gauge,
+    /// Node decisions.
+    pub decisions: Family<DecisionLabel, Counter>,
+    /// Grant writes by result.
+    pub grants: Family<ResultLabel, Counter>,
+    /// What is left of each budget.
+    pub budget_headroom: Family<BudgetLabel, Gauge>,
+    /// Nodes reconfiguring (or stuck) now.
+    pub nodes_reconfiguring: Gauge,
+    /// Ended reconfigurations by result.
+    pub reconfigurations: Family<ResultLabel, Counter>,
+    /// Evictions granted.
+    pub evictions_granted: Counter,
+    /// Input problems by reason.
+    pub input_problems: Family<ReasonLabel, Counter>,
+    /// Unix time of the last plan.
+    pub last_plan_timestamp: Gauge<f64, AtomicU64>,
+}
+
+impl Metrics {
+    /// Register every metric and initialise known label values.
+    pub fn new(profiles: impl IntoIterator<Item = String>) -> Metrics {
+        let mut registry = Registry::with_prefix("mig_autoscaler");
+        let m = Metrics {
+            leader: Gauge::default(),
+            caches_synced: Gauge::default(),
+            pending_pods: Family::default(),
+            gpu_instances: Family::default(),
+            plan_duration: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            plans: Family::default(),
+            plan_pods: Family::default(),
+            plan_evictions: Gauge::default(),
+            decisions: Family::default(),
+            grants: Family::default(),
+            budget_headroom: Family::default(),
+            nodes_reconfiguring: Gauge::default(),
+            reconfigurations: Family::default(),
+            evictions_granted: Counter::default(),
+            input_problems: Family::default(),
+            last_plan_timestamp: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let info: Family<Vec<(String, String)>, Gauge> = Family::default();
+        info.get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
+            .set(1);
+        registry.register("build_info", "Build information (value 1)", info);
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            m.leader.clone(),
+        );
+        registry.register(
+            "caches_synced",
+            "1 once the node, pod, PDB and ConfigMap caches have listed",
+            m.caches_synced.clone(),
+        );
+        registry.register(
+            "pending_pods",
+            "Pending pods requesting each MIG profile",
+            m.pending_pods.clone(),
+        );
+        registry.register(
+            "gpu_instances",
+            "MIG instances per node, GPU and profile, actual or proposed",
+            m.gpu_instances.clone(),
+        );
+        registry.register(
+            "plan_duration_seconds",
+            "Time to build the snapshot and plan",
+            m.plan_duration.clone(),
+        );
+        registry.register("plans", "Plans by solver used and status", m.plans.clone());
+        registry.register(
+            "plan_pods",
+            "Pending pods of the last plan that fit or wait",
+            m.plan_pods.clone(),
+        );
+        registry.register(
+            "plan_evictions",
+            "Evictions in the last plan",
+            m.plan_evictions.clone(),
+        );
+        registry.register(
+            "decisions",
+            "Per changed node of a plan: granted, dry-run, invalidated or deferred (and why)",
+            m.decisions.clone(),
+        );
+        registry.register("grants", "Grant writes to nodes by result", m.grants.clone());
+        registry.register(
+            "budget_headroom",
+            "What is left of each disruption budget",
+            m.budget_headroom.clone(),
+        );
+        registry.register(
+            "nodes_reconfiguring",
+            "Nodes reconfiguring (or stuck after a failure) now",
+            m.nodes_reconfiguring.clone(),
+        );
+        registry.register(
+            "reconfigurations",
+            "Ended node reconfigurations by result",
+            m.reconfigurations.clone(),
+        );
+        registry.register(
+            "evictions_granted",
+            "Pod evictions granted to node agents",
+            m.evictions_granted.clone(),
+        );
+        registry.register(
+            "input_problems",
+            "Input the controller could not use, by reason",
+            m.input_problems.clone(),
+        );
+        registry.register(
+            "last_plan_timestamp_seconds",
+            "Unix time of the last plan",
+            m.last_plan_timestamp.clone(),
+        );
+        for profile in profiles {
+            let _ = m.pending_pods.get_or_create(&ProfileLabel { profile });
+        }
+        for decision in DECISIONS {
+            let _ = m.decisions.get_or_create(&DecisionLabel { decision });
+        }
+        for result in GRANT_RESULTS {
+            let _ = m.grants.get_or_create(&ResultLabel { result });
+        }
+        for result in RECONFIGURATION_RESULTS {
+            let _ = m.reconfigurations.get_or_create(&ResultLabel { result });
+        }
+        for budget in ["nodes", "evictions"] {
+            let _ = m.budget_headroom.get_or_create(&BudgetLabel { budget });
+        }
+        for reason in INPUT_PROBLEMS {
+            let _ = m.input_problems.get_or_create(&ReasonLabel { reason });
+        }
+        for outcome in ["fits", "waits"] {
+            let _ = m.plan_pods.get_or_create(&OutcomeLabel { outcome });
+        }
+        for (solver, status) in [
+            ("highs", "optimal"),
+            ("highs", "time-limit"),
+            ("highs", "gap-limit"),
+            ("greedy", "greedy"),
+            ("greedy", "trivial"),
+        ] {
+            let _ = m.plans.get_or_create(&SolverLabels {
+                solver: solver.into(),
+                status: status.into(),
+            });
+        }
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition (OpenMetrics).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_labels_start_at_zero_and_counters_end_in_total() {
+        let m = Metrics::new(["3g.40gb".to_string()]);
+        let text = m.encode();
+        assert!(
+            text.contains("mig_autoscaler_pending_pods{profile=\"3g.40gb\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mig_autoscaler_decisions_total{decision=\"eviction-budget\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("mig_autoscaler_build_info{version="), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,476 @@
+//! From cached cluster objects to the planner's [`Snapshot`], and every input problem found on the way.
+//!
+//! Pure: takes the objects, returns values. Malformed input never stops planning: the pod or node
+//! concerned is left out (or left alone) and reported as an [`InputProblem`] (an Event and a metric).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Node, Pod, PodSpec};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::core::{Selector, SelectorExt};
+use mig_catalog::Catalog;
+use mig_planner::Snapshot;
+use mig_planner::snapshot::{
+    self, Gpu, GpuInstance, LabelExpression, NodeSelectorTerm, Pdb, PendingPod, RunningPod, Taint, Toleration,
+};
+
+use crate::budget::{self, NodeFacts};
+use crate::protocol::{
+    DO_NOT_DISRUPT, Flight, GRANT_ANNOTATION, Grant, MIG_CONFIG_LABEL, NodeReport, NodeState,
+    REPORT_ANNOTATION, STATE_ANNOTATION, TAINT_KEY, flight, parse_annotation,
+};
+use crate::settings::DisruptionBudgets;
+
+/// Prefix of MIG extended resources.
+pub const MIG_RESOURCE_PREFIX: &str = "nvidia.com/mig-";
+
+/// Input the controller could not use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputProblem {
+    /// The object: `Pod` or `Node`.
+    pub kind: &'static str,
+    /// Its namespace (empty for nodes).
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Event reason and metric label: `InvalidMigRequest`, `MalformedAnnotation`, `UnknownGpuModel`.
+    pub reason: &'static str,
+    /// What is wrong and what was done about it.
+    pub message: String,
+}
+
+/// What the controller knows about one node beyond the snapshot.
+#[derive(Clone, Debug)]
+pub struct NodeView {
+    /// Its agent report, as written (to detect change before acting).
+    pub report_raw: Option<String>,
+    /// The grant on it, if readable.
+    pub grant: Option<Grant>,
+    /// The agent's state, if readable.
+    pub state: Option<NodeState>,
+    /// Whether a sequence is in flight.
+    pub flight: Flight,
+    /// Whether our taint is on it.
+    pub tainted: bool,
+    /// Current `nvidia.com/mig.config`.
+    pub mig_config: Option<String>,
+    /// Whether our annotations could not be read (the node is left alone).
+    pub malformed: bool,
+    /// Whether it carries MIG GPUs with an agent report.
+    pub reported: bool,
+    /// Recent eviction grants (eviction budget).
+    pub recent_evictions: Vec<Timestamp>,
+}
+
+/// The cluster as the planner and the budgets see it.
+#[derive(Clone, Debug, Default)]
+pub struct Observation {
+    /// The planner's input (policy included).
+    pub snapshot: Snapshot,
+    /// Per node.
+    pub nodes: BTreeMap<String, NodeView>,
+    /// Input problems.
+    pub problems: Vec<InputProblem>,
+    /// Nodes the planner may change (reported, managed, readable).
+    pub managed: usize,
+}
+
+impl Observation {
+    /// Budget facts per node.
+    pub fn facts(&self) -> Vec<NodeFacts> {
+        self.nodes
+            .iter()
+            .map(|(name, v)| NodeFacts {
+                name: name.clone(),
+                flight: v.flight.clone(),
+                recent_evictions: v.recent_evictions.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Requests of one pod per MIG resource: containers summed, init containers as a floor (as the
+/// scheduler computes effective requests). Non-integer or negative counts are errors.
+pub fn mig_requests(spec: &PodSpec) -> Result<BTreeMap<String, i64>, String> {
+    fn of(c: &k8s_openapi::api::core::v1::Container) -> Result<BTreeMap<String, i64>, String> {
+        let mut out = BTreeMap::new();
+        let Some(r) = &c.resources else { return Ok(out) };
+        // Extended resources: limits, and requests must equal them; take limits, else requests.
+        for src in [r.limits.as_ref(), r.requests.as_ref()].into_iter().flatten() {
+            for (k, q) in src {
+                if !k.starts_with(MIG_RESOURCE_PREFIX) || out.contains_key(k) {
+                    continue;
+                }
+                let n: i64 = q.0.trim().parse().map_err(|_| {
+                    format!(
+                        "container {}: {k}: {:?} is not a whole number of instances",
+                        c.name, q.0
+                    )
+                })?;
+                if n < 0 {
+                    return Err(format!("container {}: {k}: negative count {n}", c.name));
+                }
+                if n > 0 {
+                    out.insert(k.clone(), n);
+                }
+            }
+        }
+        Ok(out)
+    }
+    let mut sum: BTreeMap<String, i64> = BTreeMap::new();
+    for c in &spec.containers {
+        for (k, n) in of(c)? {
+            *sum.entry(k).or_default() += n;
+        }
+    }
+    for c in spec.init_containers.iter().flatten() {
+        for (k, n) in of(c)? {
+            let e = sum.entry(k).or_default();
+            *e = (*e).max(n);
+        }
+    }
+    Ok(sum)
+}
+
+fn key(pod: &Pod) -> (String, String) {
+    (
+        pod.metadata.namespace.clone().unwrap_or_default(),
+        pod.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Whether a pod waits for the scheduler (not bound, not ending).
+pub fn is_pending(pod: &Pod) -> bool {
+    let bound = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .is_some_and(|n| !n.is_empty());
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("Pending");
+    !bound && phase == "Pending" && pod.metadata.deletion_timestamp.is_none()
+}
+
+fn pending_pod(pod: &Pod, requests: BTreeMap<String, i64>) -> PendingPod {
+    let (namespace, name) = key(pod);
+    let spec = pod.spec.clone().unwrap_or_default();
+    let node_affinity = spec
+        .affinity
+        .and_then(|a| a.node_affinity)
+        .and_then(|n| n.required_during_scheduling_ignored_during_execution)
+        .map(|r| {
+            r.node_selector_terms
+                .into_iter()
+                .map(|t| NodeSelectorTerm {
+                    match_expressions: t
+                        .match_expressions
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|e| LabelExpression {
+                            key: e.key,
+                            operator: e.operator,
+                            values: e.values.unwrap_or_default(),
+                        })
+                        .collect(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    PendingPod {
+        namespace,
+        name,
+        priority: spec.priority.unwrap_or(0),
+        requests,
+        node_selector: spec.node_selector.unwrap_or_default(),
+        node_affinity,
+        tolerations: spec
+            .tolerations
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| Toleration {
+                key: t.key.unwrap_or_default(),
+                operator: t.operator.unwrap_or_else(|| "Equal".into()),
+                value: t.value.unwrap_or_default(),
+                effect: t.effect.unwrap_or_default(),
+            })
+            .collect(),
+        created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+    }
+}
+
+/// Build the observation. `now` decides cooldowns and windows (nodes that may not change now are
+/// frozen for the planner, so it plans around them).
+pub fn observe(
+    nodes: &[Arc<Node>],
+    pods: &[Arc<Pod>],
+    pdbs: &[Arc<PodDisruptionBudget>],
+    policy: &mig_planner::Policy,
+    budgets: &DisruptionBudgets,
+    now: Timestamp,
+) -> Observation {
+    let catalog = Catalog::embedded();
+    let mut obs = Observation::default();
+    let mut problem = |kind, namespace: String, name: String, reason, message: String| {
+        obs.problems.push(InputProblem {
+            kind,
+            namespace,
+            name,
+            reason,
+            message,
+        })
+    };
+
+    // Pods.
+    let mut pending = Vec::new();
+    let mut running = Vec::new();
+    for pod in pods {
+        let Some(spec) = &pod.spec else { continue };
+        let (ns, name) = key(pod);
+        let requests = match mig_requests(spec) {
+            Ok(r) => r,
+            Err(e) => {
+                if is_pending(pod) {
+                    problem(
+                        "Pod",
+                        ns,
+                        name,
+                        "InvalidMigRequest",
+                        format!("{e}; the pod is not planned for"),
+                    );
+                }
+                continue;
+            }
+        };
+        if requests.is_empty() {
+            continue;
+        }
+        if is_pending(pod) {
+            pending.push(pending_pod(pod, requests));
+        } else if spec.node_name.is_some() {
+            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            let member_of = pdbs
+                .iter()
+                .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
+                .filter(|p| {
+                    p.spec
+                        .as_ref()
+                        .and_then(|s| s.selector.clone())
+                        .and_then(|s| Selector::try_from(s).ok())
+                        .is_some_and(|s| !s.selects_all() && s.matches(&labels))
+                })
+                .map(|p| format!("{ns}/{}", p.metadata.name.clone().unwrap_or_default()))
+                .collect();
+            running.push(RunningPod {
+                namespace: ns,
+                name,
+                priority: spec.priority.unwrap_or(0),
+                do_not_disrupt: pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(DO_NOT_DISRUPT))
+                    .is_some_and(|v| v == "true"),
+                pdbs: member_of,
+            });
+        }
+    }
+
+    // Nodes.
+    let mut snap_nodes = Vec::new();
+    for node in nodes {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let object = format!("node/{name}");
+        let annotations = node.metadata.annotations.as_ref();
+        let mut malformed = false;
+        let mut read = |k: &'static str| -> Option<serde_json::Value> {
+            match parse_annotation::<serde_json::Value>(annotations, k, &object) {
+                Ok(v) => v,
+                Err(e) => {
+                    malformed = true;
+                    problem(
+                        "Node",
+                        String::new(),
+                        name.clone(),
+                        "MalformedAnnotation",
+                        format!("{e}; the node is left alone"),
+                    );
+                    None
+                }
+            }
+        };
+        let raw = [
+            read(REPORT_ANNOTATION),
+            read(GRANT_ANNOTATION),
+            read(STATE_ANNOTATION),
+        ];
+        let mut typed_errors = Vec::new();
+        let [report, grant, state] = raw;
+        let report: Option<NodeReport> = typed(report, REPORT_ANNOTATION, &object, &mut typed_errors);
+        let grant: Option<Grant> = typed(grant, GRANT_ANNOTATION, &object, &mut typed_errors);
+        let state: Option<NodeState> = typed(state, STATE_ANNOTATION, &object, &mut typed_errors);
+        for message in typed_errors {
+            malformed = true;
+            problem(
+                "Node",
+                String::new(),
+                name.clone(),
+                "MalformedAnnotation",
+                message,
+            );
+        }
+        let spec = node.spec.clone().unwrap_or_default();
+        let taints: Vec<Taint> = spec
+            .taints
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| Taint {
+                key: t.key,
+                value: t.value.unwrap_or_default(),
+                effect: t.effect,
+            })
+            .collect();
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        let fl = match (&grant, &state) {
+            // No readable grant while the agent reports a phase in progress: count it in flight.
+            (None, Some(s)) if !s.phase.is_terminal() => Flight::InFlight { phase: Some(s.phase) },
+            _ => flight(grant.as_ref(), state.as_ref()),
+        };
+        let recent_evictions = grant
+            .as_ref()
+            .map(|g| g.recent_evictions.iter().filter_map(|t| t.parse().ok()).collect())
+            .unwrap_or_default();
+        let view = NodeView {
+            report_raw: annotations.and_then(|a| a.get(REPORT_ANNOTATION)).cloned(),
+            grant: grant.clone(),
+            state,
+            flight: fl.clone(),
+            tainted: taints.iter().any(|t| t.key == TAINT_KEY),
+            mig_config: labels.get(MIG_CONFIG_LABEL).cloned(),
+            malformed,
+            reported: report.is_some(),
+            recent_evictions,
+        };
+        let managed = policy
+            .managed_node_selector
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v));
+        let facts = NodeFacts {
+            name: name.clone(),
+            flight: view.flight.clone(),
+            recent_evictions: view.recent_evictions.clone(),
+        };
+        let blocked = budget::node_blocked(budgets, now, &facts, budget::window_open(budgets, now)).is_some();
+        let mut gpus = report.map(|r| r.gpus).unwrap_or_default();
+        if let (Some(g), Flight::InFlight { .. } | Flight::Stuck) = (&grant, &view.flight) {
+            // Plan around the target the node is moving to.
+            for gpu in &mut gpus {
+                if let Some(target) = g.targets.get(&gpu.index) {
+                    match target_instances(catalog, gpu, target) {
+                        Ok(instances) => gpu.instances = instances,
+                        Err(e) => problem(
+                            "Node",
+                            String::new(),
+                            name.clone(),
+                            "MalformedAnnotation",
+                            format!(
+                                "annotation {GRANT_ANNOTATION} on {object}: GPU {}: {e}",
+                                gpu.index
+                            ),
+                        ),
+                    }
+                }
+            }
+        }
+        for gpu in &gpus {
+            if let Err(e) = catalog.lookup(&gpu.product) {
+                problem(
+                    "Node",
+                    String::new(),
+                    name.clone(),
+                    "UnknownGpuModel",
+                    format!("GPU {}: {e}; the GPU is left alone", gpu.index),
+                );
+            }
+        }
+        if view.reported && managed && !malformed {
+            obs.managed += 1;
+        }
+        snap_nodes.push(snapshot::Node {
+            name: name.clone(),
+            labels,
+            taints,
+            schedulable: !spec.unschedulable.unwrap_or(false),
+            frozen: malformed || blocked,
+            gpus: if malformed { Vec::new() } else { gpus },
+        });
+        obs.nodes.insert(name, view);
+    }
+
+    obs.snapshot = Snapshot {
+        nodes: snap_nodes,
+        pending_pods: pending,
+        running_pods: running,
+        pdbs: pdbs
+            .iter()
+            .map(|p| Pdb {
+                namespace: p.metadata.namespace.clone().unwrap_or_default(),
+                name: p.metadata.name.clone().unwrap_or_default(),
+                disruptions_allowed: p
+                    .status
+                    .as_ref()
+                    .map(|s| s.disruptions_allowed.unwrap_or(0).max(0) as u32)
+                    .unwrap_or(0),
+            })
+            .collect(),
+        policy: policy.clone(),
+    };
+    obs
+}
+
+/// A JSON value as one of our annotation types; a mismatch is recorded, never a panic.
+fn typed<T: serde::de::DeserializeOwned>(
+    value: Option<serde_json::Value>,
+    key: &str,
+    object: &str,
+    errors: &mut Vec<String>,
+) -> Option<T> {
+    serde_json::from_value(value?)
+        .map_err(|e| {
+            errors.push(format!(
+                "annotation {key} on {object}: {e}; the node is left alone"
+            ))
+        })
+        .ok()
+}
+
+/// A GPU's instances once `target` is applied: in-use instances at the same placement keep their pods.
+fn target_instances(catalog: &Catalog, gpu: &Gpu, target: &str) -> Result<Vec<GpuInstance>, String> {
+    let model = catalog.lookup(&gpu.product).map_err(|e| e.to_string())?;
+    let layout = model.parse_layout(target).map_err(|e| e.to_string())?;
+    let kept: BTreeMap<(String, u8), &GpuInstance> = gpu
+        .instances
+        .iter()
+        .map(|i| ((i.profile.clone(), i.start), i))
+        .collect();
+    let mut seen = BTreeSet::new();
+    Ok(layout
+        .instances()
+        .iter()
+        .filter_map(|i| {
+            let profile = model.profile(i.profile)?.name.clone();
+            seen.insert((profile.clone(), i.start));
+            let old = kept.get(&(profile.clone(), i.start));
+            Some(GpuInstance {
+                profile,
+                start: i.start,
+                pods: old.map(|o| o.pods.clone()).unwrap_or_default(),
+                utilization: old.and_then(|o| o.utilization),
+            })
+        })
+        .collect())
+}

@@ -1,0 +1,272 @@
+//! The contract between the controller and the node agents, written on the Node object.
+//!
+//! Everything lives under [`PREFIX`], so a start-up sweep can find (and only find) our own work:
+//!
+//! | key | written by | value |
+//! |---|---|---|
+//! | `mig-autoscaler.io/gpus` (annotation) | agent | [`NodeReport`]: actual layouts, pods per instance, utilization |
+//! | `mig-autoscaler.io/grant` (annotation) | controller (leader) | [`Grant`]: plan id, per-GPU targets, evictions |
+//! | `mig-autoscaler.io/state` (annotation) | agent | [`NodeState`]: phase of the sequence for a grant |
+//! | `mig-autoscaler.io/reconfiguring` (NoSchedule taint) | agent | present while a sequence runs |
+//! | `mig-autoscaler.io/do-not-disrupt` (pod annotation) | users | `"true"`: never evicted |
+//!
+//! Values are JSON. A value that does not parse is reported (Event, metric) and the node is left
+//! alone; it is never overwritten blindly.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every annotation, label and taint key we own.
+pub const PREFIX: &str = "mig-autoscaler.io/";
+/// Node annotation: the agent's [`NodeReport`].
+pub const REPORT_ANNOTATION: &str = "mig-autoscaler.io/gpus";
+/// Node annotation: the controller's [`Grant`].
+pub const GRANT_ANNOTATION: &str = "mig-autoscaler.io/grant";
+/// Node annotation: the agent's [`NodeState`].
+pub const STATE_ANNOTATION: &str = "mig-autoscaler.io/state";
+/// Our NoSchedule taint on a node whose GPUs are being reconfigured.
+pub const TAINT_KEY: &str = mig_planner::RECONFIGURING_TAINT;
+/// Pod annotation: `"true"` means never evict this pod.
+pub const DO_NOT_DISRUPT: &str = "mig-autoscaler.io/do-not-disrupt";
+/// Label mig-manager reads.
+pub const MIG_CONFIG_LABEL: &str = "nvidia.com/mig.config";
+/// Label mig-manager writes (`pending`, `success`, `failed`, `rebooting`).
+pub const MIG_STATE_LABEL: &str = "nvidia.com/mig.config.state";
+
+/// What the agent observed on its node (NVML, or the emulator's simulated GPUs).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReport {
+    /// When it was observed (RFC 3339).
+    #[serde(default)]
+    pub observed_at: String,
+    /// Every GPU, with its instances at their placements and the pods using them.
+    pub gpus: Vec<mig_planner::snapshot::Gpu>,
+}
+
+/// The controller's permission for a node to reconfigure to a target.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Grant {
+    /// Plan id the grant comes from.
+    pub plan_id: String,
+    /// mig-parted config to set as `nvidia.com/mig.config` (mig-manager backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig_config: Option<String>,
+    /// GPU index → target layout (canonical form), for the GPUs that change.
+    pub targets: BTreeMap<u32, String>,
+    /// Pods (`namespace/name`) to evict, through the Eviction API only.
+    #[serde(default)]
+    pub evictions: Vec<String>,
+    /// When it was granted (RFC 3339).
+    pub granted_at: String,
+    /// Identity of the controller replica that granted it.
+    pub granted_by: String,
+    /// Times (RFC 3339) of evictions granted on this node within the eviction window, this grant's
+    /// included: the eviction budget survives restarts and leader changes.
+    #[serde(default)]
+    pub recent_evictions: Vec<String>,
+}
+
+/// Phase of a node's reconfiguration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub enum Phase {
+    /// Adding our taint.
+    Tainting,
+    /// Evicting the pods on GPUs that change.
+    Draining,
+    /// Setting `nvidia.com/mig.config` (or creating instances with NVML).
+    Relabeling,
+    /// Waiting for `nvidia.com/mig.config.state=success`.
+    AwaitingMigManager,
+    /// Checking actual == target.
+    Verifying,
+    /// Removing our taint.
+    Untainting,
+    /// Finished: actual == target, taint gone.
+    Done,
+    /// Failed and rolled back to the previous config; taint gone.
+    RolledBack,
+    /// Failed; the node stays tainted until someone looks (a Warning Event says why).
+    Failed,
+}
+
+impl Phase {
+    /// Whether the sequence has ended (nothing more will happen for this grant).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Done | Phase::RolledBack | Phase::Failed)
+    }
+
+    /// Label value for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Tainting => "tainting",
+            Phase::Draining => "draining",
+            Phase::Relabeling => "relabeling",
+            Phase::AwaitingMigManager => "awaiting-mig-manager",
+            Phase::Verifying => "verifying",
+            Phase::Untainting => "untainting",
+            Phase::Done => "done",
+            Phase::RolledBack => "rolled-back",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+/// Where the agent is with a grant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeState {
+    /// The grant's plan id.
+    pub plan_id: String,
+    /// Phase.
+    pub phase: Phase,
+    /// When the phase began (RFC 3339).
+    pub since: String,
+    /// Attempt number (1-based).
+    #[serde(default = "one")]
+    pub attempt: u32,
+    /// What happened, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A value under our prefix that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("annotation {key} on {object}: {message}")]
+pub struct MalformedAnnotation {
+    /// Annotation key.
+    pub key: &'static str,
+    /// `node/<name>` or `pod/<ns>/<name>`.
+    pub object: String,
+    /// The parse error.
+    pub message: String,
+}
+
+/// Parse one of our JSON annotations; `Ok(None)` when absent.
+pub fn parse_annotation<T: serde::de::DeserializeOwned>(
+    annotations: Option<&BTreeMap<String, String>>,
+    key: &'static str,
+    object: &str,
+) -> Result<Option<T>, MalformedAnnotation> {
+    let Some(text) = annotations.and_then(|a| a.get(key)) else {
+        return Ok(None);
+    };
+    serde_json::from_str(text)
+        .map(Some)
+        .map_err(|e| MalformedAnnotation {
+            key,
+            object: object.to_string(),
+            message: e.to_string(),
+        })
+}
+
+/// The in-flight status of a node, from its grant and state annotations.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Flight {
+    /// No grant, or its sequence has ended.
+    Idle {
+        /// When the last sequence ended (for cooldowns), if known.
+        finished_at: Option<jiff::Timestamp>,
+    },
+    /// Granted and not yet ended (the agent may not have started).
+    InFlight {
+        /// The phase, if the agent has started.
+        phase: Option<Phase>,
+    },
+    /// The sequence failed and the node was left tainted: it counts as disrupted until a person
+    /// clears the grant annotation.
+    Stuck,
+}
+
+/// Where a node stands, given its grant and state.
+pub fn flight(grant: Option<&Grant>, state: Option<&NodeState>) -> Flight {
+    let Some(grant) = grant else {
+        return Flight::Idle {
+            finished_at: state
+                .filter(|s| s.phase.is_terminal())
+                .and_then(|s| s.since.parse().ok()),
+        };
+    };
+    match state.filter(|s| s.plan_id == grant.plan_id) {
+        None => Flight::InFlight { phase: None },
+        Some(s) if s.phase == Phase::Failed => Flight::Stuck,
+        Some(s) if s.phase.is_terminal() => Flight::Idle {
+            finished_at: s.since.parse().ok(),
+        },
+        Some(s) => Flight::InFlight { phase: Some(s.phase) },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(id: &str) -> Grant {
+        Grant {
+            plan_id: id.into(),
+            granted_at: "2026-01-01T00:00:00Z".into(),
+            ..Default::default()
+        }
+    }
+    fn state(id: &str, phase: Phase) -> NodeState {
+        NodeState {
+            plan_id: id.into(),
+            phase,
+            since: "2026-01-01T00:05:00Z".into(),
+            attempt: 1,
+            message: None,
+        }
+    }
+
+    #[test]
+    fn flight_follows_the_state_of_the_same_plan_only() {
+        assert_eq!(flight(None, None), Flight::Idle { finished_at: None });
+        assert_eq!(flight(Some(&grant("a")), None), Flight::InFlight { phase: None });
+        // A state left from an older grant does not end the new one.
+        assert_eq!(
+            flight(Some(&grant("b")), Some(&state("a", Phase::Done))),
+            Flight::InFlight { phase: None }
+        );
+        assert_eq!(
+            flight(Some(&grant("a")), Some(&state("a", Phase::Draining))),
+            Flight::InFlight {
+                phase: Some(Phase::Draining)
+            }
+        );
+        let done = flight(Some(&grant("a")), Some(&state("a", Phase::Done)));
+        assert_eq!(
+            done,
+            Flight::Idle {
+                finished_at: Some("2026-01-01T00:05:00Z".parse().unwrap())
+            }
+        );
+        assert_eq!(
+            flight(Some(&grant("a")), Some(&state("a", Phase::Failed))),
+            Flight::Stuck
+        );
+    }
+
+    #[test]
+    fn malformed_annotations_name_key_and_object() {
+        let mut a = BTreeMap::new();
+        a.insert(GRANT_ANNOTATION.to_string(), "{not json".to_string());
+        let e = parse_annotation::<Grant>(Some(&a), GRANT_ANNOTATION, "node/n1").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("annotation mig-autoscaler.io/grant on node/n1:"),
+            "{e}"
+        );
+        assert!(
+            parse_annotation::<Grant>(None, GRANT_ANNOTATION, "node/n1")
+                .unwrap()
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,516 @@
+//! The controller against kube-emulator (real HTTP, kube-rs), the test playing the node agent.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
+use mig_controller::protocol::{Flight, GRANT_ANNOTATION, Grant, NodeState, STATE_ANNOTATION, flight};
+use mig_controller::settings::{Amount, Mode};
+use serde_json::json;
+use support::*;
+
+async fn pod_running(client: &kube::Client, name: &str) -> bool {
+    Api::<Pod>::namespaced(client.clone(), "default")
+        .get(name)
+        .await
+        .ok()
+        .and_then(|p| p.status?.phase)
+        .as_deref()
+        == Some("Running")
+}
+
+fn grant_of(node: &Node) -> Option<Grant> {
+    node.annotations()
+        .get(GRANT_ANNOTATION)
+        .and_then(|g| serde_json::from_str(g).ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_plans_explains_and_never_writes() {
+    let env = env(nodes(2, 2, SEVEN_1G), AgentBehaviour::default()).await;
+    let config_before = config_yaml(&env.client).await;
+    let c = controller(&env, fast_settings(Mode::DryRun), "replica-a").await;
+    create_pod(&env.client, &mig_pod("wants-3g", "3g.40gb", "1")).await;
+
+    eventually(10, "a plan that fits the pod after a repartition", || async {
+        let (status, p) = get_json(c.addr, "/api/v1/plan").await;
+        status == 200 && p["plan"]["pods"][0]["outcome"]["needsRepartition"] == json!(true)
+    })
+    .await;
+    let (_, p) = get_json(c.addr, "/api/v1/plan").await;
+    assert_eq!(p["mode"], "dry-run");
+    let node = p["plan"]["pods"][0]["outcome"]["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(p["decisions"][&node], "dry-run", "{p:#}");
+
+    // The API answers what the plan says.
+    let (status, e) = get_json(c.addr, "/api/v1/pods/default/wants-3g/explain").await;
+    assert_eq!(status, 200);
+    assert_eq!(e["planId"], p["plan"]["id"]);
+    assert!(
+        e["explanation"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("fits on node {node} after a repartition")),
+        "{e}"
+    );
+    let (status, l) = get_json(c.addr, "/api/v1/layouts").await;
+    assert_eq!(status, 200);
+    let changed: Vec<_> = l["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["changed"] == json!(true))
+        .collect();
+    assert_eq!(changed.len(), 1, "{l:#}");
+    assert_eq!(changed[0]["node"], json!(node));
+    assert!(changed[0]["proposed"].as_str().unwrap().contains("3g.40gb"));
+    let (status, _) = get_json(c.addr, "/api/v1/pods/default/nobody/explain").await;
+    assert_eq!(status, 404);
+
+    // Events on the pod and the node.
+    eventually(5, "events for the pod and the node", || async {
+        let ev = events(&env.client, "default").await;
+        ev.iter().any(|(who, reason, note, _)| {
+            who == "wants-3g" && reason == "WaitingForRepartition" && note.contains("dry-run")
+        }) && ev
+            .iter()
+            .any(|(who, reason, _, _)| *who == node && reason == "LayoutChangePlanned")
+    })
+    .await;
+
+    // Metrics say the same.
+    let (_, scrape) = http(c.addr, "GET", "/metrics", b"").await;
+    assert_eq!(
+        sample(&scrape, "mig_autoscaler_pending_pods{profile=\"3g.40gb\"}"),
+        Some(1.0),
+        "{scrape}"
+    );
+    assert_eq!(
+        sample(&scrape, "mig_autoscaler_pending_pods{profile=\"1g.10gb\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &scrape,
+            &format!(
+                "mig_autoscaler_gpu_instances{{node=\"{node}\",gpu=\"{}\",profile=\"3g.40gb\",layout=\"proposed\"}}",
+                changed[0]["gpu"]
+            )
+        ),
+        Some(1.0),
+        "{scrape}"
+    );
+    assert_eq!(
+        sample(
+            &scrape,
+            &format!(
+                "mig_autoscaler_gpu_instances{{node=\"{node}\",gpu=\"0\",profile=\"1g.10gb\",layout=\"actual\"}}"
+            )
+        ),
+        Some(7.0)
+    );
+    assert!(sample(&scrape, "mig_autoscaler_decisions_total{decision=\"dry-run\"}").unwrap() >= 1.0);
+    assert_eq!(
+        sample(&scrape, "mig_autoscaler_decisions_total{decision=\"granted\"}"),
+        Some(0.0)
+    );
+    assert_eq!(sample(&scrape, "mig_autoscaler_leader"), Some(1.0));
+    assert_eq!(sample(&scrape, "mig_autoscaler_caches_synced"), Some(1.0));
+    assert_eq!(
+        sample(&scrape, "mig_autoscaler_plan_pods{outcome=\"fits\"}"),
+        Some(1.0)
+    );
+    assert!(sample(&scrape, "mig_autoscaler_plan_duration_seconds_count").unwrap() >= 1.0);
+
+    // Nothing written, however long we wait.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(c.shared.writes.lock().unwrap().is_empty());
+    for n in Api::<Node>::all(env.client.clone())
+        .list(&Default::default())
+        .await
+        .unwrap()
+    {
+        assert!(
+            grant_of(&n).is_none(),
+            "dry-run wrote a grant on {}",
+            n.name_any()
+        );
+        assert!(!n.labels().contains_key("nvidia.com/mig.config"));
+    }
+    assert_eq!(config_yaml(&env.client).await, config_before);
+    assert!(!pod_running(&env.client, "wants-3g").await);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_grants_and_the_pod_runs() {
+    let env = env(nodes(2, 2, SEVEN_1G), AgentBehaviour::default()).await;
+    let c = controller(&env, fast_settings(Mode::Auto), "replica-a").await;
+    let t0 = Instant::now();
+    create_pod(&env.client, &mig_pod("wants-3g", "3g.40gb", "1")).await;
+    eventually(15, "the pod runs", || pod_running(&env.client, "wants-3g")).await;
+    let took = t0.elapsed();
+    eprintln!("pending -> running: {took:?}");
+
+    let nodes: Vec<Node> = Api::<Node>::all(env.client.clone())
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items;
+    let granted: Vec<&Node> = nodes.iter().filter(|n| grant_of(n).is_some()).collect();
+    assert_eq!(granted.len(), 1, "exactly one node reconfigured");
+    let g = grant_of(granted[0]).unwrap();
+    assert_eq!(g.granted_by, "replica-a");
+    assert!(g.evictions.is_empty());
+    let config = g.mig_config.clone().unwrap();
+    assert!(
+        config_yaml(&env.client).await.contains(&config),
+        "the ConfigMap holds the node's config"
+    );
+    assert_eq!(granted[0].labels().get("nvidia.com/mig.config"), Some(&config));
+
+    eventually(5, "the metrics count the ended reconfiguration", || async {
+        let (_, scrape) = http(c.addr, "GET", "/metrics", b"").await;
+        sample(&scrape, "mig_autoscaler_reconfigurations_total{result=\"done\"}") == Some(1.0)
+            && sample(&scrape, "mig_autoscaler_grants_total{result=\"written\"}") == Some(1.0)
+            && sample(&scrape, "mig_autoscaler_decisions_total{decision=\"granted\"}") == Some(1.0)
+            && sample(&scrape, "mig_autoscaler_nodes_reconfiguring") == Some(0.0)
+            && sample(&scrape, "mig_autoscaler_pending_pods{profile=\"3g.40gb\"}") == Some(0.0)
+    })
+    .await;
+    let ev = events(&env.client, "default").await;
+    assert!(
+        ev.iter()
+            .any(|(who, r, _, _)| *who == granted[0].name_any() && r == "ReconfigurationGranted"),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|(who, r, n, _)| who == "wants-3g"
+            && r == "WaitingForRepartition"
+            && n.contains("waiting for repartition of node")),
+        "{ev:?}"
+    );
+    c.stop().await;
+}
+
+/// Watch every node change; after each, count nodes with a grant in flight.
+async fn max_in_flight(client: kube::Client, stop: tokio::sync::watch::Receiver<bool>) -> usize {
+    let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
+    let mut max = 0;
+    let stream = watcher(Api::<Node>::all(client), watcher::Config::default()).default_backoff();
+    futures::pin_mut!(stream);
+    loop {
+        if *stop.borrow() {
+            return max;
+        }
+        let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(100), stream.next()).await else {
+            continue;
+        };
+        match ev {
+            Ok(watcher::Event::Apply(n)) | Ok(watcher::Event::InitApply(n)) => {
+                nodes.insert(n.name_any(), n);
+            }
+            Ok(watcher::Event::Delete(n)) => {
+                nodes.remove(&n.name_any());
+            }
+            _ => {}
+        }
+        let now = nodes
+            .values()
+            .filter(|n| {
+                let g = grant_of(n);
+                let s: Option<NodeState> = n
+                    .annotations()
+                    .get(STATE_ANNOTATION)
+                    .and_then(|s| serde_json::from_str(s).ok());
+                !matches!(flight(g.as_ref(), s.as_ref()), Flight::Idle { .. })
+            })
+            .count();
+        max = max.max(now);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_budget_holds_over_a_long_randomized_run() {
+    let agent = AgentBehaviour {
+        min_ms: 100,
+        max_ms: 700,
+        seed: 0x9e3779b97f4a7c15,
+    };
+    let env = env(nodes(6, 1, SEVEN_1G), agent).await;
+    let mut s = fast_settings(Mode::Auto);
+    s.budgets.max_nodes_reconfiguring = Amount::Percent(30); // of 6 nodes: 1.8, rounded up to 2
+    let c = controller(&env, s, "replica-a").await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let monitor = tokio::spawn(max_in_flight(env.client.clone(), stop_rx));
+
+    // Waves of pods of random sizes; finished pods go away and free their instances.
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), "default");
+    let profiles = ["2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb", "1g.10gb"];
+    let mut rng: u64 = 42;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut created = Vec::new();
+    for wave in 0..8 {
+        for i in 0..3 {
+            let name = format!("w{wave}-{i}");
+            create_pod(&env.client, &mig_pod(&name, profiles[(next() % 5) as usize], "1")).await;
+            created.push(name);
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Finish a random running pod.
+        let running: Vec<Pod> = pods
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .collect();
+        if !running.is_empty() {
+            let victim = &running[(next() as usize) % running.len()];
+            let _ = pods.delete(&victim.name_any(), &Default::default()).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_tx.send(true).unwrap();
+    let max = monitor.await.unwrap();
+    let (_, scrape) = http(c.addr, "GET", "/metrics", b"").await;
+    let done = sample(&scrape, "mig_autoscaler_reconfigurations_total{result=\"done\"}").unwrap();
+    let deferred = sample(
+        &scrape,
+        "mig_autoscaler_decisions_total{decision=\"node-budget\"}",
+    )
+    .unwrap()
+        + sample(&scrape, "mig_autoscaler_decisions_total{decision=\"in-flight\"}").unwrap();
+    eprintln!("max nodes in flight {max}, reconfigurations {done}, deferrals {deferred}");
+    assert!(max <= 2, "the budget of 2 nodes was exceeded: {max}");
+    assert!(done >= 3.0, "the run must actually reconfigure: {done}");
+    assert_eq!(max, 2, "the run should use the whole budget at some point");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_writes_and_a_killed_leader_hands_over_within_the_lease() {
+    let env = env(nodes(3, 1, SEVEN_1G), AgentBehaviour::default()).await;
+    let s = fast_settings(Mode::Auto);
+    let lease_duration = s.lease.duration.0;
+    let retry = s.lease.retry.0;
+    let a = controller(&env, s.clone(), "replica-a").await;
+    let b = controller(&env, s, "replica-b").await;
+    eventually(5, "a leader", || async {
+        a.shared.lease.is_leader() || b.shared.lease.is_leader()
+    })
+    .await;
+    // Sample: never two leaders.
+    for _ in 0..60 {
+        assert!(!(a.shared.lease.is_leader() && b.shared.lease.is_leader()));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (leader, follower) = if a.shared.lease.is_leader() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    create_pod(&env.client, &mig_pod("first", "3g.40gb", "1")).await;
+    eventually(15, "first runs", || pod_running(&env.client, "first")).await;
+    // The follower serves the read-only API but never writes.
+    let (status, p) = get_json(follower.addr, "/api/v1/plan").await;
+    assert_eq!(status, 200);
+    assert_eq!(p["leader"], json!(false));
+    assert!(follower.shared.writes.lock().unwrap().is_empty());
+
+    let follower_shared = follower.shared.clone();
+    let leader_shared = leader.shared.clone();
+    let killed = Instant::now();
+    leader.kill();
+    eventually(10, "the follower takes over", || async {
+        follower_shared.lease.is_leader()
+    })
+    .await;
+    let handover = killed.elapsed();
+    eprintln!("handover after kill: {handover:?} (lease {lease_duration:?}, retry {retry:?})");
+    assert!(
+        handover <= lease_duration + 2 * retry,
+        "handover took {handover:?}"
+    );
+
+    create_pod(&env.client, &mig_pod("second", "7g.80gb", "1")).await;
+    eventually(15, "second runs", || pod_running(&env.client, "second")).await;
+    assert!(
+        !follower_shared.writes.lock().unwrap().is_empty(),
+        "the new leader acted"
+    );
+
+    // Every write of each replica fell inside its own terms, and the terms never overlap.
+    let ta = leader_shared.lease.terms();
+    let tb = follower_shared.lease.terms();
+    for (s1, e1) in &ta {
+        for (s2, e2) in &tb {
+            assert!(e1 <= s2 || e2 <= s1, "terms overlap: {ta:?} {tb:?}");
+        }
+    }
+    for (shared, terms) in [(&leader_shared, &ta), (&follower_shared, &tb)] {
+        for (at, what) in shared.writes.lock().unwrap().iter() {
+            assert!(
+                terms.iter().any(|(s, e)| s <= at && at <= e),
+                "write {what} outside a term"
+            );
+        }
+    }
+    follower.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_releases_the_lease_at_once() {
+    let env = env(nodes(1, 1, SEVEN_1G), AgentBehaviour::default()).await;
+    let mut s = fast_settings(Mode::DryRun);
+    s.lease.duration = mig_controller::settings::Dur::secs(30); // a kill would take 30 s
+    let a = controller(&env, s.clone(), "replica-a").await;
+    eventually(5, "a leads", || async { a.shared.lease.is_leader() }).await;
+    let b = controller(&env, s, "replica-b").await;
+    let stopped = Instant::now();
+    a.stop().await;
+    eventually(5, "b leads", || async { b.shared.lease.is_leader() }).await;
+    assert!(stopped.elapsed() < Duration::from_secs(3));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plan_api_plans_posted_snapshots_and_rejects_bad_ones() {
+    let env = env(nodes(1, 1, SEVEN_1G), AgentBehaviour::default()).await;
+    let mut s = fast_settings(Mode::DryRun);
+    s.http.max_body_bytes = 64 * 1024;
+    let c = controller(&env, s, "replica-a").await;
+    eventually(5, "ready", || async {
+        http(c.addr, "GET", "/readyz", b"").await.0 == 200
+    })
+    .await;
+    assert_eq!(http(c.addr, "GET", "/healthz", b"").await.0, 200);
+
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/examples/snapshot-small.json"
+    ))
+    .unwrap();
+    let (status, body) = http(c.addr, "POST", "/api/v1/plan", text.as_bytes()).await;
+    assert_eq!(status, 200, "{body}");
+    let got: mig_planner::Plan = serde_json::from_str(&body).unwrap(); // plans read back
+    let snapshot = mig_planner::Snapshot::from_json(&text).unwrap();
+    let want = mig_planner::plan(&snapshot, &snapshot.policy);
+    assert_eq!(got.id, want.id);
+    assert_eq!(got.gpus, want.gpus);
+    assert_eq!(got.pods, want.pods);
+
+    let (status, body) = http(
+        c.addr,
+        "POST",
+        "/api/v1/plan",
+        br#"{"nodes": [{"name": "n", "gpus": [{"index": "zero"}]}]}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(e["path"].as_str().unwrap().contains("nodes[0].gpus[0]"), "{e}");
+    assert!(!e["error"].as_str().unwrap().is_empty());
+
+    let big = vec![b' '; 100 * 1024];
+    assert_eq!(http(c.addr, "POST", "/api/v1/plan", &big).await.0, 413);
+    let (status, body) = http(c.addr, "GET", "/api/v1/nothing", b"").await;
+    assert_eq!(status, 404);
+    assert!(body.contains("\"error\""));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_and_annotations_give_events_and_metrics_not_panics() {
+    let env = env(nodes(2, 1, SEVEN_1G), AgentBehaviour::default()).await;
+    let c = controller(&env, fast_settings(Mode::Auto), "replica-a").await;
+    // Garbage in our grant annotation on one node.
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    nodes
+        .patch(
+            "gpu-node-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {GRANT_ANNOTATION: "{garbage"}}})),
+        )
+        .await
+        .unwrap();
+    // A real API server rejects these at admission; kube-emulator does not, and its scheduler would
+    // bind them, so a selector nothing matches keeps them pending for the controller to see.
+    for (name, count) in [("half", "1.5"), ("negative", "-1")] {
+        let mut pod = mig_pod(name, "1g.10gb", count);
+        pod.spec.as_mut().unwrap().node_selector = Some([("pool".to_string(), "none".to_string())].into());
+        create_pod(&env.client, &pod).await;
+    }
+    create_pod(&env.client, &mig_pod("unknown-profile", "9g.99gb", "1")).await;
+    create_pod(&env.client, &mig_pod("fine", "7g.80gb", "1")).await;
+
+    eventually(15, "the valid pod runs on the readable node", || {
+        pod_running(&env.client, "fine")
+    })
+    .await;
+    let p: Pod = Api::namespaced(env.client.clone(), "default")
+        .get("fine")
+        .await
+        .unwrap();
+    assert_eq!(p.spec.unwrap().node_name.as_deref(), Some("gpu-node-1"));
+    eventually(5, "warning events", || async {
+        let ev = events(&env.client, "default").await;
+        ["half", "negative"].iter().all(|n| {
+            ev.iter()
+                .any(|(who, r, _, t)| who == n && r == "InvalidMigRequest" && t == "Warning")
+        }) && ev.iter().any(|(who, r, note, _)| {
+            who == "gpu-node-0" && r == "MalformedAnnotation" && note.contains(GRANT_ANNOTATION)
+        }) && ev.iter().any(|(who, r, note, _)| {
+            who == "unknown-profile" && r == "WaitingForMigCapacity" && note.contains("9g.99gb")
+        })
+    })
+    .await;
+    let (_, scrape) = http(c.addr, "GET", "/metrics", b"").await;
+    assert!(
+        sample(
+            &scrape,
+            "mig_autoscaler_input_problems_total{reason=\"InvalidMigRequest\"}"
+        )
+        .unwrap()
+            >= 2.0
+    );
+    assert!(
+        sample(
+            &scrape,
+            "mig_autoscaler_input_problems_total{reason=\"MalformedAnnotation\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+    let (status, e) = get_json(c.addr, "/api/v1/pods/default/half/explain").await;
+    assert_eq!(status, 200);
+    assert_eq!(e["status"], "invalid");
+    assert!(
+        e["explanation"].as_str().unwrap().contains("not a whole number"),
+        "{e}"
+    );
+    // The garbage was left alone, not overwritten.
+    let n0 = nodes.get("gpu-node-0").await.unwrap();
+    assert_eq!(
+        n0.annotations().get(GRANT_ANNOTATION).map(String::as_str),
+        Some("{garbage")
+    );
+    c.stop().await;
+}

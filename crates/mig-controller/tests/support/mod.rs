@@ -1,0 +1,360 @@
+//! Test equipment: kube-emulator with its actors, a stand-in node agent, controllers, plain HTTP.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use kube_emulator::{Cluster, ClusterSpec, Config, GpuSpec, NodeSpec, Running};
+use mig_controller::protocol::{
+    GRANT_ANNOTATION, Grant, MIG_CONFIG_LABEL, MIG_STATE_LABEL, NodeReport, NodeState, Phase,
+    REPORT_ANNOTATION, STATE_ANNOTATION,
+};
+use mig_controller::settings::{Dur, Mode, Settings};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const H100: &str = "NVIDIA-H100-80GB-HBM3";
+pub const SEVEN_1G: &str = "1g.10gb@0,1g.10gb@1,1g.10gb@2,1g.10gb@3,1g.10gb@4,1g.10gb@5,1g.10gb@6";
+
+pub struct Env {
+    pub server: Running,
+    pub cluster: Arc<Cluster>,
+    pub client: Client,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// How the stand-in agent behaves.
+#[derive(Clone, Copy)]
+pub struct AgentBehaviour {
+    /// Extra time it takes per reconfiguration (uniform in [min, max] ms, from a seed).
+    pub min_ms: u64,
+    pub max_ms: u64,
+    pub seed: u64,
+}
+
+impl Default for AgentBehaviour {
+    fn default() -> Self {
+        AgentBehaviour {
+            min_ms: 0,
+            max_ms: 0,
+            seed: 1,
+        }
+    }
+}
+
+pub fn nodes(n: usize, gpus: usize, layout: &str) -> Vec<NodeSpec> {
+    (0..n)
+        .map(|i| NodeSpec {
+            name: format!("gpu-node-{i}"),
+            labels: BTreeMap::new(),
+            gpus: (0..gpus)
+                .map(|_| GpuSpec {
+                    product: H100.into(),
+                    layout: layout.into(),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+pub fn client_for(server: &Running) -> Client {
+    let mut config = kube::Config::new(server.url().parse().unwrap());
+    config.default_retry = false;
+    Client::try_from(config).unwrap()
+}
+
+/// Start the emulator, its actors (scheduler, kubelet, mig-manager), the default mig-parted
+/// ConfigMap, and a stand-in agent on every node.
+pub async fn env(spec_nodes: Vec<NodeSpec>, agent: AgentBehaviour) -> Env {
+    let server = Running::start("127.0.0.1:0".parse().unwrap(), Config::default())
+        .await
+        .unwrap();
+    let spec = ClusterSpec {
+        nodes: spec_nodes.clone(),
+        mig_parted_config_map: "gpu-operator/default-mig-parted-config".into(),
+        mig_manager_delay_ms: 50,
+    };
+    let cluster = Cluster::new(server.state.clone(), &spec).unwrap();
+    let actors = cluster.spawn();
+    server
+        .seed([kube_emulator::fleet::default_mig_parted_config_map()])
+        .unwrap();
+    let client = client_for(&server);
+    let names: Vec<String> = spec_nodes.iter().map(|n| n.name.clone()).collect();
+    let agent = tokio::spawn(stand_in_agent(client.clone(), cluster.clone(), names, agent));
+    Env {
+        server,
+        cluster,
+        client,
+        tasks: vec![actors, agent],
+    }
+}
+
+fn report(cluster: &Cluster, node: &str) -> NodeReport {
+    NodeReport {
+        observed_at: String::new(),
+        gpus: cluster
+            .gpus(node)
+            .iter()
+            .map(|g| mig_planner::snapshot::Gpu {
+                index: g.index,
+                product: g.model.key.clone(),
+                mig_enabled: true,
+                instances: g
+                    .layout
+                    .instances()
+                    .iter()
+                    .map(|i| mig_planner::snapshot::GpuInstance {
+                        profile: g.model.profile(i.profile).unwrap().name.clone(),
+                        start: i.start,
+                        pods: g.used.get(i).cloned().into_iter().collect(),
+                        utilization: None,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Plays the node agent's part (issue 6 builds the real one): reports the simulated GPUs on the
+/// Node, and for a grant sets `nvidia.com/mig.config`, waits for mig-manager, writes Done.
+async fn stand_in_agent(client: Client, cluster: Arc<Cluster>, names: Vec<String>, b: AgentBehaviour) {
+    let api: Api<Node> = Api::all(client);
+    let mut rng = b.seed;
+    let mut started: BTreeMap<String, (String, tokio::time::Instant, Duration)> = BTreeMap::new();
+    loop {
+        for name in &names {
+            let Ok(node) = api.get(name).await else { continue };
+            let ann = node.annotations();
+            let rep = serde_json::to_string(&report(&cluster, name)).unwrap();
+            if ann.get(REPORT_ANNOTATION) != Some(&rep) {
+                let _ = api
+                    .patch(
+                        name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"annotations": {REPORT_ANNOTATION: rep}}})),
+                    )
+                    .await;
+            }
+            let grant: Option<Grant> = ann
+                .get(GRANT_ANNOTATION)
+                .and_then(|g| serde_json::from_str(g).ok());
+            let state: Option<NodeState> = ann
+                .get(STATE_ANNOTATION)
+                .and_then(|s| serde_json::from_str(s).ok());
+            let Some(grant) = grant else { continue };
+            if state
+                .as_ref()
+                .is_some_and(|s| s.plan_id == grant.plan_id && s.phase.is_terminal())
+            {
+                continue;
+            }
+            let entry = started.entry(name.clone()).or_insert_with(|| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let extra = if b.max_ms > b.min_ms {
+                    b.min_ms + rng % (b.max_ms - b.min_ms)
+                } else {
+                    b.min_ms
+                };
+                (
+                    grant.plan_id.clone(),
+                    tokio::time::Instant::now(),
+                    Duration::from_millis(extra),
+                )
+            });
+            if entry.0 != grant.plan_id {
+                *entry = (grant.plan_id.clone(), tokio::time::Instant::now(), entry.2);
+            }
+            let write_state = |phase: Phase, message: &str| {
+                let s = NodeState {
+                    plan_id: grant.plan_id.clone(),
+                    phase,
+                    since: jiff::Timestamp::now().to_string(),
+                    attempt: 1,
+                    message: Some(message.into()),
+                };
+                json!({"metadata": {"annotations": {STATE_ANNOTATION: serde_json::to_string(&s).unwrap()}}})
+            };
+            let Some(config) = &grant.mig_config else { continue };
+            let labels = node.labels();
+            if labels.get(MIG_CONFIG_LABEL) != Some(config) {
+                let mut patch = write_state(Phase::AwaitingMigManager, "relabeled");
+                patch["metadata"]["labels"] = json!({MIG_CONFIG_LABEL: config});
+                let _ = api
+                    .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await;
+                continue;
+            }
+            let done = match labels.get(MIG_STATE_LABEL).map(String::as_str) {
+                Some("success") => Phase::Done,
+                Some("failed") => Phase::Failed,
+                _ => continue,
+            };
+            if entry.1.elapsed() < entry.2 {
+                continue;
+            }
+            let rep = serde_json::to_string(&report(&cluster, name)).unwrap();
+            let mut patch = write_state(done, "mig-manager finished");
+            patch["metadata"]["annotations"][REPORT_ANNOTATION] = json!(rep);
+            let _ = api
+                .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+/// Settings for fast tests.
+pub fn fast_settings(mode: Mode) -> Settings {
+    let mut s = Settings {
+        mode,
+        ..Default::default()
+    };
+    s.batching.quiet = Dur::millis(100);
+    s.batching.max_wait = Dur::millis(500);
+    s.batching.resync = Dur::millis(300);
+    s.tick = Dur::millis(50);
+    s.lease.duration = Dur::millis(1500);
+    s.lease.retry = Dur::millis(200);
+    s.lease.namespace = "mig-autoscaler".into();
+    s.budgets.node_cooldown = Dur::millis(0);
+    s.http.listen = "127.0.0.1:0".into();
+    s
+}
+
+pub async fn controller(env: &Env, settings: Settings, identity: &str) -> mig_controller::Running {
+    mig_controller::start(client_for(&env.server), settings, identity.into())
+        .await
+        .unwrap()
+}
+
+pub fn mig_pod(name: &str, profile: &str, count: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "x", "resources": {"limits": {format!("nvidia.com/mig-{profile}"): count}}}]},
+    }))
+    .unwrap()
+}
+
+pub async fn create_pod(client: &Client, pod: &Pod) {
+    Api::<Pod>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), pod)
+        .await
+        .unwrap();
+}
+
+/// Wait until `f` holds (polling), or panic with `what` after `secs`.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {secs}s waiting for: {what}");
+}
+
+/// A plain HTTP/1.1 request: (status, body).
+pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let _ = s.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (headers, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+pub async fn get_json(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let (status, body) = http(addr, "GET", path, b"").await;
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// events.k8s.io/v1 Events in a namespace: (regarding name, reason, note, type).
+pub async fn events(client: &Client, ns: &str) -> Vec<(String, String, String, String)> {
+    Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|e| {
+            (
+                e.regarding.and_then(|r| r.name).unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+                e.type_.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// The value of one sample in a scrape (`name{labels}`), if present.
+pub fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l[series.len()..].trim().split(' ').next()?.parse().ok())
+}
+
+pub async fn config_yaml(client: &Client) -> String {
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), "gpu-operator")
+        .get("default-mig-parted-config")
+        .await
+        .unwrap();
+    cm.data
+        .unwrap_or_default()
+        .get("config.yaml")
+        .cloned()
+        .unwrap_or_default()
+}
