@@ -69,7 +69,8 @@ fn settings(args: &ControllerArgs) -> Result<Settings> {
     Ok(s)
 }
 
-fn init_logging(format: LogFormat) {
+/// Logging from RUST_LOG, plain or JSON, to stderr.
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -81,8 +82,9 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-async fn client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client> {
-    let config = match kubeconfig {
+/// A client from a kubeconfig, or inferred; `retry`: let the client retry 429/503/504 itself.
+pub async fn client(kubeconfig: Option<&PathBuf>, retry: bool) -> Result<kube::Client> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
@@ -94,6 +96,7 @@ async fn client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client> {
             .await
             .context("no kubeconfig given and none found (in-cluster or ~/.kube/config)")?,
     };
+    config.default_retry = retry;
     Ok(kube::Client::try_from(config)?)
 }
 
@@ -110,7 +113,7 @@ pub fn run(args: ControllerArgs) -> Result<ExitCode> {
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let client = client(args.kubeconfig.as_ref()).await?;
+        let client = client(args.kubeconfig.as_ref(), true).await?;
         let running = mig_controller::start(client, settings.clone(), identity.clone()).await?;
         tracing::info!(addr = %running.addr, mode = settings.mode.as_str(), identity, "controller started");
         eprintln!(
@@ -128,7 +131,8 @@ pub fn run(args: ControllerArgs) -> Result<ExitCode> {
     })
 }
 
-async fn shutdown_signal() {
+/// The first SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod agent_cmd;
 mod catalog_cmd;
 mod controller_cmd;
 mod emulator_cmd;
@@ -27,6 +28,9 @@ enum Command {
     /// Run the controller: watch the cluster, plan in batches, serve the plan API and metrics, and
     /// (mode auto) grant reconfigurations to node agents under disruption budgets.
     Controller(controller_cmd::ControllerArgs),
+    /// Run the node agent: report this node's GPUs; run granted reconfigurations (taint, drain,
+    /// relabel, await mig-manager, verify, untaint).
+    Agent(agent_cmd::AgentArgs),
     /// Serve an in-process Kubernetes API with a default MIG fleet (test equipment, for kubectl and clients).
     Emulator(emulator_cmd::EmulatorArgs),
     /// Plan target MIG layouts for a cluster snapshot (dry run: reads a file, touches nothing).
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan_cmd::run(args),
         Command::Emulator(args) => emulator_cmd::run(args),
         Command::Controller(args) => controller_cmd::run(args),
+        Command::Agent(args) => agent_cmd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -163,3 +163,115 @@ fn runs_against_the_emulator_and_stops_on_sigterm() {
     );
     let _ = std::fs::remove_dir_all(d);
 }
+
+#[cfg(unix)]
+#[test]
+fn the_agent_reports_what_nvidia_smi_says_and_stops_on_sigterm() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = dir("agent-run");
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../mig-agent/tests/fixtures");
+    let fake = d.join("nvidia-smi");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\nif [ \"$1\" = mig ]; then cat {fixtures}/h100-lgi.txt; else cat {fixtures}/h100-query.csv; fi\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let kubeconfig = d.join("kubeconfig");
+    let _emulator = Killed(
+        Command::new(BIN)
+            .args([
+                "emulator",
+                "--listen",
+                "127.0.0.1:0",
+                "--nodes",
+                "1",
+                "--kubeconfig-out",
+            ])
+            .arg(&kubeconfig)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    while !kubeconfig.exists() {
+        assert!(started.elapsed() < Duration::from_secs(20), "no kubeconfig");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(&kubeconfig).unwrap();
+    let api = text
+        .split("server: http://")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let (_, nodes) = get(&api, "/api/v1/nodes").unwrap();
+    let node = nodes
+        .split("\"name\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut agent = Killed(
+        Command::new(BIN)
+            .args(["agent", "--node", &node, "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(["--listen", &addr, "--tick-seconds", "0.2", "--nvidia-smi"])
+            .arg(&fake)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    loop {
+        let (_, body) = get(&api, &format!("/api/v1/nodes/{node}")).unwrap();
+        // The report is a JSON string inside the node's JSON.
+        if body.contains("mig-autoscaler.io/gpus")
+            && body.contains(r#"\"profile\":\"1g.10gb+me\",\"start\":1"#)
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no report on the node: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(get(&addr, "/readyz").unwrap().0, 200);
+    let (_, metrics) = get(&addr, "/metrics").unwrap();
+    assert!(
+        metrics.contains("mig_autoscaler_agent_phase{kind=\"idle\"} 1"),
+        "{metrics}"
+    );
+    let pid = agent.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = agent.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    let _ = std::fs::remove_dir_all(d);
+}

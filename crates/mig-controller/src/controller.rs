@@ -842,6 +842,7 @@ impl ControlLoop {
             .collect();
         recent.extend(std::iter::repeat_n(now.to_string(), evictions.len()));
         let grant = Grant {
+            id: format!("{}-{}", plan.id, now.as_millisecond()),
             plan_id: plan.id.clone(),
             mig_config: node_plan.mig_config.clone(),
             targets,
@@ -1004,7 +1005,7 @@ impl ControlLoop {
             }
             // Ended reconfigurations, counted once (not those already ended when we started).
             let current = (
-                view.state.as_ref().map(|s| s.plan_id.clone()),
+                view.state.as_ref().map(|s| s.grant_id.clone()),
                 view.state.as_ref().map(|s| s.phase),
             );
             let previous = self.state.flights.insert(name.clone(), current.clone());
@@ -1033,7 +1034,7 @@ impl ControlLoop {
                 self.emit(
                     type_,
                     reason,
-                    format!("plan {}: {msg}", current.0.clone().unwrap_or_default()),
+                    format!("grant {}: {msg}", current.0.clone().unwrap_or_default()),
                     "Reconfigure",
                     node_ref(name, None),
                     None,

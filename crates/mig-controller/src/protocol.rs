@@ -49,6 +49,9 @@ pub struct NodeReport {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Grant {
+    /// Unique per grant (`<plan id>-<grant time>`): the same plan granted again after a rollback is
+    /// a new sequence.
+    pub id: String,
     /// Plan id the grant comes from.
     pub plan_id: String,
     /// mig-parted config to set as `nvidia.com/mig.config` (mig-manager backend).
@@ -85,6 +88,8 @@ pub enum Phase {
     Verifying,
     /// Removing our taint.
     Untainting,
+    /// Failed after relabeling: back to the previous `nvidia.com/mig.config`.
+    RollingBack,
     /// Finished: actual == target, taint gone.
     Done,
     /// Failed and rolled back to the previous config; taint gone.
@@ -108,6 +113,7 @@ impl Phase {
             Phase::AwaitingMigManager => "awaiting-mig-manager",
             Phase::Verifying => "verifying",
             Phase::Untainting => "untainting",
+            Phase::RollingBack => "rolling-back",
             Phase::Done => "done",
             Phase::RolledBack => "rolled-back",
             Phase::Failed => "failed",
@@ -119,8 +125,8 @@ impl Phase {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeState {
-    /// The grant's plan id.
-    pub plan_id: String,
+    /// The id of the grant this sequence runs.
+    pub grant_id: String,
     /// Phase.
     pub phase: Phase,
     /// When the phase began (RFC 3339).
@@ -131,6 +137,9 @@ pub struct NodeState {
     /// What happened, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// `nvidia.com/mig.config` before the sequence began (what a rollback returns to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_config: Option<String>,
 }
 
 fn one() -> u32 {
@@ -194,7 +203,7 @@ pub fn flight(grant: Option<&Grant>, state: Option<&NodeState>) -> Flight {
                 .and_then(|s| s.since.parse().ok()),
         };
     };
-    match state.filter(|s| s.plan_id == grant.plan_id) {
+    match state.filter(|s| s.grant_id == grant.id) {
         None => Flight::InFlight { phase: None },
         Some(s) if s.phase == Phase::Failed => Flight::Stuck,
         Some(s) if s.phase.is_terminal() => Flight::Idle {
@@ -210,6 +219,7 @@ mod tests {
 
     fn grant(id: &str) -> Grant {
         Grant {
+            id: id.into(),
             plan_id: id.into(),
             granted_at: "2026-01-01T00:00:00Z".into(),
             ..Default::default()
@@ -217,11 +227,12 @@ mod tests {
     }
     fn state(id: &str, phase: Phase) -> NodeState {
         NodeState {
-            plan_id: id.into(),
+            grant_id: id.into(),
             phase,
             since: "2026-01-01T00:05:00Z".into(),
             attempt: 1,
             message: None,
+            previous_config: None,
         }
     }
 

@@ -146,7 +146,10 @@ async fn dry_run_plans_explains_and_never_writes() {
             "dry-run wrote a grant on {}",
             n.name_any()
         );
-        assert!(!n.labels().contains_key("nvidia.com/mig.config"));
+        assert_eq!(
+            n.labels().get("nvidia.com/mig.config").map(String::as_str),
+            Some("all-1g.10gb")
+        );
     }
     assert_eq!(config_yaml(&env.client).await, config_before);
     assert!(!pod_running(&env.client, "wants-3g").await);

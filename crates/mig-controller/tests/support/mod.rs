@@ -59,7 +59,12 @@ pub fn nodes(n: usize, gpus: usize, layout: &str) -> Vec<NodeSpec> {
     (0..n)
         .map(|i| NodeSpec {
             name: format!("gpu-node-{i}"),
-            labels: BTreeMap::new(),
+            // As the GPU operator leaves nodes: labelled with the config mig-manager applied.
+            labels: match layout {
+                SEVEN_1G => [(MIG_CONFIG_LABEL.to_string(), "all-1g.10gb".to_string())].into(),
+                "3g.40gb@0,3g.40gb@4" => [(MIG_CONFIG_LABEL.to_string(), "all-3g.40gb".to_string())].into(),
+                _ => BTreeMap::new(),
+            },
             gpus: (0..gpus)
                 .map(|_| GpuSpec {
                     product: H100.into(),
@@ -79,6 +84,19 @@ pub fn client_for(server: &Running) -> Client {
 /// Start the emulator, its actors (scheduler, kubelet, mig-manager), the default mig-parted
 /// ConfigMap, and a stand-in agent on every node.
 pub async fn env(spec_nodes: Vec<NodeSpec>, agent: AgentBehaviour) -> Env {
+    let mut env = bare_env(spec_nodes.clone()).await;
+    let names: Vec<String> = spec_nodes.iter().map(|n| n.name.clone()).collect();
+    env.tasks.push(tokio::spawn(stand_in_agent(
+        env.client.clone(),
+        env.cluster.clone(),
+        names,
+        agent,
+    )));
+    env
+}
+
+/// The emulator, its actors and the default mig-parted ConfigMap; no agent.
+pub async fn bare_env(spec_nodes: Vec<NodeSpec>) -> Env {
     let server = Running::start("127.0.0.1:0".parse().unwrap(), Config::default())
         .await
         .unwrap();
@@ -93,13 +111,11 @@ pub async fn env(spec_nodes: Vec<NodeSpec>, agent: AgentBehaviour) -> Env {
         .seed([kube_emulator::fleet::default_mig_parted_config_map()])
         .unwrap();
     let client = client_for(&server);
-    let names: Vec<String> = spec_nodes.iter().map(|n| n.name.clone()).collect();
-    let agent = tokio::spawn(stand_in_agent(client.clone(), cluster.clone(), names, agent));
     Env {
         server,
         cluster,
         client,
-        tasks: vec![actors, agent],
+        tasks: vec![actors],
     }
 }
 
@@ -158,7 +174,7 @@ async fn stand_in_agent(client: Client, cluster: Arc<Cluster>, names: Vec<String
             let Some(grant) = grant else { continue };
             if state
                 .as_ref()
-                .is_some_and(|s| s.plan_id == grant.plan_id && s.phase.is_terminal())
+                .is_some_and(|s| s.grant_id == grant.id && s.phase.is_terminal())
             {
                 continue;
             }
@@ -172,21 +188,22 @@ async fn stand_in_agent(client: Client, cluster: Arc<Cluster>, names: Vec<String
                     b.min_ms
                 };
                 (
-                    grant.plan_id.clone(),
+                    grant.id.clone(),
                     tokio::time::Instant::now(),
                     Duration::from_millis(extra),
                 )
             });
-            if entry.0 != grant.plan_id {
-                *entry = (grant.plan_id.clone(), tokio::time::Instant::now(), entry.2);
+            if entry.0 != grant.id {
+                *entry = (grant.id.clone(), tokio::time::Instant::now(), entry.2);
             }
             let write_state = |phase: Phase, message: &str| {
                 let s = NodeState {
-                    plan_id: grant.plan_id.clone(),
+                    grant_id: grant.id.clone(),
                     phase,
                     since: jiff::Timestamp::now().to_string(),
                     attempt: 1,
                     message: Some(message.into()),
+                    previous_config: None,
                 };
                 json!({"metadata": {"annotations": {STATE_ANNOTATION: serde_json::to_string(&s).unwrap()}}})
             };

@@ -1,0 +1,629 @@
+//! The agent's runtime: observe the Node, its pods and GPUs; report; step; act; persist.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Taint};
+use kube::api::{EvictParams, ListParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, ResourceExt};
+use mig_catalog::Catalog;
+use mig_controller::protocol::{
+    DO_NOT_DISRUPT, GRANT_ANNOTATION, Grant, MIG_CONFIG_LABEL, MIG_STATE_LABEL, NodeReport, NodeState,
+    REPORT_ANNOTATION, STATE_ANNOTATION, TAINT_KEY, parse_annotation,
+};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::sequence::{self, Action, Observation, PodFact, SequencePolicy};
+use crate::source::GpuSource;
+
+/// Field manager of the agent's writes.
+pub const FIELD_MANAGER: &str = "mig-autoscaler-agent";
+/// Events' reporting controller.
+pub const AGENT_NAME: &str = "mig-autoscaler.io/agent";
+
+/// Agent settings.
+#[derive(Clone, Debug)]
+pub struct AgentSettings {
+    /// This node's name (downward API `spec.nodeName`).
+    pub node: String,
+    /// How often to look.
+    pub tick: Duration,
+    /// Timeouts and failure policy.
+    pub sequence: SequencePolicy,
+    /// Listen address for metrics and probes (`None`: no server).
+    pub listen: Option<SocketAddr>,
+    /// The same Event is not sent again within this.
+    pub event_dedupe: Duration,
+}
+
+impl AgentSettings {
+    /// Defaults for `node`.
+    pub fn new(node: impl Into<String>) -> AgentSettings {
+        AgentSettings {
+            node: node.into(),
+            tick: Duration::from_secs(1),
+            sequence: SequencePolicy::default(),
+            listen: None,
+            event_dedupe: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Label {
+    kind: &'static str,
+}
+
+/// Agent metrics.
+pub struct Metrics {
+    registry: Registry,
+    phase: Family<Label, Gauge>,
+    transitions: Family<Label, Counter>,
+    evictions: Family<Label, Counter>,
+    errors: Family<Label, Counter>,
+    ready: Gauge,
+}
+
+const PHASES: [&str; 10] = [
+    "idle",
+    "tainting",
+    "draining",
+    "relabeling",
+    "awaiting-mig-manager",
+    "verifying",
+    "untainting",
+    "rolling-back",
+    "done",
+    "failed",
+];
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("mig_autoscaler_agent");
+        let m = Metrics {
+            phase: Family::default(),
+            transitions: Family::default(),
+            evictions: Family::default(),
+            errors: Family::default(),
+            ready: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "phase",
+            "1 for the phase this node's sequence is in (idle when none)",
+            m.phase.clone(),
+        );
+        registry.register("transitions", "Phases entered", m.transitions.clone());
+        registry.register(
+            "evictions",
+            "Eviction attempts by result (evicted, blocked, gone, error)",
+            m.evictions.clone(),
+        );
+        registry.register(
+            "errors",
+            "Failed API writes or observations, by kind",
+            m.errors.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 once the GPUs are observed and match the catalog",
+            m.ready.clone(),
+        );
+        for p in PHASES {
+            let _ = m.phase.get_or_create(&Label { kind: p });
+            let _ = m.transitions.get_or_create(&Label { kind: p });
+        }
+        for r in ["evicted", "blocked", "gone", "error"] {
+            let _ = m.evictions.get_or_create(&Label { kind: r });
+        }
+        for e in ["observe", "report", "act", "persist", "catalog", "annotation"] {
+            let _ = m.errors.get_or_create(&Label { kind: e });
+        }
+        Metrics { registry, ..m }
+    }
+
+    fn set_phase(&self, phase: &'static str) {
+        for p in PHASES {
+            self.phase
+                .get_or_create(&Label { kind: p })
+                .set(i64::from(p == phase));
+        }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// A counter value, for tests: `evictions`/`errors`/`transitions` by label.
+    pub fn count(&self, family: &str, kind: &'static str) -> u64 {
+        let f = match family {
+            "evictions" => &self.evictions,
+            "errors" => &self.errors,
+            _ => &self.transitions,
+        };
+        f.get_or_create(&Label { kind }).get()
+    }
+}
+
+/// State shared with the HTTP server and tests.
+pub struct Shared {
+    /// Settings.
+    pub settings: AgentSettings,
+    /// Metrics.
+    pub metrics: Metrics,
+    ready: AtomicBool,
+}
+
+/// A running agent.
+pub struct Running {
+    /// Metrics/probe address, if serving.
+    pub addr: Option<SocketAddr>,
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Graceful stop: the current step finishes (never stopped between an action and its persist).
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(main) = self.tasks.first_mut() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), main).await;
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+
+    /// Stop as a crash would, anywhere.
+    pub fn kill(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Start the agent. `client` must not retry 429s by itself (`Config::default_retry = false`), or a
+/// PodDisruptionBudget's refusal would be retried silently instead of reported.
+pub async fn start(
+    client: Client,
+    settings: AgentSettings,
+    source: Arc<dyn GpuSource>,
+) -> anyhow::Result<Running> {
+    let shared = Arc::new(Shared {
+        metrics: Metrics::new(),
+        ready: AtomicBool::new(false),
+        settings: settings.clone(),
+    });
+    let (shutdown, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let worker = Worker {
+        nodes: Api::all(client.clone()),
+        pods: Api::all(client.clone()),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: AGENT_NAME.into(),
+                instance: Some(settings.node.clone()),
+            },
+        ),
+        shared: shared.clone(),
+        source,
+        sent: HashMap::new(),
+        catalog_checked: false,
+        last_phase: None,
+    };
+    tasks.push(tokio::spawn(worker.run(rx.clone())));
+    let mut addr = None;
+    if let Some(listen) = settings.listen {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        addr = Some(listener.local_addr()?);
+        let app = Router::new()
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .with_state(shared.clone());
+        let mut rx = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+        }));
+    }
+    Ok(Running {
+        addr,
+        shared,
+        shutdown,
+        tasks,
+    })
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    if s.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "GPUs not observed, or they do not match the catalog",
+        )
+    }
+}
+
+struct Worker {
+    nodes: Api<Node>,
+    pods: Api<Pod>,
+    recorder: Recorder,
+    shared: Arc<Shared>,
+    source: Arc<dyn GpuSource>,
+    sent: HashMap<String, Instant>,
+    catalog_checked: bool,
+    last_phase: Option<&'static str>,
+}
+
+/// Why a tick stopped early.
+#[derive(Debug, thiserror::Error)]
+enum TickError {
+    /// An API call failed (retried next tick).
+    #[error("{0}: {1}")]
+    Api(&'static str, kube::Error),
+    /// The GPU source failed.
+    #[error("observing GPUs: {0}")]
+    Source(String),
+    /// A PDB refused an eviction (waited for, reported).
+    #[error("eviction of {0} blocked by a PodDisruptionBudget")]
+    Blocked(String),
+}
+
+impl Worker {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if let Err(e) = self.tick().await {
+                tracing::warn!(node = %self.shared.settings.node, error = %e, "agent step incomplete; retrying");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.shared.settings.tick) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    fn node_ref(&self, uid: Option<String>) -> ObjectReference {
+        ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.shared.settings.node.clone()),
+            uid,
+            ..Default::default()
+        }
+    }
+
+    async fn event(&mut self, warning: bool, reason: &str, note: String, regarding: ObjectReference) {
+        let key = format!("{:?}/{:?}|{reason}|{note}", regarding.kind, regarding.name);
+        let now = Instant::now();
+        let dedupe = self.shared.settings.event_dedupe;
+        self.sent.retain(|_, t| now.duration_since(*t) < dedupe);
+        if self.sent.insert(key, now).is_some() {
+            return;
+        }
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconfigure".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &regarding).await {
+            tracing::warn!(error = %e, reason, "could not publish event");
+        }
+    }
+
+    async fn tick(&mut self) -> Result<(), TickError> {
+        let name = self.shared.settings.node.clone();
+        let node = self.nodes.get(&name).await.map_err(|e| {
+            self.shared
+                .metrics
+                .errors
+                .get_or_create(&Label { kind: "observe" })
+                .inc();
+            TickError::Api("get node", e)
+        })?;
+        let gpus = self.source.gpus().map_err(|e| {
+            self.shared
+                .metrics
+                .errors
+                .get_or_create(&Label { kind: "observe" })
+                .inc();
+            TickError::Source(e)
+        })?;
+        let uid = node.metadata.uid.clone();
+        if !self.catalog_checked {
+            let unknown: Vec<String> = gpus
+                .iter()
+                .filter_map(|g| {
+                    Catalog::embedded()
+                        .lookup(&g.product)
+                        .err()
+                        .map(|e| format!("GPU {}: {e}", g.index))
+                })
+                .collect();
+            if !unknown.is_empty() {
+                self.shared
+                    .metrics
+                    .errors
+                    .get_or_create(&Label { kind: "catalog" })
+                    .inc();
+                let note = format!(
+                    "{}; the agent reports but will not reconfigure this node",
+                    unknown.join("; ")
+                );
+                self.event(true, "UnknownGpuModel", note, self.node_ref(uid.clone()))
+                    .await;
+            } else {
+                self.catalog_checked = true;
+                self.shared.ready.store(true, Ordering::SeqCst);
+                self.shared.metrics.ready.set(1);
+            }
+        }
+
+        // Report (only when it changed, so an idle node costs no writes).
+        let report = NodeReport {
+            observed_at: jiff::Timestamp::now().to_string(),
+            gpus: gpus.clone(),
+        };
+        let annotations = node.annotations().clone();
+        let same = annotations
+            .get(REPORT_ANNOTATION)
+            .and_then(|r| serde_json::from_str::<NodeReport>(r).ok())
+            .is_some_and(|r| r.gpus == report.gpus);
+        if !same {
+            let text = serde_json::to_string(&report).unwrap_or_default();
+            self.patch(json!({"metadata": {"annotations": {REPORT_ANNOTATION: text}}}))
+                .await
+                .inspect_err(|_| {
+                    self.shared
+                        .metrics
+                        .errors
+                        .get_or_create(&Label { kind: "report" })
+                        .inc();
+                })?;
+        }
+        if !self.catalog_checked {
+            return Ok(()); // refuse to act on GPUs the catalog does not know
+        }
+
+        let pods = self
+            .pods
+            .list(&ListParams::default().fields(&format!("spec.nodeName={name}")))
+            .await
+            .map_err(|e| TickError::Api("list pods", e))?;
+        let object = format!("node/{name}");
+        let grant: Result<Option<Grant>, String> =
+            parse_annotation(Some(&annotations), GRANT_ANNOTATION, &object).map_err(|e| e.to_string());
+        let state: Result<Option<NodeState>, String> =
+            parse_annotation(Some(&annotations), STATE_ANNOTATION, &object).map_err(|e| e.to_string());
+        let taints = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default();
+        let labels = node.labels();
+        let obs = Observation {
+            grant,
+            state,
+            tainted: taints.iter().any(|t| t.key == TAINT_KEY),
+            mig_config: labels.get(MIG_CONFIG_LABEL).cloned(),
+            mig_state: labels.get(MIG_STATE_LABEL).cloned(),
+            pods: pods
+                .items
+                .iter()
+                .filter(|p| {
+                    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                    phase != Some("Succeeded") && phase != Some("Failed")
+                })
+                .map(|p| PodFact {
+                    key: format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
+                    terminating: p.metadata.deletion_timestamp.is_some(),
+                    do_not_disrupt: p.annotations().get(DO_NOT_DISRUPT).is_some_and(|v| v == "true"),
+                })
+                .collect(),
+            gpus,
+            now: jiff::Timestamp::now(),
+        };
+        if obs.grant.is_err() || obs.state.is_err() {
+            self.shared
+                .metrics
+                .errors
+                .get_or_create(&Label { kind: "annotation" })
+                .inc();
+        }
+        let phase_now = match &obs.state {
+            Ok(Some(s))
+                if obs
+                    .grant
+                    .as_ref()
+                    .is_ok_and(|g| g.as_ref().is_some_and(|g| g.id == s.grant_id)) =>
+            {
+                phase_label(s.phase)
+            }
+            _ => "idle",
+        };
+        self.shared.metrics.set_phase(phase_now);
+        let step = sequence::step(&obs, &self.shared.settings.sequence);
+        for action in &step.actions {
+            self.act(action, &taints, uid.clone()).await?;
+        }
+        if let Some(next) = step.next {
+            let text = serde_json::to_string(&next).unwrap_or_default();
+            self.patch(json!({"metadata": {"annotations": {STATE_ANNOTATION: text}}}))
+                .await
+                .inspect_err(|_| {
+                    self.shared
+                        .metrics
+                        .errors
+                        .get_or_create(&Label { kind: "persist" })
+                        .inc();
+                })?;
+            let label = phase_label(next.phase);
+            self.shared
+                .metrics
+                .transitions
+                .get_or_create(&Label { kind: label })
+                .inc();
+            self.shared.metrics.set_phase(label);
+            if self.last_phase != Some(label) {
+                tracing::info!(node = %name, grant_id = %next.grant_id, phase = label, message = next.message.as_deref().unwrap_or(""), "phase");
+            }
+            self.last_phase = Some(label);
+        }
+        Ok(())
+    }
+
+    async fn patch(&self, patch: serde_json::Value) -> Result<(), TickError> {
+        self.nodes
+            .patch(
+                &self.shared.settings.node,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| TickError::Api("patch node", e))
+    }
+
+    async fn act(&mut self, action: &Action, taints: &[Taint], uid: Option<String>) -> Result<(), TickError> {
+        let m = &self.shared.metrics;
+        let result = match action {
+            Action::Taint => {
+                if taints.iter().any(|t| t.key == TAINT_KEY) {
+                    return Ok(());
+                }
+                let mut all = taints.to_vec();
+                all.push(Taint {
+                    key: TAINT_KEY.into(),
+                    effect: "NoSchedule".into(),
+                    value: Some("true".into()),
+                    time_added: None,
+                });
+                self.patch(json!({"spec": {"taints": all}})).await
+            }
+            Action::Untaint => {
+                if !taints.iter().any(|t| t.key == TAINT_KEY) {
+                    return Ok(());
+                }
+                let kept: Vec<&Taint> = taints.iter().filter(|t| t.key != TAINT_KEY).collect();
+                self.patch(json!({"spec": {"taints": kept}})).await
+            }
+            Action::Relabel(config) => {
+                self.patch(
+                    json!({"metadata": {"labels": {MIG_CONFIG_LABEL: config, MIG_STATE_LABEL: "pending"}}}),
+                )
+                .await
+            }
+            Action::Evict(key) => {
+                let (ns, pod) = key.split_once('/').unwrap_or(("default", key.as_str()));
+                let api: Api<Pod> = Api::namespaced(self.pods.clone().into_client(), ns);
+                match api.evict(pod, &EvictParams::default()).await {
+                    Ok(_) => {
+                        m.evictions.get_or_create(&Label { kind: "evicted" }).inc();
+                        let note =
+                            format!("evicted to reconfigure node {}'s GPUs", self.shared.settings.node);
+                        let r = pod_ref(ns, pod);
+                        self.event(false, "Evicted", note, r).await;
+                        Ok(())
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 404 => {
+                        m.evictions.get_or_create(&Label { kind: "gone" }).inc();
+                        Ok(())
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 429 => {
+                        m.evictions.get_or_create(&Label { kind: "blocked" }).inc();
+                        let note = format!(
+                            "cannot evict {key} yet: {}; waiting (drain timeout {})",
+                            s.message, self.shared.settings.sequence.drain_timeout
+                        );
+                        self.event(true, "EvictionBlockedByPDB", note, self.node_ref(uid))
+                            .await;
+                        Err(TickError::Blocked(key.clone()))
+                    }
+                    Err(e) => {
+                        m.evictions.get_or_create(&Label { kind: "error" }).inc();
+                        Err(TickError::Api("evict", e))
+                    }
+                }
+            }
+            Action::Event {
+                warning,
+                reason,
+                note,
+            } => {
+                self.event(*warning, reason, note.clone(), self.node_ref(uid))
+                    .await;
+                Ok(())
+            }
+        };
+        if result.is_err() && !matches!(action, Action::Evict(_)) {
+            self.shared
+                .metrics
+                .errors
+                .get_or_create(&Label { kind: "act" })
+                .inc();
+        }
+        result
+    }
+}
+
+fn pod_ref(ns: &str, name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(name.into()),
+        namespace: Some(ns.into()),
+        ..Default::default()
+    }
+}
+
+fn phase_label(p: mig_controller::protocol::Phase) -> &'static str {
+    use mig_controller::protocol::Phase::*;
+    match p {
+        Done | RolledBack => "done",
+        Failed => "failed",
+        other => other.as_str(),
+    }
+}

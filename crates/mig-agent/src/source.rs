@@ -1,0 +1,164 @@
+//! Where the agent learns the node's GPUs: a trait with two sources, the emulator's simulated GPUs
+//! and NVML through its own command line (`nvidia-smi`).
+//!
+//! Why not nvml-wrapper: the workspace forbids `unsafe`, and nvml-wrapper's safe API does not list
+//! GPU instances with their placements (`nvmlDeviceGetGpuInstances` and `nvmlGpuInstanceGetInfo`
+//! are only in its raw `-sys` bindings). `nvidia-smi mig -lgi` prints exactly those, read-only.
+
+use std::sync::Arc;
+
+use kube_emulator::Cluster;
+use mig_planner::snapshot::{Gpu, GpuInstance};
+
+/// A source of the node's GPUs.
+pub trait GpuSource: Send + Sync {
+    /// Every GPU with its GPU instances at their placements, and the pods using each where known.
+    fn gpus(&self) -> Result<Vec<Gpu>, String>;
+}
+
+/// The GPUs kube-emulator simulates on one node (what NVML would report there).
+pub struct EmulatedGpus {
+    cluster: Arc<Cluster>,
+    node: String,
+}
+
+impl EmulatedGpus {
+    /// The simulated GPUs of `node`.
+    pub fn new(cluster: Arc<Cluster>, node: impl Into<String>) -> EmulatedGpus {
+        EmulatedGpus {
+            cluster,
+            node: node.into(),
+        }
+    }
+}
+
+impl GpuSource for EmulatedGpus {
+    fn gpus(&self) -> Result<Vec<Gpu>, String> {
+        Ok(self
+            .cluster
+            .gpus(&self.node)
+            .iter()
+            .map(|g| Gpu {
+                index: g.index,
+                product: g.model.key.clone(),
+                mig_enabled: true,
+                instances: g
+                    .layout
+                    .instances()
+                    .iter()
+                    .filter_map(|i| {
+                        Some(GpuInstance {
+                            profile: g.model.profile(i.profile)?.name.clone(),
+                            start: i.start,
+                            pods: g.used.get(i).cloned().into_iter().collect(),
+                            utilization: None,
+                        })
+                    })
+                    .collect(),
+            })
+            .collect())
+    }
+}
+
+/// The GPUs as NVIDIA's own NVML command line reports them: `nvidia-smi --query-gpu` for models and
+/// MIG mode, `nvidia-smi mig -lgi` for GPU instances at their placements. Read-only commands.
+///
+/// Pods per instance are not known here (that needs the kubelet's pod-resources socket), so the
+/// report carries none; the controller then treats every instance as free unless a pod on the node
+/// holds that profile (see docs/agent.md).
+pub struct NvidiaSmiGpus {
+    /// The command (`nvidia-smi`, or a path).
+    pub command: String,
+}
+
+impl Default for NvidiaSmiGpus {
+    fn default() -> Self {
+        NvidiaSmiGpus {
+            command: "nvidia-smi".into(),
+        }
+    }
+}
+
+fn run(command: &str, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(command)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {command}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{command} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Parse `nvidia-smi --query-gpu=index,name,mig.mode.current --format=csv,noheader` and
+/// `nvidia-smi mig -lgi` into GPUs. The NVML name (`NVIDIA H100 80GB HBM3`) is the product; the
+/// catalog resolves NVML names.
+pub fn parse_nvidia_smi(query: &str, lgi: &str) -> Result<Vec<Gpu>, String> {
+    let mut gpus = Vec::new();
+    for (n, line) in query.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let [index, name, mode] = fields.as_slice() else {
+            return Err(format!(
+                "--query-gpu line {}: expected index, name, mig.mode.current: {line:?}",
+                n + 1
+            ));
+        };
+        gpus.push(Gpu {
+            index: index
+                .parse()
+                .map_err(|_| format!("--query-gpu line {}: GPU index {index:?}", n + 1))?,
+            product: name.to_string(),
+            mig_enabled: mode.eq_ignore_ascii_case("enabled"),
+            instances: Vec::new(),
+        });
+    }
+    for line in lgi.lines() {
+        // "|   0  MIG 3g.40gb          9        2          4:4     |"
+        let cells: Vec<&str> = line
+            .trim_matches(|c| c == '|' || c == ' ')
+            .split_whitespace()
+            .collect();
+        let Some(mig) = cells.iter().position(|c| *c == "MIG") else {
+            continue;
+        };
+        let (Some(gpu), Some(profile), Some(placement)) = (cells.first(), cells.get(mig + 1), cells.last())
+        else {
+            continue;
+        };
+        let Ok(gpu) = gpu.parse::<u32>() else { continue };
+        let start = placement
+            .split_once(':')
+            .and_then(|(s, _)| s.parse::<u8>().ok())
+            .ok_or_else(|| format!("-lgi: placement {placement:?} in {line:?}"))?;
+        let g = gpus
+            .iter_mut()
+            .find(|g| g.index == gpu)
+            .ok_or_else(|| format!("-lgi lists GPU {gpu}, which --query-gpu did not"))?;
+        g.instances.push(GpuInstance {
+            profile: profile.to_string(),
+            start,
+            pods: Vec::new(),
+            utilization: None,
+        });
+    }
+    for g in &mut gpus {
+        g.instances.sort_by_key(|i| i.start);
+    }
+    Ok(gpus)
+}
+
+impl GpuSource for NvidiaSmiGpus {
+    fn gpus(&self) -> Result<Vec<Gpu>, String> {
+        let query = run(
+            &self.command,
+            &["--query-gpu=index,name,mig.mode.current", "--format=csv,noheader"],
+        )?;
+        // With MIG off everywhere, -lgi fails ("No MIG-enabled devices found"): no instances.
+        let lgi = run(&self.command, &["mig", "-lgi"]).unwrap_or_default();
+        parse_nvidia_smi(&query, &lgi)
+    }
+}

@@ -1,0 +1,528 @@
+//! End-to-end fault suite: the real controller and real agents, kube-emulator's scheduler, kubelet
+//! and mig-manager, over real HTTP. Every scenario ends with the same invariants: no pod lost, no
+//! node left tainted (unless the failure policy says so), no invalid layout on any GPU.
+//! Figures go to docs/reliability.md.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../mig-controller/tests/support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use kube_emulator::{Faults, NodeSpec};
+use mig_agent::{AgentSettings, EmulatedGpus, FailurePolicy};
+use mig_controller::protocol::{GRANT_ANNOTATION, Grant, NodeState, Phase, STATE_ANNOTATION, TAINT_KEY};
+use mig_controller::settings::{Amount, Mode};
+use serde_json::json;
+use support::*;
+
+fn agent_settings(node: &str) -> AgentSettings {
+    let mut s = AgentSettings::new(node);
+    s.tick = Duration::from_millis(100);
+    s
+}
+
+async fn start_agent(env: &Env, node: &str, settings: AgentSettings) -> mig_agent::Running {
+    let source = Arc::new(EmulatedGpus::new(env.cluster.clone(), node));
+    mig_agent::start(client_for(&env.server), settings, source)
+        .await
+        .unwrap()
+}
+
+async fn agents(env: &Env, names: &[String], f: impl Fn(&str) -> AgentSettings) -> Vec<mig_agent::Running> {
+    let mut out = Vec::new();
+    for n in names {
+        out.push(start_agent(env, n, f(n)).await);
+    }
+    out
+}
+
+fn names(spec: &[NodeSpec]) -> Vec<String> {
+    spec.iter().map(|n| n.name.clone()).collect()
+}
+
+async fn pod_phase(env: &Env, name: &str) -> Option<String> {
+    Api::<Pod>::namespaced(env.client.clone(), "default")
+        .get(name)
+        .await
+        .ok()
+        .and_then(|p| p.status?.phase)
+}
+
+async fn node_state(env: &Env, node: &str) -> Option<NodeState> {
+    let n = Api::<Node>::all(env.client.clone()).get(node).await.ok()?;
+    n.annotations()
+        .get(STATE_ANNOTATION)
+        .and_then(|s| serde_json::from_str(s).ok())
+}
+
+/// The invariants every scenario ends with.
+async fn check_invariants(env: &Env, expected_pods: &[&str], allow_tainted: bool) -> usize {
+    // No invalid layout on any GPU.
+    let nodes: Vec<Node> = Api::<Node>::all(env.client.clone())
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items;
+    for n in &nodes {
+        for g in env.cluster.gpus(&n.name_any()) {
+            g.model
+                .validate(&g.layout)
+                .unwrap_or_else(|e| panic!("invalid layout on {}: {e}", n.name_any()));
+        }
+    }
+    // No pod lost.
+    let pods: Vec<String> = Api::<Pod>::namespaced(env.client.clone(), "default")
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    for p in expected_pods {
+        assert!(pods.iter().any(|x| x == p), "pod {p} was lost");
+    }
+    // No node left tainted (unless allowed).
+    let tainted = nodes
+        .iter()
+        .filter(|n| {
+            n.spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|t| t.iter().any(|t| t.key == TAINT_KEY))
+        })
+        .count();
+    if !allow_tainted {
+        assert_eq!(tainted, 0, "a node was left tainted");
+    }
+    tainted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_a_3g_pod_on_idle_1g_layouts_is_repartitioned_and_bound() {
+    let spec = nodes(2, 2, SEVEN_1G);
+    let env = bare_env(spec.clone()).await;
+    let _agents = agents(&env, &names(&spec), agent_settings).await;
+    let c = controller(&env, fast_settings(Mode::Auto), "replica-a").await;
+    let t0 = Instant::now();
+    create_pod(&env.client, &mig_pod("wants-3g", "3g.40gb", "1")).await;
+    eventually(20, "the pod runs", || async {
+        pod_phase(&env, "wants-3g").await.as_deref() == Some("Running")
+    })
+    .await;
+    eprintln!("s1: pending -> running in {:?}", t0.elapsed());
+    check_invariants(&env, &["wants-3g"], false).await;
+    let done = futures::future::join_all(names(&spec).iter().map(|n| node_state(&env, n))).await;
+    assert_eq!(
+        done.iter().flatten().filter(|s| s.phase == Phase::Done).count(),
+        1
+    );
+    c.stop().await;
+}
+
+async fn running_pod_on(env: &Env, name: &str, profile: &str, labels: serde_json::Value) {
+    let mut pod = mig_pod(name, profile, "1");
+    pod.metadata.labels = serde_json::from_value(labels).unwrap();
+    create_pod(&env.client, &pod).await;
+    eventually(10, "the running pod is bound", || async {
+        pod_phase(env, name).await.as_deref() == Some("Running")
+    })
+    .await;
+}
+
+async fn pdb(env: &Env, allowed: i32) {
+    let p: PodDisruptionBudget = serde_json::from_value(json!({
+        "metadata": {"name": "protect", "namespace": "default"},
+        "spec": {"selector": {"matchLabels": {"app": "protected"}}, "maxUnavailable": 0},
+        "status": {"disruptionsAllowed": allowed, "currentHealthy": 1, "desiredHealthy": 1, "expectedPods": 1},
+    }))
+    .unwrap();
+    Api::<PodDisruptionBudget>::namespaced(env.client.clone(), "default")
+        .create(&PostParams::default(), &p)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_a_pdb_allowing_no_disruption_is_never_overridden() {
+    // One GPU as two 3g; one holds a protected pod. A 7g pod could run only if it were evicted.
+    let spec = nodes(1, 1, "3g.40gb@0,3g.40gb@4");
+    let env = bare_env(spec.clone()).await;
+    running_pod_on(&env, "protected", "3g.40gb", json!({"app": "protected"})).await;
+    pdb(&env, 0).await;
+    let agents = agents(&env, &names(&spec), |n| {
+        let mut s = agent_settings(n);
+        s.sequence.drain_timeout = jiff::SignedDuration::from_millis(1500);
+        s
+    })
+    .await;
+    let mut settings = fast_settings(Mode::Auto);
+    settings.planner.drain = mig_planner::DrainPolicy::Allowed;
+    let c = controller(&env, settings, "replica-a").await;
+    create_pod(&env.client, &mig_pod("wants-7g", "7g.80gb", "1")).await;
+
+    // The plan waits and says why.
+    eventually(10, "an event naming the PDB", || async {
+        events(&env.client, "default")
+            .await
+            .iter()
+            .any(|(who, r, note, _)| {
+                who == "wants-7g" && r == "WaitingForMigCapacity" && note.contains("PDB")
+            })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(pod_phase(&env, "protected").await.as_deref(), Some("Running"));
+    assert_eq!(agents[0].shared.metrics.count("evictions", "evicted"), 0);
+
+    // Even a grant that names the pod (written by hand, as a buggy or stale controller might) gets
+    // 429s, never an eviction: the drain times out and the node is rolled back and untainted.
+    c.stop().await;
+    let grant = Grant {
+        id: "by-hand".into(),
+        plan_id: "by-hand".into(),
+        mig_config: Some("all-7g.80gb".into()),
+        targets: [(0, "7g.80gb@0".to_string())].into(),
+        evictions: vec!["default/protected".into()],
+        granted_at: jiff::Timestamp::now().to_string(),
+        granted_by: "test".into(),
+        recent_evictions: vec![],
+    };
+    Api::<Node>::all(env.client.clone())
+        .patch("gpu-node-0", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {GRANT_ANNOTATION: serde_json::to_string(&grant).unwrap()}}})))
+        .await
+        .unwrap();
+    eventually(10, "rolled back after the drain timeout", || async {
+        node_state(&env, "gpu-node-0")
+            .await
+            .is_some_and(|s| s.grant_id == "by-hand" && s.phase == Phase::RolledBack)
+    })
+    .await;
+    assert!(agents[0].shared.metrics.count("evictions", "blocked") >= 1);
+    assert_eq!(agents[0].shared.metrics.count("evictions", "evicted"), 0);
+    let ev = events(&env.client, "default").await;
+    assert!(
+        ev.iter().any(|(who, r, n, t)| who == "gpu-node-0"
+            && r == "EvictionBlockedByPDB"
+            && t == "Warning"
+            && n.contains("default/protected")),
+        "{ev:?}"
+    );
+    assert_eq!(pod_phase(&env, "protected").await.as_deref(), Some("Running"));
+    check_invariants(&env, &["protected", "wants-7g"], false).await;
+}
+
+/// Kill the controller and the agent when the node's state first shows `phase`; restart both.
+async fn kill_at(phase: Phase) -> (Phase, Duration) {
+    let spec = nodes(1, 1, SEVEN_1G);
+    let env = bare_env(spec.clone()).await;
+    let mut agent = start_agent(&env, "gpu-node-0", agent_settings("gpu-node-0")).await;
+    let settings = fast_settings(Mode::Auto);
+    let mut c = controller(&env, settings.clone(), "replica-a").await;
+    create_pod(&env.client, &mig_pod("wants-7g", "7g.80gb", "1")).await;
+    let t0 = Instant::now();
+    let seen = loop {
+        if let Some(s) = node_state(&env, "gpu-node-0").await
+            && s.phase == phase
+        {
+            break s.phase;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "never saw {phase:?}");
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    };
+    agent.kill();
+    c.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent = start_agent(&env, "gpu-node-0", agent_settings("gpu-node-0")).await;
+    c = controller(&env, settings, "replica-b").await;
+    let t1 = Instant::now();
+    eventually(30, "the pod runs after the restart", || async {
+        pod_phase(&env, "wants-7g").await.as_deref() == Some("Running")
+    })
+    .await;
+    let recovered = t1.elapsed();
+    eventually(5, "the sequence ended", || async {
+        node_state(&env, "gpu-node-0")
+            .await
+            .is_some_and(|s| s.phase.is_terminal())
+    })
+    .await;
+    check_invariants(&env, &["wants-7g"], false).await;
+    c.stop().await;
+    agent.stop().await;
+    (seen, recovered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_killing_controller_and_agent_at_every_phase_completes_the_sequence() {
+    let mut rows = Vec::new();
+    for phase in [
+        Phase::Tainting,
+        Phase::Draining,
+        Phase::Relabeling,
+        Phase::AwaitingMigManager,
+        Phase::Verifying,
+        Phase::Untainting,
+        Phase::Done,
+    ] {
+        let (seen, took) = kill_at(phase).await;
+        rows.push(format!("{seen:?}: recovered in {took:?}"));
+    }
+    eprintln!("s3: {rows:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s4_mig_manager_failure_follows_the_policy_visibly() {
+    for policy in [FailurePolicy::Rollback, FailurePolicy::StayTainted] {
+        let spec = nodes(1, 1, SEVEN_1G);
+        let env = bare_env(spec.clone()).await;
+        env.cluster.fail_next_applies(1);
+        let agent = start_agent(&env, "gpu-node-0", {
+            let mut s = agent_settings("gpu-node-0");
+            s.sequence.on_failure = policy;
+            s
+        })
+        .await;
+        let c = controller(&env, fast_settings(Mode::Auto), "replica-a").await;
+        create_pod(&env.client, &mig_pod("wants-7g", "7g.80gb", "1")).await;
+        match policy {
+            FailurePolicy::Rollback => {
+                // Rolled back, then granted again: the second apply succeeds.
+                eventually(20, "the pod runs on the second attempt", || async {
+                    pod_phase(&env, "wants-7g").await.as_deref() == Some("Running")
+                })
+                .await;
+                let ev = events(&env.client, "default").await;
+                assert!(
+                    ev.iter().any(|(w, r, _, t)| w == "gpu-node-0"
+                        && r == "ReconfigurationRollingBack"
+                        && t == "Warning"),
+                    "{ev:?}"
+                );
+                eventually(5, "the controller counted the rollback", || async {
+                    let (_, scrape) = http(c.addr, "GET", "/metrics", b"").await;
+                    sample(
+                        &scrape,
+                        "mig_autoscaler_reconfigurations_total{result=\"rolled-back\"}",
+                    ) == Some(1.0)
+                        && sample(&scrape, "mig_autoscaler_reconfigurations_total{result=\"done\"}")
+                            == Some(1.0)
+                })
+                .await;
+                check_invariants(&env, &["wants-7g"], false).await;
+            }
+            FailurePolicy::StayTainted => {
+                eventually(10, "Failed and tainted", || async {
+                    node_state(&env, "gpu-node-0")
+                        .await
+                        .is_some_and(|s| s.phase == Phase::Failed)
+                })
+                .await;
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                // Still failed, still tainted, never granted again; said loudly.
+                assert_eq!(node_state(&env, "gpu-node-0").await.unwrap().phase, Phase::Failed);
+                assert_eq!(check_invariants(&env, &["wants-7g"], true).await, 1);
+                let (_, scrape) = http(c.addr, "GET", "/metrics", b"").await;
+                assert_eq!(
+                    sample(&scrape, "mig_autoscaler_nodes_reconfiguring"),
+                    Some(1.0),
+                    "{scrape}"
+                );
+                assert_eq!(
+                    sample(
+                        &scrape,
+                        "mig_autoscaler_reconfigurations_total{result=\"failed\"}"
+                    ),
+                    Some(1.0)
+                );
+                let ev = events(&env.client, "default").await;
+                assert!(
+                    ev.iter().any(|(w, r, _, t)| w == "gpu-node-0"
+                        && r == "ReconfigurationFailed"
+                        && t == "Warning"),
+                    "{ev:?}"
+                );
+            }
+        }
+        c.stop().await;
+        agent.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s5_api_faults_do_not_stop_convergence() {
+    let spec = nodes(3, 1, SEVEN_1G);
+    let env = bare_env(spec.clone()).await;
+    env.server.state.set_faults(Faults {
+        error_rate: 0.15,
+        latency: Duration::from_millis(2),
+        drop_watch_after: Some(25),
+        force_gone: 4,
+    });
+    let _agents = agents(&env, &names(&spec), agent_settings).await;
+    let c = controller(&env, fast_settings(Mode::Auto), "replica-a").await;
+    let profiles = ["3g.40gb", "7g.80gb", "4g.40gb"];
+    for (i, p) in profiles.iter().enumerate() {
+        // Creating may meet an injected 500: retry as any client would.
+        let pod = mig_pod(&format!("p{i}"), p, "1");
+        eventually(5, "pod created", || async {
+            Api::<Pod>::namespaced(env.client.clone(), "default")
+                .create(&PostParams::default(), &pod)
+                .await
+                .is_ok()
+                || Api::<Pod>::namespaced(env.client.clone(), "default")
+                    .get(&format!("p{i}"))
+                    .await
+                    .is_ok()
+        })
+        .await;
+    }
+    eventually(
+        40,
+        "every pod runs despite 5xx, dropped watches and 410s",
+        || async {
+            let mut all = true;
+            for i in 0..profiles.len() {
+                all &= pod_phase(&env, &format!("p{i}")).await.as_deref() == Some("Running");
+            }
+            all
+        },
+    )
+    .await;
+    env.server.state.set_faults(Faults::default());
+    eventually(5, "every sequence ended", || async {
+        let mut ended = true;
+        for n in names(&spec) {
+            ended &= node_state(&env, &n).await.is_none_or(|s| s.phase.is_terminal());
+        }
+        ended
+    })
+    .await;
+    check_invariants(&env, &["p0", "p1", "p2"], false).await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s6_a_budget_of_one_node_holds_with_real_agents() {
+    let spec = nodes(4, 1, SEVEN_1G);
+    let env = bare_env(spec.clone()).await;
+    let _agents = agents(&env, &names(&spec), agent_settings).await;
+    let mut s = fast_settings(Mode::Auto);
+    s.budgets.max_nodes_reconfiguring = Amount::Count(1);
+    let c = controller(&env, s, "replica-a").await;
+    // Sample every node's flight often; count nodes in flight at once.
+    let client = env.client.clone();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let monitor = tokio::spawn(async move {
+        let mut max = 0;
+        while !*stop_rx.borrow() {
+            let nodes = Api::<Node>::all(client.clone())
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items;
+            let n = nodes
+                .iter()
+                .filter(|n| {
+                    let g: Option<Grant> = n
+                        .annotations()
+                        .get(GRANT_ANNOTATION)
+                        .and_then(|g| serde_json::from_str(g).ok());
+                    let s: Option<NodeState> = n
+                        .annotations()
+                        .get(STATE_ANNOTATION)
+                        .and_then(|s| serde_json::from_str(s).ok());
+                    !matches!(
+                        mig_controller::protocol::flight(g.as_ref(), s.as_ref()),
+                        mig_controller::protocol::Flight::Idle { .. }
+                    )
+                })
+                .count();
+            max = max.max(n);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        max
+    });
+    let mut names_created = Vec::new();
+    for (i, p) in ["7g.80gb", "3g.40gb", "4g.40gb", "2g.20gb", "7g.80gb", "3g.40gb"]
+        .iter()
+        .enumerate()
+    {
+        let name = format!("b{i}");
+        create_pod(&env.client, &mig_pod(&name, p, "1")).await;
+        names_created.push(name);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    eventually(40, "every pod runs", || async {
+        let mut all = true;
+        for n in &names_created {
+            all &= pod_phase(&env, n).await.as_deref() == Some("Running");
+        }
+        all
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    let max = monitor.await.unwrap();
+    eprintln!("s6: max nodes in flight {max}");
+    assert_eq!(max, 1, "budget of 1 node exceeded or never used");
+    let refs: Vec<&str> = names_created.iter().map(String::as_str).collect();
+    check_invariants(&env, &refs, false).await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s7_garbage_in_our_annotations_is_reported_and_left_alone() {
+    let spec = nodes(2, 1, SEVEN_1G);
+    let env = bare_env(spec.clone()).await;
+    let agents = agents(&env, &names(&spec), agent_settings).await;
+    let api = Api::<Node>::all(env.client.clone());
+    api.patch(
+        "gpu-node-0",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {GRANT_ANNOTATION: "{\"planId\": 7"}}})),
+    )
+    .await
+    .unwrap();
+    api.patch(
+        "gpu-node-1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {STATE_ANNOTATION: "[]"}}})),
+    )
+    .await
+    .unwrap();
+    eventually(5, "warnings from both agents", || async {
+        let ev = events(&env.client, "default").await;
+        ["gpu-node-0", "gpu-node-1"].iter().all(|n| {
+            ev.iter()
+                .any(|(w, r, _, t)| w == n && r == "MalformedAnnotation" && t == "Warning")
+        })
+    })
+    .await;
+    for a in &agents {
+        assert!(a.shared.metrics.count("errors", "annotation") >= 1);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Left as they were: not overwritten, no taint, no relabel.
+    let n0 = api.get("gpu-node-0").await.unwrap();
+    assert_eq!(
+        n0.annotations().get(GRANT_ANNOTATION).map(String::as_str),
+        Some("{\"planId\": 7")
+    );
+    let n1 = api.get("gpu-node-1").await.unwrap();
+    assert_eq!(
+        n1.annotations().get(STATE_ANNOTATION).map(String::as_str),
+        Some("[]")
+    );
+    assert_eq!(
+        n0.labels().get("nvidia.com/mig.config").map(String::as_str),
+        Some("all-1g.10gb")
+    );
+    check_invariants(&env, &[], false).await;
+}

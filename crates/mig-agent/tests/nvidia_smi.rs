@@ -1,0 +1,61 @@
+//! Parsing NVML's command-line output into the agent's report.
+
+#![allow(clippy::unwrap_used)]
+
+use mig_agent::source::parse_nvidia_smi;
+use mig_catalog::Catalog;
+
+#[test]
+fn instances_land_on_their_gpus_at_their_placements() {
+    let gpus = parse_nvidia_smi(
+        include_str!("fixtures/h100-query.csv"),
+        include_str!("fixtures/h100-lgi.txt"),
+    )
+    .unwrap();
+    assert_eq!(gpus.len(), 3);
+    let g0: Vec<(String, u8)> = gpus[0]
+        .instances
+        .iter()
+        .map(|i| (i.profile.clone(), i.start))
+        .collect();
+    assert_eq!(
+        g0,
+        vec![
+            ("1g.10gb".into(), 0),
+            ("1g.10gb+me".into(), 1),
+            ("3g.40gb".into(), 4)
+        ]
+    );
+    assert_eq!(gpus[1].instances.len(), 1);
+    assert!(!gpus[2].mig_enabled);
+    // The catalog knows the NVML name and calls the reported layouts valid.
+    for g in &gpus[..2] {
+        let model = Catalog::embedded().lookup(&g.product).unwrap();
+        let text: Vec<String> = g
+            .instances
+            .iter()
+            .map(|i| format!("{}@{}", i.profile, i.start))
+            .collect();
+        let layout = model.parse_layout(&text.join(",")).unwrap();
+        model.validate(&layout).unwrap();
+    }
+}
+
+#[test]
+fn malformed_output_is_an_error_not_a_panic() {
+    assert!(parse_nvidia_smi("0, NVIDIA H100 80GB HBM3\n", "").is_err());
+    assert!(parse_nvidia_smi("zero, NVIDIA H100 80GB HBM3, Enabled\n", "").is_err());
+    let e = parse_nvidia_smi(
+        "0, NVIDIA H100 80GB HBM3, Enabled\n",
+        "|   3  MIG 1g.10gb   19   9   0:1 |\n",
+    )
+    .unwrap_err();
+    assert!(e.contains("GPU 3"), "{e}");
+    let e = parse_nvidia_smi(
+        "0, NVIDIA H100 80GB HBM3, Enabled\n",
+        "|   0  MIG 1g.10gb   19   9   x:1 |\n",
+    )
+    .unwrap_err();
+    assert!(e.contains("placement"), "{e}");
+    assert!(parse_nvidia_smi("", "").unwrap().is_empty());
+}

@@ -1,0 +1,77 @@
+//! `mig-autoscaler agent`: the node agent (one per MIG node, a DaemonSet).
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use mig_agent::{AgentSettings, FailurePolicy, NvidiaSmiGpus};
+
+use crate::controller_cmd::{LogFormat, client, init_logging, shutdown_signal};
+
+/// What to do when a reconfiguration fails.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OnFailure {
+    /// Return to the previous `nvidia.com/mig.config`, then untaint.
+    Rollback,
+    /// Leave the node tainted with a Warning Event for a person.
+    StayTainted,
+}
+
+/// Arguments of `agent`.
+#[derive(Args)]
+pub struct AgentArgs {
+    /// This node's name (downward API `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// Kubeconfig; default: in-cluster service account, else ~/.kube/config.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// Listen address for /metrics, /healthz, /readyz.
+    #[arg(long, default_value = "0.0.0.0:8081", env = "MIG_AUTOSCALER_AGENT_LISTEN")]
+    listen: SocketAddr,
+    /// How often to look at the node, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    tick_seconds: f64,
+    /// On a failed or timed-out phase.
+    #[arg(long, value_enum, default_value = "rollback")]
+    on_failure: OnFailure,
+    /// The nvidia-smi to read GPUs with.
+    #[arg(long, default_value = "nvidia-smi")]
+    nvidia_smi: String,
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, value_enum, default_value = "plain", env = "MIG_AUTOSCALER_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+/// Run until SIGTERM/Ctrl-C; a step in progress always finishes (and its phase is persisted).
+pub fn run(args: AgentArgs) -> Result<ExitCode> {
+    init_logging(args.log_format);
+    if !(args.tick_seconds > 0.0 && args.tick_seconds.is_finite()) {
+        anyhow::bail!("--tick-seconds must be positive");
+    }
+    let mut settings = AgentSettings::new(args.node.clone());
+    settings.tick = std::time::Duration::from_secs_f64(args.tick_seconds);
+    settings.listen = Some(args.listen);
+    settings.sequence.on_failure = match args.on_failure {
+        OnFailure::Rollback => FailurePolicy::Rollback,
+        OnFailure::StayTainted => FailurePolicy::StayTainted,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        // 429 from a PodDisruptionBudget must reach the agent, not be retried inside the client.
+        let client = client(args.kubeconfig.as_ref(), false).await?;
+        let source = Arc::new(NvidiaSmiGpus {
+            command: args.nvidia_smi.clone(),
+        });
+        let running = mig_agent::start(client, settings, source)
+            .await
+            .with_context(|| format!("cannot start the agent on {}", args.listen))?;
+        tracing::info!(node = %args.node, addr = ?running.addr, "agent started");
+        shutdown_signal().await;
+        tracing::info!("shutting down after the current step");
+        running.stop().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
