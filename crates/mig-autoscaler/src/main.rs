@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod agent_cmd;
 mod catalog_cmd;
 mod controller_cmd;
+mod demo_cmd;
 mod emulator_cmd;
 mod plan_cmd;
 
@@ -31,6 +32,9 @@ enum Command {
     /// Run the node agent: report this node's GPUs; run granted reconfigurations (taint, drain,
     /// relabel, await mig-manager, verify, untaint).
     Agent(agent_cmd::AgentArgs),
+    /// Run the whole system on an embedded demo cluster (emulated API, scheduler, kubelets,
+    /// mig-manager; real controller and agents; a workload) and serve the web view.
+    Demo(demo_cmd::DemoArgs),
     /// Serve an in-process Kubernetes API with a default MIG fleet (test equipment, for kubectl and clients).
     Emulator(emulator_cmd::EmulatorArgs),
     /// Plan target MIG layouts for a cluster snapshot (dry run: reads a file, touches nothing).
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Command::Emulator(args) => emulator_cmd::run(args),
         Command::Controller(args) => controller_cmd::run(args),
         Command::Agent(args) => agent_cmd::run(args),
+        Command::Demo(args) => demo_cmd::run(args),
     };
     match result {
         Ok(code) => code,

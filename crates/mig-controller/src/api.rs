@@ -41,7 +41,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
     let http = &shared.settings.http;
     Router::new()
         .route("/api/v1/plan", get(get_plan).post(post_plan))
+        .route("/", get(index))
         .route("/api/v1/layouts", get(layouts))
+        .route("/api/v1/actions", get(actions))
         .route("/api/v1/pods/{namespace}/{name}/explain", get(explain))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -94,10 +96,56 @@ struct LayoutRow {
     node: String,
     gpu: u32,
     model: String,
+    /// Memory slices of the GPU (the width of a drawing).
+    slices: u8,
     actual: String,
     proposed: String,
+    actual_instances: Vec<Slot>,
+    proposed_instances: Vec<Slot>,
     changed: bool,
     decision: Option<String>,
+}
+
+/// One instance as drawn: profile, first memory slice, memory slices used.
+#[derive(Serialize)]
+struct Slot {
+    profile: String,
+    start: u8,
+    size: u8,
+}
+
+fn slots(model: &str, layout: &str) -> (u8, Vec<Slot>) {
+    let Ok(m) = mig_catalog::Catalog::embedded().lookup(model) else {
+        return (0, Vec::new());
+    };
+    let Ok(l) = m.parse_layout(layout) else {
+        return (m.memory_slices, Vec::new());
+    };
+    let slots = l
+        .instances()
+        .iter()
+        .filter_map(|i| {
+            let p = m.profile(i.profile)?;
+            Some(Slot {
+                profile: p.name.clone(),
+                start: i.start,
+                size: p.memory_slices,
+            })
+        })
+        .collect();
+    (m.memory_slices, slots)
+}
+
+/// The built-in layout view (one self-contained page; it polls the API).
+async fn index() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("../ui/index.html"),
+    )
+}
+
+async fn actions(State(s): State<Arc<Shared>>) -> Response {
+    Json(json!({"actions": s.recent_actions()})).into_response()
 }
 
 async fn layouts(State(s): State<Arc<Shared>>) -> Result<Response, ApiError> {
@@ -106,18 +154,25 @@ async fn layouts(State(s): State<Arc<Shared>>) -> Result<Response, ApiError> {
         .plan
         .gpus
         .iter()
-        .map(|g| LayoutRow {
-            node: g.node.clone(),
-            gpu: g.index,
-            model: g.model.clone(),
-            actual: g.actual.clone(),
-            proposed: g.target.clone(),
-            changed: g.changed,
-            decision: if g.changed {
-                p.decisions.get(&g.node).cloned()
-            } else {
-                None
-            },
+        .map(|g| {
+            let (slices, actual_instances) = slots(&g.model, &g.actual);
+            let (_, proposed_instances) = slots(&g.model, &g.target);
+            LayoutRow {
+                node: g.node.clone(),
+                gpu: g.index,
+                model: g.model.clone(),
+                slices,
+                actual: g.actual.clone(),
+                proposed: g.target.clone(),
+                actual_instances,
+                proposed_instances,
+                changed: g.changed,
+                decision: if g.changed {
+                    p.decisions.get(&g.node).cloned()
+                } else {
+                    None
+                },
+            }
         })
         .collect();
     Ok(Json(json!({"planId": p.plan.id, "computedAt": p.computed_at, "gpus": rows})).into_response())

@@ -102,6 +102,17 @@ pub struct Shared {
     pub latest: RwLock<Option<Arc<Published>>>,
     /// Successful writes to nodes and the ConfigMap (for tests and the fencing proof): when, what.
     pub writes: std::sync::Mutex<Vec<(Instant, String)>>,
+    /// The last 100 actions (writes, ended reconfigurations), newest last, for the web view.
+    pub recent: std::sync::Mutex<std::collections::VecDeque<RecentAction>>,
+}
+
+/// Something the controller did or saw end, for people.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecentAction {
+    /// When (RFC 3339).
+    pub at: String,
+    /// What.
+    pub what: String,
 }
 
 impl Shared {
@@ -111,10 +122,32 @@ impl Shared {
     }
 
     fn record_write(&self, what: String) {
+        self.note(what.clone());
         self.writes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((Instant::now(), what));
+    }
+
+    fn note(&self, what: String) {
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        r.push_back(RecentAction {
+            at: Timestamp::now().to_string(),
+            what,
+        });
+        while r.len() > 100 {
+            r.pop_front();
+        }
+    }
+
+    /// The recent actions, newest last.
+    pub fn recent_actions(&self) -> Vec<RecentAction> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 
@@ -194,6 +227,7 @@ pub async fn start(client: Client, settings: Settings, identity: String) -> anyh
         ready: AtomicBool::new(false),
         latest: RwLock::new(None),
         writes: std::sync::Mutex::new(Vec::new()),
+        recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
         settings: settings.clone(),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -871,7 +905,13 @@ impl ControlLoop {
             .await
         {
             Ok(_) => {
-                self.shared.record_write(format!("grant {} {}", c.node, plan.id));
+                self.shared.record_write(format!(
+                    "{}: granted plan {} ({} GPU(s) to change, {} eviction(s))",
+                    c.node,
+                    plan.id,
+                    grant.targets.len(),
+                    evictions.len()
+                ));
                 self.shared
                     .metrics
                     .grants
@@ -979,7 +1019,8 @@ impl ControlLoop {
         }
         match api.replace(cm_name, &PostParams::default(), &cm).await {
             Ok(_) => {
-                self.shared.record_write(format!("configmap {name}"));
+                self.shared
+                    .record_write(format!("mig-parted config {name} written"));
                 Ok(())
             }
             Err(kube::Error::Api(s)) if s.code == 409 => Err(GrantError::Write(
@@ -1052,7 +1093,8 @@ impl ControlLoop {
                         .await
                         .is_ok()
                 {
-                    self.shared.record_write(format!("withdraw {name}"));
+                    self.shared
+                        .record_write(format!("{name}: grant withdrawn (the agent never started it)"));
                     self.emit(EventType::Warning, "GrantWithdrawn", format!("the node agent did not start plan {} within {}; is the agent running on this node?", g.plan_id, self.shared.settings.budgets.grant_timeout), "Sweep", node_ref(name, None), None);
                 }
             }
@@ -1082,7 +1124,7 @@ impl ControlLoop {
                         .await
                         .is_ok()
                 {
-                    self.shared.record_write(format!("untaint {name}"));
+                    self.shared.record_write(format!("{name}: stale taint removed"));
                     self.emit(
                         EventType::Normal,
                         "StaleTaintRemoved",

@@ -1,0 +1,201 @@
+//! The built-in layout view, drawn by a real browser (Debian chromium, headless) against the demo:
+//! every instance the API reports is drawn at its placement, actual and proposed.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split(' ').nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+fn chromium() -> Option<&'static str> {
+    ["chromium", "chromium-browser"].into_iter().find(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// `(node, gpu, layout, profile, start, size)` of every drawn slice.
+fn drawn(dom: &str) -> BTreeSet<(String, String, String, String, String, String)> {
+    let attr = |tag: &str, name: &str| {
+        tag.split(&format!("{name}=\""))
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    dom.split("<div class=\"slice")
+        .skip(1)
+        .map(|rest| {
+            let tag = rest.split('>').next().unwrap_or_default();
+            (
+                attr(tag, "data-node"),
+                attr(tag, "data-gpu"),
+                attr(tag, "data-layout"),
+                attr(tag, "data-profile"),
+                attr(tag, "data-start"),
+                attr(tag, "data-size"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_layout_view_draws_what_the_api_reports() {
+    let Some(browser) = chromium() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "chromium is required in CI (scripts/bootstrap installs it)"
+        );
+        eprintln!("skipped: no chromium on this machine (scripts/test installs it)");
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    // Dry run with one pod: the plan proposes a change and then stays put.
+    let _demo = Killed(
+        Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
+            .args([
+                "demo",
+                "--listen",
+                &addr,
+                "--mode",
+                "dry-run",
+                "--nodes",
+                "2",
+                "--gpus-per-node",
+                "2",
+            ])
+            .args(["--arrival-seconds", "100000", "--duration", "120"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    let layouts: serde_json::Value = loop {
+        if let Some((200, body)) = get(&addr, "/api/v1/layouts") {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if v["gpus"].as_array().unwrap().iter().any(|g| g["changed"] == true) {
+                break v;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no plan with a change"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let dir = std::env::temp_dir().join(format!("mig-autoscaler-chromium-{}", std::process::id()));
+    let out = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", dir.display()))
+        .arg(format!("http://{addr}/"))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let dom = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        dom.contains(&format!("data-plan=\"{}\"", layouts["planId"].as_str().unwrap())),
+        "the page shows another plan or none:\n{dom}"
+    );
+
+    let mut want = BTreeSet::new();
+    for g in layouts["gpus"].as_array().unwrap() {
+        for (which, key) in [("actual", "actualInstances"), ("proposed", "proposedInstances")] {
+            for i in g[key].as_array().unwrap() {
+                want.insert((
+                    g["node"].as_str().unwrap().to_string(),
+                    g["gpu"].to_string(),
+                    which.to_string(),
+                    i["profile"].as_str().unwrap().to_string(),
+                    i["start"].to_string(),
+                    i["size"].to_string(),
+                ));
+            }
+        }
+    }
+    assert_eq!(drawn(&dom), want, "drawn slices differ from the API's layouts");
+    // The changed GPU is marked, and the pending pod is listed with where it fits.
+    assert!(dom.contains("class=\"gpu changed\""));
+    assert!(dom.contains("data-pod=\"default/job-0001"), "{dom}");
+    assert!(dom.contains("after repartition"));
+}
+
+#[test]
+fn the_demo_in_auto_mode_reconfigures_nodes_and_runs_pods() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
+        .args([
+            "demo",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "2",
+        ])
+        .args(["--arrival-seconds", "0.5", "--duration", "20", "--seed", "7"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("layout view   http://127.0.0.1:{port}/")),
+        "{stdout}"
+    );
+    let summary = stdout.lines().find(|l| l.starts_with("summary:")).unwrap();
+    let number = |after: &str| -> f64 {
+        summary
+            .split(after)
+            .nth(1)
+            .unwrap()
+            .trim()
+            .split([' ', ',', ')', ';'])
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(number("reconfigurations done") >= 1.0, "{summary}");
+    assert!(number("(") >= 1.0, "no pod runs: {summary}");
+}
