@@ -464,6 +464,21 @@ impl ControlLoop {
             .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
             .collect();
         let new = pending.difference(&self.state.known_pending).count();
+        // Pods that stopped waiting because they were bound: their time to slice.
+        for gone in self.state.known_pending.difference(&pending) {
+            let Some((ns, name)) = gone.split_once('/') else {
+                continue;
+            };
+            if let Some(p) = pods
+                .iter()
+                .find(|p| p.namespace().as_deref() == Some(ns) && p.name_any() == name)
+                && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
+                && let Some(created) = &p.metadata.creation_timestamp
+            {
+                let waited = Timestamp::now().duration_since(created.0).as_secs_f64().max(0.0);
+                self.shared.metrics.time_to_slice.observe(waited);
+            }
+        }
         self.state.known_pending = pending.clone();
         if new > 0 {
             self.state.batch_first.get_or_insert(now);

@@ -114,6 +114,8 @@ pub struct Metrics {
     pub input_problems: Family<ReasonLabel, Counter>,
     /// Unix time of the last plan.
     pub last_plan_timestamp: Gauge<f64, AtomicU64>,
+    /// From a pending pod's creation to its binding.
+    pub time_to_slice: Histogram,
 }
 
 impl Metrics {
@@ -137,6 +139,7 @@ impl Metrics {
             evictions_granted: Counter::default(),
             input_problems: Family::default(),
             last_plan_timestamp: Gauge::default(),
+            time_to_slice: Histogram::new([1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0]),
             registry: Registry::default(),
         };
         let info: Family<Vec<(String, String)>, Gauge> = Family::default();
@@ -215,6 +218,11 @@ impl Metrics {
             "Unix time of the last plan",
             m.last_plan_timestamp.clone(),
         );
+        registry.register(
+            "pod_time_to_slice_seconds",
+            "From a pending MIG pod's creation to its binding to a node (pods the controller saw waiting)",
+            m.time_to_slice.clone(),
+        );
         for profile in profiles {
             let _ = m.pending_pods.get_or_create(&ProfileLabel { profile });
         }
@@ -251,6 +259,12 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// The exposition in the Prometheus text format 0.0.4 (for clients that do not ask for
+    /// OpenMetrics: curl, promtool): counters' HELP/TYPE lines carry the `_total` name, no `# EOF`.
+    pub fn encode_text(&self) -> String {
+        to_prometheus_text(&self.encode())
+    }
+
     /// The text exposition (OpenMetrics).
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -259,6 +273,31 @@ impl Metrics {
         }
         out
     }
+}
+
+/// OpenMetrics text → Prometheus text format 0.0.4.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -279,5 +318,17 @@ mod tests {
         );
         assert!(text.contains("mig_autoscaler_build_info{version="), "{text}");
         assert!(text.ends_with("# EOF\n"));
+        let plain = m.encode_text();
+        assert!(
+            plain.contains("# TYPE mig_autoscaler_decisions_total counter"),
+            "{plain}"
+        );
+        assert!(
+            plain.contains("# HELP mig_autoscaler_decisions_total "),
+            "{plain}"
+        );
+        assert!(!plain.contains("# EOF"));
+        assert!(plain.contains("# TYPE mig_autoscaler_plan_duration_seconds histogram"));
+        assert!(plain.contains("# TYPE mig_autoscaler_pod_time_to_slice_seconds histogram"));
     }
 }
