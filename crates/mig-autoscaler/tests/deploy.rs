@@ -1,0 +1,321 @@
+//! deploy/: the Helm chart and the plain manifests. There is no `helm` binary on our machines
+//! (Debian has none), so these tests check what can be checked without rendering: the manifests are
+//! valid typed objects with least-privilege RBAC and readable settings; every chart value is
+//! documented and every value a template reads exists; and the manifests equal the chart's defaults
+//! where it matters (RBAC rules, container args, env, ports, probes, settings, dashboards).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn manifests() -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(&read("deploy/manifests/mig-autoscaler.yaml"))
+        .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
+        .collect()
+}
+
+use serde::Deserialize;
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the manifests"))
+}
+
+fn values() -> serde_yaml::Value {
+    serde_yaml::from_str(&read("deploy/helm/mig-autoscaler/values.yaml")).unwrap()
+}
+
+fn value_at(v: &serde_yaml::Value, path: &str) -> Option<serde_yaml::Value> {
+    path.split('.').try_fold(v.clone(), |v, k| v.get(k).cloned())
+}
+
+/// The default rendering of simple template expressions (what the chart yields with defaults,
+/// release "mig-autoscaler" in namespace "mig-autoscaler").
+fn render_simple(line: &str) -> String {
+    let chart: serde_yaml::Value =
+        serde_yaml::from_str(&read("deploy/helm/mig-autoscaler/Chart.yaml")).unwrap();
+    let v = values();
+    let image = format!(
+        "{}:{}",
+        v["image"]["repository"].as_str().unwrap(),
+        chart["appVersion"].as_str().unwrap()
+    );
+    let cm = v["settings"]["migPartedConfigMap"].as_str().unwrap();
+    let mut out = line
+        .replace("{{ include \"mig-autoscaler.fullname\" . }}", "mig-autoscaler")
+        .replace("{{ include \"mig-autoscaler.image\" . }}", &image)
+        .replace("{{ .Release.Namespace }}", "mig-autoscaler")
+        .replace("{{ $cm._0 }}", cm.split('/').next().unwrap())
+        .replace("{{ $cm._1 }}", cm.split('/').nth(1).unwrap());
+    while let Some(i) = out.find("{{ .Values.") {
+        let j = out[i..].find(" }}").unwrap() + i;
+        let path = &out[i + 11..j];
+        let scalar = match value_at(&v, path).unwrap_or_else(|| panic!("no value {path}")) {
+            serde_yaml::Value::String(s) => s,
+            other => serde_yaml::to_string(&other).unwrap().trim().to_string(),
+        };
+        out.replace_range(i..j + 3, &scalar);
+    }
+    out
+}
+
+#[test]
+fn manifests_are_valid_objects_with_least_privilege() {
+    let docs = manifests();
+    for d in &docs {
+        let kind = d["kind"].as_str().unwrap();
+        let ok = match kind {
+            "ServiceAccount" => serde_json::from_value::<ServiceAccount>(d.clone()).is_ok(),
+            "ClusterRole" => serde_json::from_value::<ClusterRole>(d.clone()).is_ok(),
+            "ClusterRoleBinding" => serde_json::from_value::<ClusterRoleBinding>(d.clone()).is_ok(),
+            "Role" => serde_json::from_value::<Role>(d.clone()).is_ok(),
+            "RoleBinding" => serde_json::from_value::<RoleBinding>(d.clone()).is_ok(),
+            "ConfigMap" => serde_json::from_value::<ConfigMap>(d.clone()).is_ok(),
+            "Deployment" => serde_json::from_value::<Deployment>(d.clone()).is_ok(),
+            "DaemonSet" => serde_json::from_value::<DaemonSet>(d.clone()).is_ok(),
+            "Service" => serde_json::from_value::<Service>(d.clone()).is_ok(),
+            "PodDisruptionBudget" => serde_json::from_value::<PodDisruptionBudget>(d.clone()).is_ok(),
+            other => panic!("unexpected kind {other}"),
+        };
+        assert!(ok, "{kind} {} does not parse", d["metadata"]["name"]);
+    }
+    // The settings the controller will read are valid settings.
+    let cm = find(&docs, "ConfigMap", "mig-autoscaler-settings");
+    let settings =
+        mig_controller::Settings::from_yaml(cm["data"]["settings.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(settings.mode, mig_controller::Mode::DryRun, "start in dry-run");
+
+    // Least privilege: evict, never delete; patch nodes, never update or delete them; no wildcards.
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+    {
+        let name = d["metadata"]["name"].as_str().unwrap();
+        for r in d["rules"].as_array().unwrap() {
+            let verbs: Vec<&str> = r["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            let resources: Vec<&str> = r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert!(
+                !verbs.contains(&"*") && !resources.contains(&"*"),
+                "{name}: wildcard"
+            );
+            assert!(
+                !verbs.contains(&"delete") && !verbs.contains(&"deletecollection"),
+                "{name}: delete"
+            );
+            if resources.contains(&"nodes") {
+                assert!(
+                    !verbs.contains(&"update"),
+                    "{name}: nodes are patched, never updated"
+                );
+            }
+            if resources.contains(&"pods/eviction") {
+                assert_eq!(name, "mig-autoscaler-agent", "only the agent evicts");
+            }
+            if resources.contains(&"configmaps") {
+                assert!(
+                    r["resourceNames"].as_array().is_some_and(|n| n.len() == 1),
+                    "{name}: one ConfigMap only"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_chart_value_is_documented_and_every_template_value_exists() {
+    let text = read("deploy/helm/mig-autoscaler/values.yaml");
+    let lines: Vec<&str> = text.lines().collect();
+    // (indent, documented) of the enclosing keys: a documented parent documents its children
+    // (helm-docs reads it that way).
+    let mut stack: Vec<(usize, bool)> = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        if t.is_empty() || t.starts_with('#') || t.starts_with('-') {
+            continue;
+        }
+        let Some((key, rest)) = t.split_once(':') else {
+            continue;
+        };
+        let indent = line.len() - t.len();
+        while stack.last().is_some_and(|(d, _)| *d >= indent) {
+            stack.pop();
+        }
+        let prev = lines[..i]
+            .iter()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or(&"");
+        let documented = prev.trim_start().starts_with("# --") || stack.iter().any(|(_, d)| *d);
+        if rest.trim().is_empty() {
+            stack.push((indent, documented));
+            continue; // a parent key: documented itself or through its children
+        }
+        assert!(documented, "values.yaml: {key} has no `# --` comment");
+    }
+    let v = values();
+    let dir = root().join("deploy/helm/mig-autoscaler/templates");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find(".Values.") {
+            let tail = &rest[i + 8..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '_'))
+                .unwrap_or(tail.len());
+            let key = tail[..end].trim_end_matches('.');
+            assert!(
+                value_at(&v, key).is_some(),
+                "{}: .Values.{key} is not in values.yaml",
+                path.display()
+            );
+            rest = &tail[end..];
+        }
+    }
+}
+
+fn template_docs(file: &str) -> Vec<String> {
+    read(&format!("deploy/helm/mig-autoscaler/templates/{file}"))
+        .split("\n---")
+        .map(str::to_string)
+        .collect()
+}
+
+/// The `rules:` of a Role/ClusterRole template document, rendered with defaults.
+fn template_rules(doc: &str) -> Vec<PolicyRule> {
+    let body = doc.split("\nrules:\n").nth(1).unwrap();
+    let yaml: String = body
+        .lines()
+        .filter(|l| !l.contains("{{-") && !l.trim_start().starts_with('#'))
+        .map(|l| render_simple(l) + "\n")
+        .collect();
+    serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+}
+
+#[test]
+fn the_manifests_are_the_chart_with_its_defaults() {
+    let docs = manifests();
+    // RBAC rules, role by role.
+    let mut roles = 0;
+    for doc in template_docs("rbac.yaml") {
+        let kind = if doc.contains("\nkind: ClusterRole\n") {
+            "ClusterRole"
+        } else if doc.contains("\nkind: Role\n") {
+            "Role"
+        } else {
+            continue;
+        };
+        let name_line = doc
+            .lines()
+            .find(|l| l.trim_start().starts_with("name: "))
+            .unwrap();
+        let name = render_simple(name_line.trim_start().trim_start_matches("name: "));
+        let want: Vec<PolicyRule> = template_rules(&doc);
+        let got: Vec<PolicyRule> = serde_json::from_value(find(&docs, kind, &name)["rules"].clone()).unwrap();
+        assert_eq!(
+            got, want,
+            "{kind} {name}: rules differ between chart and manifests"
+        );
+        roles += 1;
+    }
+    assert_eq!(roles, 4);
+
+    // Containers: args, env names, ports, probe paths.
+    for (file, kind, name) in [
+        ("controller.yaml", "Deployment", "mig-autoscaler-controller"),
+        ("agent.yaml", "DaemonSet", "mig-autoscaler-agent"),
+    ] {
+        let text = read(&format!("deploy/helm/mig-autoscaler/templates/{file}"));
+        let c: Container = serde_json::from_value(
+            find(&docs, kind, name)["spec"]["template"]["spec"]["containers"][0].clone(),
+        )
+        .unwrap();
+        let args_line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("args: ["))
+            .unwrap();
+        let args: Vec<String> =
+            serde_yaml::from_str(render_simple(args_line.trim_start().trim_start_matches("args: ")).as_str())
+                .unwrap();
+        assert_eq!(c.args.clone().unwrap(), args, "{file}: args");
+        let env_names: BTreeSet<String> = text
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix("- name: "))
+            .filter(|n| n.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+            .map(str::to_string)
+            .collect();
+        let got: BTreeSet<String> = c.env.clone().unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(got, env_names, "{file}: env");
+        let port_line = text.lines().find(|l| l.contains("containerPort:")).unwrap();
+        let port: i32 = render_simple(port_line)
+            .trim()
+            .trim_start_matches("containerPort:")
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(c.ports.clone().unwrap()[0].container_port, port, "{file}: port");
+        for probe in ["/healthz", "/readyz"] {
+            assert!(text.contains(probe));
+        }
+        assert_eq!(
+            c.liveness_probe.unwrap().http_get.unwrap().path.as_deref(),
+            Some("/healthz")
+        );
+        assert_eq!(
+            c.readiness_probe.unwrap().http_get.unwrap().path.as_deref(),
+            Some("/readyz")
+        );
+        let image = render_simple("{{ include \"mig-autoscaler.image\" . }}");
+        assert_eq!(c.image.as_deref(), Some(image.as_str()));
+    }
+
+    // Settings: the manifests' file says what values.yaml says.
+    let cm = find(&docs, "ConfigMap", "mig-autoscaler-settings");
+    let s: serde_yaml::Value = serde_yaml::from_str(cm["data"]["settings.yaml"].as_str().unwrap()).unwrap();
+    let v = values();
+    for key in ["mode", "batching", "budgets", "planner", "migPartedConfigMap"] {
+        assert_eq!(s[key], v["settings"][key], "settings.{key}");
+    }
+    assert_eq!(s["lease"]["duration"], v["controller"]["leaseDuration"]);
+    assert_eq!(
+        s["http"]["listen"].as_str().unwrap(),
+        format!("0.0.0.0:{}", v["controller"]["port"].as_u64().unwrap())
+    );
+}
+
+#[test]
+fn the_chart_ships_the_same_dashboards() {
+    for f in ["mig-layouts.json", "mig-planner.json"] {
+        assert_eq!(
+            read(&format!("deploy/helm/mig-autoscaler/dashboards/{f}")),
+            read(&format!("deploy/grafana/{f}")),
+            "deploy/helm/mig-autoscaler/dashboards/{f} differs from deploy/grafana/{f}: copy it"
+        );
+    }
+}
