@@ -517,6 +517,18 @@ mod tests {
         }
     }
 
+    /// Our state for grant p1 in `phase` since `since`.
+    fn at(phase: Phase, since: &str, previous: Option<&str>) -> NodeState {
+        NodeState {
+            grant_id: "p1".into(),
+            phase,
+            since: since.into(),
+            attempt: 1,
+            message: None,
+            previous_config: previous.map(str::to_string),
+        }
+    }
+
     fn obs() -> Observation {
         Observation {
             grant: Ok(Some(grant())),
@@ -599,14 +611,11 @@ mod tests {
     fn a_stale_success_does_not_pass_for_the_new_config() {
         // Relabel marks the state pending, so AwaitingMigManager waits for mig-manager's answer.
         let mut o = obs();
-        o.state = Ok(Some(NodeState {
-            grant_id: "p1".into(),
-            phase: Phase::Relabeling,
-            since: "2026-06-01T12:00:05Z".into(),
-            attempt: 1,
-            message: None,
-            previous_config: Some("all-1g.10gb".into()),
-        }));
+        o.state = Ok(Some(at(
+            Phase::Relabeling,
+            "2026-06-01T12:00:05Z",
+            Some("all-1g.10gb"),
+        )));
         o.tainted = true;
         o.pods.clear();
         let s = step(&o, &SequencePolicy::default());
@@ -690,14 +699,7 @@ mod tests {
     fn draining_waits_for_terminating_pods_and_never_evicts_them_again() {
         let mut o = obs();
         o.tainted = true;
-        o.state = Ok(Some(NodeState {
-            grant_id: "p1".into(),
-            phase: Phase::Draining,
-            since: "2026-06-01T12:00:05Z".into(),
-            attempt: 1,
-            message: None,
-            previous_config: None,
-        }));
+        o.state = Ok(Some(at(Phase::Draining, "2026-06-01T12:00:05Z", None)));
         o.pods[0].terminating = true;
         assert_eq!(step(&o, &SequencePolicy::default()), Step::nothing());
         o.pods.clear();
@@ -711,14 +713,11 @@ mod tests {
     fn a_blocked_drain_times_out_and_rolls_back_without_touching_gpus() {
         let mut o = obs();
         o.tainted = true;
-        o.state = Ok(Some(NodeState {
-            grant_id: "p1".into(),
-            phase: Phase::Draining,
-            since: "2026-06-01T11:00:00Z".into(),
-            attempt: 1,
-            message: None,
-            previous_config: Some("all-1g.10gb".into()),
-        }));
+        o.state = Ok(Some(at(
+            Phase::Draining,
+            "2026-06-01T11:00:00Z",
+            Some("all-1g.10gb"),
+        )));
         let s = step(&o, &SequencePolicy::default());
         assert!(s.actions.contains(&Action::Untaint));
         assert!(!s.actions.iter().any(|a| matches!(a, Action::Relabel(_))));
@@ -730,14 +729,7 @@ mod tests {
         let mut o = obs();
         o.tainted = true;
         o.pods[0].do_not_disrupt = true;
-        o.state = Ok(Some(NodeState {
-            grant_id: "p1".into(),
-            phase: Phase::Draining,
-            since: "2026-06-01T12:00:05Z".into(),
-            attempt: 1,
-            message: None,
-            previous_config: None,
-        }));
+        o.state = Ok(Some(at(Phase::Draining, "2026-06-01T12:00:05Z", None)));
         let s = step(&o, &SequencePolicy::default());
         assert!(!s.actions.iter().any(|a| matches!(a, Action::Evict(_))));
         assert_eq!(s.next.unwrap().phase, Phase::RolledBack);

@@ -3,35 +3,14 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on unexpected input.
 
-use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_mig-autoscaler");
+use std::io::Read;
 
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mig-autoscaler-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status = out.split(' ').nth(1)?.parse().ok()?;
-    Some((status, out))
-}
+use common::{BIN, Killed, dir, emulator, get, terminate};
 
 #[test]
 fn bad_settings_are_refused_with_their_path() {
@@ -72,27 +51,7 @@ fn bad_settings_are_refused_with_their_path() {
 #[test]
 fn runs_against_the_emulator_and_stops_on_sigterm() {
     let d = dir("controller-run");
-    let kubeconfig = d.join("kubeconfig");
-    let _emulator = Killed(
-        Command::new(BIN)
-            .args([
-                "emulator",
-                "--listen",
-                "127.0.0.1:0",
-                "--nodes",
-                "2",
-                "--kubeconfig-out",
-            ])
-            .arg(&kubeconfig)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let started = Instant::now();
-    while !kubeconfig.exists() {
-        assert!(started.elapsed() < Duration::from_secs(20), "no kubeconfig");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_emulator, kubeconfig) = emulator(&d, 2);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -128,25 +87,7 @@ fn runs_against_the_emulator_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(get(&addr, "/readyz").unwrap().0, 200);
-    let pid = controller.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = controller.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = terminate(&mut controller);
     assert!(status.success());
     let mut logs = String::new();
     controller
@@ -177,27 +118,7 @@ fn the_agent_reports_what_nvidia_smi_says_and_stops_on_sigterm() {
     )
     .unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let kubeconfig = d.join("kubeconfig");
-    let _emulator = Killed(
-        Command::new(BIN)
-            .args([
-                "emulator",
-                "--listen",
-                "127.0.0.1:0",
-                "--nodes",
-                "1",
-                "--kubeconfig-out",
-            ])
-            .arg(&kubeconfig)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let started = Instant::now();
-    while !kubeconfig.exists() {
-        assert!(started.elapsed() < Duration::from_secs(20), "no kubeconfig");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_emulator, kubeconfig) = emulator(&d, 1);
     let text = std::fs::read_to_string(&kubeconfig).unwrap();
     let api = text
         .split("server: http://")
@@ -253,25 +174,7 @@ fn the_agent_reports_what_nvidia_smi_says_and_stops_on_sigterm() {
         metrics.contains("mig_autoscaler_agent_phase{kind=\"idle\"} 1"),
         "{metrics}"
     );
-    let pid = agent.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = agent.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = terminate(&mut agent);
     assert!(status.success());
     let _ = std::fs::remove_dir_all(d);
 }

@@ -4,45 +4,16 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
 
-fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status = out.split(' ').nth(1)?.parse().ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        let mut rest = body;
-        let mut text = String::new();
-        while let Some((size, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 || tail.len() < n {
-                break;
-            }
-            text.push_str(&tail[..n]);
-            rest = tail[n..].trim_start_matches("\r\n");
-        }
-        text
-    } else {
-        body.to_string()
-    };
-    Some((status, body))
-}
+use common::{Killed, free_addr, get, tool, wait_for};
 
 fn dashboards() -> Vec<(String, Value)> {
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/grafana"));
@@ -162,21 +133,6 @@ fn dashboards_follow_the_conventions() {
     }
 }
 
-fn tool(name: &str) -> bool {
-    let present = Command::new(name)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !present {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{name} is required in CI (scripts/test installs it)"
-        );
-        eprintln!("skipped: no {name} on this machine (scripts/test installs it)");
-    }
-    present
-}
-
 #[test]
 fn dashboard_expressions_are_valid_promql() {
     if !tool("promtool") {
@@ -205,15 +161,6 @@ fn dashboard_expressions_are_valid_promql() {
     );
 }
 
-fn free_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
-}
-
 fn demo(addr: &str) -> Killed {
     Killed(
         Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
@@ -234,20 +181,6 @@ fn demo(addr: &str) -> Killed {
             .spawn()
             .unwrap(),
     )
-}
-
-fn wait_for(addr: &str, path: &str, secs: u64) -> String {
-    let started = Instant::now();
-    loop {
-        if let Some((200, body)) = get(addr, path) {
-            return body;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(secs),
-            "{addr}{path} never answered"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]
