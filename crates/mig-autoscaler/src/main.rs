@@ -10,6 +10,7 @@ mod controller_cmd;
 mod demo_cmd;
 mod emulator_cmd;
 mod plan_cmd;
+mod simulate_cmd;
 
 /// Repartitions NVIDIA MIG GPUs in a Kubernetes cluster automatically.
 #[derive(Parser)]
@@ -35,6 +36,8 @@ enum Command {
     /// Run the whole system on an embedded demo cluster (emulated API, scheduler, kubelets,
     /// mig-manager; real controller and agents; a workload) and serve the web view.
     Demo(demo_cmd::DemoArgs),
+    /// Replay a GPU-cluster trace through MIG policies (static, greedy, ILP) and compare them.
+    Simulate(simulate_cmd::SimulateArgs),
     /// Serve an in-process Kubernetes API with a default MIG fleet (test equipment, for kubectl and clients).
     Emulator(emulator_cmd::EmulatorArgs),
     /// Plan target MIG layouts for a cluster snapshot (dry run: reads a file, touches nothing).
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Controller(args) => controller_cmd::run(args),
         Command::Agent(args) => agent_cmd::run(args),
         Command::Demo(args) => demo_cmd::run(args),
+        Command::Simulate(args) => simulate_cmd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -359,3 +359,57 @@ fn plan_prints_a_table_or_json_and_rejects_bad_snapshots_with_a_path() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn simulate_compares_policies_on_a_small_trace_and_writes_its_files() {
+    let dir = std::env::temp_dir().join(format!("mig-autoscaler-simulate-{}", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
+        .args(["simulate", "--trace"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../mig-sim/tests/fixtures/synthetic-openb.csv"
+        ))
+        .args([
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "2",
+            "--window-start",
+            "0",
+            "--days",
+            "1",
+            "--reconfig-delay",
+            "30,300",
+        ])
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 8, "4 policies x 2 delays:\n{csv}");
+    let started = |policy: &str, delay: &str| -> u32 {
+        rows.iter()
+            .find(|r| r[0].starts_with(policy) && r[1] == delay)
+            .unwrap()[3]
+            .parse()
+            .unwrap()
+    };
+    // all-balanced has no 4g or 7g: those pods never start; repartitioning starts them.
+    assert!(
+        started("ilp", "30") > started("static[1g.10gb@0+1g.10gb@1+2g.20gb@2+3g.40gb@4]", "30"),
+        "{csv}"
+    );
+    assert!(
+        std::fs::read_to_string(dir.join("waits.svg"))
+            .unwrap()
+            .starts_with("<svg")
+    );
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
+        .args(["simulate", "--trace", "/nonexistent.csv"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,475 @@
+//! Trace-driven simulation of MIG repartitioning policies. Discrete events (arrivals, departures,
+//! reconfigurations finishing, planning ticks) over a simulated cluster of identical MIG GPUs; the
+//! planner is called directly (the fast path: no HTTP, no Kubernetes).
+//!
+//! A simple scheduler binds pending pods first-fit, in arrival order, to free instances of their
+//! profile (all instances of a pod on one node), as kube-scheduler with the device plugin would.
+//! Policies differ only in how layouts change:
+//! - `static`: never (what admins do today; NVIDIA's all-balanced, or any fixed layout);
+//! - `greedy`: the planner's greedy first-fit repartitioning (in the spirit of nos);
+//! - `ilp`: the planner's ILP.
+//!
+//! Dynamic policies plan at most every `batch` seconds while pods are pending; a changed GPU is
+//! unusable for `reconfig_delay` seconds, then has its target layout. Only idle GPUs change (drain
+//! policy `never`), so nothing is evicted.
+
+pub mod trace;
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::time::Instant as Clock;
+
+use mig_catalog::{Catalog, Counts, GpuModel, Instance, Layout};
+use mig_planner::snapshot::{Gpu, GpuInstance, Node, PendingPod, RunningPod};
+use mig_planner::{Policy, Snapshot, SolverKind};
+
+pub use trace::{TracePod, parse_openb};
+
+/// How layouts change.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PolicyKind {
+    /// Never: every GPU keeps this layout (canonical text).
+    Static(String),
+    /// The planner's greedy heuristic.
+    Greedy,
+    /// The planner's ILP (HiGHS).
+    Ilp,
+}
+
+impl PolicyKind {
+    /// Short name for reports.
+    pub fn name(&self) -> String {
+        match self {
+            PolicyKind::Static(l) => format!("static[{}]", l.replace(',', "+")),
+            PolicyKind::Greedy => "greedy".into(),
+            PolicyKind::Ilp => "ilp".into(),
+        }
+    }
+}
+
+/// The simulated cluster and timing.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Nodes.
+    pub nodes: usize,
+    /// GPUs per node.
+    pub gpus_per_node: usize,
+    /// GPU product (catalog lookup).
+    pub product: String,
+    /// Initial layout of every GPU (canonical text).
+    pub initial_layout: String,
+    /// Plan at most this often while pods wait (seconds of simulated time).
+    pub batch: f64,
+    /// A changed GPU is unusable this long (seconds).
+    pub reconfig_delay: f64,
+    /// Stop at this time (seconds); pods still waiting then count as waiting until it.
+    pub horizon: f64,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Policy name.
+    pub policy: String,
+    /// Pods in the workload.
+    pub pods: usize,
+    /// Pods that started before the horizon.
+    pub started: usize,
+    /// Waits (start − arrival; horizon − arrival for pods that never started), seconds.
+    pub waits: Vec<f64>,
+    /// GPUs reconfigured.
+    pub reconfigurations: usize,
+    /// Planner calls and their wall times (ms).
+    pub plan_millis: Vec<f64>,
+    /// Time-average of allocated compute slices / cluster compute slices.
+    pub allocation: f64,
+    /// Time-average of demanded compute slices (running + waiting pods) / cluster compute slices.
+    pub demand: f64,
+}
+
+impl Report {
+    /// The q-quantile (0–1) of the waits.
+    pub fn wait_quantile(&self, q: f64) -> f64 {
+        quantile(&self.waits, q)
+    }
+    /// Mean wait.
+    pub fn mean_wait(&self) -> f64 {
+        if self.waits.is_empty() {
+            0.0
+        } else {
+            self.waits.iter().sum::<f64>() / self.waits.len() as f64
+        }
+    }
+}
+
+/// The q-quantile (nearest rank) of `values`.
+pub fn quantile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Arrival(usize),
+    Departure(usize),
+    ReconfigDone(usize),
+    PlanTick,
+}
+
+#[derive(Debug)]
+struct Event {
+    at: f64,
+    seq: u64,
+    kind: Kind,
+}
+impl PartialEq for Event {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Event {}
+impl PartialOrd for Event {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Event {
+    fn cmp(&self, o: &Self) -> Ordering {
+        // Earliest first (BinaryHeap is a max-heap).
+        o.at.total_cmp(&self.at).then(o.seq.cmp(&self.seq))
+    }
+}
+
+struct SimGpu {
+    node: usize,
+    index: u32,
+    layout: Layout,
+    used: BTreeMap<Instance, usize>,
+    /// Reconfiguring into this layout until the ReconfigDone event.
+    target: Option<Layout>,
+}
+
+/// A simulation error (bad configuration).
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// Unknown GPU or bad layout.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Run one policy over a workload.
+pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> Result<Report, SimError> {
+    let catalog = Catalog::embedded();
+    let model = catalog
+        .lookup(&config.product)
+        .map_err(|e| SimError::Config(e.to_string()))?;
+    let layout_text = match policy {
+        PolicyKind::Static(l) => l.as_str(),
+        _ => config.initial_layout.as_str(),
+    };
+    let initial = model
+        .parse_layout(layout_text)
+        .map_err(|e| SimError::Config(e.to_string()))?;
+    model
+        .validate(&initial)
+        .map_err(|e| SimError::Config(e.to_string()))?;
+    for p in pods {
+        if model.profile_by_name(p.profile).is_none() {
+            return Err(SimError::Config(format!(
+                "{}: profile {} is not on {}",
+                p.name, p.profile, model.key
+            )));
+        }
+    }
+    let mut gpus: Vec<SimGpu> = (0..config.nodes * config.gpus_per_node)
+        .map(|g| SimGpu {
+            node: g / config.gpus_per_node,
+            index: (g % config.gpus_per_node) as u32,
+            layout: initial.clone(),
+            used: BTreeMap::new(),
+            target: None,
+        })
+        .collect();
+    let total_slices = (gpus.len() as f64) * f64::from(model.compute_slices);
+    let slices_of = |p: &TracePod| -> f64 {
+        model
+            .profile_by_name(p.profile)
+            .and_then(|i| model.profile(i))
+            .map_or(0.0, |pr| f64::from(pr.compute_slices) * f64::from(p.count))
+    };
+
+    let mut report = Report {
+        policy: policy.name(),
+        pods: pods.len(),
+        ..Default::default()
+    };
+    let mut heap = BinaryHeap::new();
+    let mut seq = 0u64;
+    let mut push = |heap: &mut BinaryHeap<Event>, at: f64, kind: Kind| {
+        seq += 1;
+        heap.push(Event { at, seq, kind });
+    };
+    for (i, p) in pods.iter().enumerate() {
+        push(&mut heap, p.arrival, Kind::Arrival(i));
+    }
+    let mut pending: VecDeque<usize> = VecDeque::new();
+    let mut started: Vec<Option<f64>> = vec![None; pods.len()];
+    let mut holding: BTreeMap<usize, Vec<(usize, Instance)>> = BTreeMap::new();
+    let mut tick_scheduled = false;
+    let (mut last_t, mut alloc_area, mut demand_area) = (pods.first().map_or(0.0, |p| p.arrival), 0.0, 0.0);
+    let (mut allocated, mut demanded) = (0.0f64, 0.0f64);
+    let start_t = last_t;
+
+    while let Some(ev) = heap.pop() {
+        let t = ev.at.min(config.horizon);
+        alloc_area += allocated * (t - last_t);
+        demand_area += demanded * (t - last_t);
+        last_t = t;
+        if ev.at > config.horizon {
+            break;
+        }
+        match ev.kind {
+            Kind::Arrival(i) => {
+                pending.push_back(i);
+                demanded += slices_of(&pods[i]);
+            }
+            Kind::Departure(i) => {
+                for (g, inst) in holding.remove(&i).unwrap_or_default() {
+                    gpus[g].used.remove(&inst);
+                }
+                allocated -= slices_of(&pods[i]);
+                demanded -= slices_of(&pods[i]);
+            }
+            Kind::ReconfigDone(g) => {
+                if let Some(l) = gpus[g].target.take() {
+                    gpus[g].layout = l;
+                }
+            }
+            Kind::PlanTick => {
+                tick_scheduled = false;
+                if !pending.is_empty() {
+                    let changed = plan_round(
+                        model,
+                        &mut gpus,
+                        pods,
+                        &pending,
+                        &holding,
+                        policy,
+                        config,
+                        &mut report,
+                    );
+                    for g in changed {
+                        push(&mut heap, t + config.reconfig_delay, Kind::ReconfigDone(g));
+                    }
+                }
+            }
+        }
+        // Schedule: first-fit, arrival order.
+        let mut still = VecDeque::new();
+        // Once a pod of a profile does not fit, no later pod of that profile asking as many or more
+        // instances fits in this round either (binding only takes instances away).
+        let mut blocked: BTreeMap<&str, u32> = BTreeMap::new();
+        while let Some(i) = pending.pop_front() {
+            if blocked.get(pods[i].profile).is_some_and(|c| pods[i].count >= *c) {
+                still.push_back(i);
+                continue;
+            }
+            match fit(model, &gpus, &pods[i]) {
+                Some(taken) => {
+                    for (g, inst) in &taken {
+                        gpus[*g].used.insert(*inst, i);
+                    }
+                    holding.insert(i, taken);
+                    started[i] = Some(t);
+                    allocated += slices_of(&pods[i]);
+                    push(&mut heap, t + pods[i].duration, Kind::Departure(i));
+                }
+                None => {
+                    let c = blocked.entry(pods[i].profile).or_insert(u32::MAX);
+                    *c = (*c).min(pods[i].count);
+                    still.push_back(i);
+                }
+            }
+        }
+        pending = still;
+        if !pending.is_empty() && !tick_scheduled && !matches!(policy, PolicyKind::Static(_)) {
+            push(&mut heap, t + config.batch, Kind::PlanTick);
+            tick_scheduled = true;
+        }
+    }
+    let span = (last_t - start_t).max(1e-9);
+    report.allocation = alloc_area / span / total_slices;
+    report.demand = demand_area / span / total_slices;
+    for (i, p) in pods.iter().enumerate() {
+        if p.arrival > config.horizon {
+            continue;
+        }
+        match started[i] {
+            Some(s) => {
+                report.started += 1;
+                report.waits.push(s - p.arrival);
+            }
+            None => report
+                .waits
+                .push(config.horizon.min(last_t).max(p.arrival) - p.arrival),
+        }
+    }
+    Ok(report)
+}
+
+/// Free instances of the pod's profile on one node (not reconfiguring), or None.
+fn fit(model: &GpuModel, gpus: &[SimGpu], pod: &TracePod) -> Option<Vec<(usize, Instance)>> {
+    let want = model.profile_by_name(pod.profile)?;
+    let nodes = gpus.iter().map(|g| g.node).max().map_or(0, |n| n + 1);
+    (0..nodes).find_map(|n| {
+        let free: Vec<(usize, Instance)> = gpus
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.node == n && g.target.is_none())
+            .flat_map(|(gi, g)| {
+                g.layout
+                    .instances()
+                    .iter()
+                    .filter(|i| i.profile == want && !g.used.contains_key(i))
+                    .map(move |i| (gi, *i))
+            })
+            .take(pod.count as usize)
+            .collect();
+        (free.len() == pod.count as usize).then_some(free)
+    })
+}
+
+/// Plan with the planner; start the reconfigurations it asks for. Returns the GPUs changed.
+#[allow(clippy::too_many_arguments)]
+fn plan_round(
+    model: &GpuModel,
+    gpus: &mut [SimGpu],
+    pods: &[TracePod],
+    pending: &VecDeque<usize>,
+    holding: &BTreeMap<usize, Vec<(usize, Instance)>>,
+    policy: &PolicyKind,
+    config: &SimConfig,
+    report: &mut Report,
+) -> Vec<usize> {
+    let name = |i: usize| format!("p{i}");
+    let mut nodes: Vec<Node> = (0..config.nodes)
+        .map(|n| Node {
+            name: format!("node-{n}"),
+            schedulable: true,
+            ..Default::default()
+        })
+        .collect();
+    for g in gpus.iter() {
+        let layout = g.target.as_ref().unwrap_or(&g.layout);
+        nodes[g.node].frozen |= g.target.is_some();
+        nodes[g.node].gpus.push(Gpu {
+            index: g.index,
+            product: config.product.clone(),
+            mig_enabled: true,
+            instances: layout
+                .instances()
+                .iter()
+                .map(|i| GpuInstance {
+                    profile: model
+                        .profile(i.profile)
+                        .map(|p| p.name.clone())
+                        .unwrap_or_default(),
+                    start: i.start,
+                    pods: g
+                        .used
+                        .get(i)
+                        .map(|p| vec![format!("sim/{}", name(*p))])
+                        .unwrap_or_default(),
+                    utilization: None,
+                })
+                .collect(),
+        });
+    }
+    let snapshot = Snapshot {
+        nodes,
+        pending_pods: pending
+            .iter()
+            .map(|i| PendingPod {
+                namespace: "sim".into(),
+                name: name(*i),
+                requests: [(
+                    format!("nvidia.com/mig-{}", pods[*i].profile),
+                    i64::from(pods[*i].count),
+                )]
+                .into(),
+                created: Some(format!("{:020.3}", pods[*i].arrival)),
+                ..Default::default()
+            })
+            .collect(),
+        running_pods: holding
+            .keys()
+            .map(|i| RunningPod {
+                namespace: "sim".into(),
+                name: name(*i),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mut p = Policy::default();
+    if *policy == PolicyKind::Greedy {
+        p.solver.kind = SolverKind::Greedy;
+    }
+    p.solver.time_limit_ms = 2_000;
+    let clock = Clock::now();
+    let plan = mig_planner::plan(&snapshot, &p);
+    report.plan_millis.push(clock.elapsed().as_secs_f64() * 1000.0);
+    let mut changed = Vec::new();
+    for gp in plan.gpus.iter().filter(|g| g.changed) {
+        let Some(n) = gp
+            .node
+            .strip_prefix("node-")
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let Some(gi) = gpus.iter().position(|g| g.node == n && g.index == gp.index) else {
+            continue;
+        };
+        let Ok(target) = model.parse_layout(&gp.target) else {
+            continue;
+        };
+        if !gpus[gi].used.is_empty() || gpus[gi].target.is_some() {
+            continue; // never happens with drain policy `never`; kept safe
+        }
+        gpus[gi].target = Some(target);
+        changed.push(gi);
+    }
+    report.reconfigurations += changed.len();
+    changed
+}
+
+/// The candidates for "the best static layout in hindsight": one layout per count vector that uses
+/// only `profiles` and is maximal among those (no other such vector covers it).
+pub fn static_candidates(product: &str, profiles: &[&str]) -> Result<Vec<String>, SimError> {
+    let model = Catalog::embedded()
+        .lookup(product)
+        .map_err(|e| SimError::Config(e.to_string()))?;
+    let allowed: Vec<_> = profiles.iter().filter_map(|p| model.profile_by_name(p)).collect();
+    let mut vectors: BTreeMap<String, (Counts, String)> = BTreeMap::new();
+    for l in model.layouts() {
+        if l.is_empty() || !l.instances().iter().all(|i| allowed.contains(&i.profile)) {
+            continue;
+        }
+        let counts: Counts = model.counts(l);
+        vectors
+            .entry(model.format_counts(&counts))
+            .or_insert_with(|| (counts, model.format_layout(l)));
+    }
+    let all: Vec<(Counts, String)> = vectors.into_values().collect();
+    Ok(all
+        .iter()
+        .filter(|(c, _)| !all.iter().any(|(o, _)| o != c && o.covers(c)))
+        .map(|(_, l)| l.clone())
+        .collect())
+}

@@ -1,0 +1,153 @@
+//! Reading the Alibaba GPU v2023 ("openb") pod lists into MIG pods, by a stated mapping.
+//!
+//! The trace has no MIG hardware; its `gpu_milli` is a share of a whole GPU. Our mapping (also in
+//! docs/evaluation.md): a single-GPU pod needs `s = ceil(gpu_milli × 7 / 1000)` compute sevenths,
+//! rounded up to a real A100/H100-80GB profile size {1, 2, 3, 4, 7} (1g.10gb, 2g.20gb, 3g.40gb,
+//! 4g.40gb, 7g.80gb); a pod of `n ≥ 2` GPUs needs `n` × 7g.80gb on one node; CPU-only pods are
+//! dropped. Times are seconds; a pod lives `deletion_time − creation_time`.
+
+/// A pod of the workload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TracePod {
+    /// Name in the trace.
+    pub name: String,
+    /// Arrival, seconds from the trace origin.
+    pub arrival: f64,
+    /// How long it runs once started, seconds.
+    pub duration: f64,
+    /// MIG profile (A100/H100-80GB names).
+    pub profile: &'static str,
+    /// Instances of that profile, all on one node.
+    pub count: u32,
+}
+
+/// A line or field that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{file} line {line}: {message}")]
+pub struct TraceError {
+    /// File name.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The profile for a single-GPU share in thousandths.
+pub fn profile_for_milli(gpu_milli: u32) -> &'static str {
+    let sevenths = (gpu_milli.min(1000) * 7).div_ceil(1000).max(1);
+    match sevenths {
+        1 => "1g.10gb",
+        2 => "2g.20gb",
+        3 => "3g.40gb",
+        4 => "4g.40gb",
+        _ => "7g.80gb",
+    }
+}
+
+/// Parse an openb pod list (`name,cpu_milli,memory_mib,num_gpu,gpu_milli,...,creation_time,deletion_time,...`).
+pub fn parse_openb(file: &str, text: &str) -> Result<Vec<TracePod>, TraceError> {
+    let mut lines = text.lines().enumerate();
+    let header: Vec<&str> = lines
+        .next()
+        .map(|(_, h)| h.trim().split(',').collect())
+        .ok_or_else(|| TraceError {
+            file: file.into(),
+            line: 1,
+            message: "empty file".into(),
+        })?;
+    let col = |name: &str| {
+        header.iter().position(|h| *h == name).ok_or_else(|| TraceError {
+            file: file.into(),
+            line: 1,
+            message: format!("no column {name:?} (an openb pod list with times is needed)"),
+        })
+    };
+    let (c_name, c_num, c_milli, c_create, c_delete) = (
+        col("name")?,
+        col("num_gpu")?,
+        col("gpu_milli")?,
+        col("creation_time")?,
+        col("deletion_time")?,
+    );
+    let mut pods = Vec::new();
+    for (i, line) in lines {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.trim().split(',').collect();
+        let err = |message: String| TraceError {
+            file: file.into(),
+            line: i + 1,
+            message,
+        };
+        let num = |c: usize, what: &str| -> Result<f64, TraceError> {
+            f.get(c)
+                .ok_or_else(|| err(format!("missing {what}")))?
+                .parse::<f64>()
+                .map_err(|_| err(format!("{what} {:?} is not a number", f[c])))
+        };
+        let num_gpu = num(c_num, "num_gpu")? as u32;
+        if num_gpu == 0 {
+            continue;
+        }
+        let milli = num(c_milli, "gpu_milli")? as u32;
+        let arrival = num(c_create, "creation_time")?;
+        let departure = num(c_delete, "deletion_time")?;
+        if departure < arrival {
+            return Err(err(format!(
+                "deletion_time {departure} before creation_time {arrival}"
+            )));
+        }
+        let (profile, count) = if num_gpu == 1 {
+            (profile_for_milli(milli), 1)
+        } else {
+            ("7g.80gb", num_gpu)
+        };
+        pods.push(TracePod {
+            name: f[c_name].to_string(),
+            arrival,
+            duration: departure - arrival,
+            profile,
+            count,
+        });
+    }
+    pods.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
+    Ok(pods)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mapping_rounds_up_to_real_profiles() {
+        assert_eq!(profile_for_milli(100), "1g.10gb");
+        assert_eq!(profile_for_milli(142), "1g.10gb"); // 0.994 sevenths
+        assert_eq!(profile_for_milli(143), "2g.20gb"); // 1.001 sevenths
+        assert_eq!(profile_for_milli(470), "4g.40gb"); // 3.29 sevenths -> 4
+        assert_eq!(profile_for_milli(571), "4g.40gb");
+        assert_eq!(profile_for_milli(572), "7g.80gb"); // 4.004 sevenths -> 5 -> no 5g: 7g
+        assert_eq!(profile_for_milli(810), "7g.80gb");
+        assert_eq!(profile_for_milli(1000), "7g.80gb");
+    }
+
+    #[test]
+    fn pods_parse_and_cpu_only_pods_are_dropped() {
+        let text = "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time\n\
+                    a,1,1,1,320,,LS,Running,10,70,10\nb,1,1,0,0,,BE,Running,5,9,5\nc,1,1,8,1000,,LS,Running,0,100,0\n";
+        let pods = parse_openb("t.csv", text).unwrap();
+        assert_eq!(pods.len(), 2);
+        assert_eq!(
+            (pods[0].name.as_str(), pods[0].profile, pods[0].count),
+            ("c", "7g.80gb", 8)
+        );
+        assert_eq!((pods[1].profile, pods[1].duration), ("3g.40gb", 60.0));
+        let e = parse_openb(
+            "t.csv",
+            "name,num_gpu,gpu_milli,creation_time,deletion_time\nx,1,z,0,1\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+}
