@@ -48,6 +48,13 @@ pub struct DemoArgs {
     /// Seed of the workload.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Replay this Alibaba GPU v2023 ("openb") pod list instead of the built-in workload (pods
+    /// mapped to MIG profiles as `simulate` does; docs/evaluation.md).
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// With --trace: multiply the trace's times and lifetimes by this (0.001: 1000x faster).
+    #[arg(long, default_value_t = 0.001)]
+    time_scale: f64,
     /// `auto` (default) or `dry-run`.
     #[arg(long, default_value = "auto")]
     mode: Mode,
@@ -149,7 +156,25 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         );
         println!("Ctrl-C stops.");
 
-        let workload = tokio::spawn(workload(client.clone(), args.seed, args.arrival_seconds));
+        let trace = match &args.trace {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let pods = mig_sim::parse_openb(&path.display().to_string(), &text)?;
+                println!(
+                    "  workload      {} pods from {}, time x{}",
+                    pods.len(),
+                    path.display(),
+                    args.time_scale
+                );
+                Some(pods)
+            }
+            None => None,
+        };
+        let workload = match trace {
+            Some(pods) => tokio::spawn(replay(client.clone(), pods, args.time_scale)),
+            None => tokio::spawn(workload(client.clone(), args.seed, args.arrival_seconds)),
+        };
         match args.duration {
             Some(secs) => {
                 tokio::select! {
@@ -225,11 +250,61 @@ async fn workload(client: Client, seed: u64, arrival: f64) {
                     *since = Some(now);
                 }
                 if since.is_some_and(|s| now.duration_since(s) >= *life) {
-                    let _ = pods.delete(&p.name_any(), &DeleteParams::default()).await;
+                    let _ = pods
+                        .delete(
+                            &p.name_any(),
+                            &DeleteParams {
+                                grace_period_seconds: Some(0),
+                                ..DeleteParams::default()
+                            },
+                        )
+                        .await;
                     lifetimes.remove(&p.name_any());
                 }
             }
         }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Replay trace pods: each arrives at its (scaled) time and is deleted when its (scaled) life ends.
+async fn replay(client: Client, pods: Vec<mig_sim::TracePod>, scale: f64) {
+    let api: Api<Pod> = Api::namespaced(client, "default");
+    let origin = pods.first().map_or(0.0, |p| p.arrival);
+    let started = Instant::now();
+    let mut ends: Vec<(Instant, String)> = Vec::new();
+    let mut next = 0;
+    loop {
+        let now = Instant::now();
+        while next < pods.len()
+            && started + Duration::from_secs_f64(((pods[next].arrival - origin) * scale).max(0.0)) <= now
+        {
+            let p = &pods[next];
+            let name = format!("{}-{}", p.name.to_lowercase(), next);
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "default", "labels": {"app": "mig-trace"}},
+                "spec": {"containers": [{"name": "work", "image": "nvcr.io/nvidia/cuda:12.4.0-base-ubuntu22.04",
+                    "resources": {"limits": {format!("nvidia.com/mig-{}", p.profile): p.count.to_string()}}}]},
+            }))
+            .unwrap_or_default();
+            if api.create(&PostParams::default(), &pod).await.is_ok() {
+                ends.push((now + Duration::from_secs_f64((p.duration * scale).max(1.0)), name));
+            }
+            next += 1;
+        }
+        // Lifetimes count from arrival here (a trace's lifetime includes its wait).
+        for (_, name) in ends.iter().filter(|(end, _)| *end <= now) {
+            let _ = api
+                .delete(
+                    name,
+                    &DeleteParams {
+                        grace_period_seconds: Some(0),
+                        ..DeleteParams::default()
+                    },
+                )
+                .await;
+        }
+        ends.retain(|(end, _)| *end > now);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

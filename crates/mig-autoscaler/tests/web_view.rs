@@ -184,3 +184,48 @@ fn the_demo_in_auto_mode_reconfigures_nodes_and_runs_pods() {
     assert!(number("reconfigurations done") >= 1.0, "{summary}");
     assert!(number("(") >= 1.0, "no pod runs: {summary}");
 }
+
+#[test]
+fn the_demo_replays_a_trace() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
+        .args([
+            "demo",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "2",
+        ])
+        .arg("--trace")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../mig-sim/tests/fixtures/synthetic-openb.csv"
+        ))
+        .args(["--time-scale", "0.002", "--duration", "12"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("41 pods from"), "{stdout}");
+    let summary = stdout.lines().find(|l| l.starts_with("summary:")).unwrap();
+    let done: f64 = summary
+        .split("reconfigurations done")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        done >= 1.0,
+        "the trace's 4g/7g pods need repartitioning: {summary}"
+    );
+}

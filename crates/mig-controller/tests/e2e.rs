@@ -517,3 +517,66 @@ async fn malformed_requests_and_annotations_give_events_and_metrics_not_panics()
     );
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_removes_stale_taints_and_withdraws_grants_no_agent_started() {
+    let env = bare_env(nodes(2, 1, SEVEN_1G)).await;
+    let api: Api<Node> = Api::all(env.client.clone());
+    // Our taint with nothing in flight (a crash between phases), and a user's taint that must stay.
+    api.patch(
+        "gpu-node-0",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"taints": [
+            {"key": "mig-autoscaler.io/reconfiguring", "value": "true", "effect": "NoSchedule"},
+            {"key": "example.com/maintenance", "value": "true", "effect": "NoSchedule"}]}})),
+    )
+    .await
+    .unwrap();
+    // A grant from an hour ago that no agent ever started.
+    let old = Grant {
+        id: "old-1".into(),
+        plan_id: "old".into(),
+        granted_at: (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1)).to_string(),
+        granted_by: "gone-replica".into(),
+        ..Default::default()
+    };
+    api.patch(
+        "gpu-node-1",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"annotations": {GRANT_ANNOTATION: serde_json::to_string(&old).unwrap()}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let mut s = fast_settings(Mode::Auto);
+    s.budgets.grant_timeout = mig_controller::settings::Dur::secs(60);
+    let c = controller(&env, s, "replica-a").await;
+    eventually(10, "taint removed and grant withdrawn", || async {
+        let n0 = api.get("gpu-node-0").await.unwrap();
+        let n1 = api.get("gpu-node-1").await.unwrap();
+        let taints: Vec<String> = n0
+            .spec
+            .unwrap()
+            .taints
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| t.key)
+            .collect();
+        taints == vec!["example.com/maintenance".to_string()]
+            && !n1.annotations().contains_key(GRANT_ANNOTATION)
+    })
+    .await;
+    let ev = events(&env.client, "default").await;
+    assert!(
+        ev.iter()
+            .any(|(w, r, _, _)| w == "gpu-node-0" && r == "StaleTaintRemoved"),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter()
+            .any(|(w, r, _, t)| w == "gpu-node-1" && r == "GrantWithdrawn" && t == "Warning"),
+        "{ev:?}"
+    );
+    c.stop().await;
+}
