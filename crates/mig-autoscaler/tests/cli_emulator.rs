@@ -3,48 +3,33 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly on unexpected input.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+mod common;
+
+/// The emulator with 3 nodes; its temporary directory goes with it.
 struct Emulator {
-    child: Child,
+    _process: common::Killed,
     dir: PathBuf,
 }
 
 impl Drop for Emulator {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 fn start() -> (Emulator, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("mig-autoscaler-emulator-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    let child = Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
-        .args([
-            "emulator",
-            "--listen",
-            "127.0.0.1:0",
-            "--nodes",
-            "3",
-            "--kubeconfig-out",
-        ])
-        .arg(&kubeconfig)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !kubeconfig.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the emulator never wrote its kubeconfig"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (Emulator { child, dir }, kubeconfig)
+    let dir = common::dir("emulator");
+    let (process, kubeconfig) = common::emulator(&dir, 3);
+    (
+        Emulator {
+            _process: process,
+            dir,
+        },
+        kubeconfig,
+    )
 }
 
 fn kubectl_present() -> bool {

@@ -179,13 +179,6 @@ impl Running {
             t.abort();
         }
     }
-
-    /// Wait until stopped from elsewhere (never returns on its own unless a task ends).
-    pub async fn wait(&mut self) {
-        if let Some(t) = self.tasks.first_mut() {
-            let _ = t.await;
-        }
-    }
 }
 
 fn spawn_reflector<K>(
@@ -403,6 +396,8 @@ async fn control_loop(mut cl: ControlLoop) {
 }
 
 impl ControlLoop {
+    /// Queue an Event; `true` when it was sent (this replica leads and it is not a repeat within
+    /// `eventDedupe`).
     fn emit(
         &mut self,
         type_: EventType,
@@ -411,9 +406,9 @@ impl ControlLoop {
         action: &str,
         regarding: ObjectReference,
         related: Option<ObjectReference>,
-    ) {
+    ) -> bool {
         if !self.shared.lease.is_leader() {
-            return; // only the leader writes, Events included
+            return false; // only the leader writes, Events included
         }
         let key = format!(
             "{}/{}/{}|{reason}|{note}",
@@ -425,7 +420,7 @@ impl ControlLoop {
         let now = Instant::now();
         self.state.sent.retain(|_, t| now.duration_since(*t) < dedupe);
         if self.state.sent.contains_key(&key) {
-            return;
+            return false;
         }
         self.state.sent.insert(key, now);
         let mut note = note;
@@ -446,6 +441,7 @@ impl ControlLoop {
         if self.events.try_send((event, regarding)).is_err() {
             tracing::warn!(reason, "event queue full; event dropped");
         }
+        true
     }
 
     async fn round(&mut self) {
@@ -723,13 +719,12 @@ impl ControlLoop {
     }
 
     fn report_problem(&mut self, p: &InputProblem) {
-        let before = self.state.sent.len();
         let regarding = if p.kind == "Pod" {
             pod_ref(&p.namespace, &p.name, None)
         } else {
             node_ref(&p.name, None)
         };
-        self.emit(
+        let sent = self.emit(
             EventType::Warning,
             p.reason,
             p.message.clone(),
@@ -737,7 +732,7 @@ impl ControlLoop {
             regarding,
             None,
         );
-        if self.state.sent.len() > before || !self.shared.lease.is_leader() {
+        if sent || !self.shared.lease.is_leader() {
             // Counted once per dedupe period per distinct problem (on followers: per plan).
             self.shared
                 .metrics
