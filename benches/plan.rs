@@ -28,6 +28,14 @@ fn plan(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("highs", &id), &snapshot, |b, s| {
             b.iter(|| black_box(mig_planner::plan(s, &Policy::default())))
         });
+        // microlp hits its 5 s time limit on the per-node model at 100 GPUs: timed on the rest.
+        if gpus >= 1_000 {
+            let mut microlp = Policy::default();
+            microlp.solver.kind = SolverKind::Microlp;
+            group.bench_with_input(BenchmarkId::new("microlp", &id), &snapshot, |b, s| {
+                b.iter(|| black_box(mig_planner::plan(s, &microlp)))
+            });
+        }
         let mut greedy = Policy::default();
         greedy.solver.kind = SolverKind::Greedy;
         group.bench_with_input(BenchmarkId::new("greedy", &id), &snapshot, |b, s| {

@@ -321,6 +321,10 @@ struct LoopState {
     flights: BTreeMap<String, (Option<String>, Option<Phase>)>,
     /// Events sent recently: key → when.
     sent: HashMap<String, Instant>,
+    /// mig-parted entries this replica wrote, and when: kept in the ConfigMap for `grantTimeout`
+    /// even where the node cache has not yet seen the grant that names them (otherwise a grant on
+    /// another node could garbage-collect an entry before mig-manager reads it).
+    written_configs: BTreeMap<String, Instant>,
 }
 
 struct ControlLoop {
@@ -511,6 +515,7 @@ impl ControlLoop {
             &self.caches.pdbs.state(),
             &s.planner,
             &s.budgets,
+            s.demand_window.0,
             Timestamp::now(),
         )
     }
@@ -992,8 +997,16 @@ impl ControlLoop {
                 format!("ConfigMap {ns}/{cm_name} config.yaml has no mig-configs"),
             ));
         };
-        // Entries still referenced: by a node's label, by a grant, and this one.
-        let mut referenced: BTreeSet<String> = BTreeSet::from([name.to_string()]);
+        // Entries still referenced: by a node's label, by a grant, this one, and any this replica
+        // wrote within `grantTimeout` (the node cache may not show their grants yet).
+        let keep_written = self.shared.settings.budgets.grant_timeout.0;
+        self.state
+            .written_configs
+            .retain(|_, at| at.elapsed() < keep_written);
+        self.state
+            .written_configs
+            .insert(name.to_string(), Instant::now());
+        let mut referenced: BTreeSet<String> = self.state.written_configs.keys().cloned().collect();
         for n in self.caches.nodes.state() {
             if let Some(v) = n.labels().get(crate::protocol::MIG_CONFIG_LABEL) {
                 referenced.insert(v.clone());

@@ -211,6 +211,7 @@ pub fn observe(
     pdbs: &[Arc<PodDisruptionBudget>],
     policy: &mig_planner::Policy,
     budgets: &DisruptionBudgets,
+    demand_window: std::time::Duration,
     now: Timestamp,
 ) -> Observation {
     let catalog = Catalog::embedded();
@@ -228,6 +229,11 @@ pub fn observe(
     // Pods.
     let mut pending = Vec::new();
     let mut running = Vec::new();
+    let demand_since = jiff::SignedDuration::try_from(demand_window)
+        .ok()
+        .and_then(|w| now.checked_sub(w).ok())
+        .unwrap_or(Timestamp::MIN);
+    let mut recent_demand: BTreeMap<String, u32> = BTreeMap::new();
     for pod in pods {
         let Some(spec) = &pod.spec else { continue };
         let (ns, name) = key(pod);
@@ -248,6 +254,20 @@ pub fn observe(
         };
         if requests.is_empty() {
             continue;
+        }
+        if !demand_window.is_zero()
+            && pod
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .is_some_and(|t| t.0 >= demand_since)
+        {
+            for (resource, count) in &requests {
+                if let Some(profile) = resource.strip_prefix("nvidia.com/mig-") {
+                    let e = recent_demand.entry(profile.to_string()).or_default();
+                    *e = e.saturating_add(u32::try_from(*count).unwrap_or(u32::MAX));
+                }
+            }
         }
         if is_pending(pod) {
             pending.push(pending_pod(pod, requests));
@@ -428,6 +448,7 @@ pub fn observe(
             })
             .collect(),
         policy: policy.clone(),
+        recent_demand,
     };
     obs
 }
@@ -473,4 +494,63 @@ fn target_instances(catalog: &Catalog, gpu: &Gpu, target: &str) -> Result<Vec<Gp
             })
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, created: &str, phase: &str, node: Option<&str>, profile: &str, n: u32) -> Arc<Pod> {
+        let mut spec = serde_json::json!({"containers": [{"name": "c", "resources": {
+            "limits": {format!("nvidia.com/mig-{profile}"): n.to_string()}}}]});
+        if let Some(node) = node {
+            spec["nodeName"] = node.into();
+        }
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": "ml", "name": name, "creationTimestamp": created},
+                "spec": spec,
+                "status": {"phase": phase},
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn recent_demand_counts_pods_created_in_the_window() {
+        let now: Timestamp = "2026-11-22T12:00:00Z".parse().unwrap();
+        let pods = [
+            pod("old", "2026-11-22T10:00:00Z", "Running", Some("n1"), "3g.40gb", 1),
+            pod(
+                "running",
+                "2026-11-22T11:30:00Z",
+                "Running",
+                Some("n1"),
+                "1g.10gb",
+                2,
+            ),
+            pod("waiting", "2026-11-22T11:59:00Z", "Pending", None, "1g.10gb", 1),
+            pod("big", "2026-11-22T11:10:00Z", "Pending", None, "7g.80gb", 1),
+        ];
+        let run = |window: u64| {
+            observe(
+                &[],
+                &pods,
+                &[],
+                &mig_planner::Policy::default(),
+                &DisruptionBudgets::default(),
+                std::time::Duration::from_secs(window),
+                now,
+            )
+            .snapshot
+        };
+        let s = run(3600);
+        assert_eq!(
+            s.recent_demand,
+            BTreeMap::from([("1g.10gb".to_string(), 3), ("7g.80gb".to_string(), 1)])
+        );
+        assert_eq!(s.pending_pods.len(), 2, "pending pods are planned as before");
+        assert_eq!(run(4 * 3600).recent_demand.get("3g.40gb"), Some(&1));
+        assert!(run(0).recent_demand.is_empty(), "0s turns it off");
+    }
 }

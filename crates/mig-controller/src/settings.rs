@@ -287,6 +287,10 @@ pub struct Settings {
     pub event_dedupe: Dur,
     /// How often the control loop wakes up.
     pub tick: Dur,
+    /// MIG requests of pods created within this window (pending or running) are the planner's
+    /// `recentDemand`: spare capacity on GPUs that change anyway is shaped like it. `0s` turns it
+    /// off.
+    pub demand_window: Dur,
     /// HTTP server.
     pub http: HttpSettings,
 }
@@ -302,6 +306,7 @@ impl Default for Settings {
             mig_parted_config_map: "gpu-operator/default-mig-parted-config".into(),
             event_dedupe: Dur::secs(120),
             tick: Dur::millis(500),
+            demand_window: Dur::secs(3600),
             http: HttpSettings::default(),
         }
     }

@@ -52,6 +52,13 @@ async fn dry_run_plans_explains_and_never_writes() {
         .unwrap()
         .to_string();
     assert_eq!(p["decisions"][&node], "dry-run", "{p:#}");
+    // The pod was created within `demandWindow`: the GPU that changes for it keeps its spare
+    // slices shaped like that demand (a second 3g.40gb rather than 1g slices).
+    assert_eq!(
+        p["plan"]["spare"],
+        json!([{"profile": "3g.40gb", "free": 1, "recentDemand": 1}]),
+        "{p:#}"
+    );
 
     // The API answers what the plan says.
     let (status, e) = get_json(c.addr, "/api/v1/pods/default/wants-3g/explain").await;
@@ -108,7 +115,7 @@ async fn dry_run_plans_explains_and_never_writes() {
                 changed[0]["gpu"]
             )
         ),
-        Some(1.0),
+        Some(2.0),
         "{scrape}"
     );
     assert_eq!(
@@ -567,16 +574,15 @@ async fn the_sweep_removes_stale_taints_and_withdraws_grants_no_agent_started() 
             && !n1.annotations().contains_key(GRANT_ANNOTATION)
     })
     .await;
-    let ev = events(&env.client, "default").await;
-    assert!(
+    // Events are recorded after the writes they report: wait for them too.
+    eventually(5, "StaleTaintRemoved and GrantWithdrawn events", || async {
+        let ev = events(&env.client, "default").await;
         ev.iter()
-            .any(|(w, r, _, _)| w == "gpu-node-0" && r == "StaleTaintRemoved"),
-        "{ev:?}"
-    );
-    assert!(
-        ev.iter()
-            .any(|(w, r, _, t)| w == "gpu-node-1" && r == "GrantWithdrawn" && t == "Warning"),
-        "{ev:?}"
-    );
+            .any(|(w, r, _, _)| w == "gpu-node-0" && r == "StaleTaintRemoved")
+            && ev
+                .iter()
+                .any(|(w, r, _, t)| w == "gpu-node-1" && r == "GrantWithdrawn" && t == "Warning")
+    })
+    .await;
     c.stop().await;
 }

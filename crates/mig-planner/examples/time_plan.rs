@@ -1,4 +1,5 @@
 //! Times one plan on a synthetic fleet: `cargo run --release -p mig-planner --example time_plan -- GPUS PODS`.
+//! Environment: `SOLVER` (highs, microlp, greedy), `MIP_GAP`, `EXACT_NODE_LIMIT`, `SEED` (default 7).
 
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
@@ -10,11 +11,21 @@ fn main() {
         gpus,
         pending,
         busy_gpu_share: 0.6,
-        seed: 7,
+        seed: std::env::var("SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(7),
     };
     let mut s = mig_planner::synthetic::fleet(&spec);
     if let Ok(g) = std::env::var("MIP_GAP") {
         s.policy.solver.mip_gap = g.parse().unwrap_or(s.policy.solver.mip_gap);
+    }
+    if let Ok(k) = std::env::var("SOLVER") {
+        s.policy.solver.kind =
+            serde_json::from_value(serde_json::Value::String(k)).expect("highs, microlp or greedy");
+    }
+    if let Ok(l) = std::env::var("EXACT_NODE_LIMIT") {
+        s.policy.solver.exact_node_limit = l.parse().unwrap_or(s.policy.solver.exact_node_limit);
     }
     println!(
         "{} GPUs, {} pending, {:.0}% of slices in use",

@@ -3,6 +3,11 @@
 //! Variables: `n[c][o]` = GPUs of class `c` taking option `o` (keep, change to a maximal count vector,
 //! or drain and change); `z[k][s]` = pending pods of class `k` placed in capacity group `s`; `y[d]` =
 //! pod `d` evicted by a drain and placed again; `u[n]` = node `n` changes (per-node model only).
+//! In the aggregated (per-node-group) model `z` is continuous: with integer GPU counts the pod side is
+//! close to a transportation problem, and integer `z` made HiGHS spend most of its time propagating
+//! bounds in its root rounding heuristics (1,000 GPUs: 190 ms → 20 ms for a better plan, see
+//! docs/performance.md). The plan is realised on real instances afterwards, so a fractional count
+//! only changes which groups a pod tries first. The per-node model keeps `z` integer (faster there).
 //! Capacity per group and profile: pods' requests ≤ free instances of kept GPUs + Σ n·free.
 //! Objective: Σ w·placed − Σ w·evicted-and-not-placed − Σ option costs − node costs (see `weights`).
 
@@ -10,9 +15,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use good_lp::solvers::highs::highs;
+use good_lp::solvers::microlp::microlp;
 use good_lp::{
     Expression, ProblemVariables, ResolutionError, Solution, SolutionStatus, SolverModel, Variable,
-    WithInitialSolution, constraint, variable,
+    WithInitialSolution, WithMipGap, WithTimeLimit, constraint, variable,
 };
 
 use crate::assign::Decision;
@@ -136,7 +142,10 @@ fn build(p: &Problem<'_>) -> Model {
         let size = members.len() as f64;
         let zs: Vec<(usize, Variable)> = groups
             .iter()
-            .map(|s| (*s, vars.add(variable().integer().min(0).max(size))))
+            .map(|s| {
+                let z = variable().min(0).max(size);
+                (*s, vars.add(if p.exact { z.integer() } else { z }))
+            })
             .collect();
         constraints.push(constraint!(
             zs.iter().map(|(_, z)| *z).sum::<Expression>() <= size
@@ -170,8 +179,10 @@ fn build(p: &Problem<'_>) -> Model {
         w.dedup();
         w
     };
+    let shaped: Vec<usize> = p.recent_demand.iter().map(|(q, _)| *q).collect();
+    let mut spare: BTreeMap<usize, Vec<Variable>> = BTreeMap::new();
     for s in 0..p.groups.len() {
-        for &q in &wanted {
+        for &q in wanted.iter().chain(shaped.iter().filter(|q| !wanted.contains(q))) {
             let mut supply = Expression::from(0.0);
             let mut demand = Expression::from(0.0);
             let mut any_demand = false;
@@ -209,9 +220,22 @@ fn build(p: &Problem<'_>) -> Model {
                     any_demand = true;
                 }
             }
-            if any_demand {
+            if let Some((_, target)) = p.recent_demand.iter().find(|(r, _)| *r == q) {
+                // Spare instances of a recently demanded profile, counted up to the demand.
+                let v = vars.add(variable().min(0).max(f64::from(*target)));
+                constraints.push(constraint!(v + demand <= supply));
+                objective += weights::SPARE * v;
+                spare.entry(q).or_default().push(v);
+            } else if any_demand {
                 constraints.push(constraint!(demand <= supply));
             }
+        }
+    }
+    for (q, target) in &p.recent_demand {
+        if let Some(vs) = spare.get(q) {
+            constraints.push(constraint!(
+                vs.iter().copied().sum::<Expression>() <= f64::from(*target)
+            ));
         }
     }
 
@@ -285,6 +309,141 @@ fn build(p: &Problem<'_>) -> Model {
     }
 }
 
+/// A good_lp back-end: the model with its variables, objective and constraints in, a solution out.
+fn solve_model<S, F>(p: &Problem<'_>, warm: &Decision, solve: F) -> Result<(Decision, SolveInfo), String>
+where
+    S: Solution,
+    F: FnOnce(
+        ProblemVariables,
+        Expression,
+        Vec<good_lp::Constraint>,
+        Vec<(Variable, f64)>,
+    ) -> Result<S, ResolutionError>,
+{
+    let started = Instant::now();
+    let m = build(p);
+    let variables = m.vars.len();
+    let constraints = m.constraints.len();
+    if variables == 0 {
+        return Err("nothing to decide".into());
+    }
+    let initial = warm_start(p, &m, warm);
+    let solution = solve(m.vars, m.objective.clone(), m.constraints, initial).map_err(|e| match e {
+        ResolutionError::Infeasible => "infeasible (a bug: keeping every GPU is always feasible)".to_string(),
+        other => other.to_string(),
+    })?;
+    let status = match solution.status() {
+        SolutionStatus::Optimal => "optimal",
+        SolutionStatus::TimeLimit => "time-limit",
+        SolutionStatus::GapLimit => "gap-limit",
+    };
+    let info = SolveInfo {
+        status: status.to_string(),
+        objective: solution.eval(&m.objective),
+        variables,
+        constraints,
+        millis: started.elapsed().as_secs_f64() * 1000.0,
+    };
+    Ok((decode(p, &m.n, &m.pod_classes, &m.y, &solution), info))
+}
+
+/// The greedy decision in class form.
+fn warm_start(p: &Problem<'_>, m: &Model, warm: &Decision) -> Vec<(Variable, f64)> {
+    let mut initial: Vec<(Variable, f64)> = Vec::new();
+    for (ci, class) in p.classes.iter().enumerate() {
+        for (members, v) in &m.n[ci].keep {
+            initial.push((
+                *v,
+                members.iter().filter(|g| warm.option[**g] == 0).count() as f64,
+            ));
+        }
+        for (o, v) in m.n[ci].change.iter().enumerate() {
+            initial.push((
+                *v,
+                class.gpus.iter().filter(|g| warm.option[**g] == o + 1).count() as f64,
+            ));
+        }
+    }
+    for (members, zs) in &m.pod_classes {
+        for (s, z) in zs {
+            let k = members
+                .iter()
+                .filter(|d| warm.prefer_node[**d].is_some_and(|n| p.groups[*s].nodes.contains(&n)))
+                .count();
+            initial.push((*z, k as f64));
+        }
+    }
+    for v in m.y.values() {
+        initial.push((*v, 0.0));
+    }
+    for (node, v) in &m.u {
+        let changed = p.nodes[*node]
+            .gpus
+            .iter()
+            .any(|g| p.gpus[*g].options[warm.option[*g]].changed);
+        initial.push((*v, if changed { 1.0 } else { 0.0 }));
+    }
+    initial
+}
+
+/// Back from class counts to a decision per GPU and pod.
+fn decode<S: Solution>(
+    p: &Problem<'_>,
+    n: &[ClassVars],
+    pod_classes: &[PodClass],
+    y: &HashMap<usize, Variable>,
+    solution: &S,
+) -> Decision {
+    // Back to GPUs: members keep their layout as the keep variables say; the rest, in order
+    // (so that changes gather on the first nodes), take the change options in order.
+    let mut option = vec![0usize; p.gpus.len()];
+    for (ci, _) in p.classes.iter().enumerate() {
+        let mut rest: Vec<usize> = Vec::new();
+        for (members, v) in &n[ci].keep {
+            let k = solution.value(*v).round().max(0.0) as usize;
+            rest.extend(members.iter().skip(k));
+        }
+        rest.sort_unstable();
+        let mut rest = rest.into_iter();
+        for (o, v) in n[ci].change.iter().enumerate() {
+            let count = solution.value(*v).round().max(0.0) as usize;
+            for g in rest.by_ref().take(count) {
+                option[g] = o + 1;
+            }
+        }
+    }
+    // Pods of a class fill the groups' whole counts in order; in the aggregated model the counts
+    // are continuous, and the members left over prefer every group that got a fraction of them.
+    let mut prefer_group = vec![Vec::new(); p.demands.len()];
+    for (members, zs) in pod_classes {
+        let mut members = members.iter();
+        let mut fractional = Vec::new();
+        for (s, z) in zs {
+            let value = solution.value(*z).max(0.0);
+            let count = (value + 1e-6).floor();
+            if value - count > 1e-6 {
+                fractional.push(*s);
+            }
+            for d in members.by_ref().take(count as usize) {
+                prefer_group[*d].push(*s);
+            }
+        }
+        for d in members {
+            prefer_group[*d].clone_from(&fractional);
+        }
+    }
+    for (d, v) in y {
+        if solution.value(*v) > 0.5 {
+            prefer_group[*d] = p.demands[*d].groups.clone();
+        }
+    }
+    Decision {
+        option,
+        prefer_node: vec![None; p.demands.len()],
+        prefer_group,
+    }
+}
+
 impl ClassSolver for Highs {
     fn name(&self) -> &'static str {
         "highs"
@@ -296,119 +455,51 @@ impl ClassSolver for Highs {
         warm: &Decision,
         settings: &SolverSettings,
     ) -> Result<(Decision, SolveInfo), String> {
-        let started = Instant::now();
-        let m = build(p);
-        let variables = m.vars.len();
-        let constraints = m.constraints.len();
-        if variables == 0 {
-            return Err("nothing to decide".into());
-        }
-        // Warm start: the greedy decision in class form.
-        let mut initial: Vec<(Variable, f64)> = Vec::new();
-        for (ci, class) in p.classes.iter().enumerate() {
-            for (members, v) in &m.n[ci].keep {
-                initial.push((
-                    *v,
-                    members.iter().filter(|g| warm.option[**g] == 0).count() as f64,
-                ));
-            }
-            for (o, v) in m.n[ci].change.iter().enumerate() {
-                initial.push((
-                    *v,
-                    class.gpus.iter().filter(|g| warm.option[**g] == o + 1).count() as f64,
-                ));
-            }
-        }
-        for (members, zs) in &m.pod_classes {
-            for (s, z) in zs {
-                let k = members
-                    .iter()
-                    .filter(|d| warm.prefer_node[**d].is_some_and(|n| p.groups[*s].nodes.contains(&n)))
-                    .count();
-                initial.push((*z, k as f64));
-            }
-        }
-        for v in m.y.values() {
-            initial.push((*v, 0.0));
-        }
-        for (node, v) in &m.u {
-            let changed = p.nodes[*node]
-                .gpus
-                .iter()
-                .any(|g| p.gpus[*g].options[warm.option[*g]].changed);
-            initial.push((*v, if changed { 1.0 } else { 0.0 }));
-        }
-        let mut model = m
-            .vars
-            .maximise(m.objective.clone())
-            .using(highs)
-            .set_time_limit(settings.time_limit_ms as f64 / 1000.0)
-            .set_threads(1)
-            .set_mip_rel_gap(settings.mip_gap as f32)
-            .map_err(|e| e.to_string())?
-            .with_initial_solution(initial);
-        model.set_verbose(false);
-        for c in m.constraints {
-            model = model.with(c);
-        }
-        let solution = model.solve().map_err(|e| match e {
-            ResolutionError::Infeasible => {
-                "infeasible (a bug: keeping every GPU is always feasible)".to_string()
-            }
-            other => other.to_string(),
-        })?;
-        let status = match solution.status() {
-            SolutionStatus::Optimal => "optimal",
-            SolutionStatus::TimeLimit => "time-limit",
-            SolutionStatus::GapLimit => "gap-limit",
-        };
-        let objective = solution.eval(&m.objective);
+        solve_model(p, warm, |vars, objective, constraints, initial| {
+            let mut model = vars
+                .maximise(objective)
+                .using(highs)
+                .set_time_limit(settings.time_limit_ms as f64 / 1000.0)
+                .set_threads(1)
+                .set_mip_rel_gap(settings.mip_gap as f32)
+                .map_err(|e| ResolutionError::Str(e.to_string()))?
+                .with_initial_solution(initial);
+            model.set_verbose(std::env::var_os("MIG_PLANNER_HIGHS_LOG").is_some());
+            constraints
+                .into_iter()
+                .fold(model, |model, c| model.with(c))
+                .solve()
+        })
+    }
+}
 
-        // Back to GPUs: members keep their layout as the keep variables say; the rest, in order
-        // (so that changes gather on the first nodes), take the change options in order.
-        let mut option = vec![0usize; p.gpus.len()];
-        for (ci, _) in p.classes.iter().enumerate() {
-            let mut rest: Vec<usize> = Vec::new();
-            for (members, v) in &m.n[ci].keep {
-                let k = solution.value(*v).round().max(0.0) as usize;
-                rest.extend(members.iter().skip(k));
-            }
-            rest.sort_unstable();
-            let mut rest = rest.into_iter();
-            for (o, v) in m.n[ci].change.iter().enumerate() {
-                let count = solution.value(*v).round().max(0.0) as usize;
-                for g in rest.by_ref().take(count) {
-                    option[g] = o + 1;
-                }
-            }
-        }
-        let mut prefer_group = vec![Vec::new(); p.demands.len()];
-        for (members, zs) in &m.pod_classes {
-            let mut members = members.iter();
-            for (s, z) in zs {
-                let count = solution.value(*z).round().max(0.0) as usize;
-                for d in members.by_ref().take(count) {
-                    prefer_group[*d].push(*s);
-                }
-            }
-        }
-        for (d, v) in &m.y {
-            if solution.value(*v) > 0.5 {
-                prefer_group[*d] = p.demands[*d].groups.clone();
-            }
-        }
-        let decision = Decision {
-            option,
-            prefer_node: vec![None; p.demands.len()],
-            prefer_group,
-        };
-        let info = SolveInfo {
-            status: status.to_string(),
-            objective,
-            variables,
-            constraints,
-            millis: started.elapsed().as_secs_f64() * 1000.0,
-        };
-        Ok((decision, info))
+/// microlp, good_lp's pure-Rust branch and bound: no C++ toolchain, slower (compared in
+/// `benches/plan.rs`).
+pub(crate) struct Microlp;
+
+impl ClassSolver for Microlp {
+    fn name(&self) -> &'static str {
+        "microlp"
+    }
+
+    fn solve(
+        &self,
+        p: &Problem<'_>,
+        warm: &Decision,
+        settings: &SolverSettings,
+    ) -> Result<(Decision, SolveInfo), String> {
+        solve_model(p, warm, |vars, objective, constraints, initial| {
+            let model = vars
+                .maximise(objective)
+                .using(microlp)
+                .with_time_limit(settings.time_limit_ms as f64 / 1000.0)
+                .with_mip_gap(settings.mip_gap as f32)
+                .map_err(|e| ResolutionError::Str(e.to_string()))?
+                .with_initial_solution(initial);
+            constraints
+                .into_iter()
+                .fold(model, |model, c| model.with(c))
+                .solve()
+        })
     }
 }

@@ -32,7 +32,7 @@ use mig_catalog::Catalog;
 
 pub use plan::{
     Action, ActionStep, Disruption, Eviction, GpuPlan, NodePlan, PlacedInstance, Plan, PodOutcome, PodPlan,
-    RECONFIGURING_TAINT, SolverReport, Warning,
+    RECONFIGURING_TAINT, SolverReport, Spare, Warning,
 };
 pub use snapshot::{Backend, DrainPolicy, InputError, Policy, Snapshot, SolverKind};
 
@@ -51,6 +51,10 @@ pub mod weights {
     pub const CHANGE_NODE: f64 = 5.0;
     /// Cost per evicted pod, plus this much times its instances' utilization.
     pub const EVICT: f64 = 50.0;
+    /// Value of a spare instance of a profile in recent demand (up to that demand). A GPU holds at
+    /// most 7 instances, so spare shape is worth at most 7 per GPU: less than [`CHANGE_GPU`], so it
+    /// chooses between layouts of GPUs that change anyway and never changes one on its own.
+    pub const SPARE: f64 = 1.0;
 }
 
 /// Plan MIG layouts for a snapshot under a policy. Deterministic for the same input (apart from
@@ -82,11 +86,16 @@ pub fn plan_with(catalog: &Catalog, snapshot: &Snapshot, policy: &Policy) -> Pla
         millis: 0.0,
     };
     let mut outcome = greedy_outcome;
-    if policy.solver.kind == SolverKind::Highs {
+    let solver: Option<&dyn ClassSolver> = match policy.solver.kind {
+        SolverKind::Highs => Some(&ilp::Highs),
+        SolverKind::Microlp => Some(&ilp::Microlp),
+        SolverKind::Greedy => None,
+    };
+    if let Some(solver) = solver {
         if p.classes.is_empty() && p.demands.iter().all(|d| d.evicted_from.is_none()) {
             report.status = "trivial".into();
         } else {
-            match ilp::Highs.solve(&p, &greedy, &policy.solver) {
+            match solver.solve(&p, &greedy, &policy.solver) {
                 Ok((decision, info)) => {
                     report.variables = info.variables;
                     report.constraints = info.constraints;
@@ -121,7 +130,7 @@ pub fn plan_with(catalog: &Catalog, snapshot: &Snapshot, policy: &Policy) -> Pla
                         (ilp_outcome, ilp_score)
                     };
                     if ilp_score + 1e-6 >= greedy_score {
-                        report.used = ilp::Highs.name().into();
+                        report.used = solver.name().into();
                         report.status = info.status;
                         outcome = ilp_outcome;
                     } else {
@@ -131,7 +140,7 @@ pub fn plan_with(catalog: &Catalog, snapshot: &Snapshot, policy: &Policy) -> Pla
                         ));
                     }
                 }
-                Err(e) => report.fallback_reason = Some(format!("HiGHS: {e}")),
+                Err(e) => report.fallback_reason = Some(format!("{}: {e}", solver.name())),
             }
         }
     }

@@ -38,6 +38,22 @@ pub struct Plan {
     pub disruption: Disruption,
     /// Input problems that did not stop planning.
     pub warnings: Vec<Warning>,
+    /// Per profile in the snapshot's `recentDemand`: instances left free by the plan, against that
+    /// demand.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spare: Vec<Spare>,
+}
+
+/// Spare capacity of one profile after the plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Spare {
+    /// Profile name (`3g.40gb`).
+    pub profile: String,
+    /// Instances of it free once the plan is applied and its pods are placed.
+    pub free: u32,
+    /// Instances of it asked for recently (`Snapshot::recent_demand`).
+    pub recent_demand: u32,
 }
 
 /// A problem in the input, with its JSON path.
@@ -550,6 +566,28 @@ impl Plan {
                 budget_reverted: o.budget_reverted.clone(),
             },
         );
+        let spare = p
+            .recent_demand
+            .iter()
+            .map(|(q, demand)| {
+                let supply: u32 = (0..p.gpus.len())
+                    .map(|g| u32::from(p.gpus[g].options[o.option[g]].free[*q]))
+                    .sum();
+                let taken: u32 = o
+                    .placed
+                    .iter()
+                    .flatten()
+                    .flat_map(|(_, taken)| taken.iter())
+                    .filter(|(_, tq, _)| tq == q)
+                    .map(|(_, _, n)| u32::from(*n))
+                    .sum();
+                Spare {
+                    profile: p.profiles[*q].clone(),
+                    free: supply.saturating_sub(taken),
+                    recent_demand: *demand,
+                }
+            })
+            .collect();
         let mut plan = Plan {
             id: String::new(),
             solver: report,
@@ -559,6 +597,7 @@ impl Plan {
             nodes,
             disruption: dis,
             warnings,
+            spare,
         };
         let decisions = serde_json::to_string(&(&plan.gpus, &plan.pods, &plan.evictions)).unwrap_or_default();
         let digest = Sha256::digest(decisions.as_bytes());
@@ -786,6 +825,12 @@ impl Plan {
             let _ = writeln!(s, "\nEVICTIONS");
             for e in &self.evictions {
                 let _ = writeln!(s, "  {} on {}/{}: {}", e.pod, e.node, e.gpu, e.reason);
+            }
+        }
+        if !self.spare.is_empty() {
+            let _ = writeln!(s, "\nSPARE AFTER PLAN (free / recent demand)");
+            for sp in &self.spare {
+                let _ = writeln!(s, "  {}: {} / {}", sp.profile, sp.free, sp.recent_demand);
             }
         }
         if !self.warnings.is_empty() {

@@ -107,6 +107,8 @@ pub(crate) struct Problem<'c> {
     pub pod_pdbs: HashMap<String, Vec<String>>,
     /// Whether groups are single nodes.
     pub exact: bool,
+    /// Recent demand: (global profile index, instances).
+    pub recent_demand: Vec<(usize, u32)>,
 }
 
 /// What the planner keeps of a node.
@@ -602,6 +604,19 @@ impl<'c> Problem<'c> {
             classes[ci].gpus.push(gi);
         }
 
+        let mut recent_demand = Vec::new();
+        for (name, count) in &snapshot.recent_demand {
+            match profiles.binary_search(name) {
+                Ok(q) if *count > 0 => recent_demand.push((q, *count)),
+                Ok(_) => {}
+                Err(_) => warn(
+                    &mut warnings,
+                    format!("recentDemand.{name}"),
+                    format!("no GPU in the cluster offers profile {name}; ignored"),
+                ),
+            }
+        }
+
         Problem {
             policy: policy.clone(),
             nodes,
@@ -616,6 +631,7 @@ impl<'c> Problem<'c> {
             pdb_allowed,
             pod_pdbs,
             exact,
+            recent_demand,
         }
     }
 

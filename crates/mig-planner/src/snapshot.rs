@@ -27,6 +27,12 @@ pub struct Snapshot {
     /// Policy; `mig-autoscaler plan --policy FILE` replaces it.
     #[serde(default)]
     pub policy: Policy,
+    /// MIG instances asked for recently, by profile name (`"1g.10gb": 12`): the controller sums
+    /// the requests of pods created within its `demandWindow`. Among plans that place the same pods
+    /// with the same disruption, the one whose spare instances look most like this wins; it never
+    /// makes a GPU change on its own (see docs/planner.md).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub recent_demand: BTreeMap<String, u32>,
 }
 
 /// A Kubernetes node.
@@ -279,7 +285,7 @@ pub struct Budgets {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct SolverSettings {
-    /// `highs` (ILP, greedy fallback) or `greedy` only.
+    /// `highs` (ILP, greedy fallback), `microlp` (the same ILP, pure-Rust solver) or `greedy` only.
     pub kind: SolverKind,
     /// Wall-clock limit for the ILP, in milliseconds.
     pub time_limit_ms: u64,
@@ -296,7 +302,7 @@ impl Default for SolverSettings {
             kind: SolverKind::Highs,
             time_limit_ms: 5_000,
             mip_gap: 1e-4,
-            exact_node_limit: 64,
+            exact_node_limit: 16,
         }
     }
 }
@@ -307,6 +313,9 @@ impl Default for SolverSettings {
 pub enum SolverKind {
     /// HiGHS through good_lp, warm-started from the greedy plan, which is also the fallback.
     Highs,
+    /// microlp (good_lp's pure-Rust solver) on the same model: slower than HiGHS, kept to compare
+    /// back-ends and as a second opinion; greedy is its fallback too.
+    Microlp,
     /// The greedy heuristic alone.
     Greedy,
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use mig_catalog::{Catalog, Instance, Layout};
-use mig_planner::{Backend, Snapshot, weights};
+use mig_planner::{Backend, Snapshot, SolverKind, weights};
 
 use crate::check::{check_plan, score_without_drains};
 use crate::fixtures::{Rng, random_policy, random_snapshot};
@@ -173,6 +173,7 @@ fn brute_force_best(s: &Snapshot, backend: Backend, max_nodes: Option<u32>, limi
 fn plans_are_optimal_on_small_random_clusters() {
     let mut checked = 0;
     let mut greedy_short = 0;
+    let mut microlp_used = 0;
     let mut by_backend: BTreeMap<String, usize> = BTreeMap::new();
     for seed in 0..400 {
         let mut rng = Rng::new(seed);
@@ -205,11 +206,32 @@ fn plans_are_optimal_on_small_random_clusters() {
         if plan.solver.greedy_score < best - 1e-6 {
             greedy_short += 1;
         }
+        // The second back-end on the same model reaches the same optimum.
+        let mut with_microlp = policy.clone();
+        with_microlp.solver.kind = SolverKind::Microlp;
+        let other = mig_planner::plan(&snapshot, &with_microlp);
+        check_plan(&snapshot, &with_microlp, &other);
+        let other_score = score_without_drains(&snapshot, &other);
+        assert!(
+            (other_score - best).abs() < 1e-6,
+            "seed {seed}: microlp plan scores {other_score}, brute force {best} (solver {} {}, {:?})",
+            other.solver.used,
+            other.solver.status,
+            other.solver.fallback_reason
+        );
+        if other.solver.used == "microlp" {
+            microlp_used += 1;
+        }
         *by_backend.entry(format!("{:?}", policy.backend)).or_default() += 1;
         checked += 1;
     }
     eprintln!(
-        "optimality: {checked} instances checked, greedy short of optimal on {greedy_short}; {by_backend:?}"
+        "optimality: {checked} instances checked, greedy short of optimal on {greedy_short}, \
+         microlp's answer used on {microlp_used}; {by_backend:?}"
+    );
+    assert!(
+        microlp_used * 2 > checked,
+        "microlp's answer was used on only {microlp_used} of {checked} instances"
     );
     assert!(
         checked >= 200,

@@ -415,3 +415,65 @@ fn a_plan_reads_back_from_its_json() {
     let back: Plan = serde_json::from_str(&json).unwrap();
     assert_eq!(back, plan);
 }
+
+#[test]
+fn spare_capacity_follows_recent_demand() {
+    // An idle A100 cut in seven 1g must change for a 3g pod; what is left beside the 3g is a free
+    // choice, and recent demand makes it.
+    let s = Snapshot {
+        nodes: vec![node(
+            "n",
+            &[],
+            vec![gpu(
+                0,
+                A100,
+                &(0..7).map(|i| ("1g.10gb", i, None)).collect::<Vec<_>>(),
+            )],
+        )],
+        pending_pods: vec![pending("three", 0, &[("3g.40gb", 1)])],
+        ..Default::default()
+    };
+    let plain = run(&s, &Policy::default());
+    assert!(plain.spare.is_empty(), "no recent demand, no spare report");
+    for (profile, expect_free) in [("4g.40gb", 1), ("2g.20gb", 2), ("1g.10gb", 4)] {
+        let mut shaped = s.clone();
+        shaped.recent_demand.insert(profile.into(), 5);
+        let plan = run(&shaped, &Policy::default());
+        assert_eq!(fits_on(&plan, "three"), "n");
+        assert_eq!(plan.disruption.gpus_changed, 1);
+        assert_eq!(
+            plan.solver.score, plain.solver.score,
+            "shape never costs placements or changes"
+        );
+        assert_eq!(
+            plan.spare,
+            vec![mig_planner::Spare {
+                profile: profile.into(),
+                free: expect_free,
+                recent_demand: 5
+            }],
+            "{profile}:\n{}",
+            plan.render_table()
+        );
+        assert!(
+            plan.render_table()
+                .contains(&format!("{profile}: {expect_free} / 5"))
+        );
+    }
+
+    // Demand alone never changes a GPU, and an unknown profile is a warning, not an error.
+    let mut idle = s.clone();
+    idle.pending_pods.clear();
+    idle.recent_demand.insert("7g.80gb".into(), 3);
+    idle.recent_demand.insert("9g.1tb".into(), 1);
+    let plan = run(&idle, &Policy::default());
+    assert_eq!(plan.disruption.gpus_changed, 0);
+    assert_eq!(plan.spare[0].free, 0);
+    assert!(
+        plan.warnings
+            .iter()
+            .any(|w| w.path == "recentDemand.9g.1tb" && w.message.contains("no GPU")),
+        "{:?}",
+        plan.warnings
+    );
+}
