@@ -7,8 +7,10 @@ use clap::{Parser, Subcommand};
 mod agent_cmd;
 mod catalog_cmd;
 mod controller_cmd;
+mod demand_sets_cmd;
 mod demo_cmd;
 mod emulator_cmd;
+mod inflation_cmd;
 mod plan_cmd;
 mod simulate_cmd;
 
@@ -38,6 +40,12 @@ enum Command {
     Demo(demo_cmd::DemoArgs),
     /// Replay a GPU-cluster trace through MIG policies (static, greedy, ILP) and compare them.
     Simulate(simulate_cmd::SimulateArgs),
+    /// Plan ParvaGPU's published demand sets on idle GPUs and compare the GPUs used with its own
+    /// deployments.
+    DemandSets(demand_sets_cmd::DemandSetsArgs),
+    /// FGD's allocation-rate experiment (arrivals only, workload inflated to 130%, seeds 42–51)
+    /// with MIG instances: static layouts, on-demand creation and the planner.
+    Inflation(inflation_cmd::InflationArgs),
     /// Serve an in-process Kubernetes API with a default MIG fleet (test equipment, for kubectl and clients).
     Emulator(emulator_cmd::EmulatorArgs),
     /// Plan target MIG layouts for a cluster snapshot (dry run: reads a file, touches nothing).
@@ -54,6 +62,8 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent_cmd::run(args),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Simulate(args) => simulate_cmd::run(args),
+        Command::DemandSets(args) => demand_sets_cmd::run(args),
+        Command::Inflation(args) => inflation_cmd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -413,3 +413,83 @@ fn simulate_compares_policies_on_a_small_trace_and_writes_its_files() {
     assert_eq!(bad.status.code(), Some(2));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn demand_sets_and_inflation_run_on_the_shared_data_and_write_their_files() {
+    let shared = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/traces");
+    let dir = std::env::temp_dir().join(format!("mig-autoscaler-sets-{}", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
+        .args(["demand-sets", "--parvagpu"])
+        .arg(format!("{shared}/parvagpu-sc24-a100-profiles"))
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = std::fs::read_to_string(dir.join("demand-sets.csv")).unwrap();
+    assert_eq!(
+        csv.lines().count(),
+        1 + 6 * 2,
+        "6 scenarios x (ILP, greedy):\n{csv}"
+    );
+    assert!(
+        csv.lines().nth(1).unwrap().starts_with("SLO1,6,10,2,2,2/2,highs"),
+        "{csv}"
+    );
+
+    // The inflation experiment on a small synthetic cluster (the real one is run for the report).
+    let nodes = dir.join("nodes.csv");
+    std::fs::write(
+        &nodes,
+        "sn,cpu_milli,memory_mib,gpu,model\na,1,1,8,G2\nb,1,1,4,G2\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
+        .args(["inflation", "--pods"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../mig-sim/tests/fixtures/synthetic-openb.csv"
+        ))
+        .arg("--nodes")
+        .arg(&nodes)
+        .arg("--fgd")
+        .arg(format!(
+            "{shared}/fgd-atc23-expected-results/analysis_allo_discrete.csv"
+        ))
+        .args(["--fgd-workload", "openb_pod_list_default"])
+        .args(["--seeds", "42,43", "--batch", "4", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let curves = std::fs::read_to_string(dir.join("curves.csv")).unwrap();
+    assert_eq!(
+        curves.lines().count(),
+        1 + 4 * 2 * 2,
+        "4 policies x 2 seeds x 2 metrics"
+    );
+    assert!(
+        curves
+            .lines()
+            .any(|l| l.starts_with("static-balanced,42,requested,"))
+    );
+    let svg = std::fs::read_to_string(dir.join("allocation.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("paper: 06-FGD"), "{svg}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
+        .args([
+            "inflation",
+            "--pods",
+            "/nonexistent.csv",
+            "--nodes",
+            "/nonexistent.csv",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
+        .args(["demand-sets", "--parvagpu", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(dir);
+}

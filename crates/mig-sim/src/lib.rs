@@ -13,6 +13,8 @@
 //! unusable for `reconfig_delay` seconds, then has its target layout. Only idle GPUs change (drain
 //! policy `never`), so nothing is evicted.
 
+pub mod demand_sets;
+pub mod inflation;
 pub mod trace;
 
 use std::cmp::Ordering;

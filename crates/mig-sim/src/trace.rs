@@ -19,6 +19,8 @@ pub struct TracePod {
     pub profile: &'static str,
     /// Instances of that profile, all on one node.
     pub count: u32,
+    /// GPU share asked for in the trace, in thousandths of a GPU (`num_gpu × gpu_milli`).
+    pub gpu_milli: u32,
 }
 
 /// A line or field that could not be read.
@@ -110,6 +112,7 @@ pub fn parse_openb(file: &str, text: &str) -> Result<Vec<TracePod>, TraceError> 
             duration: departure - arrival,
             profile,
             count,
+            gpu_milli: milli.min(1000) * num_gpu,
         });
     }
     pods.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));

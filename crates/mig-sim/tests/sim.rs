@@ -26,6 +26,7 @@ fn pod(i: usize, at: f64, profile: &'static str, dur: f64) -> TracePod {
         duration: dur,
         profile,
         count: 1,
+        gpu_milli: 1000,
     }
 }
 
@@ -119,4 +120,147 @@ fn the_openb_mapping_matches_the_trace_readme() {
     ];
     assert_eq!(counts.into_iter().collect::<Vec<_>>(), want.to_vec());
     assert_eq!(pods.iter().filter(|p| p.count > 1).count(), 75);
+}
+
+fn parva_set(i: usize) -> mig_sim::demand_sets::DemandSet {
+    let path = format!(
+        "{}/../../../shared/traces/parvagpu-sc24-a100-profiles/deployment/SLO{i}/SLO{i}_ParvaGPU_deploy.csv",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e} (../shared/traces is needed)"));
+    mig_sim::demand_sets::parse_parvagpu_deploy(&format!("SLO{i}"), &text).unwrap()
+}
+
+/// ParvaGPU's six deployments read as the trace README states them (GPUs and compute slices), every
+/// one of its 46 GPUs is a valid A100 layout in our catalog, and the planner packs each demand set
+/// on idle GPUs into no more GPUs than ParvaGPU did, never below the slice bound, placing every
+/// instance; greedy first-fit needs at least as many.
+#[test]
+fn parvagpu_demand_sets_pack_as_tightly_as_parvagpu() {
+    use mig_planner::SolverKind;
+    use mig_sim::demand_sets::{fits_one_gpu, pack};
+    let readme = [(2, 10), (3, 20), (5, 33), (7, 48), (13, 90), (16, 112)];
+    let mut greedy_extra = 0;
+    for (i, (gpus, slices)) in readme.into_iter().enumerate() {
+        let set = parva_set(i + 1);
+        assert_eq!(
+            (set.parva_gpus.len(), set.compute_slices()),
+            (gpus, slices),
+            "SLO{}",
+            i + 1
+        );
+        for layout in &set.parva_gpus {
+            assert!(fits_one_gpu(A100, layout).unwrap(), "SLO{}: {layout:?}", i + 1);
+        }
+        let offered = (2 * gpus).div_ceil(8) * 8;
+        let ilp = pack(&set, A100, offered, SolverKind::Highs).unwrap();
+        let greedy = pack(&set, A100, offered, SolverKind::Greedy).unwrap();
+        for r in [&ilp, &greedy] {
+            assert_eq!(r.placed, set.instances.len(), "{r:?}");
+            assert!(r.gpus_used >= set.lower_bound(), "{r:?}");
+            let used: u32 = r.layouts.iter().flatten().map(|g| u32::from(*g)).sum();
+            assert!(used >= slices, "{r:?}");
+        }
+        assert!(
+            ilp.gpus_used <= gpus,
+            "SLO{}: ILP {ilp:?} vs ParvaGPU {gpus}",
+            i + 1
+        );
+        assert!(greedy.gpus_used >= ilp.gpus_used, "{greedy:?} vs {ilp:?}");
+        greedy_extra += greedy.gpus_used - ilp.gpus_used;
+    }
+    assert!(
+        greedy_extra > 0,
+        "the demand sets never separate greedy from the ILP"
+    );
+}
+
+#[test]
+fn a_bad_parvagpu_deployment_names_its_line() {
+    let text = "Num instance,Num GPU,Model,Placement,Instance size,Batch size,Num proc\n0,0,bert,0,3,8,1\n0,0,vgg,4,5,8,1\n";
+    let e = mig_sim::demand_sets::parse_parvagpu_deploy("x.csv", text).unwrap_err();
+    assert_eq!(e.line, 3, "{e}");
+    assert!(e.to_string().contains("instance size 5"), "{e}");
+    let e = mig_sim::demand_sets::parse_parvagpu_deploy("x.csv", "Model,Placement\n").unwrap_err();
+    assert!(e.to_string().contains("Num instance"), "{e}");
+}
+
+fn synthetic_pods() -> Vec<TracePod> {
+    mig_sim::parse_openb(
+        "synthetic-openb.csv",
+        include_str!("fixtures/synthetic-openb.csv"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn inflation_follows_fgds_tuning_and_is_deterministic_per_seed() {
+    use mig_sim::inflation::inflate;
+    let pods = synthetic_pods();
+    let a = inflate(&pods, 12, 1.3, 42);
+    let total: u32 = a.iter().map(|p| p.gpu_milli).sum();
+    let largest = pods.iter().map(|p| p.gpu_milli).max().unwrap();
+    assert!(
+        f64::from(total) <= 1.3 * 12_000.0 && f64::from(total + largest) > 1.3 * 12_000.0,
+        "total {total}"
+    );
+    assert_eq!(a, inflate(&pods, 12, 1.3, 42), "same seed, same workload");
+    assert_ne!(a, inflate(&pods, 12, 1.3, 43), "another seed, another order");
+    // Above the target, pods are removed.
+    let few = inflate(&pods, 2, 1.3, 42);
+    assert!(f64::from(few.iter().map(|p| p.gpu_milli).sum::<u32>()) <= 2_600.0);
+}
+
+#[test]
+fn inflation_runs_compare_policies_on_the_same_workload() {
+    use mig_planner::SolverKind;
+    use mig_sim::inflation::{InflationPolicy, parse_openb_nodes, run_inflation};
+    let nodes = parse_openb_nodes(
+        "nodes.csv",
+        "sn,cpu_milli,memory_mib,gpu,model\na,1,1,8,G2\nb,1,1,0,\nc,1,1,2,T4\nd,1,1,2,T4\n",
+    )
+    .unwrap();
+    assert_eq!(nodes, vec![8, 2, 2], "CPU-only nodes are skipped");
+    let workload = mig_sim::inflation::inflate(&synthetic_pods(), 12, 1.3, 7);
+    let run = |p: InflationPolicy| run_inflation(A100, &nodes, &workload, &p, 7).unwrap();
+    let balanced = run(InflationPolicy::Static(
+        "1g.10gb@0,1g.10gb@1,2g.20gb@2,3g.40gb@4".into(),
+    ));
+    let first_fit = run(InflationPolicy::FirstFit);
+    let planner = run(InflationPolicy::Planner {
+        batch: 5,
+        kind: SolverKind::Highs,
+    });
+    for r in [&balanced, &first_fit, &planner] {
+        assert_eq!(r.offered, workload.len());
+        assert_eq!(r.placed + r.failed.values().sum::<usize>(), r.offered, "{r:?}");
+        // Allocation never exceeds what arrived, nor capacity.
+        for (k, v) in r.requested.iter().enumerate() {
+            if let Some(v) = v {
+                assert!(*v <= k as f64 + 0.5 + 1e-9 && *v <= 100.0, "{r:?}");
+            }
+        }
+        assert!(r.occupied.iter().flatten().all(|v| *v <= 100.0 + 1e-9));
+    }
+    // The balanced layout has no 4g or 7g: those pods fail there and are served by creating them.
+    assert!(balanced.failed.get("7g.80gb").copied().unwrap_or(0) > 0);
+    assert!(
+        first_fit.placed > balanced.placed,
+        "{first_fit:?} vs {balanced:?}"
+    );
+    assert!(planner.placed > balanced.placed, "{planner:?} vs {balanced:?}");
+    assert!(planner.plans >= workload.len() / 5);
+    // Bad input is an error, not a panic.
+    assert!(run_inflation("NVIDIA-T4", &nodes, &workload, &InflationPolicy::FirstFit, 7).is_err());
+    assert!(parse_openb_nodes("n.csv", "sn,gpu\na,x\n").is_err());
+}
+
+#[test]
+fn fgd_results_average_over_seeds() {
+    let text = "workload,sc_policy,tune,seed,total_gpus,0,1,2\nw,06-FGD,1.3,42,6212,0.5,1.0,2.0\nw,06-FGD,1.3,43,6212,0.7,1.0,\n";
+    let r = mig_sim::inflation::parse_fgd_results(text);
+    let curve = &r[&("w".to_string(), "06-FGD".to_string())];
+    assert!((curve[0].unwrap() - 0.6).abs() < 1e-9);
+    assert_eq!(curve[2], Some(2.0));
 }
