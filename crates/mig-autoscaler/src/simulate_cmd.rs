@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use mig_sim::{PolicyKind, Report, SimConfig, TracePod, parse_openb, quantile, simulate, static_candidates};
+use mig_sim::{
+    PolicyKind, Report, SimConfig, TracePod, parse_dlrm, parse_openb, quantile, simulate, static_candidates,
+};
 
 const ALL_BALANCED: &str = "1g.10gb@0,1g.10gb@1,2g.20gb@2,3g.40gb@4";
 const PROFILES: [&str; 5] = ["1g.10gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"];
@@ -18,6 +20,14 @@ pub struct SimulateArgs {
     /// ../shared/traces/alibaba-gpu-v2023/openb_pod_list_default.csv.
     #[arg(long)]
     trace: PathBuf,
+    /// `openb` (Alibaba GPU v2023 pod list) or `dlrm` (Alibaba v2025 DLRM instances; needs
+    /// `--sizes-from`).
+    #[arg(long, default_value = "openb")]
+    format: String,
+    /// For `dlrm`: a ParvaGPU deployment CSV whose instance sizes the apps are mapped onto, e.g.
+    /// ../shared/traces/parvagpu-sc24-a100-profiles/deployment/SLO6/SLO6_ParvaGPU_deploy.csv.
+    #[arg(long)]
+    sizes_from: Option<PathBuf>,
     /// Nodes of the simulated cluster.
     #[arg(long, default_value_t = 8)]
     nodes: usize,
@@ -63,12 +73,32 @@ fn workload(args: &SimulateArgs) -> Result<(Vec<TracePod>, f64)> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    let pods = parse_openb(&name, &text)?;
-    let start = args.window_start.unwrap_or_else(|| {
-        pods.iter()
-            .map(|p| p.arrival + p.duration)
-            .fold(f64::INFINITY, f64::min)
-    });
+    let (pods, start) = match args.format.as_str() {
+        "openb" => {
+            let pods = parse_openb(&name, &text)?;
+            let start = args.window_start.unwrap_or_else(|| {
+                pods.iter()
+                    .map(|p| p.arrival + p.duration)
+                    .fold(f64::INFINITY, f64::min)
+            });
+            (pods, start)
+        }
+        "dlrm" => {
+            let path = args
+                .sizes_from
+                .as_ref()
+                .context("--format dlrm needs --sizes-from (a ParvaGPU deployment CSV)")?;
+            let deploy =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let set = mig_sim::demand_sets::parse_parvagpu_deploy(&path.display().to_string(), &deploy)?;
+            let sizes: Vec<u8> = set.instances.iter().map(|(_, g)| *g).collect();
+            (
+                parse_dlrm(&name, &text, &sizes)?,
+                args.window_start.unwrap_or(0.0),
+            )
+        }
+        other => anyhow::bail!("unknown --format {other:?}: use openb or dlrm"),
+    };
     let horizon = args.days * 86_400.0;
     let pods: Vec<TracePod> = pods
         .into_iter()

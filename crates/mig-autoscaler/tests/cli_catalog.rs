@@ -493,3 +493,68 @@ fn demand_sets_and_inflation_run_on_the_shared_data_and_write_their_files() {
     assert_eq!(bad.status.code(), Some(2));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn simulate_reads_the_dlrm_format_with_sizes_from_a_parvagpu_deployment() {
+    let dir = std::env::temp_dir().join(format!("mig-autoscaler-dlrm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("dlrm.csv");
+    let mut text = String::from(
+        "instance_sn,role,app_name,cpu_request,cpu_limit,gpu_request,gpu_limit,rdma_request,rdma_limit,memory_request,memory_limit,disk_request,disk_limit,max_instance_per_node,creation_time,scheduled_time,deletion_time\n",
+    );
+    for i in 0..30 {
+        let app = format!("app_{}", i % 7);
+        let created = if i < 5 {
+            String::new()
+        } else {
+            (i * 100).to_string()
+        };
+        text.push_str(&format!(
+            "instance_{i},HN,{app},8,8,1,1,0,0,40,40,0,0,2,{created},,{}\n",
+            i * 100 + 5_000
+        ));
+        text.push_str(&format!(
+            "cpu_{i},CN,{app},8,8,0,0,0,0,40,40,0,0,2,{},,{}\n",
+            i * 10,
+            i * 10 + 50
+        ));
+    }
+    std::fs::write(&trace, text).unwrap();
+    let sizes = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/traces/parvagpu-sc24-a100-profiles/deployment/SLO6/SLO6_ParvaGPU_deploy.csv"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
+        .args(["simulate", "--format", "dlrm", "--trace"])
+        .arg(&trace)
+        .args([
+            "--sizes-from",
+            sizes,
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "2",
+            "--days",
+            "1",
+        ])
+        .args(["--policies", "static-balanced,ilp"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ilp = stdout.lines().find(|l| l.starts_with("ilp")).unwrap();
+    let cols: Vec<&str> = ilp.split('\t').collect();
+    assert_eq!(cols[2], "30", "30 GPU instances, CPU-only ones dropped: {stdout}");
+    assert_eq!(
+        cols[3], "30",
+        "every instance starts on 4 repartitioned GPUs: {stdout}"
+    );
+    let no_sizes = std::process::Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
+        .args(["simulate", "--format", "dlrm", "--trace"])
+        .arg(&trace)
+        .output()
+        .unwrap();
+    assert_eq!(no_sizes.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_sizes.stderr).contains("--sizes-from"));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -25,7 +25,7 @@ use mig_catalog::{Catalog, Counts, GpuModel, Instance, Layout};
 use mig_planner::snapshot::{Gpu, GpuInstance, Node, PendingPod, RunningPod};
 use mig_planner::{Policy, Snapshot, SolverKind};
 
-pub use trace::{TracePod, parse_openb};
+pub use trace::{TracePod, parse_dlrm, parse_openb};
 
 /// How layouts change.
 #[derive(Clone, Debug, PartialEq)]
@@ -223,6 +223,9 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
     let mut started: Vec<Option<f64>> = vec![None; pods.len()];
     let mut holding: BTreeMap<usize, Vec<(usize, Instance)>> = BTreeMap::new();
     let mut tick_scheduled = false;
+    // Whether anything the planner sees changed since its last call; an unchanged state gives the
+    // same plan (the planner is deterministic), so the tick is skipped.
+    let mut dirty = true;
     let (mut last_t, mut alloc_area, mut demand_area) = (pods.first().map_or(0.0, |p| p.arrival), 0.0, 0.0);
     let (mut allocated, mut demanded) = (0.0f64, 0.0f64);
     let start_t = last_t;
@@ -235,6 +238,7 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
         if ev.at > config.horizon {
             break;
         }
+        dirty |= !matches!(ev.kind, Kind::PlanTick);
         match ev.kind {
             Kind::Arrival(i) => {
                 pending.push_back(i);
@@ -254,7 +258,7 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
             }
             Kind::PlanTick => {
                 tick_scheduled = false;
-                if !pending.is_empty() {
+                if !pending.is_empty() && dirty {
                     let changed = plan_round(
                         model,
                         &mut gpus,
@@ -265,6 +269,8 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
                         config,
                         &mut report,
                     );
+                    // Its own changes are new state: plan once more on the next tick.
+                    dirty = !changed.is_empty();
                     for g in changed {
                         push(&mut heap, t + config.reconfig_delay, Kind::ReconfigDone(g));
                     }
@@ -327,23 +333,23 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
 /// Free instances of the pod's profile on one node (not reconfiguring), or None.
 fn fit(model: &GpuModel, gpus: &[SimGpu], pod: &TracePod) -> Option<Vec<(usize, Instance)>> {
     let want = model.profile_by_name(pod.profile)?;
-    let nodes = gpus.iter().map(|g| g.node).max().map_or(0, |n| n + 1);
-    (0..nodes).find_map(|n| {
-        let free: Vec<(usize, Instance)> = gpus
-            .iter()
-            .enumerate()
-            .filter(|(_, g)| g.node == n && g.target.is_none())
-            .flat_map(|(gi, g)| {
+    let need = pod.count as usize;
+    // One pass over the GPUs, node by node (in node order, as first-fit over nodes would).
+    let mut by_node: BTreeMap<usize, Vec<(usize, Instance)>> = BTreeMap::new();
+    for (gi, g) in gpus.iter().enumerate().filter(|(_, g)| g.target.is_none()) {
+        let free = by_node.entry(g.node).or_default();
+        if free.len() < need {
+            free.extend(
                 g.layout
                     .instances()
                     .iter()
                     .filter(|i| i.profile == want && !g.used.contains_key(i))
-                    .map(move |i| (gi, *i))
-            })
-            .take(pod.count as usize)
-            .collect();
-        (free.len() == pod.count as usize).then_some(free)
-    })
+                    .map(|i| (gi, *i))
+                    .take(need - free.len()),
+            );
+        }
+    }
+    by_node.into_values().find(|free| free.len() == need)
 }
 
 /// Plan with the planner; start the reconfigurations it asks for. Returns the GPUs changed.

@@ -119,9 +119,141 @@ pub fn parse_openb(file: &str, text: &str) -> Result<Vec<TracePod>, TraceError> 
     Ok(pods)
 }
 
+/// Parse Alibaba's DLRM trace (`disaggregated_DLRM_trace.csv`, v2025): the GPU (`HN`) instances,
+/// each one whole GPU in the trace. An empty `creation_time` means the instance existed before the
+/// trace (it arrives at 0); an empty `deletion_time` that it outlived it (it runs to the last time in
+/// the file). The trace has no fractional sizes, so the MIG size is an assumption the caller makes:
+/// every instance of an app gets `sizes[h % sizes.len()]` compute slices, `h` a stable hash
+/// (FNV-1a) of the app name, so an app's instances share one size and the sizes follow the mix of
+/// `sizes` (docs/evaluation.md uses ParvaGPU's SLO6 deployment).
+pub fn parse_dlrm(file: &str, text: &str, sizes: &[u8]) -> Result<Vec<TracePod>, TraceError> {
+    let err = |line: usize, message: String| TraceError {
+        file: file.into(),
+        line,
+        message,
+    };
+    if sizes.is_empty() {
+        return Err(err(0, "no instance sizes to map apps to".into()));
+    }
+    let mut lines = text.lines().enumerate();
+    let header: Vec<&str> = lines
+        .next()
+        .map(|(_, h)| h.trim().split(',').collect())
+        .unwrap_or_default();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .ok_or_else(|| err(1, format!("no column {name:?} (the DLRM trace is needed)")))
+    };
+    let (c_name, c_role, c_app, c_gpu, c_create, c_delete) = (
+        col("instance_sn")?,
+        col("role")?,
+        col("app_name")?,
+        col("gpu_request")?,
+        col("creation_time")?,
+        col("deletion_time")?,
+    );
+    let mut rows = Vec::new();
+    let mut end = 0.0f64;
+    for (i, line) in lines {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.trim().split(',').collect();
+        let get = |c: usize| f.get(c).copied().unwrap_or("");
+        let time = |c: usize, what: &str| -> Result<Option<f64>, TraceError> {
+            match get(c) {
+                "" => Ok(None),
+                v => v
+                    .parse::<f64>()
+                    .map(Some)
+                    .map_err(|_| err(i + 1, format!("{what} {v:?} is not a number"))),
+            }
+        };
+        let (created, deleted) = (time(c_create, "creation_time")?, time(c_delete, "deletion_time")?);
+        end = end.max(created.unwrap_or(0.0)).max(deleted.unwrap_or(0.0));
+        if get(c_role) != "HN" {
+            continue;
+        }
+        let gpus: f64 = get(c_gpu)
+            .parse()
+            .map_err(|_| err(i + 1, format!("gpu_request {:?} is not a number", get(c_gpu))))?;
+        if gpus <= 0.0 {
+            continue;
+        }
+        if let (Some(c), Some(d)) = (created, deleted)
+            && d < c
+        {
+            return Err(err(i + 1, format!("deletion_time {d} before creation_time {c}")));
+        }
+        let app = get(c_app);
+        let h = app.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let size = sizes[(h % sizes.len() as u64) as usize];
+        let profile = match size {
+            1 => "1g.10gb",
+            2 => "2g.20gb",
+            3 => "3g.40gb",
+            4 => "4g.40gb",
+            _ => "7g.80gb",
+        };
+        rows.push((
+            format!("{app}/{}", get(c_name)),
+            created,
+            deleted,
+            profile,
+            gpus as u32,
+        ));
+    }
+    let mut pods: Vec<TracePod> = rows
+        .into_iter()
+        .map(|(name, created, deleted, profile, count)| {
+            let arrival = created.unwrap_or(0.0);
+            TracePod {
+                name,
+                arrival,
+                duration: deleted.unwrap_or(end) - arrival,
+                profile,
+                count,
+                gpu_milli: 1000 * count,
+            }
+        })
+        .collect();
+    pods.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
+    Ok(pods)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dlrm_instances_keep_their_app_size_and_open_ends() {
+        let text = "instance_sn,role,app_name,cpu_request,cpu_limit,gpu_request,gpu_limit,rdma_request,rdma_limit,memory_request,memory_limit,disk_request,disk_limit,max_instance_per_node,creation_time,scheduled_time,deletion_time\n\
+                    i0,HN,app_a,8,8,1,1,0,0,40,40,0,0,2,,,500\n\
+                    i1,HN,app_a,8,8,1,1,0,0,40,40,0,0,2,100,101,\n\
+                    i2,CN,app_a,8,8,0,0,0,0,40,40,0,0,2,50,51,900\n\
+                    i3,HN,app_b,8,8,1,1,0,0,40,40,0,0,2,200,201,300\n";
+        let pods = parse_dlrm("d.csv", text, &[1, 3, 7]).unwrap();
+        assert_eq!(pods.len(), 3, "CPU-only instances are dropped");
+        assert_eq!((pods[0].arrival, pods[0].duration), (0.0, 500.0), "pre-existing");
+        assert_eq!(
+            (pods[1].arrival, pods[1].duration),
+            (100.0, 800.0),
+            "runs to the trace's last time"
+        );
+        assert_eq!(pods[0].profile, pods[1].profile, "one size per app");
+        assert!(parse_dlrm("d.csv", text, &[]).is_err());
+        let bad = text.replace("200,201,300", "200,201,100");
+        assert!(
+            parse_dlrm("d.csv", &bad, &[1])
+                .unwrap_err()
+                .to_string()
+                .contains("line 5")
+        );
+    }
 
     #[test]
     fn the_mapping_rounds_up_to_real_profiles() {
