@@ -174,6 +174,13 @@ pub struct Shared {
     ready: AtomicBool,
 }
 
+impl Shared {
+    /// Whether the agent acts on grants (its GPUs are known and agree with the catalog).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
 /// A running agent.
 pub struct Running {
     /// Metrics/probe address, if serving.
@@ -374,27 +381,53 @@ impl Worker {
         })?;
         let uid = node.metadata.uid.clone();
         if !self.catalog_checked {
-            let unknown: Vec<String> = gpus
-                .iter()
-                .filter_map(|g| {
-                    Catalog::embedded()
-                        .lookup(&g.product)
-                        .err()
-                        .map(|e| format!("GPU {}: {e}", g.index))
-                })
-                .collect();
-            if !unknown.is_empty() {
+            // Every GPU's model must be known, and what the driver reports of its MIG profiles and
+            // placements must agree with the catalog the plans are built from.
+            let mut unknown = Vec::new();
+            let mut mismatched = Vec::new();
+            for g in &gpus {
+                let model = match Catalog::embedded().lookup(&g.product) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        unknown.push(format!("GPU {}: {e}", g.index));
+                        continue;
+                    }
+                };
+                match self.source.profiles(g) {
+                    Ok(Some(observed)) => {
+                        let blocking: Vec<String> = mig_catalog::nvml::compare(model, &observed)
+                            .into_iter()
+                            .filter(mig_catalog::nvml::Mismatch::is_blocking)
+                            .map(|m| m.to_string())
+                            .collect();
+                        if !blocking.is_empty() {
+                            mismatched.push(format!(
+                                "GPU {} ({} per {}): {}",
+                                g.index,
+                                model.key,
+                                observed.origin,
+                                blocking.join("; ")
+                            ));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => mismatched.push(format!("GPU {}: cannot read MIG profiles: {e}", g.index)),
+                }
+            }
+            let problems = [("UnknownGpuModel", unknown), ("CatalogMismatch", mismatched)];
+            if problems.iter().any(|(_, p)| !p.is_empty()) {
                 self.shared
                     .metrics
                     .errors
                     .get_or_create(&Label { kind: "catalog" })
                     .inc();
-                let note = format!(
-                    "{}; the agent reports but will not reconfigure this node",
-                    unknown.join("; ")
-                );
-                self.event(true, "UnknownGpuModel", note, self.node_ref(uid.clone()))
-                    .await;
+                for (reason, found) in problems.into_iter().filter(|(_, p)| !p.is_empty()) {
+                    let note = format!(
+                        "{}; the agent reports but will not reconfigure this node",
+                        found.join("; ")
+                    );
+                    self.event(true, reason, note, self.node_ref(uid.clone())).await;
+                }
             } else {
                 self.catalog_checked = true;
                 self.shared.ready.store(true, Ordering::SeqCst);

@@ -12,4 +12,4 @@ pub mod source;
 
 pub use agent::{AgentSettings, Running, start};
 pub use sequence::{Action, FailurePolicy, Observation, SequencePolicy, Step, step};
-pub use source::{EmulatedGpus, GpuSource, NvidiaSmiGpus};
+pub use source::{EmulatedGpus, GpuSource, NvidiaSmiGpus, observed_from_catalog};

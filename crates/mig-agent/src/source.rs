@@ -8,12 +8,54 @@
 use std::sync::Arc;
 
 use kube_emulator::Cluster;
+use mig_catalog::nvml::{ObservedGpu, ObservedPlacement, ObservedProfile};
+use mig_catalog::{Catalog, GpuModel};
 use mig_planner::snapshot::{Gpu, GpuInstance};
 
 /// A source of the node's GPUs.
 pub trait GpuSource: Send + Sync {
     /// Every GPU with its GPU instances at their placements, and the pods using each where known.
     fn gpus(&self) -> Result<Vec<Gpu>, String>;
+
+    /// The MIG profiles and possible placements the driver reports for GPU `gpu` (checked against
+    /// the catalog before the agent acts); `None` where the source cannot tell.
+    fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, String> {
+        let _ = gpu;
+        Ok(None)
+    }
+}
+
+/// What NVML would report for a GPU of `model`: the catalog's own profiles and placements (the
+/// emulator's GPUs follow the catalog).
+pub fn observed_from_catalog(model: &GpuModel, origin: &str) -> ObservedGpu {
+    ObservedGpu {
+        name: model
+            .skus
+            .iter()
+            .find_map(|s| s.nvml_name.clone())
+            .unwrap_or_else(|| model.key.clone()),
+        pci_device_id: None,
+        origin: origin.to_string(),
+        profiles: model
+            .profiles
+            .iter()
+            .map(|p| ObservedProfile {
+                profile_id: p.profile_id,
+                name: Some(format!("MIG {}", p.name)),
+                slice_count: u32::from(p.compute_slices),
+                instance_count: u32::from(p.max_instances),
+                memory_mib: None,
+                placements: p
+                    .starts
+                    .iter()
+                    .map(|s| ObservedPlacement {
+                        start: u32::from(*s),
+                        size: u32::from(p.memory_slices),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
 }
 
 /// The GPUs kube-emulator simulates on one node (what NVML would report there).
@@ -33,6 +75,13 @@ impl EmulatedGpus {
 }
 
 impl GpuSource for EmulatedGpus {
+    fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, String> {
+        let model = Catalog::embedded()
+            .lookup(&gpu.product)
+            .map_err(|e| e.to_string())?;
+        Ok(Some(observed_from_catalog(model, "kube-emulator")))
+    }
+
     fn gpus(&self) -> Result<Vec<Gpu>, String> {
         Ok(self
             .cluster
@@ -160,5 +209,21 @@ impl GpuSource for NvidiaSmiGpus {
         // With MIG off everywhere, -lgi fails ("No MIG-enabled devices found"): no instances.
         let lgi = run(&self.command, &["mig", "-lgi"]).unwrap_or_default();
         parse_nvidia_smi(&query, &lgi)
+    }
+
+    /// `nvidia-smi mig -lgip -i N` and `-lgipp -i N` (read-only), parsed by the catalog.
+    fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, String> {
+        if !gpu.mig_enabled {
+            return Ok(None); // no MIG profiles are listed with MIG off
+        }
+        let index = gpu.index.to_string();
+        let lgip = run(&self.command, &["mig", "-lgip", "-i", &index])?;
+        let lgipp = run(&self.command, &["mig", "-lgipp", "-i", &index])?;
+        ObservedGpu::from_nvidia_smi(&gpu.product, gpu.index, &lgip, &lgipp)
+            .map(|mut o| {
+                o.origin = "nvidia-smi".into();
+                Some(o)
+            })
+            .map_err(|e| e.to_string())
     }
 }

@@ -526,3 +526,78 @@ async fn s7_garbage_in_our_annotations_is_reported_and_left_alone() {
     );
     check_invariants(&env, &[], false).await;
 }
+
+/// A GPU source whose driver disagrees with the catalog: it reports 3g.40gb placeable only at 4.
+struct DriverDisagrees(EmulatedGpus);
+
+impl mig_agent::GpuSource for DriverDisagrees {
+    fn gpus(&self) -> Result<Vec<mig_planner::snapshot::Gpu>, String> {
+        self.0.gpus()
+    }
+
+    fn profiles(
+        &self,
+        gpu: &mig_planner::snapshot::Gpu,
+    ) -> Result<Option<mig_catalog::nvml::ObservedGpu>, String> {
+        let mut observed = self.0.profiles(gpu)?.unwrap();
+        for p in &mut observed.profiles {
+            if p.name.as_deref() == Some("MIG 3g.40gb") {
+                p.placements.retain(|x| x.start == 4);
+            }
+        }
+        Ok(Some(observed))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s8_an_agent_whose_driver_disagrees_with_the_catalog_refuses_to_act() {
+    let spec = nodes(1, 1, SEVEN_1G);
+    let env = bare_env(spec.clone()).await;
+    let node = &spec[0].name;
+    let source = Arc::new(DriverDisagrees(EmulatedGpus::new(env.cluster.clone(), node)));
+    let agent = mig_agent::start(client_for(&env.server), agent_settings(node), source)
+        .await
+        .unwrap();
+    // The catalog's own picture passes the same check (the emulator follows the catalog).
+    let honest = EmulatedGpus::new(env.cluster.clone(), node);
+    let gpu = mig_agent::GpuSource::gpus(&honest).unwrap().remove(0);
+    let observed = mig_agent::GpuSource::profiles(&honest, &gpu).unwrap().unwrap();
+    let model = mig_catalog::Catalog::embedded().lookup(&gpu.product).unwrap();
+    assert!(mig_catalog::nvml::compare(model, &observed).is_empty());
+
+    let c = controller(&env, fast_settings(Mode::Auto), "replica-a").await;
+    create_pod(&env.client, &mig_pod("wants-3g", "3g.40gb", "1")).await;
+    eventually(10, "a CatalogMismatch warning naming the placements", || async {
+        events(&env.client, "default")
+            .await
+            .iter()
+            .any(|(w, r, note, t)| {
+                w == node && r == "CatalogMismatch" && t == "Warning" && note.contains("3g.40gb")
+            })
+    })
+    .await;
+    assert!(!agent.shared.is_ready());
+    assert!(agent.shared.metrics.count("errors", "catalog") >= 1);
+    assert!(
+        agent
+            .shared
+            .metrics
+            .encode()
+            .contains("mig_autoscaler_agent_ready 0")
+    );
+    // It still reports, but never starts a sequence: no state, no taint, no relabel, the pod waits.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let n = Api::<Node>::all(env.client.clone()).get(node).await.unwrap();
+    assert!(
+        n.annotations()
+            .contains_key(mig_controller::protocol::REPORT_ANNOTATION)
+    );
+    assert!(node_state(&env, node).await.is_none());
+    assert_eq!(
+        n.labels().get("nvidia.com/mig.config").map(String::as_str),
+        Some("all-1g.10gb")
+    );
+    assert_ne!(pod_phase(&env, "wants-3g").await.as_deref(), Some("Running"));
+    check_invariants(&env, &["wants-3g"], false).await;
+    c.stop().await;
+}

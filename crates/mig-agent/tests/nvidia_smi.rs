@@ -59,3 +59,43 @@ fn malformed_output_is_an_error_not_a_panic() {
     assert!(e.contains("placement"), "{e}");
     assert!(parse_nvidia_smi("", "").unwrap().is_empty());
 }
+
+/// `NvidiaSmiGpus` against a stand-in `nvidia-smi` (a shell script printing recorded output): the
+/// profiles it reads for the cross-check agree with the catalog; a failing command is an error.
+#[test]
+fn profiles_are_read_with_lgip_and_lgipp_and_agree_with_the_catalog() {
+    use mig_agent::GpuSource;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("fake-nvidia-smi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../mig-catalog/tests/fixtures");
+    let here = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let script = dir.join("nvidia-smi");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in\n\
+             --query-gpu*) cat {here}/h100-query.csv ;;\n\
+             'mig -lgi') cat {here}/h100-lgi.txt ;;\n\
+             'mig -lgip -i 0') cat {fixtures}/h100-80gb.lgip.txt ;;\n\
+             'mig -lgipp -i 0') cat {fixtures}/h100-80gb.lgipp.txt ;;\n\
+             *) echo \"unexpected: $*\" >&2; exit 3 ;;\n\
+             esac\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let source = mig_agent::NvidiaSmiGpus {
+        command: script.display().to_string(),
+    };
+    let gpus = source.gpus().unwrap();
+    let observed = source.profiles(&gpus[0]).unwrap().unwrap();
+    assert_eq!(observed.origin, "nvidia-smi");
+    let model = Catalog::embedded().lookup(&gpus[0].product).unwrap();
+    assert_eq!(mig_catalog::nvml::compare(model, &observed), vec![]);
+    // MIG off: nothing to check. GPU 1's rows are not recorded: the command fails, an error.
+    assert!(source.profiles(&gpus[2]).unwrap().is_none());
+    let e = source.profiles(&gpus[1]).unwrap_err();
+    assert!(e.contains("unexpected"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
