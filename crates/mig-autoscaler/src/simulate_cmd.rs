@@ -178,6 +178,7 @@ pub fn run(args: SimulateArgs) -> Result<ExitCode> {
     );
     let header = "policy,reconfig_delay_s,pods,started,wait_p50_s,wait_p95_s,wait_p99_s,wait_mean_s,allocation,demand,reconfigurations,plans,plan_ms_p50,plan_ms_p99";
     let mut csv = format!("{header}\n");
+    let mut by_profile = String::from("policy,reconfig_delay_s,profile,pods,wait_mean_s,wait_p95_s\n");
     let mut bars = Vec::new();
     println!("{}", header.replace(',', "\t"));
     for delay in &args.reconfig_delay {
@@ -210,6 +211,12 @@ pub fn run(args: SimulateArgs) -> Result<ExitCode> {
                     anyhow::bail!("unknown policy {other:?}: use static-balanced, static-best, greedy, ilp")
                 }
             };
+            for (profile, (n, mean, p95)) in report.waits_by_profile() {
+                by_profile.push_str(&format!(
+                    "{},{delay},{profile},{n},{mean:.1},{p95:.1}\n",
+                    report.policy
+                ));
+            }
             let line = row(&report, *delay);
             println!("{}", line.replace(',', "\t"));
             csv.push_str(&line);
@@ -226,7 +233,11 @@ pub fn run(args: SimulateArgs) -> Result<ExitCode> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         std::fs::write(dir.join("summary.csv"), csv)?;
         std::fs::write(dir.join("waits.svg"), svg(&bars))?;
-        eprintln!("wrote {}/summary.csv and waits.svg", dir.display());
+        std::fs::write(dir.join("waits-by-profile.csv"), by_profile)?;
+        eprintln!(
+            "wrote {}/summary.csv, waits-by-profile.csv and waits.svg",
+            dir.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -406,6 +406,11 @@ fn simulate_compares_policies_on_a_small_trace_and_writes_its_files() {
             .unwrap()
             .starts_with("<svg")
     );
+    let by_profile = std::fs::read_to_string(dir.join("waits-by-profile.csv")).unwrap();
+    assert!(
+        by_profile.lines().any(|l| l.starts_with("ilp,30,7g.80gb,")),
+        "{by_profile}"
+    );
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
         .args(["simulate", "--trace", "/nonexistent.csv"])
         .output()

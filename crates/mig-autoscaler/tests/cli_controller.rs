@@ -111,10 +111,19 @@ fn the_agent_reports_what_nvidia_smi_says_and_stops_on_sigterm() {
     use std::os::unix::fs::PermissionsExt;
     let d = dir("agent-run");
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../mig-agent/tests/fixtures");
+    // Profiles for the start-up cross-check: the recorded H100 output, renumbered to the GPU asked.
+    let profiles = concat!(env!("CARGO_MANIFEST_DIR"), "/../mig-catalog/tests/fixtures");
     let fake = d.join("nvidia-smi");
     std::fs::write(
         &fake,
-        format!("#!/bin/sh\nif [ \"$1\" = mig ]; then cat {fixtures}/h100-lgi.txt; else cat {fixtures}/h100-query.csv; fi\n"),
+        format!(
+            "#!/bin/sh\ncase \"$1 $2\" in\n\
+             'mig -lgi') cat {fixtures}/h100-lgi.txt ;;\n\
+             'mig -lgip') sed \"s/^|   0 /|   $4 /\" {profiles}/h100-80gb.lgip.txt ;;\n\
+             'mig -lgipp') sed \"s/^GPU  0 /GPU  $4 /\" {profiles}/h100-80gb.lgipp.txt ;;\n\
+             *) cat {fixtures}/h100-query.csv ;;\n\
+             esac\n"
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -79,6 +79,8 @@ pub struct Report {
     pub started: usize,
     /// Waits (start − arrival; horizon − arrival for pods that never started), seconds.
     pub waits: Vec<f64>,
+    /// The profile each wait's pod asked for (`3g.40gb`, `8×7g.80gb`), in the order of `waits`.
+    pub wait_profiles: Vec<String>,
     /// GPUs reconfigured.
     pub reconfigurations: usize,
     /// Planner calls and their wall times (ms).
@@ -94,6 +96,20 @@ impl Report {
     pub fn wait_quantile(&self, q: f64) -> f64 {
         quantile(&self.waits, q)
     }
+    /// Per profile: pods, mean wait, p95 wait (seconds).
+    pub fn waits_by_profile(&self) -> BTreeMap<String, (usize, f64, f64)> {
+        let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for (w, p) in self.waits.iter().zip(&self.wait_profiles) {
+            by.entry(p.clone()).or_default().push(*w);
+        }
+        by.into_iter()
+            .map(|(p, w)| {
+                let mean = w.iter().sum::<f64>() / w.len() as f64;
+                (p, (w.len(), mean, quantile(&w, 0.95)))
+            })
+            .collect()
+    }
+
     /// Mean wait.
     pub fn mean_wait(&self) -> f64 {
         if self.waits.is_empty() {
@@ -317,6 +333,11 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
         if p.arrival > config.horizon {
             continue;
         }
+        report.wait_profiles.push(if p.count > 1 {
+            format!("{}×{}", p.count, p.profile)
+        } else {
+            p.profile.to_string()
+        });
         match started[i] {
             Some(s) => {
                 report.started += 1;

@@ -33,9 +33,20 @@ fn pod(i: usize, at: f64, profile: &'static str, dur: f64) -> TracePod {
 #[test]
 fn repartitioning_serves_what_a_static_layout_never_can() {
     let pods: Vec<TracePod> = (0..4).map(|i| pod(i, i as f64 * 5.0, "3g.40gb", 500.0)).collect();
-    let stat = simulate(&config(), &PolicyKind::Static(ALL_1G.into()), &pods).unwrap();
-    assert_eq!(stat.started, 0);
+    let mut with_1g = pods.clone();
+    with_1g.push(pod(4, 1.0, "1g.10gb", 100.0));
+    let stat = simulate(&config(), &PolicyKind::Static(ALL_1G.into()), &with_1g).unwrap();
+    assert_eq!(stat.started, 1, "only the 1g pod");
     assert_eq!(stat.reconfigurations, 0);
+    // Waits by profile: the 3g pods wait to the end of the run (the 1g pod's departure at 101 s),
+    // the 1g pod not at all.
+    let by = stat.waits_by_profile();
+    assert_eq!(by["1g.10gb"], (1, 0.0, 0.0));
+    assert_eq!(
+        by["3g.40gb"],
+        (4, (101.0 + 96.0 + 91.0 + 86.0) / 4.0, 101.0),
+        "{by:?}"
+    );
     for policy in [PolicyKind::Greedy, PolicyKind::Ilp] {
         let r = simulate(&config(), &policy, &pods).unwrap();
         assert_eq!(r.started, 4, "{policy:?}");
