@@ -263,7 +263,7 @@ pub fn observe(
                 .is_some_and(|t| t.0 >= demand_since)
         {
             for (resource, count) in &requests {
-                if let Some(profile) = resource.strip_prefix("nvidia.com/mig-") {
+                if let Some(profile) = resource.strip_prefix(MIG_RESOURCE_PREFIX) {
                     let e = recent_demand.entry(profile.to_string()).or_default();
                     *e = e.saturating_add(u32::try_from(*count).unwrap_or(u32::MAX));
                 }

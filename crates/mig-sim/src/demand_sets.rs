@@ -14,19 +14,7 @@ use mig_planner::snapshot::{Gpu, Node, PendingPod};
 use mig_planner::{Policy, Snapshot, SolverKind};
 
 use crate::SimError;
-use crate::trace::TraceError;
-
-/// The A100/H100-80GB profile for an instance of `gpcs` compute slices.
-pub fn profile_for_gpcs(gpcs: u8) -> Option<&'static str> {
-    match gpcs {
-        1 => Some("1g.10gb"),
-        2 => Some("2g.20gb"),
-        3 => Some("3g.40gb"),
-        4 => Some("4g.40gb"),
-        7 => Some("7g.80gb"),
-        _ => None,
-    }
-}
+use crate::trace::{TraceError, profile_for_size};
 
 /// Memory slices (of 8) an instance of `gpcs` compute slices takes on an A100/H100-80GB.
 fn memory_slices(gpcs: u8) -> u32 {
@@ -109,7 +97,7 @@ pub fn parse_parvagpu_deploy(name: &str, text: &str) -> Result<DemandSet, TraceE
         let gpcs = number(size)?;
         let gpcs = u8::try_from(gpcs)
             .ok()
-            .filter(|g| profile_for_gpcs(*g).is_some())
+            .filter(|g| profile_for_size(*g).is_some())
             .ok_or_else(|| err(i + 1, format!("instance size {gpcs} is not 1, 2, 3, 4 or 7")))?;
         set.instances.push((field(model)?.to_string(), gpcs));
         gpus.entry((number(node)?, number(gpu)?)).or_default().push(gpcs);
@@ -131,7 +119,7 @@ pub fn fits_one_gpu(product: &str, sizes: &[u8]) -> Result<bool, SimError> {
         .map_err(|e| SimError::Config(e.to_string()))?;
     let mut counts = Counts::zero(model.profiles.len());
     for g in sizes {
-        let name = profile_for_gpcs(*g).ok_or_else(|| SimError::Config(format!("size {g}")))?;
+        let name = profile_for_size(*g).ok_or_else(|| SimError::Config(format!("size {g}")))?;
         let idx = model
             .profile_by_name(name)
             .ok_or_else(|| SimError::Config(format!("{product} has no {name}")))?;
@@ -195,7 +183,7 @@ pub fn pack(set: &DemandSet, product: &str, gpus: usize, kind: SolverKind) -> Re
             namespace: set.name.to_lowercase(),
             name: format!("{dnn}-{i}"),
             requests: [(
-                format!("nvidia.com/mig-{}", profile_for_gpcs(*g).unwrap_or("7g.80gb")),
+                format!("nvidia.com/mig-{}", profile_for_size(*g).unwrap_or("7g.80gb")),
                 1,
             )]
             .into(),

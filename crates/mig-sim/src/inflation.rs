@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use mig_catalog::{Catalog, GpuModel, Instance, Layout};
-use mig_planner::snapshot::{Gpu, GpuInstance, Node, PendingPod, RunningPod};
+use mig_planner::snapshot::{Node, PendingPod, RunningPod};
 use mig_planner::{Backend, PodOutcome, Policy, Snapshot, SolverKind};
 
 use crate::{SimError, TracePod};
@@ -146,14 +146,13 @@ impl Cluster<'_> {
             .ok_or_else(|| SimError::Config(format!("{} has no profile {name}", self.model.key)))
     }
 
-    fn take(&mut self, g: usize, instance: Instance, pod: &TracePod) {
+    fn take(&mut self, g: usize, instance: Instance) {
         self.gpus[g].1 = self.gpus[g].1.with(instance);
         self.gpus[g].2 += 1;
         self.used_slices += self
             .model
             .profile(instance.profile)
             .map_or(0, |p| u64::from(p.compute_slices));
-        let _ = pod;
     }
 }
 
@@ -219,13 +218,6 @@ pub fn run_inflation(
             s.2 += 1;
         }
     };
-    let fail_key = |p: &TracePod| {
-        if p.count > 1 {
-            format!("{}×{}", p.count, p.profile)
-        } else {
-            p.profile.to_string()
-        }
-    };
 
     match policy {
         InflationPolicy::Static(_) | InflationPolicy::FirstFit => {
@@ -240,7 +232,7 @@ pub fn run_inflation(
                     report.placed += 1;
                     cl.requested_milli += u64::from(pod.gpu_milli);
                 } else {
-                    *report.failed.entry(fail_key(pod)).or_default() += 1;
+                    *report.failed.entry(pod.label()).or_default() += 1;
                 }
                 record(&cl, arrived_milli);
             }
@@ -257,7 +249,7 @@ pub fn run_inflation(
                         report.placed += 1;
                         cl.requested_milli += u64::from(pod.gpu_milli);
                     } else {
-                        *report.failed.entry(fail_key(pod)).or_default() += 1;
+                        *report.failed.entry(pod.label()).or_default() += 1;
                     }
                 }
                 record(&cl, arrived_milli);
@@ -300,7 +292,7 @@ fn place_static(
                 break;
             };
             let inst = free[g].remove(pos);
-            cl.take(g, inst, pod);
+            cl.take(g, inst);
             left -= 1;
         }
     }
@@ -324,7 +316,7 @@ fn place_first_fit(cl: &mut Cluster<'_>, q: mig_catalog::ProfileIdx, pod: &Trace
         }
         if picks.len() == need {
             for (g, inst) in picks {
-                cl.take(g, inst, pod);
+                cl.take(g, inst);
             }
             return true;
         }
@@ -350,32 +342,18 @@ fn plan_batch(
     let mut running = Vec::new();
     for (g, (n, layout, _)) in cl.gpus.iter().enumerate() {
         let index = nodes[*n].gpus.len() as u32;
-        nodes[*n].gpus.push(Gpu {
-            index,
-            product: product.to_string(),
-            mig_enabled: true,
-            instances: layout
-                .instances()
-                .iter()
-                .map(|i| {
-                    let pod = format!("g{g}-{}", i.start);
-                    running.push(RunningPod {
-                        namespace: "sim".into(),
-                        name: pod.clone(),
-                        ..Default::default()
-                    });
-                    GpuInstance {
-                        profile: model
-                            .profile(i.profile)
-                            .map(|p| p.name.clone())
-                            .unwrap_or_default(),
-                        start: i.start,
-                        pods: vec![format!("sim/{pod}")],
-                        utilization: None,
-                    }
-                })
-                .collect(),
-        });
+        // Every instance that exists is in use (instances are only created for pods).
+        nodes[*n]
+            .gpus
+            .push(crate::snapshot_gpu(model, product, index, layout, |i| {
+                let pod = format!("g{g}-{}", i.start);
+                running.push(RunningPod {
+                    namespace: "sim".into(),
+                    name: pod.clone(),
+                    ..Default::default()
+                });
+                Some(pod)
+            }));
     }
     let snapshot = Snapshot {
         nodes,
@@ -429,7 +407,7 @@ fn plan_batch(
                     model.format_layout(&cl.gpus[g].1)
                 )));
             }
-            cl.take(g, instance, &batch[i]);
+            cl.take(g, instance);
         }
         placed[i] = true;
     }

@@ -333,11 +333,7 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
         if p.arrival > config.horizon {
             continue;
         }
-        report.wait_profiles.push(if p.count > 1 {
-            format!("{}×{}", p.count, p.profile)
-        } else {
-            p.profile.to_string()
-        });
+        report.wait_profiles.push(p.label());
         match started[i] {
             Some(s) => {
                 report.started += 1;
@@ -373,6 +369,35 @@ fn fit(model: &GpuModel, gpus: &[SimGpu], pod: &TracePod) -> Option<Vec<(usize, 
     by_node.into_values().find(|free| free.len() == need)
 }
 
+/// A simulated GPU as the planner's snapshot sees it: MIG on, `layout`'s instances, each with the
+/// pod (namespace `sim`) that `pod_of` says uses it.
+pub(crate) fn snapshot_gpu(
+    model: &GpuModel,
+    product: &str,
+    index: u32,
+    layout: &Layout,
+    mut pod_of: impl FnMut(&Instance) -> Option<String>,
+) -> Gpu {
+    Gpu {
+        index,
+        product: product.to_string(),
+        mig_enabled: true,
+        instances: layout
+            .instances()
+            .iter()
+            .map(|i| GpuInstance {
+                profile: model
+                    .profile(i.profile)
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default(),
+                start: i.start,
+                pods: pod_of(i).map(|p| format!("sim/{p}")).into_iter().collect(),
+                utilization: None,
+            })
+            .collect(),
+    }
+}
+
 /// Plan with the planner; start the reconfigurations it asks for. Returns the GPUs changed.
 #[allow(clippy::too_many_arguments)]
 fn plan_round(
@@ -396,28 +421,11 @@ fn plan_round(
     for g in gpus.iter() {
         let layout = g.target.as_ref().unwrap_or(&g.layout);
         nodes[g.node].frozen |= g.target.is_some();
-        nodes[g.node].gpus.push(Gpu {
-            index: g.index,
-            product: config.product.clone(),
-            mig_enabled: true,
-            instances: layout
-                .instances()
-                .iter()
-                .map(|i| GpuInstance {
-                    profile: model
-                        .profile(i.profile)
-                        .map(|p| p.name.clone())
-                        .unwrap_or_default(),
-                    start: i.start,
-                    pods: g
-                        .used
-                        .get(i)
-                        .map(|p| vec![format!("sim/{}", name(*p))])
-                        .unwrap_or_default(),
-                    utilization: None,
-                })
-                .collect(),
-        });
+        nodes[g.node]
+            .gpus
+            .push(snapshot_gpu(model, &config.product, g.index, layout, |i| {
+                g.used.get(i).map(|p| name(*p))
+            }));
     }
     let snapshot = Snapshot {
         nodes,

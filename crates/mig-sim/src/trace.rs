@@ -23,6 +23,17 @@ pub struct TracePod {
     pub gpu_milli: u32,
 }
 
+impl TracePod {
+    /// What the pod asks for, for reports: `3g.40gb`, or `8×7g.80gb` for several instances.
+    pub fn label(&self) -> String {
+        if self.count > 1 {
+            format!("{}×{}", self.count, self.profile)
+        } else {
+            self.profile.to_string()
+        }
+    }
+}
+
 /// A line or field that could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("{file} line {line}: {message}")]
@@ -35,16 +46,22 @@ pub struct TraceError {
     pub message: String,
 }
 
-/// The profile for a single-GPU share in thousandths.
+/// The A100/H100-80GB profile of an instance of `size` compute slices (1, 2, 3, 4 or 7).
+pub fn profile_for_size(size: u8) -> Option<&'static str> {
+    match size {
+        1 => Some("1g.10gb"),
+        2 => Some("2g.20gb"),
+        3 => Some("3g.40gb"),
+        4 => Some("4g.40gb"),
+        7 => Some("7g.80gb"),
+        _ => None,
+    }
+}
+
+/// The profile for a single-GPU share in thousandths: sevenths rounded up to a real size.
 pub fn profile_for_milli(gpu_milli: u32) -> &'static str {
     let sevenths = (gpu_milli.min(1000) * 7).div_ceil(1000).max(1);
-    match sevenths {
-        1 => "1g.10gb",
-        2 => "2g.20gb",
-        3 => "3g.40gb",
-        4 => "4g.40gb",
-        _ => "7g.80gb",
-    }
+    profile_for_size(sevenths as u8).unwrap_or("7g.80gb") // 5 and 6 sevenths: no such profile
 }
 
 /// Parse an openb pod list (`name,cpu_milli,memory_mib,num_gpu,gpu_milli,...,creation_time,deletion_time,...`).
@@ -192,13 +209,7 @@ pub fn parse_dlrm(file: &str, text: &str, sizes: &[u8]) -> Result<Vec<TracePod>,
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         });
         let size = sizes[(h % sizes.len() as u64) as usize];
-        let profile = match size {
-            1 => "1g.10gb",
-            2 => "2g.20gb",
-            3 => "3g.40gb",
-            4 => "4g.40gb",
-            _ => "7g.80gb",
-        };
+        let profile = profile_for_size(size).unwrap_or("7g.80gb");
         rows.push((
             format!("{app}/{}", get(c_name)),
             created,
