@@ -397,7 +397,14 @@ impl Cluster {
                 Some(Ok(_)) if self.take_injected_failure() => Err("injected failure".to_string()),
                 Some(Ok(cfg)) => apply(cfg, &wanted, &mut n.gpus),
             };
-            let state = if outcome.is_ok() { "success" } else { "failed" };
+            // Like the real mig-manager, the reason goes to the log; the label only says `failed`.
+            let state = match &outcome {
+                Ok(()) => "success",
+                Err(reason) => {
+                    tracing::warn!(node = %name, config = %wanted, %reason, "emulated mig-manager: apply failed");
+                    "failed"
+                }
+            };
             let _ = set_label(&mut store, nodes_r, name, MIG_STATE_LABEL, state);
         }
 

@@ -655,7 +655,7 @@ fn pod_ref(ns: &str, name: &str) -> ObjectReference {
 fn phase_label(p: mig_controller::protocol::Phase) -> &'static str {
     use mig_controller::protocol::Phase::*;
     match p {
-        Done | RolledBack => "done",
+        Done | RolledBack | Superseded => "done",
         Failed => "failed",
         other => other.as_str(),
     }

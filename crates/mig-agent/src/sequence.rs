@@ -13,6 +13,8 @@
 //!                  (nothing changed yet:           ▼
 //!                   untaint ─▶ RolledBack)    RollingBack ─▶ RolledBack    (policy rollback)
 //!                                                  └──────▶ Failed: stays tainted, Warning Event
+//!
+//! Draining, Relabeling: a pod the plan did not know on a GPU to change ─▶ untaint ─▶ Superseded
 //! ```
 
 use std::collections::BTreeMap;
@@ -250,6 +252,62 @@ fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: String
     }
 }
 
+/// Pods the source reports on GPUs this grant rebuilds, other than the grant's evictions: pods bound
+/// after the plan was made, in the moment before our taint (or tolerating it). mig-parted rebuilds a
+/// changed GPU whole, so relabeling over them fails (or would kill them): the plan is stale. A pod
+/// still running ends the sequence as `Superseded` before anything changes, whatever the failure
+/// policy (it is no failure; the next plan counts the pod, with no cooldown); a pod already
+/// leaving (terminating, or no longer bound while the report lags) is waited for, up to `limit`.
+/// `None`: nothing in the way.
+fn unplanned_pods(
+    o: &Observation,
+    grant: &Grant,
+    current: &NodeState,
+    policy: &SequencePolicy,
+    limit: SignedDuration,
+) -> Option<Step> {
+    let mut leaving = Vec::new();
+    for gpu in o.gpus.iter().filter(|g| grant.targets.contains_key(&g.index)) {
+        for key in gpu.instances.iter().flat_map(|i| &i.pods) {
+            if grant.evictions.contains(key) {
+                continue;
+            }
+            match o.pods.iter().find(|p| &p.key == key) {
+                Some(p) if !p.terminating => {
+                    let why = format!(
+                        "pod {key} started on GPU {} after the plan was made (it is not among the grant's evictions); nothing was changed, the next plan counts it",
+                        gpu.index
+                    );
+                    return Some(Step {
+                        actions: vec![
+                            Action::Untaint,
+                            Action::Event {
+                                warning: false,
+                                reason: "ReconfigurationSuperseded",
+                                note: format!("grant {}: {why}", current.grant_id),
+                            },
+                        ],
+                        next: Some(enter(o.now, current, Phase::Superseded, why)),
+                    });
+                }
+                _ => leaving.push(key.as_str()),
+            }
+        }
+    }
+    if leaving.is_empty() {
+        None
+    } else if timed_out(current, o.now, limit) {
+        Some(fail(
+            o,
+            current,
+            policy,
+            format!("{} still on the GPUs to change", leaving.join(", ")),
+        ))
+    } else {
+        Some(Step::nothing())
+    }
+}
+
 /// One step of the node sequence.
 pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
     let grant = match &o.grant {
@@ -289,18 +347,22 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
     let current = match state {
         Some(s) if s.grant_id == grant.id => s,
         _ => {
-            // A new grant: remember the config to return to, then begin.
+            // A new grant: taint at once (every moment untainted lets the scheduler bind a pod the
+            // plan did not see), remember the config to return to, and begin.
             return Step {
-                actions: vec![Action::Event {
-                    warning: false,
-                    reason: "ReconfigurationStarted",
-                    note: format!(
-                        "grant {}: {} GPU(s) to change, {} pod(s) to evict",
-                        grant.plan_id,
-                        grant.targets.len(),
-                        grant.evictions.len()
-                    ),
-                }],
+                actions: vec![
+                    Action::Event {
+                        warning: false,
+                        reason: "ReconfigurationStarted",
+                        note: format!(
+                            "grant {}: {} GPU(s) to change, {} pod(s) to evict",
+                            grant.plan_id,
+                            grant.targets.len(),
+                            grant.evictions.len()
+                        ),
+                    },
+                    Action::Taint,
+                ],
                 next: Some(NodeState {
                     grant_id: grant.id.clone(),
                     phase: Phase::Tainting,
@@ -339,10 +401,10 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                 );
             }
             if remaining.is_empty() {
-                return Step {
+                return unplanned_pods(o, grant, current, policy, policy.drain_timeout).unwrap_or(Step {
                     actions: vec![],
                     next: next(Phase::Relabeling, "drained"),
-                };
+                });
             }
             if timed_out(current, o.now, policy.drain_timeout) {
                 let left: Vec<&str> = remaining.iter().map(|p| p.key.as_str()).collect();
@@ -369,14 +431,16 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                 policy,
                 "the grant has no mig-parted config (the nvml backend is not available in this agent)".into(),
             ),
-            Some(c) => Step {
-                actions: if o.mig_config.as_ref() == Some(c) {
-                    vec![]
-                } else {
-                    vec![Action::Relabel(c.clone())]
-                },
+            // Already relabeled (a crash after the action): on to mig-manager.
+            Some(c) if o.mig_config.as_ref() == Some(c) => Step {
+                actions: vec![],
                 next: next(Phase::AwaitingMigManager, "relabeled"),
             },
+            // The last look before the GPUs change.
+            Some(c) => unplanned_pods(o, grant, current, policy, policy.phase_timeout).unwrap_or(Step {
+                actions: vec![Action::Relabel(c.clone())],
+                next: next(Phase::AwaitingMigManager, "relabeled"),
+            }),
         },
         Phase::AwaitingMigManager => {
             let Some(c) = &grant.mig_config else {
@@ -468,7 +532,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                 _ => Step::nothing(),
             }
         }
-        Phase::Done | Phase::RolledBack => {
+        Phase::Done | Phase::RolledBack | Phase::Superseded => {
             if o.tainted {
                 Step::act(vec![Action::Untaint])
             } else {
@@ -733,6 +797,53 @@ mod tests {
         let s = step(&o, &SequencePolicy::default());
         assert!(!s.actions.iter().any(|a| matches!(a, Action::Evict(_))));
         assert_eq!(s.next.unwrap().phase, Phase::RolledBack);
+    }
+
+    #[test]
+    fn a_pod_bound_after_the_plan_ends_the_sequence_before_the_gpus_change() {
+        // `ml/new` landed on GPU 0 (which the grant rebuilds) between the plan and our taint.
+        for phase in [Phase::Draining, Phase::Relabeling] {
+            let mut o = obs();
+            o.tainted = true;
+            o.pods = vec![PodFact {
+                key: "ml/new".into(),
+                terminating: false,
+                do_not_disrupt: false,
+            }];
+            o.gpus[0].instances[1].pods = vec!["ml/new".into()];
+            o.state = Ok(Some(at(phase, "2026-06-01T12:00:05Z", Some("all-1g.10gb"))));
+            let s = step(&o, &SequencePolicy::default());
+            assert!(
+                !s.actions
+                    .iter()
+                    .any(|a| matches!(a, Action::Relabel(_) | Action::Evict(_))),
+                "{phase:?}: {s:?}"
+            );
+            assert!(s.actions.contains(&Action::Untaint), "{phase:?}: {s:?}");
+            let next = s.next.unwrap();
+            assert_eq!(next.phase, Phase::Superseded, "{phase:?}");
+            assert!(next.message.unwrap().contains("ml/new started on GPU 0"));
+
+            // Leaving already: waited for, then on.
+            o.pods[0].terminating = true;
+            assert_eq!(step(&o, &SequencePolicy::default()), Step::nothing());
+            o.pods.clear();
+            o.gpus[0].instances[1].pods.clear();
+            assert!(step(&o, &SequencePolicy::default()).next.is_some());
+        }
+        // A pod on a GPU the grant leaves alone is no obstacle.
+        let mut o = obs();
+        o.tainted = true;
+        o.pods.clear();
+        let mut other = gpu(&[("7g.80gb", 0)]);
+        other.index = 1;
+        other.instances[0].pods = vec!["ml/elsewhere".into()];
+        o.gpus.push(other);
+        o.state = Ok(Some(at(Phase::Relabeling, "2026-06-01T12:00:05Z", None)));
+        assert_eq!(
+            step(&o, &SequencePolicy::default()).actions,
+            vec![Action::Relabel("mig-autoscaler-abc".into())]
+        );
     }
 
     #[test]

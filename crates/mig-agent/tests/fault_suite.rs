@@ -601,3 +601,91 @@ async fn s8_an_agent_whose_driver_disagrees_with_the_catalog_refuses_to_act() {
     check_invariants(&env, &["wants-3g"], false).await;
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s9_a_pod_bound_after_the_plan_is_never_evicted_and_the_next_plan_counts_it() {
+    // A stale grant: made before `late` was bound to the GPU it rebuilds (kube-scheduler binds up
+    // to the moment our taint lands). The agent must stop before relabeling, untaint, and evict
+    // nothing it was not granted; the controller's next plan then sees `late` and goes around it
+    // at once: a superseded sequence changed nothing and starts no cooldown.
+    let spec = nodes(1, 2, SEVEN_1G);
+    let env = bare_env(spec.clone()).await;
+    let node = spec[0].name.clone();
+    running_pod_on(&env, "late", "1g.10gb", json!({})).await;
+    let on: u32 = env
+        .cluster
+        .gpus(&node)
+        .iter()
+        .find(|g| g.used.values().any(|p| p == "default/late"))
+        .map(|g| g.index)
+        .unwrap();
+    let grant = Grant {
+        id: "stale-1".into(),
+        plan_id: "stale".into(),
+        mig_config: Some("mig-autoscaler-stale".into()),
+        targets: [(on, "7g.80gb@0".to_string())].into(),
+        evictions: vec![],
+        granted_at: jiff::Timestamp::now().to_string(),
+        granted_by: "replica-a".into(),
+        recent_evictions: vec![],
+    };
+    let api = Api::<Node>::all(env.client.clone());
+    let grant_json = serde_json::to_string(&grant).unwrap();
+    api.patch(
+        &node,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {GRANT_ANNOTATION: grant_json}}})),
+    )
+    .await
+    .unwrap();
+    let agent = start_agent(&env, &node, agent_settings(&node)).await;
+    eventually(10, "the stale grant is superseded", || async {
+        node_state(&env, &node)
+            .await
+            .is_some_and(|s| s.phase == Phase::Superseded)
+    })
+    .await;
+    let state = node_state(&env, &node).await.unwrap();
+    let why = state.message.unwrap_or_default();
+    assert!(
+        why.contains(&format!("default/late started on GPU {on}")),
+        "{why}"
+    );
+    let n = api.get(&node).await.unwrap();
+    assert_eq!(
+        n.labels().get("nvidia.com/mig.config").map(String::as_str),
+        Some("all-1g.10gb"),
+        "relabeled over a running pod"
+    );
+    assert_eq!(pod_phase(&env, "late").await.as_deref(), Some("Running"));
+    check_invariants(&env, &["late"], false).await;
+    let ev = events(&env.client, "default").await;
+    assert!(
+        ev.iter().any(|(w, r, note, t)| w == &node
+            && r == "ReconfigurationSuperseded"
+            && t == "Normal"
+            && note.contains("default/late")),
+        "{ev:?}"
+    );
+
+    // The controller plans afresh: the 7g goes to the other GPU and `late` keeps running.
+    let mut settings = fast_settings(Mode::Auto);
+    settings.budgets.node_cooldown = mig_controller::settings::Dur::secs(600);
+    let c = controller(&env, settings, "replica-a").await;
+    create_pod(&env.client, &mig_pod("wants-7g", "7g.80gb", "1")).await;
+    eventually(20, "the 7g pod runs", || async {
+        pod_phase(&env, "wants-7g").await.as_deref() == Some("Running")
+    })
+    .await;
+    assert_eq!(pod_phase(&env, "late").await.as_deref(), Some("Running"));
+    let late_gpu = env
+        .cluster
+        .gpus(&node)
+        .iter()
+        .find(|g| g.used.values().any(|p| p == "default/late"))
+        .map(|g| g.index);
+    assert_eq!(late_gpu, Some(on), "late was moved");
+    check_invariants(&env, &["late", "wants-7g"], false).await;
+    c.stop().await;
+    agent.stop().await;
+}

@@ -328,11 +328,12 @@ async fn summary(client: &Client, metrics: &str) -> String {
             .to_string()
     };
     format!(
-        "summary: {} pods now ({running} running, {} pending); reconfigurations done {}, rolled back {}; grants {}",
+        "summary: {} pods now ({running} running, {} pending); reconfigurations done {}, rolled back {}, superseded {}; grants {}",
         pods.len(),
         pods.len() - running,
         value("mig_autoscaler_reconfigurations_total{result=\"done\"}"),
         value("mig_autoscaler_reconfigurations_total{result=\"rolled-back\"}"),
+        value("mig_autoscaler_reconfigurations_total{result=\"superseded\"}"),
         value("mig_autoscaler_grants_total{result=\"written\"}"),
     )
 }

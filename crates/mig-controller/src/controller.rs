@@ -317,6 +317,8 @@ struct LoopState {
     batch_first: Option<Instant>,
     batch_last: Option<Instant>,
     last_plan: Option<Instant>,
+    /// A sequence ended `Superseded` (its plan was stale): plan again at the next round.
+    replan: bool,
     /// Last flight per node, to count ended reconfigurations once.
     flights: BTreeMap<String, (Option<String>, Option<Phase>)>,
     /// Events sent recently: key → when.
@@ -498,9 +500,10 @@ impl ControlLoop {
         if self.shared.settings.mode == Mode::Auto && self.shared.lease.is_leader() {
             self.housekeeping().await;
         }
-        if !(batch_due || resync_due) {
+        if !(batch_due || resync_due || self.state.replan) {
             return;
         }
+        self.state.replan = false;
         self.state.batch_first = None;
         self.state.batch_last = None;
         self.state.last_plan = Some(now);
@@ -1088,8 +1091,13 @@ impl ControlLoop {
                 let (type_, reason) = match phase {
                     Phase::Done => (EventType::Normal, "ReconfigurationSucceeded"),
                     Phase::RolledBack => (EventType::Warning, "ReconfigurationRolledBack"),
+                    Phase::Superseded => (EventType::Normal, "ReconfigurationSuperseded"),
                     _ => (EventType::Warning, "ReconfigurationFailed"),
                 };
+                // The agent found the plan stale before changing anything: plan afresh now rather
+                // than at the next batch or resync (each retry costs a taint and two agent ticks,
+                // so this cannot spin).
+                self.state.replan |= *phase == Phase::Superseded;
                 let msg = view
                     .state
                     .as_ref()

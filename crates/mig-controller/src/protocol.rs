@@ -96,12 +96,19 @@ pub enum Phase {
     RolledBack,
     /// Failed; the node stays tainted until someone looks (a Warning Event says why).
     Failed,
+    /// Ended before any GPU changed because the plan was out of date (a pod it did not know had
+    /// started on a GPU to change); taint gone. Not a failure: no cooldown, the next plan may
+    /// grant the node again at once.
+    Superseded,
 }
 
 impl Phase {
     /// Whether the sequence has ended (nothing more will happen for this grant).
     pub fn is_terminal(self) -> bool {
-        matches!(self, Phase::Done | Phase::RolledBack | Phase::Failed)
+        matches!(
+            self,
+            Phase::Done | Phase::RolledBack | Phase::Failed | Phase::Superseded
+        )
     }
 
     /// Label value for metrics.
@@ -117,6 +124,7 @@ impl Phase {
             Phase::Done => "done",
             Phase::RolledBack => "rolled-back",
             Phase::Failed => "failed",
+            Phase::Superseded => "superseded",
         }
     }
 }
@@ -194,20 +202,28 @@ pub enum Flight {
     Stuck,
 }
 
+/// When the node's cooldown starts: the end of a sequence that touched (or tried to touch) its GPUs.
+/// A superseded sequence changed nothing and starts none.
+fn cooldown_from(state: &NodeState) -> Option<jiff::Timestamp> {
+    match state.phase {
+        Phase::Superseded => None,
+        p if p.is_terminal() => state.since.parse().ok(),
+        _ => None,
+    }
+}
+
 /// Where a node stands, given its grant and state.
 pub fn flight(grant: Option<&Grant>, state: Option<&NodeState>) -> Flight {
     let Some(grant) = grant else {
         return Flight::Idle {
-            finished_at: state
-                .filter(|s| s.phase.is_terminal())
-                .and_then(|s| s.since.parse().ok()),
+            finished_at: state.and_then(cooldown_from),
         };
     };
     match state.filter(|s| s.grant_id == grant.id) {
         None => Flight::InFlight { phase: None },
         Some(s) if s.phase == Phase::Failed => Flight::Stuck,
         Some(s) if s.phase.is_terminal() => Flight::Idle {
-            finished_at: s.since.parse().ok(),
+            finished_at: cooldown_from(s),
         },
         Some(s) => Flight::InFlight { phase: Some(s.phase) },
     }
@@ -262,6 +278,13 @@ mod tests {
             flight(Some(&grant("a")), Some(&state("a", Phase::Failed))),
             Flight::Stuck
         );
+        // A stale plan abandoned before any change: ended, and no cooldown.
+        for g in [Some(grant("a")), None] {
+            assert_eq!(
+                flight(g.as_ref(), Some(&state("a", Phase::Superseded))),
+                Flight::Idle { finished_at: None }
+            );
+        }
     }
 
     #[test]
