@@ -10,7 +10,17 @@ pub const ALL_BALANCED_80GB: &str = "1g.10gb@0,1g.10gb@1,2g.20gb@2,3g.40gb@4";
 
 /// `nodes` nodes alternating A100-80GB and H100-80GB with `gpus` GPUs each, all on `all-balanced`.
 pub fn default_spec(nodes: usize, gpus: usize) -> ClusterSpec {
-    let products = ["NVIDIA-A100-SXM4-80GB", "NVIDIA-H100-80GB-HBM3"];
+    spec(
+        nodes,
+        gpus,
+        &["NVIDIA-A100-SXM4-80GB", "NVIDIA-H100-80GB-HBM3"],
+        2_000,
+    )
+}
+
+/// `nodes` nodes of `gpus` GPUs each, node i of `products[i % len]`, every GPU on NVIDIA's
+/// `all-balanced` (labelled so); mig-manager takes `mig_manager_delay_ms` per apply.
+pub fn spec(nodes: usize, gpus: usize, products: &[&str], mig_manager_delay_ms: u64) -> ClusterSpec {
     ClusterSpec {
         nodes: (0..nodes)
             .map(|i| NodeSpec {
@@ -20,14 +30,14 @@ pub fn default_spec(nodes: usize, gpus: usize) -> ClusterSpec {
                     .collect(),
                 gpus: (0..gpus)
                     .map(|_| GpuSpec {
-                        product: products[i % 2].into(),
+                        product: products[i % products.len().max(1)].into(),
                         layout: ALL_BALANCED_80GB.into(),
                     })
                     .collect(),
             })
             .collect(),
         mig_parted_config_map: "gpu-operator/default-mig-parted-config".into(),
-        mig_manager_delay_ms: 2_000,
+        mig_manager_delay_ms,
     }
 }
 

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -15,11 +14,11 @@ use clap::Args;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use mig_agent::{AgentSettings, EmulatedGpus};
 use mig_controller::settings::{Amount, Dur, Mode, Settings};
 use serde_json::json;
 
 use crate::controller_cmd::shutdown_signal;
+use crate::system::System;
 
 /// Arguments of `demo`.
 #[derive(Args)]
@@ -104,38 +103,14 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     crate::controller_cmd::init_logging(crate::controller_cmd::LogFormat::Plain);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let server = kube_emulator::Running::start(args.api_listen, kube_emulator::Config::default())
-            .await
-            .with_context(|| format!("cannot listen on {}", args.api_listen))?;
-        server
-            .seed([kube_emulator::fleet::default_mig_parted_config_map()])
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let spec = kube_emulator::fleet::default_spec(args.nodes, args.gpus_per_node);
-        let cluster =
-            kube_emulator::Cluster::new(server.state.clone(), &spec).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let actors = cluster.spawn();
+        let settings = demo_settings(args.mode, args.listen);
+        let system = System::start(args.api_listen, &spec, settings, Duration::from_millis(500)).await?;
         if let Some(path) = &args.kubeconfig_out {
-            std::fs::write(path, server.kubeconfig())
+            std::fs::write(path, system.server.kubeconfig())
                 .with_context(|| format!("cannot write {}", path.display()))?;
         }
-        let mut config = kube::Config::new(server.url().parse()?);
-        config.default_retry = false;
-        let client = Client::try_from(config)?;
-
-        let mut agents = Vec::new();
-        for n in &spec.nodes {
-            let mut s = AgentSettings::new(n.name.clone());
-            s.tick = Duration::from_millis(500);
-            let source = Arc::new(EmulatedGpus::new(cluster.clone(), n.name.clone()));
-            agents.push(mig_agent::start(client.clone(), s, source).await?);
-        }
-        let controller = mig_controller::start(
-            client.clone(),
-            demo_settings(args.mode, args.listen),
-            "demo-controller".into(),
-        )
-        .await
-        .with_context(|| format!("cannot serve on {}", args.listen))?;
+        let (client, server, controller) = (system.client.clone(), &system.server, &system.controller);
         let web = format!("http://{}", controller.addr);
         println!(
             "mig-autoscaler demo: {} nodes x {} GPUs, mode {}",
@@ -172,7 +147,16 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
             None => None,
         };
         let workload = match trace {
-            Some(pods) => tokio::spawn(replay(client.clone(), pods, args.time_scale)),
+            Some(pods) => {
+                let replayer = system.replayer();
+                let scale = args.time_scale;
+                tokio::spawn(async move {
+                    let forever = Duration::from_secs(u64::MAX / 4);
+                    replayer
+                        .run(&pods, scale, f64::INFINITY, Duration::from_millis(250), forever)
+                        .await;
+                })
+            }
             None => tokio::spawn(workload(client.clone(), args.seed, args.arrival_seconds)),
         };
         match args.duration {
@@ -187,12 +171,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         workload.abort();
         let summary = summary(&client, &controller.shared.metrics.encode()).await;
         println!("{summary}");
-        controller.stop().await;
-        for a in agents {
-            a.stop().await;
-        }
-        actors.abort();
-        server.stop().await;
+        system.stop().await;
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -263,48 +242,6 @@ async fn workload(client: Client, seed: u64, arrival: f64) {
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// Replay trace pods: each arrives at its (scaled) time and is deleted when its (scaled) life ends.
-async fn replay(client: Client, pods: Vec<mig_sim::TracePod>, scale: f64) {
-    let api: Api<Pod> = Api::namespaced(client, "default");
-    let origin = pods.first().map_or(0.0, |p| p.arrival);
-    let started = Instant::now();
-    let mut ends: Vec<(Instant, String)> = Vec::new();
-    let mut next = 0;
-    loop {
-        let now = Instant::now();
-        while next < pods.len()
-            && started + Duration::from_secs_f64(((pods[next].arrival - origin) * scale).max(0.0)) <= now
-        {
-            let p = &pods[next];
-            let name = format!("{}-{}", p.name.to_lowercase(), next);
-            let pod: Pod = serde_json::from_value(json!({
-                "metadata": {"name": name, "namespace": "default", "labels": {"app": "mig-trace"}},
-                "spec": {"containers": [{"name": "work", "image": "nvcr.io/nvidia/cuda:12.4.0-base-ubuntu22.04",
-                    "resources": {"limits": {format!("nvidia.com/mig-{}", p.profile): p.count.to_string()}}}]},
-            }))
-            .unwrap_or_default();
-            if api.create(&PostParams::default(), &pod).await.is_ok() {
-                ends.push((now + Duration::from_secs_f64((p.duration * scale).max(1.0)), name));
-            }
-            next += 1;
-        }
-        // Lifetimes count from arrival here (a trace's lifetime includes its wait).
-        for (_, name) in ends.iter().filter(|(end, _)| *end <= now) {
-            let _ = api
-                .delete(
-                    name,
-                    &DeleteParams {
-                        grace_period_seconds: Some(0),
-                        ..DeleteParams::default()
-                    },
-                )
-                .await;
-        }
-        ends.retain(|(end, _)| *end > now);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

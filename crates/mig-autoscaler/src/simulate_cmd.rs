@@ -3,12 +3,19 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use mig_controller::settings::{Amount, Dur, Mode};
+use mig_planner::DrainPolicy;
 use mig_sim::{
-    PolicyKind, Report, SimConfig, TracePod, parse_dlrm, parse_openb, quantile, simulate, static_candidates,
+    PolicyKind, Report, SimConfig, TracePod, parse_dlrm, parse_openb, quantile, report_from_starts, simulate,
+    static_candidates,
 };
+
+use crate::system::System;
 
 const ALL_BALANCED: &str = "1g.10gb@0,1g.10gb@1,2g.20gb@2,3g.40gb@4";
 const PROFILES: [&str; 5] = ["1g.10gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"];
@@ -53,13 +60,28 @@ pub struct SimulateArgs {
     /// Reconfiguration delays to sweep, seconds (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "120")]
     reconfig_delay: Vec<f64>,
-    /// Policies: static-balanced, static-best, greedy, ilp (comma-separated).
+    /// Policies: static-balanced, static-best, greedy, ilp, the reference ideal (slices pooled per
+    /// GPU without placement rules, repartitioning free and instant), and system: the slow path,
+    /// the whole system (kube-emulator, agents, controller over HTTP) in real time scaled by
+    /// --system-scale (comma-separated).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "static-balanced,static-best,greedy,ilp"
+        default_value = "static-balanced,static-best,greedy,ilp,ideal"
     )]
     policies: Vec<String>,
+    /// What the planner may evict to change a GPU: `never` (only idle GPUs change),
+    /// `idle-or-low-priority` or `allowed`. Evicted pods requeue and start over.
+    #[arg(long, default_value = "never")]
+    drain: String,
+    /// Most evictions per plan (default: unbounded).
+    #[arg(long)]
+    max_evictions: Option<u32>,
+    /// With policy `system`: wall seconds per simulated second (0.01: a simulated hour in 36 s).
+    /// Batching, mig-manager's delay, the replay and the agent and controller ticks (5 simulated
+    /// seconds, 10–100 ms wall) scale with it.
+    #[arg(long, default_value_t = 0.01)]
+    system_scale: f64,
     /// Write summary.csv and waits.svg here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -116,7 +138,7 @@ fn workload(args: &SimulateArgs) -> Result<(Vec<TracePod>, f64)> {
 
 fn row(r: &Report, delay: f64) -> String {
     format!(
-        "{},{delay},{},{},{:.1},{:.1},{:.1},{:.1},{:.4},{:.4},{},{},{:.1},{:.1}",
+        "{},{delay},{},{},{:.1},{:.1},{:.1},{:.1},{:.4},{:.4},{},{},{:.1},{:.1},{},{:.1}",
         r.policy,
         r.pods,
         r.started,
@@ -130,6 +152,8 @@ fn row(r: &Report, delay: f64) -> String {
         r.plan_millis.len(),
         quantile(&r.plan_millis, 0.5),
         quantile(&r.plan_millis, 0.99),
+        r.evictions,
+        r.lost_slice_hours,
     )
 }
 
@@ -176,7 +200,13 @@ pub fn run(args: SimulateArgs) -> Result<ExitCode> {
         args.gpus_per_node,
         args.product
     );
-    let header = "policy,reconfig_delay_s,pods,started,wait_p50_s,wait_p95_s,wait_p99_s,wait_mean_s,allocation,demand,reconfigurations,plans,plan_ms_p50,plan_ms_p99";
+    let drain: DrainPolicy = serde_json::from_value(serde_json::json!(args.drain)).map_err(|_| {
+        anyhow::anyhow!(
+            "unknown --drain {:?}: use never, idle-or-low-priority or allowed",
+            args.drain
+        )
+    })?;
+    let header = "policy,reconfig_delay_s,pods,started,wait_p50_s,wait_p95_s,wait_p99_s,wait_mean_s,allocation,demand,reconfigurations,plans,plan_ms_p50,plan_ms_p99,evictions,lost_slice_hours";
     let mut csv = format!("{header}\n");
     let mut by_profile = String::from("policy,reconfig_delay_s,profile,pods,wait_mean_s,wait_p95_s\n");
     let mut bars = Vec::new();
@@ -190,6 +220,8 @@ pub fn run(args: SimulateArgs) -> Result<ExitCode> {
             batch: args.batch,
             reconfig_delay: *delay,
             horizon,
+            drain,
+            max_evictions: args.max_evictions,
         };
         for policy in &args.policies {
             let report = match policy.as_str() {
@@ -207,8 +239,12 @@ pub fn run(args: SimulateArgs) -> Result<ExitCode> {
                 }
                 "greedy" => simulate(&config, &PolicyKind::Greedy, &pods)?,
                 "ilp" => simulate(&config, &PolicyKind::Ilp, &pods)?,
+                "ideal" => simulate(&config, &PolicyKind::Ideal, &pods)?,
+                "system" => slow_path(&config, &pods, args.system_scale)?,
                 other => {
-                    anyhow::bail!("unknown policy {other:?}: use static-balanced, static-best, greedy, ilp")
+                    anyhow::bail!(
+                        "unknown policy {other:?}: use static-balanced, static-best, greedy, ilp, ideal, system"
+                    )
                 }
             };
             for (profile, (n, mean, p95)) in report.waits_by_profile() {
@@ -240,4 +276,61 @@ pub fn run(args: SimulateArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The slow path: the same workload through the whole system (kube-emulator's scheduler, kubelets
+/// and mig-manager, an agent per node, the controller in `auto`, all over HTTP), `scale` wall
+/// seconds per simulated second. The controller batches as the simulator does (quiet = maxWait =
+/// resync = `batch`), mig-manager takes `reconfig_delay`, no node budget or cooldown, drain policy
+/// `never`; agent and controller ticks (5 simulated seconds, 10–100 ms wall) and the sequence's
+/// phases are overhead the fast path does not have.
+fn slow_path(config: &SimConfig, pods: &[TracePod], scale: f64) -> Result<Report> {
+    anyhow::ensure!(scale > 0.0, "--system-scale must be positive");
+    anyhow::ensure!(
+        config.drain == DrainPolicy::Never,
+        "policy system runs with --drain never only (the replay does not count evictions yet)"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let wall = |secs: f64| Dur(Duration::from_secs_f64((secs * scale).max(0.001)));
+        let delay_ms = (config.reconfig_delay * scale * 1000.0).round() as u64;
+        let spec = kube_emulator::fleet::spec(
+            config.nodes,
+            config.gpus_per_node,
+            &[config.product.as_str()],
+            delay_ms,
+        );
+        let listen = "127.0.0.1:0".parse()?;
+        // Agent and controller ticks and the replay's look: 5 simulated seconds, 10–100 ms wall.
+        let tick = Duration::from_secs_f64((5.0 * scale).clamp(0.01, 0.1));
+        let mut settings = crate::demo_cmd::demo_settings(Mode::Auto, listen);
+        settings.tick = Dur(tick);
+        settings.batching.quiet = wall(config.batch);
+        settings.batching.max_wait = wall(config.batch);
+        settings.batching.resync = wall(config.batch);
+        settings.budgets.node_cooldown = Dur::millis(0);
+        settings.budgets.max_nodes_reconfiguring = Amount::Percent(100);
+        let system = System::start(listen, &spec, settings, tick).await?;
+        let since = std::time::Instant::now();
+        while !system.controller.shared.ready.load(Ordering::SeqCst) {
+            anyhow::ensure!(
+                since.elapsed() < Duration::from_secs(30),
+                "the controller never synced"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen = system
+            .replayer()
+            .run(pods, scale, config.horizon, tick, Duration::from_secs(5))
+            .await;
+        system.stop().await;
+        Ok(report_from_starts(
+            "system",
+            config,
+            pods,
+            &seen.starts,
+            seen.end,
+            seen.reconfigurations,
+        )?)
+    })
 }

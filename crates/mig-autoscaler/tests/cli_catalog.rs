@@ -360,10 +360,9 @@ fn plan_prints_a_table_or_json_and_rejects_bad_snapshots_with_a_path() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn simulate_compares_policies_on_a_small_trace_and_writes_its_files() {
-    let dir = std::env::temp_dir().join(format!("mig-autoscaler-simulate-{}", std::process::id()));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
+/// `simulate` on the synthetic openb trace, one day, 2 × 2 GPUs, and `extra`.
+fn simulate_synthetic(extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
         .args(["simulate", "--trace"])
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -378,17 +377,20 @@ fn simulate_compares_policies_on_a_small_trace_and_writes_its_files() {
             "0",
             "--days",
             "1",
-            "--reconfig-delay",
-            "30,300",
         ])
-        .arg("--out")
-        .arg(&dir)
+        .args(extra)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn simulate_compares_policies_on_a_small_trace_and_writes_its_files() {
+    let dir = std::env::temp_dir().join(format!("mig-autoscaler-simulate-{}", std::process::id()));
+    let out = simulate_synthetic(&["--reconfig-delay", "30,300", "--out", dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
     let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
-    assert_eq!(rows.len(), 8, "4 policies x 2 delays:\n{csv}");
+    assert_eq!(rows.len(), 10, "5 policies x 2 delays:\n{csv}");
     let started = |policy: &str, delay: &str| -> u32 {
         rows.iter()
             .find(|r| r[0].starts_with(policy) && r[1] == delay)
@@ -401,6 +403,10 @@ fn simulate_compares_policies_on_a_small_trace_and_writes_its_files() {
         started("ilp", "30") > started("static[1g.10gb@0+1g.10gb@1+2g.20gb@2+3g.40gb@4]", "30"),
         "{csv}"
     );
+    // The ideal reference starts at least as many as any policy here.
+    for policy in ["ilp", "greedy", "static["] {
+        assert!(started("ideal", "30") >= started(policy, "30"), "{policy}: {csv}");
+    }
     assert!(
         std::fs::read_to_string(dir.join("waits.svg"))
             .unwrap()
@@ -416,6 +422,14 @@ fn simulate_compares_policies_on_a_small_trace_and_writes_its_files() {
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
+    for (args, says) in [
+        (["--drain", "sometimes"], "unknown --drain \"sometimes\""),
+        (["--policies", "fifo"], "unknown policy \"fifo\""),
+    ] {
+        let bad = simulate_synthetic(&args);
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert!(!bad.status.success() && stderr.contains(says), "{stderr}");
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -497,6 +511,46 @@ fn demand_sets_and_inflation_run_on_the_shared_data_and_write_their_files() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The slow path (the whole system on kube-emulator, over HTTP) and the fast path (the planner
+/// called directly) on the same small trace: the same pods start, as many GPUs change, and waits
+/// agree within the system's own overhead (agent and controller ticks, the sequence's phases).
+#[test]
+fn simulate_slow_and_fast_paths_agree_on_a_small_trace() {
+    let out = simulate_synthetic(&[
+        "--reconfig-delay",
+        "30",
+        "--policies",
+        "ilp,system",
+        "--system-scale",
+        "0.002",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let row = |policy: &str| -> Vec<f64> {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{policy}\t")))
+            .unwrap_or_else(|| panic!("no {policy} row: {stdout}"));
+        line.split('\t').skip(1).map(|v| v.parse().unwrap()).collect()
+    };
+    // Columns after the policy: delay, pods, started, p50, p95, p99, mean, allocation, demand,
+    // reconfigurations, ...
+    let (fast, slow) = (row("ilp"), row("system"));
+    assert_eq!(slow[2], fast[2], "started: {stdout}");
+    assert_eq!(slow[2], slow[1], "every pod starts: {stdout}");
+    assert!(
+        slow[9] >= 1.0 && (slow[9] - fast[9]).abs() <= 2.0,
+        "reconfigurations: {stdout}"
+    );
+    let ratio = slow[6] / fast[6];
+    assert!(
+        (0.67..=1.5).contains(&ratio),
+        "mean waits {} vs {}: {stdout}",
+        slow[6],
+        fast[6]
+    );
 }
 
 #[test]

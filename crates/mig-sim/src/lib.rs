@@ -7,7 +7,9 @@
 //! Policies differ only in how layouts change:
 //! - `static`: never (what admins do today; NVIDIA's all-balanced, or any fixed layout);
 //! - `greedy`: the planner's greedy first-fit repartitioning (in the spirit of nos);
-//! - `ilp`: the planner's ILP.
+//! - `ilp`: the planner's ILP;
+//! - `ideal`: a reference, not a policy: slices pooled per GPU without placement rules,
+//!   repartitioning free and instant.
 //!
 //! Dynamic policies plan at most every `batch` seconds while pods are pending; a changed GPU is
 //! unusable for `reconfig_delay` seconds, then has its target layout. Only idle GPUs change (drain
@@ -23,7 +25,7 @@ use std::time::Instant as Clock;
 
 use mig_catalog::{Catalog, Counts, GpuModel, Instance, Layout};
 use mig_planner::snapshot::{Gpu, GpuInstance, Node, PendingPod, RunningPod};
-use mig_planner::{Policy, Snapshot, SolverKind};
+use mig_planner::{DrainPolicy, Policy, Snapshot, SolverKind};
 
 pub use trace::{TracePod, parse_dlrm, parse_openb};
 
@@ -36,6 +38,10 @@ pub enum PolicyKind {
     Greedy,
     /// The planner's ILP (HiGHS).
     Ilp,
+    /// A reference no MIG policy reaches: every GPU is a pool of compute slices that any pod may
+    /// take without placement rules, and repartitioning is free and instant (a pod of size s starts
+    /// on any GPU with s free slices; n×7g needs n empty GPUs on one node). Same scheduler order.
+    Ideal,
 }
 
 impl PolicyKind {
@@ -45,6 +51,7 @@ impl PolicyKind {
             PolicyKind::Static(l) => format!("static[{}]", l.replace(',', "+")),
             PolicyKind::Greedy => "greedy".into(),
             PolicyKind::Ilp => "ilp".into(),
+            PolicyKind::Ideal => "ideal".into(),
         }
     }
 }
@@ -66,6 +73,11 @@ pub struct SimConfig {
     pub reconfig_delay: f64,
     /// Stop at this time (seconds); pods still waiting then count as waiting until it.
     pub horizon: f64,
+    /// What the planner may evict to change a GPU (`Never`: only idle GPUs change). An evicted pod
+    /// goes back to the queue in its arrival order and starts over (its work so far is lost).
+    pub drain: DrainPolicy,
+    /// Most evictions per plan (the controller's eviction budget; unbounded when absent).
+    pub max_evictions: Option<u32>,
 }
 
 /// What a run measured.
@@ -89,6 +101,10 @@ pub struct Report {
     pub allocation: f64,
     /// Time-average of demanded compute slices (running + waiting pods) / cluster compute slices.
     pub demand: f64,
+    /// Pods evicted to change GPUs.
+    pub evictions: usize,
+    /// Work lost to evictions: compute-slice hours the evicted pods had run.
+    pub lost_slice_hours: f64,
 }
 
 impl Report {
@@ -134,7 +150,8 @@ pub fn quantile(values: &[f64], q: f64) -> f64 {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
     Arrival(usize),
-    Departure(usize),
+    /// Pod, and which of its runs (an evicted pod's old departure is void).
+    Departure(usize, u32),
     ReconfigDone(usize),
     PlanTick,
 }
@@ -186,8 +203,14 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
     let model = catalog
         .lookup(&config.product)
         .map_err(|e| SimError::Config(e.to_string()))?;
+    let ideal_text;
     let layout_text = match policy {
         PolicyKind::Static(l) => l.as_str(),
+        PolicyKind::Ideal => {
+            // One-slice instances at every placement: a pod of size s takes any s of them.
+            ideal_text = slice_pool(model)?;
+            ideal_text.as_str()
+        }
         _ => config.initial_layout.as_str(),
     };
     let initial = model
@@ -237,6 +260,9 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
     }
     let mut pending: VecDeque<usize> = VecDeque::new();
     let mut started: Vec<Option<f64>> = vec![None; pods.len()];
+    // The current run of each pod (evictions start a new one) and when it began.
+    let mut run: Vec<u32> = vec![0; pods.len()];
+    let mut run_start: Vec<f64> = vec![0.0; pods.len()];
     let mut holding: BTreeMap<usize, Vec<(usize, Instance)>> = BTreeMap::new();
     let mut tick_scheduled = false;
     // Whether anything the planner sees changed since its last call; an unchanged state gives the
@@ -254,13 +280,15 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
         if ev.at > config.horizon {
             break;
         }
-        dirty |= !matches!(ev.kind, Kind::PlanTick);
+        let void = matches!(ev.kind, Kind::Departure(i, r) if r != run[i]);
+        dirty |= !matches!(ev.kind, Kind::PlanTick) && !void;
         match ev.kind {
+            Kind::Departure(..) if void => {}
             Kind::Arrival(i) => {
                 pending.push_back(i);
                 demanded += slices_of(&pods[i]);
             }
-            Kind::Departure(i) => {
+            Kind::Departure(i, _) => {
                 for (g, inst) in holding.remove(&i).unwrap_or_default() {
                     gpus[g].used.remove(&inst);
                 }
@@ -275,7 +303,7 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
             Kind::PlanTick => {
                 tick_scheduled = false;
                 if !pending.is_empty() && dirty {
-                    let changed = plan_round(
+                    let (changed, evicted) = plan_round(
                         model,
                         &mut gpus,
                         pods,
@@ -285,6 +313,16 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
                         config,
                         &mut report,
                     );
+                    for i in evicted {
+                        holding.remove(&i);
+                        allocated -= slices_of(&pods[i]);
+                        report.evictions += 1;
+                        report.lost_slice_hours += slices_of(&pods[i]) * (t - run_start[i]) / 3600.0;
+                        run[i] += 1;
+                        // Back in the queue in arrival order (the queue is in arrival order).
+                        let at = pending.partition_point(|q| pods[*q].arrival <= pods[i].arrival);
+                        pending.insert(at, i);
+                    }
                     // Its own changes are new state: plan once more on the next tick.
                     dirty = !changed.is_empty();
                     for g in changed {
@@ -303,15 +341,20 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
                 still.push_back(i);
                 continue;
             }
-            match fit(model, &gpus, &pods[i]) {
+            let taken = match policy {
+                PolicyKind::Ideal => fit_slices(model, &gpus, &pods[i]),
+                _ => fit(model, &gpus, &pods[i]),
+            };
+            match taken {
                 Some(taken) => {
                     for (g, inst) in &taken {
                         gpus[*g].used.insert(*inst, i);
                     }
                     holding.insert(i, taken);
-                    started[i] = Some(t);
+                    started[i].get_or_insert(t);
+                    run_start[i] = t;
                     allocated += slices_of(&pods[i]);
-                    push(&mut heap, t + pods[i].duration, Kind::Departure(i));
+                    push(&mut heap, t + pods[i].duration, Kind::Departure(i, run[i]));
                 }
                 None => {
                     let c = blocked.entry(pods[i].profile).or_insert(u32::MAX);
@@ -321,7 +364,8 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
             }
         }
         pending = still;
-        if !pending.is_empty() && !tick_scheduled && !matches!(policy, PolicyKind::Static(_)) {
+        let plans = matches!(policy, PolicyKind::Greedy | PolicyKind::Ilp);
+        if !pending.is_empty() && !tick_scheduled && plans {
             push(&mut heap, t + config.batch, Kind::PlanTick);
             tick_scheduled = true;
         }
@@ -347,6 +391,60 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
     Ok(report)
 }
 
+/// A report from start times observed elsewhere (the slow path: the full system on kube-emulator),
+/// measured as [`simulate`] measures: waits (a pod never started counts until `end`, capped at the
+/// horizon), and allocation and demand as time-averages over [first arrival, end] of the compute
+/// slices held (start → start + duration) and wanted (arrival → start + duration, or `end`).
+pub fn report_from_starts(
+    policy: &str,
+    config: &SimConfig,
+    pods: &[TracePod],
+    starts: &[Option<f64>],
+    end: f64,
+    reconfigurations: usize,
+) -> Result<Report, SimError> {
+    let model = Catalog::embedded()
+        .lookup(&config.product)
+        .map_err(|e| SimError::Config(e.to_string()))?;
+    let end = end.min(config.horizon);
+    let first = pods.iter().map(|p| p.arrival).fold(f64::INFINITY, f64::min);
+    let span = (end - first).max(1e-9);
+    let total = (config.nodes * config.gpus_per_node) as f64 * f64::from(model.compute_slices);
+    let overlap = |a: f64, b: f64| (b.min(end) - a.max(first)).max(0.0);
+    let mut report = Report {
+        policy: policy.to_string(),
+        pods: pods.len(),
+        reconfigurations,
+        ..Default::default()
+    };
+    let (mut held, mut wanted) = (0.0, 0.0);
+    for (p, start) in pods.iter().zip(starts) {
+        if p.arrival > end {
+            continue;
+        }
+        let slices = model
+            .profile_by_name(p.profile)
+            .and_then(|i| model.profile(i))
+            .map_or(0.0, |pr| f64::from(pr.compute_slices) * f64::from(p.count));
+        report.wait_profiles.push(p.label());
+        match start {
+            Some(s) => {
+                report.started += 1;
+                report.waits.push(s - p.arrival);
+                held += slices * overlap(*s, s + p.duration);
+                wanted += slices * overlap(p.arrival, s + p.duration);
+            }
+            None => {
+                report.waits.push(end - p.arrival);
+                wanted += slices * overlap(p.arrival, end);
+            }
+        }
+    }
+    report.allocation = held / span / total;
+    report.demand = wanted / span / total;
+    Ok(report)
+}
+
 /// Free instances of the pod's profile on one node (not reconfiguring), or None.
 fn fit(model: &GpuModel, gpus: &[SimGpu], pod: &TracePod) -> Option<Vec<(usize, Instance)>> {
     let want = model.profile_by_name(pod.profile)?;
@@ -367,6 +465,59 @@ fn fit(model: &GpuModel, gpus: &[SimGpu], pod: &TracePod) -> Option<Vec<(usize, 
         }
     }
     by_node.into_values().find(|free| free.len() == need)
+}
+
+/// The ideal policy's GPU: the one-compute-slice profile (smallest memory) at every placement.
+fn slice_pool(model: &GpuModel) -> Result<String, SimError> {
+    let one = model
+        .profiles
+        .iter()
+        .filter(|p| p.compute_slices == 1 && !p.media_extensions)
+        .min_by_key(|p| p.memory_slices)
+        .ok_or_else(|| SimError::Config(format!("{} has no one-slice profile", model.key)))?;
+    let text = one
+        .starts
+        .iter()
+        .map(|s| format!("{}@{s}", one.name))
+        .collect::<Vec<_>>()
+        .join(",");
+    if one.starts.len() != usize::from(model.compute_slices) {
+        return Err(SimError::Config(format!(
+            "{}: {} one-slice placements for {} compute slices",
+            model.key,
+            one.starts.len(),
+            model.compute_slices
+        )));
+    }
+    Ok(text)
+}
+
+/// The ideal policy's fit: each of the pod's `count` instances of size s is s free slices of one
+/// GPU, all on one node (first-fit over nodes, then GPUs).
+fn fit_slices(model: &GpuModel, gpus: &[SimGpu], pod: &TracePod) -> Option<Vec<(usize, Instance)>> {
+    let size = usize::from(model.profile(model.profile_by_name(pod.profile)?)?.compute_slices);
+    let mut by_node: BTreeMap<usize, (u32, Vec<(usize, Instance)>)> = BTreeMap::new();
+    for (gi, g) in gpus.iter().enumerate() {
+        let (placed, taken) = by_node.entry(g.node).or_default();
+        let free: Vec<Instance> = g
+            .layout
+            .instances()
+            .iter()
+            .filter(|i| !g.used.contains_key(i))
+            .copied()
+            .collect();
+        for chunk in free.chunks_exact(size) {
+            if *placed == pod.count {
+                break;
+            }
+            *placed += 1;
+            taken.extend(chunk.iter().map(|i| (gi, *i)));
+        }
+        if *placed == pod.count {
+            return by_node.remove(&g.node).map(|(_, t)| t);
+        }
+    }
+    None
 }
 
 /// A simulated GPU as the planner's snapshot sees it: MIG on, `layout`'s instances, each with the
@@ -398,7 +549,8 @@ pub(crate) fn snapshot_gpu(
     }
 }
 
-/// Plan with the planner; start the reconfigurations it asks for. Returns the GPUs changed.
+/// Plan with the planner; evict what it evicts (their instances freed; the caller requeues them)
+/// and start the reconfigurations it asks for. Returns the GPUs changed and the pods evicted.
 #[allow(clippy::too_many_arguments)]
 fn plan_round(
     model: &GpuModel,
@@ -409,7 +561,7 @@ fn plan_round(
     policy: &PolicyKind,
     config: &SimConfig,
     report: &mut Report,
-) -> Vec<usize> {
+) -> (Vec<usize>, Vec<usize>) {
     let name = |i: usize| format!("p{i}");
     let mut nodes: Vec<Node> = (0..config.nodes)
         .map(|n| Node {
@@ -457,10 +609,27 @@ fn plan_round(
     if *policy == PolicyKind::Greedy {
         p.solver.kind = SolverKind::Greedy;
     }
+    p.drain = config.drain;
+    p.budgets.max_evictions = config.max_evictions;
     p.solver.time_limit_ms = 2_000;
     let clock = Clock::now();
     let plan = mig_planner::plan(&snapshot, &p);
     report.plan_millis.push(clock.elapsed().as_secs_f64() * 1000.0);
+    let mut evicted = Vec::new();
+    for e in &plan.evictions {
+        let Some(i) = e
+            .pod
+            .strip_prefix("sim/p")
+            .and_then(|i| i.parse::<usize>().ok())
+            .filter(|i| holding.contains_key(i))
+        else {
+            continue;
+        };
+        for (g, inst) in &holding[&i] {
+            gpus[*g].used.remove(inst);
+        }
+        evicted.push(i);
+    }
     let mut changed = Vec::new();
     for gp in plan.gpus.iter().filter(|g| g.changed) {
         let Some(n) = gp
@@ -477,13 +646,13 @@ fn plan_round(
             continue;
         };
         if !gpus[gi].used.is_empty() || gpus[gi].target.is_some() {
-            continue; // never happens with drain policy `never`; kept safe
+            continue; // a pod the plan keeps on a changing GPU (not with mig-manager); kept safe
         }
         gpus[gi].target = Some(target);
         changed.push(gi);
     }
     report.reconfigurations += changed.len();
-    changed
+    (changed, evicted)
 }
 
 /// The candidates for "the best static layout in hindsight": one layout per count vector that uses

@@ -16,6 +16,8 @@ fn config() -> SimConfig {
         batch: 10.0,
         reconfig_delay: 30.0,
         horizon: 10_000.0,
+        drain: mig_planner::DrainPolicy::Never,
+        max_evictions: None,
     }
 }
 
@@ -274,4 +276,128 @@ fn fgd_results_average_over_seeds() {
     let curve = &r[&("w".to_string(), "06-FGD".to_string())];
     assert!((curve[0].unwrap() - 0.6).abs() < 1e-9);
     assert_eq!(curve[2], Some(2.0));
+}
+
+#[test]
+fn the_ideal_reference_ignores_placement_rules_and_delays() {
+    // Two 3g and a 1g on one A100: 7 compute slices, but 3g.40gb takes 4 of the 8 memory slices,
+    // so no MIG layout holds all three; the ideal pool does, at once and without reconfiguring.
+    let mut one_gpu = config();
+    one_gpu.nodes = 1;
+    one_gpu.gpus_per_node = 1;
+    one_gpu.initial_layout = "3g.40gb@0,3g.40gb@4".into();
+    let pods = vec![
+        pod(0, 0.0, "3g.40gb", 5000.0),
+        pod(1, 0.0, "3g.40gb", 5000.0),
+        pod(2, 1.0, "1g.10gb", 100.0),
+    ];
+    let ideal = simulate(&one_gpu, &PolicyKind::Ideal, &pods).unwrap();
+    assert_eq!(ideal.waits, vec![0.0, 0.0, 0.0]);
+    assert_eq!(ideal.reconfigurations, 0);
+    assert!(ideal.plan_millis.is_empty(), "the reference never plans");
+    let ilp = simulate(&one_gpu, &PolicyKind::Ilp, &pods).unwrap();
+    assert_eq!(&ilp.waits[..2], &[0.0, 0.0]);
+    assert!(ilp.waits[2] >= 5000.0 - 1.0 - 1e-9, "{:?}", ilp.waits);
+    assert!(ilp.mean_wait() > ideal.mean_wait());
+
+    // An n-GPU pod needs n GPUs of one node with a whole GPU's slices free each: a 1g pod on
+    // node 0 sends the 2×7g pod to node 1; with node 1 busy too, it waits for a departure.
+    let mut multi = pod(1, 1.0, "7g.80gb", 100.0);
+    multi.count = 2;
+    let r = simulate(
+        &config(),
+        &PolicyKind::Ideal,
+        &[pod(0, 0.0, "1g.10gb", 50.0), multi.clone()],
+    )
+    .unwrap();
+    assert_eq!(r.waits, vec![0.0, 0.0]);
+    let busy = vec![
+        pod(0, 0.0, "1g.10gb", 50.0),
+        pod(2, 0.0, "1g.10gb", 80.0),
+        pod(3, 0.0, "1g.10gb", 80.0),
+        pod(4, 0.0, "1g.10gb", 80.0),
+        multi,
+    ];
+    // First-fit packs the four 1g pods on GPU 0 of node 0; the 2×7g takes node 1 at once.
+    let r = simulate(&config(), &PolicyKind::Ideal, &busy).unwrap();
+    assert_eq!(r.waits.iter().copied().fold(0.0, f64::max), 0.0, "{:?}", r.waits);
+}
+
+#[test]
+fn a_report_from_observed_starts_measures_as_the_simulator_does() {
+    // The slow path measures the system by its pods' start times; fed the simulator's own starts,
+    // the same waits, allocation and demand come out.
+    let pods: Vec<TracePod> = (0..12)
+        .map(|i| {
+            let profile = ["1g.10gb", "3g.40gb", "7g.80gb"][i % 3];
+            pod(i, i as f64 * 40.0, profile, 300.0 + 50.0 * i as f64)
+        })
+        .collect();
+    let r = simulate(&config(), &PolicyKind::Ilp, &pods).unwrap();
+    assert_eq!(r.started, pods.len());
+    let starts: Vec<Option<f64>> = pods
+        .iter()
+        .zip(&r.waits)
+        .map(|(p, w)| Some(p.arrival + w))
+        .collect();
+    let end = pods
+        .iter()
+        .zip(&starts)
+        .map(|(p, s)| s.unwrap() + p.duration)
+        .fold(0.0, f64::max);
+    let again =
+        mig_sim::report_from_starts("again", &config(), &pods, &starts, end, r.reconfigurations).unwrap();
+    assert_eq!(again.waits, r.waits);
+    assert_eq!(again.wait_profiles, r.wait_profiles);
+    assert_eq!(again.started, r.started);
+    assert!(
+        (again.allocation - r.allocation).abs() < 1e-9,
+        "{} vs {}",
+        again.allocation,
+        r.allocation
+    );
+    assert!(
+        (again.demand - r.demand).abs() < 1e-9,
+        "{} vs {}",
+        again.demand,
+        r.demand
+    );
+    // A pod never seen running waits until the end.
+    let mut missing = starts.clone();
+    missing[11] = None;
+    let cut = mig_sim::report_from_starts("cut", &config(), &pods, &missing, end, 0).unwrap();
+    assert_eq!(cut.started, 11);
+    assert_eq!(cut.waits[11], end - pods[11].arrival);
+}
+
+#[test]
+fn draining_moves_a_small_pod_so_a_whole_gpu_pod_starts() {
+    // One node, two all-1g GPUs, each left with one long 1g pod; then a 7g pod. Without drains it
+    // waits for a departure; with drains one 1g pod is evicted, starts again on the other GPU, and
+    // the 7g gets the emptied GPU after one batch and one reconfiguration.
+    let mut c = config();
+    c.nodes = 1;
+    let mut pods: Vec<TracePod> = (0..7)
+        .map(|i| pod(i, i as f64, "1g.10gb", if i == 0 { 5000.0 } else { 50.0 }))
+        .collect();
+    pods.push(pod(7, 7.0, "1g.10gb", 5000.0));
+    pods.push(pod(8, 100.0, "7g.80gb", 100.0));
+    let never = simulate(&c, &PolicyKind::Ilp, &pods).unwrap();
+    assert_eq!(never.evictions, 0);
+    assert!(never.waits[8] >= 4900.0 - 1e-9, "{:?}", never.waits);
+    c.drain = mig_planner::DrainPolicy::Allowed;
+    let drained = simulate(&c, &PolicyKind::Ilp, &pods).unwrap();
+    assert_eq!(drained.evictions, 1, "{:?}", drained.waits);
+    assert!(drained.waits[8] <= 10.0 + 30.0 + 1e-9, "{:?}", drained.waits);
+    assert_eq!(drained.started, pods.len());
+    // The evicted pod had run about 100 s on one slice when it was evicted.
+    assert!(
+        (0.02..0.04).contains(&drained.lost_slice_hours),
+        "{}",
+        drained.lost_slice_hours
+    );
+    // An eviction budget of 0 is the same as never.
+    c.max_evictions = Some(0);
+    let none = simulate(&c, &PolicyKind::Ilp, &pods).unwrap();
+    assert_eq!((none.evictions, none.waits.clone()), (0, never.waits));
 }
