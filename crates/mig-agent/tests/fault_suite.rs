@@ -219,14 +219,44 @@ async fn s2_a_pdb_allowing_no_disruption_is_never_overridden() {
     check_invariants(&env, &["protected", "wants-7g"], false).await;
 }
 
-/// Kill the controller and the agent when the node's state first shows `phase`; restart both.
-async fn kill_at(phase: Phase) -> (Phase, Duration) {
+/// What hits the node when its state first shows a phase.
+#[derive(Clone, Copy, Debug)]
+enum Blow {
+    /// The controller and the agent are killed (task aborted, no cleanup, lease not released).
+    Kill,
+    /// The agent is killed and the node reboots (its pods die, its GPUs lose every instance and
+    /// mig-manager applies the node's label again).
+    Reboot,
+}
+
+/// One node, one GPU of seven 1g. With `drain`, a running 1g pod (`victim`) must be evicted for a
+/// higher-priority 7g pod; without, the 7g goes on the idle GPU. `blow` strikes when the node's
+/// state first shows `phase`; the controller and the agent are then restarted. Returns the phase
+/// seen and the time from the restart to the 7g pod running.
+async fn strike_at(phase: Phase, blow: Blow, drain: bool) -> (Phase, Duration) {
     let spec = nodes(1, 1, SEVEN_1G);
     let env = bare_env(spec.clone()).await;
-    let mut agent = start_agent(&env, "gpu-node-0", agent_settings("gpu-node-0")).await;
-    let settings = fast_settings(Mode::Auto);
-    let mut c = controller(&env, settings.clone(), "replica-a").await;
-    create_pod(&env.client, &mig_pod("wants-7g", "7g.80gb", "1")).await;
+    if drain {
+        // A batch pod that stops within a second of its SIGTERM (the default grace is 30 s).
+        let mut victim = mig_pod("victim", "1g.10gb", "1");
+        victim.spec.as_mut().unwrap().termination_grace_period_seconds = Some(1);
+        create_pod(&env.client, &victim).await;
+        eventually(10, "the victim runs", || async {
+            pod_phase(&env, "victim").await.as_deref() == Some("Running")
+        })
+        .await;
+    }
+    let agent = start_agent(&env, "gpu-node-0", agent_settings("gpu-node-0")).await;
+    let mut settings = fast_settings(Mode::Auto);
+    if drain {
+        settings.planner.drain = mig_planner::DrainPolicy::Allowed;
+    }
+    let c = controller(&env, settings.clone(), "replica-a").await;
+    let mut wants = mig_pod("wants-7g", "7g.80gb", "1");
+    if drain {
+        wants.spec.as_mut().unwrap().priority = Some(1000);
+    }
+    create_pod(&env.client, &wants).await;
     let t0 = Instant::now();
     let seen = loop {
         if let Some(s) = node_state(&env, "gpu-node-0").await
@@ -238,12 +268,21 @@ async fn kill_at(phase: Phase) -> (Phase, Duration) {
         tokio::time::sleep(Duration::from_millis(3)).await;
     };
     agent.kill();
-    c.kill();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    agent = start_agent(&env, "gpu-node-0", agent_settings("gpu-node-0")).await;
-    c = controller(&env, settings, "replica-b").await;
+    let c = match blow {
+        Blow::Kill => {
+            c.kill();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            controller(&env, settings, "replica-b").await
+        }
+        Blow::Reboot => {
+            env.cluster.reboot("gpu-node-0");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            c
+        }
+    };
+    let agent = start_agent(&env, "gpu-node-0", agent_settings("gpu-node-0")).await;
     let t1 = Instant::now();
-    eventually(30, "the pod runs after the restart", || async {
+    eventually(30, "the 7g pod runs after the restart", || async {
         pod_phase(&env, "wants-7g").await.as_deref() == Some("Running")
     })
     .await;
@@ -255,27 +294,59 @@ async fn kill_at(phase: Phase) -> (Phase, Duration) {
     })
     .await;
     check_invariants(&env, &["wants-7g"], false).await;
+    if drain {
+        // Evicted through the Eviction API (or killed by the reboot), never left behind.
+        assert_eq!(pod_phase(&env, "victim").await, None, "{phase:?} {blow:?}");
+    }
     c.stop().await;
     agent.stop().await;
     (seen, recovered)
 }
 
+const PHASES: [Phase; 7] = [
+    Phase::Tainting,
+    Phase::Draining,
+    Phase::Relabeling,
+    Phase::AwaitingMigManager,
+    Phase::Verifying,
+    Phase::Untainting,
+    Phase::Done,
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_killing_controller_and_agent_at_every_phase_completes_the_sequence() {
     let mut rows = Vec::new();
+    for phase in PHASES {
+        let (seen, took) = strike_at(phase, Blow::Kill, false).await;
+        rows.push(format!("{seen:?}: recovered in {took:?}"));
+    }
+    eprintln!("s3: {rows:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3b_kills_at_every_phase_of_a_sequence_that_evicts() {
+    let mut rows = Vec::new();
+    for phase in PHASES {
+        let (seen, took) = strike_at(phase, Blow::Kill, true).await;
+        rows.push(format!("{seen:?}: recovered in {took:?}"));
+    }
+    eprintln!("s3b: {rows:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s10_a_node_rebooting_mid_sequence_ends_reconfigured_and_untainted() {
+    let mut rows = Vec::new();
     for phase in [
-        Phase::Tainting,
         Phase::Draining,
         Phase::Relabeling,
         Phase::AwaitingMigManager,
         Phase::Verifying,
         Phase::Untainting,
-        Phase::Done,
     ] {
-        let (seen, took) = kill_at(phase).await;
+        let (seen, took) = strike_at(phase, Blow::Reboot, true).await;
         rows.push(format!("{seen:?}: recovered in {took:?}"));
     }
-    eprintln!("s3: {rows:#?}");
+    eprintln!("s10: {rows:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
