@@ -49,6 +49,10 @@ pub struct AgentSettings {
     pub listen: Option<SocketAddr>,
     /// The same Event is not sent again within this.
     pub event_dedupe: Duration,
+    /// After a failed start-up catalog check (unknown model, driver disagreeing with the catalog),
+    /// check again this much later (a driver update or a new agent image may have fixed it); the
+    /// node is reported every tick meanwhile.
+    pub catalog_retry: Duration,
 }
 
 impl AgentSettings {
@@ -60,6 +64,7 @@ impl AgentSettings {
             sequence: SequencePolicy::default(),
             listen: None,
             event_dedupe: Duration::from_secs(120),
+            catalog_retry: Duration::from_secs(60),
         }
     }
 }
@@ -239,6 +244,7 @@ pub async fn start(
         source,
         sent: HashMap::new(),
         catalog_checked: false,
+        catalog_next_check: None,
         last_phase: None,
     };
     tasks.push(tokio::spawn(worker.run(rx.clone())));
@@ -297,6 +303,8 @@ struct Worker {
     source: Arc<dyn GpuSource>,
     sent: HashMap<String, Instant>,
     catalog_checked: bool,
+    /// When the catalog check may run again after a failure (None: at once).
+    catalog_next_check: Option<Instant>,
     last_phase: Option<&'static str>,
 }
 
@@ -380,7 +388,8 @@ impl Worker {
             TickError::Source(e)
         })?;
         let uid = node.metadata.uid.clone();
-        if !self.catalog_checked {
+        let check_due = self.catalog_next_check.is_none_or(|t| Instant::now() >= t);
+        if !self.catalog_checked && check_due {
             // Every GPU's model must be known, and what the driver reports of its MIG profiles and
             // placements must agree with the catalog the plans are built from.
             let mut unknown = Vec::new();
@@ -416,6 +425,7 @@ impl Worker {
             }
             let problems = [("UnknownGpuModel", unknown), ("CatalogMismatch", mismatched)];
             if problems.iter().any(|(_, p)| !p.is_empty()) {
+                self.catalog_next_check = Some(Instant::now() + self.shared.settings.catalog_retry);
                 self.shared
                     .metrics
                     .errors

@@ -598,21 +598,28 @@ async fn s7_garbage_in_our_annotations_is_reported_and_left_alone() {
     check_invariants(&env, &[], false).await;
 }
 
-/// A GPU source whose driver disagrees with the catalog: it reports 3g.40gb placeable only at 4.
-struct DriverDisagrees(EmulatedGpus);
+/// A GPU source whose driver disagrees with the catalog while `lying`: it reports 3g.40gb
+/// placeable only at 4. Counts the profile reads (each an `nvidia-smi` run on a real node).
+struct DriverDisagrees {
+    inner: EmulatedGpus,
+    lying: std::sync::atomic::AtomicBool,
+    reads: std::sync::atomic::AtomicUsize,
+}
 
 impl mig_agent::GpuSource for DriverDisagrees {
     fn gpus(&self) -> Result<Vec<mig_planner::snapshot::Gpu>, String> {
-        self.0.gpus()
+        self.inner.gpus()
     }
 
     fn profiles(
         &self,
         gpu: &mig_planner::snapshot::Gpu,
     ) -> Result<Option<mig_catalog::nvml::ObservedGpu>, String> {
-        let mut observed = self.0.profiles(gpu)?.unwrap();
+        use std::sync::atomic::Ordering::SeqCst;
+        self.reads.fetch_add(1, SeqCst);
+        let mut observed = self.inner.profiles(gpu)?.unwrap();
         for p in &mut observed.profiles {
-            if p.name.as_deref() == Some("MIG 3g.40gb") {
+            if p.name.as_deref() == Some("MIG 3g.40gb") && self.lying.load(SeqCst) {
                 p.placements.retain(|x| x.start == 4);
             }
         }
@@ -625,8 +632,15 @@ async fn s8_an_agent_whose_driver_disagrees_with_the_catalog_refuses_to_act() {
     let spec = nodes(1, 1, SEVEN_1G);
     let env = bare_env(spec.clone()).await;
     let node = &spec[0].name;
-    let source = Arc::new(DriverDisagrees(EmulatedGpus::new(env.cluster.clone(), node)));
-    let agent = mig_agent::start(client_for(&env.server), agent_settings(node), source)
+    let source = Arc::new(DriverDisagrees {
+        inner: EmulatedGpus::new(env.cluster.clone(), node),
+        lying: true.into(),
+        reads: 0.into(),
+    });
+    let mut settings = agent_settings(node);
+    settings.catalog_retry = Duration::from_millis(500);
+    let started = Instant::now();
+    let agent = mig_agent::start(client_for(&env.server), settings, source.clone())
         .await
         .unwrap();
     // The catalog's own picture passes the same check (the emulator follows the catalog).
@@ -669,6 +683,21 @@ async fn s8_an_agent_whose_driver_disagrees_with_the_catalog_refuses_to_act() {
         Some("all-1g.10gb")
     );
     assert_ne!(pod_phase(&env, "wants-3g").await.as_deref(), Some("Running"));
+    check_invariants(&env, &["wants-3g"], false).await;
+    // The check is retried on its own slower timer (500 ms), not every tick (100 ms).
+    let reads = source.reads.load(std::sync::atomic::Ordering::SeqCst) as f64;
+    let secs = started.elapsed().as_secs_f64();
+    assert!(
+        reads >= 2.0 && reads <= secs / 0.5 + 2.0 && reads < secs / 0.1 / 2.0,
+        "{reads} profile reads in {secs:.1} s"
+    );
+
+    // The driver is fixed (say, updated): the next check passes without a restart, and the pod runs.
+    source.lying.store(false, std::sync::atomic::Ordering::SeqCst);
+    eventually(10, "the agent is ready and the pod runs", || async {
+        agent.shared.is_ready() && pod_phase(&env, "wants-3g").await.as_deref() == Some("Running")
+    })
+    .await;
     check_invariants(&env, &["wants-3g"], false).await;
     c.stop().await;
 }

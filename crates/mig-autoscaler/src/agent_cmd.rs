@@ -34,6 +34,9 @@ pub struct AgentArgs {
     /// How often to look at the node, seconds.
     #[arg(long, default_value_t = 1.0)]
     tick_seconds: f64,
+    /// After a failed start-up catalog check, check again this many seconds later.
+    #[arg(long, default_value_t = 60.0)]
+    catalog_retry_seconds: f64,
     /// On a failed or timed-out phase.
     #[arg(long, value_enum, default_value = "rollback")]
     on_failure: OnFailure,
@@ -48,11 +51,17 @@ pub struct AgentArgs {
 /// Run until SIGTERM/Ctrl-C; a step in progress always finishes (and its phase is persisted).
 pub fn run(args: AgentArgs) -> Result<ExitCode> {
     init_logging(args.log_format);
-    if !(args.tick_seconds > 0.0 && args.tick_seconds.is_finite()) {
-        anyhow::bail!("--tick-seconds must be positive");
+    for (flag, v) in [
+        ("--tick-seconds", args.tick_seconds),
+        ("--catalog-retry-seconds", args.catalog_retry_seconds),
+    ] {
+        if !(v > 0.0 && v.is_finite()) {
+            anyhow::bail!("{flag} must be positive");
+        }
     }
     let mut settings = AgentSettings::new(args.node.clone());
     settings.tick = std::time::Duration::from_secs_f64(args.tick_seconds);
+    settings.catalog_retry = std::time::Duration::from_secs_f64(args.catalog_retry_seconds);
     settings.listen = Some(args.listen);
     settings.sequence.on_failure = match args.on_failure {
         OnFailure::Rollback => FailurePolicy::Rollback,
