@@ -319,3 +319,69 @@ fn the_chart_ships_the_same_dashboards() {
         );
     }
 }
+
+/// No container engine runs on our machines, so the Dockerfile is checked, not built: it builds
+/// with a Rust at least the workspace's `rust-version`, installs the native build needs that
+/// scripts/env.sh names for HiGHS, builds the binary the chart runs, and runs it as the user the
+/// chart's pod security context names.
+#[test]
+fn the_dockerfile_builds_what_the_chart_runs_as_the_user_it_names() {
+    let dockerfile = read("Dockerfile");
+    let lines: Vec<&str> = dockerfile
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    let version = |text: &str| -> Vec<u32> { text.split('.').map(|p| p.parse().unwrap()).collect() };
+    let rust = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("FROM rust:"))
+        .and_then(|t| t.split('-').next())
+        .expect("a rust builder stage");
+    let cargo_toml = read("Cargo.toml");
+    let msrv = cargo_toml
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .unwrap()
+        .trim_matches('"');
+    assert!(
+        version(rust) >= version(msrv),
+        "builder rust {rust} < rust-version {msrv}"
+    );
+    let env = read("scripts/env.sh");
+    let needs = env
+        .lines()
+        .find_map(|l| l.strip_prefix("export MIG_AUTOSCALER_APT_NEEDS=\""))
+        .unwrap()
+        .trim_end_matches('"');
+    for pair in needs.split_whitespace() {
+        let package = pair.rsplit(':').next().unwrap();
+        if package == "kubernetes-client" {
+            continue; // kubectl: for people and tests, not for the build
+        }
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("apt-get install") && l.split_whitespace().any(|w| w == package)),
+            "the build stage does not install {package}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("cargo build --release --locked -p mig-autoscaler"))
+    );
+    assert!(lines.contains(&r#"ENTRYPOINT ["/usr/local/bin/mig-autoscaler"]"#));
+    let uid = value_at(&values(), "podSecurityContext.runAsUser")
+        .and_then(|v| v.as_u64())
+        .unwrap();
+    assert!(
+        lines.contains(&format!("USER {uid}:{uid}").as_str()),
+        "the image's user is not the chart's runAsUser {uid}"
+    );
+    // The chart's containers run subcommands of that entrypoint.
+    for template in ["agent", "controller"] {
+        let t = read(&format!("deploy/helm/mig-autoscaler/templates/{template}.yaml"));
+        assert!(t.contains(&format!("args: [{template},")), "{template}.yaml");
+    }
+}
