@@ -135,7 +135,11 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read {}", path.display()))?;
+                // From the trace's observation window, as `simulate` replays it: pods created
+                // before it and still running arrive first.
                 let pods = mig_sim::parse_openb(&path.display().to_string(), &text)?;
+                let start = mig_sim::trace::observation_start(&pods);
+                let pods = mig_sim::trace::window(pods, start, 1.0);
                 println!(
                     "  workload      {} pods from {}, time x{}",
                     pods.len(),

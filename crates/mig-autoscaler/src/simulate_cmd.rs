@@ -98,11 +98,9 @@ fn workload(args: &SimulateArgs) -> Result<(Vec<TracePod>, f64)> {
     let (pods, start) = match args.format.as_str() {
         "openb" => {
             let pods = parse_openb(&name, &text)?;
-            let start = args.window_start.unwrap_or_else(|| {
-                pods.iter()
-                    .map(|p| p.arrival + p.duration)
-                    .fold(f64::INFINITY, f64::min)
-            });
+            let start = args
+                .window_start
+                .unwrap_or_else(|| mig_sim::trace::observation_start(&pods));
             (pods, start)
         }
         "dlrm" => {
@@ -122,15 +120,8 @@ fn workload(args: &SimulateArgs) -> Result<(Vec<TracePod>, f64)> {
         other => anyhow::bail!("unknown --format {other:?}: use openb or dlrm"),
     };
     let horizon = args.days * 86_400.0;
-    let pods: Vec<TracePod> = pods
+    let pods: Vec<TracePod> = mig_sim::trace::window(pods, start, args.time_scale)
         .into_iter()
-        .filter(|p| p.arrival + p.duration > start)
-        .map(|mut p| {
-            let end = p.arrival + p.duration;
-            p.arrival = (p.arrival.max(start) - start) * args.time_scale;
-            p.duration = (end - start) * args.time_scale - p.arrival;
-            p
-        })
         .filter(|p| p.arrival <= horizon)
         .collect();
     Ok((pods, horizon))

@@ -64,6 +64,30 @@ pub fn profile_for_milli(gpu_milli: u32) -> &'static str {
     profile_for_size(sevenths as u8).unwrap_or("7g.80gb") // 5 and 6 sevenths: no such profile
 }
 
+/// The start of a trace's observation window: its earliest departure (pods created long before it,
+/// still running then, are what the trace saw at that moment).
+pub fn observation_start(pods: &[TracePod]) -> f64 {
+    let start = pods
+        .iter()
+        .map(|p| p.arrival + p.duration)
+        .fold(f64::INFINITY, f64::min);
+    if start.is_finite() { start } else { 0.0 }
+}
+
+/// The pods still alive at `start`, with times from `start` multiplied by `scale`: pods created
+/// earlier arrive at 0 with what is left of their lives.
+pub fn window(pods: Vec<TracePod>, start: f64, scale: f64) -> Vec<TracePod> {
+    pods.into_iter()
+        .filter(|p| p.arrival + p.duration > start)
+        .map(|mut p| {
+            let end = p.arrival + p.duration;
+            p.arrival = (p.arrival.max(start) - start) * scale;
+            p.duration = (end - start) * scale - p.arrival;
+            p
+        })
+        .collect()
+}
+
 /// Parse an openb pod list (`name,cpu_milli,memory_mib,num_gpu,gpu_milli,...,creation_time,deletion_time,...`).
 pub fn parse_openb(file: &str, text: &str) -> Result<Vec<TracePod>, TraceError> {
     let mut lines = text.lines().enumerate();
