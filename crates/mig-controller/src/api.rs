@@ -228,6 +228,8 @@ async fn explain(
 }
 
 async fn metrics(State(s): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
+    // Leadership can change between two control-loop rounds: say what holds at the scrape.
+    s.metrics.leader.set(i64::from(s.lease.is_leader()));
     // OpenMetrics for Prometheus (it asks for it), the classic text format for everyone else.
     let openmetrics = headers
         .get(header::ACCEPT)
