@@ -313,40 +313,30 @@ const PHASES: [Phase; 7] = [
     Phase::Done,
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_killing_controller_and_agent_at_every_phase_completes_the_sequence() {
+/// [`strike_at`] at each of `phases`; prints the recovery times as `label`.
+async fn strike_each(label: &str, phases: &[Phase], blow: Blow, drain: bool) {
     let mut rows = Vec::new();
-    for phase in PHASES {
-        let (seen, took) = strike_at(phase, Blow::Kill, false).await;
+    for phase in phases {
+        let (seen, took) = strike_at(*phase, blow, drain).await;
         rows.push(format!("{seen:?}: recovered in {took:?}"));
     }
-    eprintln!("s3: {rows:#?}");
+    eprintln!("{label}: {rows:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_killing_controller_and_agent_at_every_phase_completes_the_sequence() {
+    strike_each("s3", &PHASES, Blow::Kill, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3b_kills_at_every_phase_of_a_sequence_that_evicts() {
-    let mut rows = Vec::new();
-    for phase in PHASES {
-        let (seen, took) = strike_at(phase, Blow::Kill, true).await;
-        rows.push(format!("{seen:?}: recovered in {took:?}"));
-    }
-    eprintln!("s3b: {rows:#?}");
+    strike_each("s3b", &PHASES, Blow::Kill, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s10_a_node_rebooting_mid_sequence_ends_reconfigured_and_untainted() {
-    let mut rows = Vec::new();
-    for phase in [
-        Phase::Draining,
-        Phase::Relabeling,
-        Phase::AwaitingMigManager,
-        Phase::Verifying,
-        Phase::Untainting,
-    ] {
-        let (seen, took) = strike_at(phase, Blow::Reboot, true).await;
-        rows.push(format!("{seen:?}: recovered in {took:?}"));
-    }
-    eprintln!("s10: {rows:#?}");
+    // Every phase between the taint and its removal.
+    strike_each("s10", &PHASES[1..6], Blow::Reboot, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

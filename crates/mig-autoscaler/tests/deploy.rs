@@ -320,6 +320,14 @@ fn the_chart_ships_the_same_dashboards() {
     }
 }
 
+/// The quoted value on the line of `text` that starts with `prefix` (`key = "value"`).
+fn quoted_value<'a>(text: &'a str, prefix: &str) -> &'a str {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line starting {prefix:?}"))
+        .trim_matches('"')
+}
+
 /// No container engine runs on our machines, so the Dockerfile is checked, not built: it builds
 /// with a Rust at least the workspace's `rust-version`, installs the native build needs that
 /// scripts/env.sh names for HiGHS, builds the binary the chart runs, and runs it as the user the
@@ -339,21 +347,13 @@ fn the_dockerfile_builds_what_the_chart_runs_as_the_user_it_names() {
         .and_then(|t| t.split('-').next())
         .expect("a rust builder stage");
     let cargo_toml = read("Cargo.toml");
-    let msrv = cargo_toml
-        .lines()
-        .find_map(|l| l.strip_prefix("rust-version = "))
-        .unwrap()
-        .trim_matches('"');
+    let msrv = quoted_value(&cargo_toml, "rust-version = ");
     assert!(
         version(rust) >= version(msrv),
         "builder rust {rust} < rust-version {msrv}"
     );
     let env = read("scripts/env.sh");
-    let needs = env
-        .lines()
-        .find_map(|l| l.strip_prefix("export MIG_AUTOSCALER_APT_NEEDS=\""))
-        .unwrap()
-        .trim_end_matches('"');
+    let needs = quoted_value(&env, "export MIG_AUTOSCALER_APT_NEEDS=");
     for pair in needs.split_whitespace() {
         let package = pair.rsplit(':').next().unwrap();
         if package == "kubernetes-client" {

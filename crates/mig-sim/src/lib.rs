@@ -237,12 +237,7 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
         })
         .collect();
     let total_slices = (gpus.len() as f64) * f64::from(model.compute_slices);
-    let slices_of = |p: &TracePod| -> f64 {
-        model
-            .profile_by_name(p.profile)
-            .and_then(|i| model.profile(i))
-            .map_or(0.0, |pr| f64::from(pr.compute_slices) * f64::from(p.count))
-    };
+    let slices_of = |p: &TracePod| slices(model, p);
 
     let mut report = Report {
         policy: policy.name(),
@@ -373,22 +368,34 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
     let span = (last_t - start_t).max(1e-9);
     report.allocation = alloc_area / span / total_slices;
     report.demand = demand_area / span / total_slices;
-    for (i, p) in pods.iter().enumerate() {
-        if p.arrival > config.horizon {
+    record_waits(&mut report, pods, &started, config.horizon, last_t);
+    Ok(report)
+}
+
+/// Compute slices a pod holds while it runs (all its instances).
+fn slices(model: &GpuModel, p: &TracePod) -> f64 {
+    model
+        .profile_by_name(p.profile)
+        .and_then(|i| model.profile(i))
+        .map_or(0.0, |pr| f64::from(pr.compute_slices) * f64::from(p.count))
+}
+
+/// Waits into `report`, in the pods' order: start − arrival, or (for a pod that never started) the
+/// time it waited until `until`, capped at the horizon. Pods arriving after the horizon are left out.
+fn record_waits(report: &mut Report, pods: &[TracePod], starts: &[Option<f64>], horizon: f64, until: f64) {
+    for (p, start) in pods.iter().zip(starts) {
+        if p.arrival > horizon {
             continue;
         }
         report.wait_profiles.push(p.label());
-        match started[i] {
+        match start {
             Some(s) => {
                 report.started += 1;
                 report.waits.push(s - p.arrival);
             }
-            None => report
-                .waits
-                .push(config.horizon.min(last_t).max(p.arrival) - p.arrival),
+            None => report.waits.push(horizon.min(until).max(p.arrival) - p.arrival),
         }
     }
-    Ok(report)
 }
 
 /// A report from start times observed elsewhere (the slow path: the full system on kube-emulator),
@@ -417,27 +424,16 @@ pub fn report_from_starts(
         reconfigurations,
         ..Default::default()
     };
+    record_waits(&mut report, pods, starts, config.horizon, end);
     let (mut held, mut wanted) = (0.0, 0.0);
     for (p, start) in pods.iter().zip(starts) {
-        if p.arrival > end {
-            continue;
-        }
-        let slices = model
-            .profile_by_name(p.profile)
-            .and_then(|i| model.profile(i))
-            .map_or(0.0, |pr| f64::from(pr.compute_slices) * f64::from(p.count));
-        report.wait_profiles.push(p.label());
+        let slices = slices(model, p);
         match start {
             Some(s) => {
-                report.started += 1;
-                report.waits.push(s - p.arrival);
                 held += slices * overlap(*s, s + p.duration);
                 wanted += slices * overlap(p.arrival, s + p.duration);
             }
-            None => {
-                report.waits.push(end - p.arrival);
-                wanted += slices * overlap(p.arrival, end);
-            }
+            None => wanted += slices * overlap(p.arrival, end),
         }
     }
     report.allocation = held / span / total;
@@ -475,12 +471,6 @@ fn slice_pool(model: &GpuModel) -> Result<String, SimError> {
         .filter(|p| p.compute_slices == 1 && !p.media_extensions)
         .min_by_key(|p| p.memory_slices)
         .ok_or_else(|| SimError::Config(format!("{} has no one-slice profile", model.key)))?;
-    let text = one
-        .starts
-        .iter()
-        .map(|s| format!("{}@{s}", one.name))
-        .collect::<Vec<_>>()
-        .join(",");
     if one.starts.len() != usize::from(model.compute_slices) {
         return Err(SimError::Config(format!(
             "{}: {} one-slice placements for {} compute slices",
@@ -489,7 +479,12 @@ fn slice_pool(model: &GpuModel) -> Result<String, SimError> {
             model.compute_slices
         )));
     }
-    Ok(text)
+    Ok(one
+        .starts
+        .iter()
+        .map(|s| format!("{}@{s}", one.name))
+        .collect::<Vec<_>>()
+        .join(","))
 }
 
 /// The ideal policy's fit: each of the pod's `count` instances of size s is s free slices of one
