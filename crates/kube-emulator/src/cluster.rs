@@ -56,7 +56,21 @@ pub struct ClusterSpec {
     /// How long mig-manager takes to apply a config.
     #[serde(default = "default_delay")]
     pub mig_manager_delay_ms: u64,
+    /// Run a device-plugin pod on every node (`gpu-operator/nvidia-device-plugin-<node>`, label
+    /// [`DEVICE_PLUGIN_LABEL`]) while the node's [`DEVICE_PLUGIN_DEPLOY_LABEL`] is `true` (set so on
+    /// every node), as the GPU operator's DaemonSet does: another value removes it, `true` again
+    /// (or deleting the pod) starts it anew. Like the real one it does not notice instances
+    /// created or destroyed directly (nvml backend): it advertises them only once restarted
+    /// (mig-manager restarts it itself). Without it, allocatable always follows the GPUs.
+    #[serde(default)]
+    pub device_plugin_pods: bool,
 }
+
+/// The GPU operator's switch for a node's device plugin.
+pub const DEVICE_PLUGIN_DEPLOY_LABEL: &str = "nvidia.com/gpu.deploy.device-plugin";
+
+/// `key=value` label of the emulated device-plugin pods (the GPU operator's).
+pub const DEVICE_PLUGIN_LABEL: (&str, &str) = ("app", "nvidia-device-plugin-daemonset");
 
 fn default_config_map() -> String {
     "gpu-operator/default-mig-parted-config".into()
@@ -85,6 +99,8 @@ struct NodeState {
     applied: Option<String>,
     /// Since when a different config is pending.
     pending_since: Option<Instant>,
+    /// Instances changed directly since the device plugin last started: it advertises the old ones.
+    plugin_stale: bool,
 }
 
 /// The actors.
@@ -94,6 +110,7 @@ pub struct Cluster {
     config_map: (String, String),
     delay: Duration,
     fail_applies: Mutex<u32>,
+    device_plugin_pods: bool,
 }
 
 fn res(group: &str, version: &str, plural: &str) -> &'static Resource {
@@ -225,6 +242,7 @@ impl Cluster {
                     gpus,
                     applied: n.labels.get(MIG_CONFIG_LABEL).cloned(),
                     pending_since: None,
+                    plugin_stale: false,
                 },
             );
         }
@@ -238,6 +256,7 @@ impl Cluster {
             config_map: (ns.to_string(), name.to_string()),
             delay: Duration::from_millis(spec.mig_manager_delay_ms),
             fail_applies: Mutex::new(0),
+            device_plugin_pods: spec.device_plugin_pods,
         });
         cluster.state.set_kubelets(true);
         {
@@ -254,6 +273,9 @@ impl Cluster {
                 }
                 if n.labels.contains_key(MIG_CONFIG_LABEL) {
                     labels[MIG_STATE_LABEL] = json!("success");
+                }
+                if spec.device_plugin_pods {
+                    labels[DEVICE_PLUGIN_DEPLOY_LABEL] = json!("true");
                 }
                 let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n.name, "labels": labels}, "spec": {}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
                 store
@@ -298,6 +320,62 @@ impl Cluster {
         }
     }
 
+    /// Destroy, then create, GPU instances on one GPU as NVML would (the nvml backend): `(profile,
+    /// start)` pairs at explicit placements. Fails, possibly after a part is done (as NVML calls one
+    /// by one do), on an instance that is not there or in use, a placement that overlaps or is not
+    /// valid, or an injected failure ([`Cluster::fail_next_applies`]: the destroys are done, the
+    /// creates fail).
+    pub fn change_instances(
+        &self,
+        node: &str,
+        gpu: u32,
+        destroy: &[(String, u8)],
+        create: &[(String, u8)],
+    ) -> Result<(), String> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let n = nodes.get_mut(node).ok_or_else(|| format!("no node {node}"))?;
+        let g = n
+            .gpus
+            .iter_mut()
+            .find(|g| g.index == gpu)
+            .ok_or_else(|| format!("node {node} has no GPU {gpu}"))?;
+        let model = g.model;
+        let instance = |(p, start): &(String, u8)| {
+            model
+                .profile_by_name(p)
+                .map(|idx| Instance::new(idx, *start))
+                .ok_or_else(|| format!("{} has no profile {p}", model.key))
+        };
+        for d in destroy {
+            let i = instance(d)?;
+            if !g.layout.contains(&i) {
+                return Err(format!("GPU {gpu} has no instance {}@{}", d.0, d.1));
+            }
+            if let Some(pod) = g.used.get(&i) {
+                return Err(format!("GPU {gpu} instance {}@{} is in use by {pod}", d.0, d.1));
+            }
+            g.layout = Layout::new(g.layout.instances().iter().copied().filter(|x| *x != i));
+            n.plugin_stale = true;
+        }
+        if !create.is_empty() && self.take_injected_failure() {
+            return Err("injected failure: cannot create instances".into());
+        }
+        for c in create {
+            let i = instance(c)?;
+            if !model.can_add(&g.layout, &i) {
+                return Err(format!(
+                    "GPU {gpu}: cannot create {}@{} on {} (insufficient resources at that placement)",
+                    c.0,
+                    c.1,
+                    model.format_layout(&g.layout)
+                ));
+            }
+            g.layout = g.layout.with(i);
+            n.plugin_stale = true;
+        }
+        Ok(())
+    }
+
     /// Make mig-manager's next `n` applies fail (state `failed`), as a broken driver or a held GPU would.
     pub fn fail_next_applies(&self, n: u32) {
         *self.fail_applies.lock().unwrap_or_else(|e| e.into_inner()) = n;
@@ -314,6 +392,7 @@ impl Cluster {
         }
         n.applied = None;
         n.pending_since = None;
+        n.plugin_stale = false;
         delete_pods_where(&mut self.state.store(), |p| {
             p["spec"]["nodeName"].as_str() == Some(node)
         });
@@ -388,6 +467,7 @@ impl Cluster {
             }
             n.pending_since = None;
             n.applied = Some(wanted.clone());
+            n.plugin_stale = false; // mig-manager restarts the device plugin
             let outcome = match &config {
                 None => Err(format!(
                     "ConfigMap {}/{} with config.yaml not found",
@@ -408,8 +488,39 @@ impl Cluster {
             let _ = set_label(&mut store, nodes_r, name, MIG_STATE_LABEL, state);
         }
 
+        // Device plugin pods: one per node, started again when gone (and then up to date).
+        if self.device_plugin_pods {
+            let (key, value) = DEVICE_PLUGIN_LABEL;
+            for (name, n) in nodes.iter_mut() {
+                let pod_name = format!("nvidia-device-plugin-{name}");
+                let deployed = store.get(nodes_r, "", name).is_ok_and(|node| {
+                    node["metadata"]["labels"][DEVICE_PLUGIN_DEPLOY_LABEL]
+                        .as_str()
+                        .is_none_or(|v| v == "true")
+                });
+                let exists = store.get(pods_r, "gpu-operator", &pod_name).is_ok();
+                if !deployed && exists {
+                    let _ = store.delete(pods_r, "gpu-operator", &pod_name);
+                }
+                if !deployed || exists {
+                    continue;
+                }
+                let pod = json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": pod_name, "namespace": "gpu-operator", "labels": {key: value}},
+                    "spec": {"nodeName": name, "terminationGracePeriodSeconds": 1, "containers": [{"name": "nvidia-device-plugin", "image": "nvcr.io/nvidia/k8s-device-plugin"}],
+                             "tolerations": [{"operator": "Exists"}]},
+                    "status": {"phase": "Running"}});
+                if store.create(pods_r, "gpu-operator", pod).is_ok() {
+                    n.plugin_stale = false;
+                }
+            }
+        }
+
         // Device plugin: allocatable per MIG profile from the actual layouts.
         for (name, n) in nodes.iter() {
+            if n.plugin_stale && self.device_plugin_pods {
+                continue; // it advertises what it saw when it started
+            }
             let Ok(mut node) = store.get(nodes_r, "", name) else {
                 continue;
             };
@@ -478,6 +589,10 @@ impl Cluster {
             let chosen = nodes.iter_mut().find_map(|(name, n)| {
                 let node = store.get(nodes_r, "", name).ok()?;
                 if !node_admits(&pod, &node) {
+                    return None;
+                }
+                // A device plugin that has not seen the node's instances cannot hand them out.
+                if !mig.is_empty() && n.plugin_stale && self.device_plugin_pods {
                     return None;
                 }
                 // CPU and memory against allocatable, minus pods already bound here.

@@ -38,6 +38,7 @@ pub fn spec(nodes: usize, gpus: usize, products: &[&str], mig_manager_delay_ms: 
             .collect(),
         mig_parted_config_map: "gpu-operator/default-mig-parted-config".into(),
         mig_manager_delay_ms,
+        device_plugin_pods: false,
     }
 }
 

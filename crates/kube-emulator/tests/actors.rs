@@ -41,6 +41,7 @@ async fn start(
         nodes,
         mig_parted_config_map: "gpu-operator/default-mig-parted-config".into(),
         mig_manager_delay_ms: 100,
+        device_plugin_pods: false,
     };
     let cluster = Cluster::new(server.state.clone(), &spec).unwrap();
     let actors = cluster.spawn();

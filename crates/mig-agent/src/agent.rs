@@ -17,8 +17,9 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, ResourceExt};
 use mig_catalog::Catalog;
 use mig_controller::protocol::{
-    DO_NOT_DISRUPT, GRANT_ANNOTATION, Grant, MIG_CONFIG_LABEL, MIG_STATE_LABEL, NodeReport, NodeState,
-    REPORT_ANNOTATION, STATE_ANNOTATION, TAINT_KEY, parse_annotation,
+    DEVICE_PLUGIN_DEPLOY_LABEL, DEVICE_PLUGIN_PAUSED, DO_NOT_DISRUPT, GRANT_ANNOTATION, Grant,
+    MIG_CONFIG_LABEL, MIG_STATE_LABEL, NodeReport, NodeState, REPORT_ANNOTATION, STATE_ANNOTATION, TAINT_KEY,
+    parse_annotation,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -35,6 +36,9 @@ use crate::source::GpuSource;
 pub const FIELD_MANAGER: &str = "mig-autoscaler-agent";
 /// Events' reporting controller.
 pub const AGENT_NAME: &str = "mig-autoscaler.io/agent";
+
+/// The GPU operator's device-plugin pods.
+pub const DEVICE_PLUGIN_SELECTOR: &str = "app=nvidia-device-plugin-daemonset";
 
 /// Agent settings.
 #[derive(Clone, Debug)]
@@ -53,6 +57,9 @@ pub struct AgentSettings {
     /// check again this much later (a driver update or a new agent image may have fixed it); the
     /// node is reported every tick meanwhile.
     pub catalog_retry: Duration,
+    /// nvml backend: `key=value[,key=value]` labels of the device-plugin pods, to see when the
+    /// paused plugin is gone from this node.
+    pub device_plugin_selector: String,
 }
 
 impl AgentSettings {
@@ -65,6 +72,7 @@ impl AgentSettings {
             listen: None,
             event_dedupe: Duration::from_secs(120),
             catalog_retry: Duration::from_secs(60),
+            device_plugin_selector: DEVICE_PLUGIN_SELECTOR.into(),
         }
     }
 }
@@ -84,11 +92,12 @@ pub struct Metrics {
     ready: Gauge,
 }
 
-const PHASES: [&str; 10] = [
+const PHASES: [&str; 11] = [
     "idle",
     "tainting",
     "draining",
     "relabeling",
+    "applying",
     "awaiting-mig-manager",
     "verifying",
     "untainting",
@@ -507,6 +516,23 @@ impl Worker {
                 })
                 .collect(),
             gpus,
+            advertised: node
+                .status
+                .as_ref()
+                .and_then(|s| s.allocatable.as_ref())
+                .map(|a| {
+                    a.iter()
+                        .filter(|(k, _)| k.starts_with("nvidia.com/mig-"))
+                        .map(|(k, q)| (k.clone(), q.0.parse().unwrap_or(0)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            device_plugin_label: labels.get(DEVICE_PLUGIN_DEPLOY_LABEL).cloned(),
+            device_plugin_pods: pods
+                .items
+                .iter()
+                .filter(|p| selects(&self.shared.settings.device_plugin_selector, p.labels()))
+                .count(),
             now: jiff::Timestamp::now(),
         };
         if obs.grant.is_err() || obs.state.is_err() {
@@ -631,6 +657,18 @@ impl Worker {
                     }
                 }
             }
+            Action::Apply(change) => self.source.apply(change).map_err(|e| {
+                tracing::warn!(node = %self.shared.settings.node, gpu = change.gpu, error = %e, "changing GPU instances failed; retrying until the phase times out");
+                TickError::Source(e)
+            }),
+            Action::PauseDevicePlugin => {
+                self.patch(json!({"metadata": {"labels": {DEVICE_PLUGIN_DEPLOY_LABEL: DEVICE_PLUGIN_PAUSED}}}))
+                    .await
+            }
+            Action::ResumeDevicePlugin => {
+                self.patch(json!({"metadata": {"labels": {DEVICE_PLUGIN_DEPLOY_LABEL: "true"}}}))
+                    .await
+            }
             Action::Event {
                 warning,
                 reason,
@@ -650,6 +688,16 @@ impl Worker {
         }
         result
     }
+}
+
+/// Whether `labels` has every `key=value` of `selector` (an empty selector selects nothing).
+fn selects(selector: &str, labels: &std::collections::BTreeMap<String, String>) -> bool {
+    let pairs: Vec<(&str, &str)> = selector
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
+    !pairs.is_empty() && pairs.iter().all(|(k, v)| labels.get(*k).is_some_and(|l| l == v))
 }
 
 fn pod_ref(ns: &str, name: &str) -> ObjectReference {

@@ -1,7 +1,8 @@
 //! The mig-autoscaler node agent (one per MIG node, a DaemonSet): it reports the node's GPUs on the
 //! Node, and when the controller grants a reconfiguration it runs taint → drain (Eviction API) →
-//! relabel `nvidia.com/mig.config` → wait for mig-manager → verify → untaint, persisting every phase
-//! on the Node so a restarted agent resumes where it was (docs/agent.md).
+//! relabel `nvidia.com/mig.config` → wait for mig-manager (or, with the nvml backend, create and
+//! destroy instances at explicit placements) → verify → untaint, persisting every phase on the Node
+//! so a restarted agent resumes where it was (docs/agent.md).
 //!
 //! [`sequence`] is the pure state machine; [`agent`] runs it against the API; [`source`] says where
 //! the GPUs come from.
@@ -11,5 +12,5 @@ pub mod sequence;
 pub mod source;
 
 pub use agent::{AgentSettings, Running, start};
-pub use sequence::{Action, FailurePolicy, Observation, SequencePolicy, Step, step};
+pub use sequence::{Action, FailurePolicy, InstanceChange, Observation, SequencePolicy, Step, step};
 pub use source::{EmulatedGpus, GpuSource, NvidiaSmiGpus, observed_from_catalog};

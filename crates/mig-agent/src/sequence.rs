@@ -16,13 +16,19 @@
 //!
 //! Draining, Relabeling: a pod the plan did not know on a GPU to change ─▶ untaint ─▶ Superseded
 //! ```
+//!
+//! With the nvml backend, `Relabeling ─▶ AwaitingMigManager` is one phase, `Applying`: destroy the
+//! instances the target drops, create the ones it adds at their placements (in-use instances the
+//! target keeps are never touched), restart the device plugin; `Verifying` then checks placements
+//! exactly and what the device plugin advertises; a rollback returns the GPUs to the layouts
+//! recorded when the sequence began.
 
 use std::collections::BTreeMap;
 
 use jiff::{SignedDuration, Timestamp};
 use mig_catalog::Catalog;
-use mig_controller::protocol::{Grant, NodeState, Phase};
-use mig_planner::snapshot::Gpu;
+use mig_controller::protocol::{DEVICE_PLUGIN_PAUSED, Grant, NodeState, Phase};
+use mig_planner::snapshot::{Backend, Gpu, GpuInstance};
 
 /// A pod on this node, as the sequence needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +58,12 @@ pub struct Observation {
     pub pods: Vec<PodFact>,
     /// The GPUs as the source reports them now.
     pub gpus: Vec<Gpu>,
+    /// What the device plugin advertises on the Node: allocatable `nvidia.com/mig-*` by resource.
+    pub advertised: BTreeMap<String, u64>,
+    /// `nvidia.com/gpu.deploy.device-plugin` on the Node.
+    pub device_plugin_label: Option<String>,
+    /// Device-plugin pods on the node (terminating ones included).
+    pub device_plugin_pods: usize,
     /// Now.
     pub now: Timestamp,
 }
@@ -78,6 +90,8 @@ pub struct SequencePolicy {
     pub phase_timeout: SignedDuration,
     /// On failure.
     pub on_failure: FailurePolicy,
+    /// How target layouts reach the GPUs (must match the controller's `planner.backend`).
+    pub backend: Backend,
 }
 
 impl Default for SequencePolicy {
@@ -87,6 +101,7 @@ impl Default for SequencePolicy {
             mig_manager_timeout: SignedDuration::from_mins(10),
             phase_timeout: SignedDuration::from_mins(2),
             on_failure: FailurePolicy::Rollback,
+            backend: Backend::MigManager,
         }
     }
 }
@@ -103,6 +118,14 @@ pub enum Action {
     /// Set `nvidia.com/mig.config` (and mark `nvidia.com/mig.config.state` pending, so a success
     /// seen afterwards is mig-manager's answer to this change, not a stale one).
     Relabel(String),
+    /// nvml backend: destroy, then create, GPU instances on one GPU.
+    Apply(InstanceChange),
+    /// nvml backend: stop the device plugin on this node (`nvidia.com/gpu.deploy.device-plugin=
+    /// paused-for-mig-change`, as mig-manager does): it does not notice instances created or
+    /// destroyed under it, and advertises them only once started again.
+    PauseDevicePlugin,
+    /// Start it again (`nvidia.com/gpu.deploy.device-plugin=true`).
+    ResumeDevicePlugin,
     /// Publish an Event on the node.
     Event {
         /// Warning (else Normal).
@@ -112,6 +135,183 @@ pub enum Action {
         /// Message.
         note: String,
     },
+}
+
+/// What the nvml backend changes on one GPU to reach a layout: instances to destroy (there, not in
+/// the layout) and to create (in the layout, not there), as `(profile, start)` in the catalog's
+/// names. Instances in both are not touched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceChange {
+    /// GPU index.
+    pub gpu: u32,
+    /// Destroy these first.
+    pub destroy: Vec<(String, u8)>,
+    /// Then create these, at exactly these placements.
+    pub create: Vec<(String, u8)>,
+}
+
+/// The instances of `gpu` as `(catalog profile name, start)`.
+fn instances_of(gpu: &Gpu) -> Result<Vec<(String, u8)>, String> {
+    let model = Catalog::embedded()
+        .lookup(&gpu.product)
+        .map_err(|e| e.to_string())?;
+    gpu.instances
+        .iter()
+        .map(|i| {
+            model
+                .profile_by_name(&i.profile)
+                .map(|p| (model.profile_name(p), i.start))
+                .ok_or_else(|| format!("GPU {}: unknown profile {:?}", gpu.index, i.profile))
+        })
+        .collect()
+}
+
+/// The canonical layout text of a reported GPU (`empty` when it has no instances).
+pub fn layout_text(gpu: &Gpu) -> Result<String, String> {
+    let have = instances_of(gpu)?;
+    if have.is_empty() {
+        return Ok("empty".into());
+    }
+    Ok(have
+        .iter()
+        .map(|(p, s)| format!("{p}@{s}"))
+        .collect::<Vec<_>>()
+        .join(","))
+}
+
+/// What must change on each GPU of `targets` (GPU index → layout) to reach it; GPUs already there
+/// are left out, so an empty answer means every GPU is at its target, placements included.
+pub fn instance_changes(
+    targets: &BTreeMap<u32, String>,
+    gpus: &[Gpu],
+) -> Result<Vec<InstanceChange>, String> {
+    let mut out = Vec::new();
+    for (index, target) in targets {
+        let gpu = gpus
+            .iter()
+            .find(|g| g.index == *index)
+            .ok_or_else(|| format!("GPU {index} is not reported"))?;
+        let model = Catalog::embedded()
+            .lookup(&gpu.product)
+            .map_err(|e| e.to_string())?;
+        let layout = model
+            .parse_layout(target)
+            .map_err(|e| format!("GPU {index}: target {target:?}: {e}"))?;
+        model
+            .validate(&layout)
+            .map_err(|e| format!("GPU {index}: target {target:?} is not a valid layout: {e}"))?;
+        let want: Vec<(String, u8)> = layout
+            .instances()
+            .iter()
+            .map(|i| (model.profile_name(i.profile), i.start))
+            .collect();
+        let have = instances_of(gpu)?;
+        let destroy: Vec<(String, u8)> = have.iter().filter(|i| !want.contains(i)).cloned().collect();
+        let create: Vec<(String, u8)> = want.iter().filter(|i| !have.contains(i)).cloned().collect();
+        if !destroy.is_empty() || !create.is_empty() {
+            out.push(InstanceChange {
+                gpu: *index,
+                destroy,
+                create,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The reported instances a grant destroys: with mig-manager every instance of a GPU that changes
+/// (mig-parted rebuilds it whole); with nvml only those its target drops (all of them where the
+/// target cannot be read).
+fn doomed<'a>(grant: &Grant, gpus: &'a [Gpu], backend: Backend) -> Vec<(u32, &'a GpuInstance)> {
+    let mut out = Vec::new();
+    for gpu in gpus.iter().filter(|g| grant.targets.contains_key(&g.index)) {
+        let dropped: Option<Vec<(String, u8)>> = match backend {
+            Backend::MigManager => None,
+            Backend::Nvml => {
+                let one: BTreeMap<u32, String> = grant
+                    .targets
+                    .iter()
+                    .filter(|(i, _)| **i == gpu.index)
+                    .map(|(i, t)| (*i, t.clone()))
+                    .collect();
+                instance_changes(&one, std::slice::from_ref(gpu))
+                    .ok()
+                    .map(|c| c.into_iter().flat_map(|c| c.destroy).collect())
+            }
+        };
+        let model = Catalog::embedded().lookup(&gpu.product).ok();
+        for i in &gpu.instances {
+            let name = model
+                .and_then(|m| m.profile_by_name(&i.profile).map(|p| m.profile_name(p)))
+                .unwrap_or_else(|| i.profile.clone());
+            if dropped.as_ref().is_none_or(|d| d.contains(&(name, i.start))) {
+                out.push((gpu.index, i));
+            }
+        }
+    }
+    out
+}
+
+/// Whether the grant's GPUs are still as they were when the sequence began.
+fn untouched(state: &NodeState, gpus: &[Gpu]) -> bool {
+    instance_changes(&state.previous_layouts, gpus).is_ok_and(|c| c.is_empty())
+}
+
+/// What the device plugin should advertise for these GPUs: instances per resource name.
+fn expected_advertising(gpus: &[Gpu]) -> Result<BTreeMap<String, u64>, String> {
+    let mut out: BTreeMap<String, u64> = BTreeMap::new();
+    for g in gpus {
+        let model = Catalog::embedded()
+            .lookup(&g.product)
+            .map_err(|e| e.to_string())?;
+        for p in &model.profiles {
+            out.entry(p.resource_name()).or_default();
+        }
+        for (name, _) in instances_of(g)? {
+            if let Some(p) = model.profile_by_name(&name).and_then(|i| model.profile(i)) {
+                *out.entry(p.resource_name()).or_default() += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// nvml backend: the grant's GPUs at their exact target placements, and the device plugin
+/// advertising what the GPUs have.
+pub fn verify_exact(grant: &Grant, gpus: &[Gpu], advertised: &BTreeMap<String, u64>) -> Result<(), String> {
+    if let Some(c) = instance_changes(&grant.targets, gpus)?.first() {
+        let target = grant.targets.get(&c.gpu).map_or("?", String::as_str);
+        return Err(format!(
+            "GPU {} differs from its target {target}: {} to destroy, {} to create",
+            c.gpu,
+            c.destroy.len(),
+            c.create.len()
+        ));
+    }
+    advertising_matches(gpus, advertised)
+}
+
+/// Whether the device plugin advertises exactly the instances the GPUs have.
+fn advertising_matches(gpus: &[Gpu], advertised: &BTreeMap<String, u64>) -> Result<(), String> {
+    let want = expected_advertising(gpus)?;
+    for (resource, n) in &want {
+        let have = advertised.get(resource).copied().unwrap_or(0);
+        if have != *n {
+            return Err(format!(
+                "the device plugin advertises {have} {resource}, the GPUs have {n}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn plugin_paused(o: &Observation) -> bool {
+    o.device_plugin_label.as_deref() == Some(DEVICE_PLUGIN_PAUSED)
+}
+
+/// nvml backend, at the end of any sequence: a device plugin we paused is started again.
+fn resume_plugin(o: &Observation, policy: &SequencePolicy) -> Option<Action> {
+    (policy.backend == Backend::Nvml && plugin_paused(o)).then_some(Action::ResumeDevicePlugin)
 }
 
 /// One step's outcome.
@@ -143,6 +343,8 @@ fn enter(now: Timestamp, from: &NodeState, phase: Phase, message: impl Into<Stri
         attempt: from.attempt,
         message: Some(message.into()),
         previous_config: from.previous_config.clone(),
+        previous_layouts: from.previous_layouts.clone(),
+        restarting_device_plugin: false,
     }
 }
 
@@ -184,6 +386,15 @@ pub fn verify(grant: &Grant, gpus: &[Gpu]) -> Result<(), String> {
     Ok(())
 }
 
+/// `GPU 0 → 1g.10gb@0,…; GPU 1 → …`.
+fn describe(layouts: &BTreeMap<u32, String>) -> String {
+    layouts
+        .iter()
+        .map(|(i, l)| format!("GPU {i} → {l}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn timed_out(state: &NodeState, now: Timestamp, limit: SignedDuration) -> bool {
     state
         .since
@@ -193,10 +404,12 @@ fn timed_out(state: &NodeState, now: Timestamp, limit: SignedDuration) -> bool {
 
 /// The failure transition from `state` (the phase that failed) under `policy`.
 fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: String) -> Step {
-    let changed_gpus = matches!(
-        state.phase,
-        Phase::AwaitingMigManager | Phase::Verifying | Phase::Untainting
-    );
+    let changed_gpus = match state.phase {
+        Phase::AwaitingMigManager | Phase::Verifying | Phase::Untainting => true,
+        // The nvml backend may have destroyed or created some instances already.
+        Phase::Applying => !untouched(state, &o.gpus),
+        _ => false,
+    };
     let warn = |reason, note: String| Action::Event {
         warning: true,
         reason,
@@ -227,8 +440,21 @@ fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: String
             ],
             next: Some(enter(o.now, state, Phase::RolledBack, why)),
         },
+        FailurePolicy::Rollback if policy.backend == Backend::Nvml && !state.previous_layouts.is_empty() => {
+            Step {
+                actions: vec![warn(
+                    "ReconfigurationRollingBack",
+                    format!(
+                        "grant {}: {why}; returning the GPUs to {}",
+                        state.grant_id,
+                        describe(&state.previous_layouts)
+                    ),
+                )],
+                next: Some(enter(o.now, state, Phase::RollingBack, why)),
+            }
+        }
         FailurePolicy::Rollback => match &state.previous_config {
-            Some(prev) => Step {
+            Some(prev) if policy.backend == Backend::MigManager => Step {
                 actions: vec![
                     warn(
                         "ReconfigurationRollingBack",
@@ -238,7 +464,7 @@ fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: String
                 ],
                 next: Some(enter(o.now, state, Phase::RollingBack, why)),
             },
-            None => Step {
+            _ => Step {
                 actions: vec![warn(
                     "ReconfigurationFailed",
                     format!(
@@ -259,6 +485,10 @@ fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: String
 /// policy (it is no failure; the next plan counts the pod, with no cooldown); a pod already
 /// leaving (terminating, or no longer bound while the report lags) is waited for, up to `limit`.
 /// `None`: nothing in the way.
+///
+/// With the nvml backend only instances the target drops count (a pod on an instance the target
+/// keeps is no obstacle), and once some instance has changed a running pod is waited for (up to
+/// `limit`, then the failure policy) instead: `Superseded` is only for sequences that changed nothing.
 fn unplanned_pods(
     o: &Observation,
     grant: &Grant,
@@ -267,16 +497,16 @@ fn unplanned_pods(
     limit: SignedDuration,
 ) -> Option<Step> {
     let mut leaving = Vec::new();
-    for gpu in o.gpus.iter().filter(|g| grant.targets.contains_key(&g.index)) {
-        for key in gpu.instances.iter().flat_map(|i| &i.pods) {
+    let may_supersede = policy.backend == Backend::MigManager || untouched(current, &o.gpus);
+    for (gpu, instance) in doomed(grant, &o.gpus, policy.backend) {
+        for key in &instance.pods {
             if grant.evictions.contains(key) {
                 continue;
             }
             match o.pods.iter().find(|p| &p.key == key) {
-                Some(p) if !p.terminating => {
+                Some(p) if !p.terminating && may_supersede => {
                     let why = format!(
-                        "pod {key} started on GPU {} after the plan was made (it is not among the grant's evictions); nothing was changed, the next plan counts it",
-                        gpu.index
+                        "pod {key} started on GPU {gpu} after the plan was made (it is not among the grant's evictions); nothing was changed, the next plan counts it"
                     );
                     return Some(Step {
                         actions: vec![
@@ -301,7 +531,7 @@ fn unplanned_pods(
             o,
             current,
             policy,
-            format!("{} still on the GPUs to change", leaving.join(", ")),
+            format!("{} still on the instances to change", leaving.join(", ")),
         ))
     } else {
         Some(Step::nothing())
@@ -339,9 +569,14 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                 policy,
                 "the grant was removed while the sequence ran".into(),
             ),
-            // Our taint with nothing in flight: remove it.
-            _ if o.tainted => Step::act(vec![Action::Untaint]),
-            _ => Step::nothing(),
+            // Our taint (or our pause of the device plugin) with nothing in flight: undo it.
+            _ => Step::act(
+                o.tainted
+                    .then_some(Action::Untaint)
+                    .into_iter()
+                    .chain(resume_plugin(o, policy))
+                    .collect(),
+            ),
         };
     };
     let current = match state {
@@ -370,6 +605,13 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                     attempt: state.map_or(1, |s| if s.grant_id == grant.id { s.attempt + 1 } else { 1 }),
                     message: None,
                     previous_config: o.mig_config.clone(),
+                    previous_layouts: o
+                        .gpus
+                        .iter()
+                        .filter(|g| grant.targets.contains_key(&g.index))
+                        .filter_map(|g| Some((g.index, layout_text(g).ok()?)))
+                        .collect(),
+                    restarting_device_plugin: false,
                 }),
             };
         }
@@ -401,9 +643,13 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                 );
             }
             if remaining.is_empty() {
+                let phase = match policy.backend {
+                    Backend::MigManager => Phase::Relabeling,
+                    Backend::Nvml => Phase::Applying,
+                };
                 return unplanned_pods(o, grant, current, policy, policy.drain_timeout).unwrap_or(Step {
                     actions: vec![],
-                    next: next(Phase::Relabeling, "drained"),
+                    next: next(phase, "drained"),
                 });
             }
             if timed_out(current, o.now, policy.drain_timeout) {
@@ -424,12 +670,17 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                     .collect(),
             )
         }
+        // An agent switched to the nvml backend mid-sequence (nothing relabeled yet).
+        Phase::Relabeling if policy.backend == Backend::Nvml => Step {
+            actions: vec![],
+            next: next(Phase::Applying, "drained"),
+        },
         Phase::Relabeling => match &grant.mig_config {
             None => fail(
                 o,
                 current,
                 policy,
-                "the grant has no mig-parted config (the nvml backend is not available in this agent)".into(),
+                "the grant has no mig-parted config: the controller plans for the nvml backend (planner.backend: nvml) but this agent runs --backend mig-manager".into(),
             ),
             // Already relabeled (a crash after the action): on to mig-manager.
             Some(c) if o.mig_config.as_ref() == Some(c) => Step {
@@ -442,6 +693,39 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                 next: next(Phase::AwaitingMigManager, "relabeled"),
             }),
         },
+        Phase::Applying if policy.backend != Backend::Nvml => fail(
+            o,
+            current,
+            policy,
+            "the sequence was applying GPU instances with NVML, but this agent now runs --backend mig-manager".into(),
+        ),
+        Phase::Applying => {
+            if let Some(s) = unplanned_pods(o, grant, current, policy, policy.phase_timeout) {
+                return s;
+            }
+            match instance_changes(&grant.targets, &o.gpus) {
+                Err(e) => fail(o, current, policy, e),
+                Ok(c) if c.is_empty() => Step {
+                    actions: vec![Action::PauseDevicePlugin],
+                    next: next(
+                        Phase::Verifying,
+                        "instances at their target placements; restarting the device plugin",
+                    ),
+                },
+                Ok(c) if timed_out(current, o.now, policy.phase_timeout) => fail(
+                    o,
+                    current,
+                    policy,
+                    format!(
+                        "GPU {} did not reach its target in time ({} instance(s) to destroy, {} to create; the agent's log has NVML's answers)",
+                        c[0].gpu,
+                        c[0].destroy.len(),
+                        c[0].create.len()
+                    ),
+                ),
+                Ok(c) => Step::act(c.into_iter().map(Action::Apply).collect()),
+            }
+        }
         Phase::AwaitingMigManager => {
             let Some(c) = &grant.mig_config else {
                 return fail(o, current, policy, "the grant has no mig-parted config".into());
@@ -469,7 +753,15 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                 _ => Step::nothing(),
             }
         }
-        Phase::Verifying => match verify(grant, &o.gpus) {
+        // The device plugin we paused is gone: start it again (it then advertises the instances).
+        Phase::Verifying if policy.backend == Backend::Nvml && plugin_paused(o) && o.device_plugin_pods == 0 => {
+            Step::act(vec![Action::ResumeDevicePlugin])
+        }
+        Phase::Verifying => match match policy.backend {
+            Backend::MigManager => verify(grant, &o.gpus),
+            Backend::Nvml if plugin_paused(o) => Err("the device plugin is stopping".into()),
+            Backend::Nvml => verify_exact(grant, &o.gpus, &o.advertised),
+        } {
             Ok(()) => Step {
                 actions: vec![],
                 next: next(Phase::Untainting, "verified: actual layouts match the targets"),
@@ -494,6 +786,58 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
             ],
             next: next(Phase::Done, "reconfigured"),
         },
+        Phase::RollingBack if policy.backend == Backend::Nvml => {
+            let failed = |why: String| Step {
+                actions: vec![Action::Event {
+                    warning: true,
+                    reason: "ReconfigurationFailed",
+                    note: format!(
+                        "grant {}: rollback to {} failed: {why}; the node stays tainted",
+                        current.grant_id,
+                        describe(&current.previous_layouts)
+                    ),
+                }],
+                next: next(Phase::Failed, &format!("rollback failed: {why}")),
+            };
+            match instance_changes(&current.previous_layouts, &o.gpus) {
+                Err(e) => failed(e),
+                // Back. Recreated instances have new device IDs, so the device plugin is
+                // restarted whatever the counts: paused (once), gone, started again, advertising.
+                Ok(c) if c.is_empty() && plugin_paused(o) => {
+                    if o.device_plugin_pods == 0 {
+                        Step::act(vec![Action::ResumeDevicePlugin])
+                    } else if timed_out(current, o.now, policy.phase_timeout) {
+                        failed("the device plugin did not stop".into())
+                    } else {
+                        Step::nothing()
+                    }
+                }
+                Ok(c) if c.is_empty() && !current.restarting_device_plugin => Step {
+                    actions: vec![Action::PauseDevicePlugin],
+                    next: Some(NodeState {
+                        restarting_device_plugin: true,
+                        ..current.clone()
+                    }),
+                },
+                Ok(c) if c.is_empty() => match advertising_matches(&o.gpus, &o.advertised) {
+                    Ok(()) => Step {
+                        actions: vec![Action::Untaint],
+                        next: Some(enter(
+                            o.now,
+                            current,
+                            Phase::RolledBack,
+                            current.message.clone().unwrap_or_else(|| "rolled back".into()),
+                        )),
+                    },
+                    Err(e) if timed_out(current, o.now, policy.phase_timeout) => failed(e),
+                    Err(_) => Step::nothing(),
+                },
+                Ok(_) if timed_out(current, o.now, policy.phase_timeout) => {
+                    failed("the GPUs did not return to their layouts in time".into())
+                }
+                Ok(c) => Step::act(c.into_iter().map(Action::Apply).collect()),
+            }
+        }
         Phase::RollingBack => {
             let Some(prev) = &current.previous_config else {
                 return Step {
@@ -532,14 +876,15 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                 _ => Step::nothing(),
             }
         }
-        Phase::Done | Phase::RolledBack | Phase::Superseded => {
-            if o.tainted {
-                Step::act(vec![Action::Untaint])
-            } else {
-                Step::nothing()
-            }
-        }
-        Phase::Failed => Step::nothing(),
+        Phase::Done | Phase::RolledBack | Phase::Superseded => Step::act(
+            o.tainted
+                .then_some(Action::Untaint)
+                .into_iter()
+                .chain(resume_plugin(o, policy))
+                .collect(),
+        ),
+        // The taint stays for a person; the device plugin runs whatever happened.
+        Phase::Failed => Step::act(resume_plugin(o, policy).into_iter().collect()),
     }
 }
 
@@ -590,6 +935,8 @@ mod tests {
             attempt: 1,
             message: None,
             previous_config: previous.map(str::to_string),
+            previous_layouts: BTreeMap::new(),
+            restarting_device_plugin: false,
         }
     }
 
@@ -606,6 +953,9 @@ mod tests {
                 do_not_disrupt: false,
             }],
             gpus: vec![gpu(&[("1g.10gb", 0), ("1g.10gb", 1)])],
+            advertised: BTreeMap::new(),
+            device_plugin_label: Some("true".into()),
+            device_plugin_pods: 1,
             now: "2026-06-01T12:00:10Z".parse().unwrap(),
         }
     }
@@ -620,6 +970,29 @@ mod tests {
                 Action::Relabel(c) => {
                     o.mig_config = Some(c.clone());
                     o.mig_state = Some("pending".into());
+                }
+                Action::Apply(c) => {
+                    let g = o.gpus.iter_mut().find(|g| g.index == c.gpu).unwrap();
+                    g.instances
+                        .retain(|i| !c.destroy.contains(&(i.profile.clone(), i.start)));
+                    for (p, start) in &c.create {
+                        g.instances.push(GpuInstance {
+                            profile: p.clone(),
+                            start: *start,
+                            pods: vec![],
+                            utilization: None,
+                        });
+                    }
+                }
+                // The plugin stops at once here; started again, it advertises what the GPUs have.
+                Action::PauseDevicePlugin => {
+                    o.device_plugin_label = Some(DEVICE_PLUGIN_PAUSED.into());
+                    o.device_plugin_pods = 0;
+                }
+                Action::ResumeDevicePlugin => {
+                    o.device_plugin_label = Some("true".into());
+                    o.device_plugin_pods = 1;
+                    o.advertised = expected_advertising(&o.gpus).unwrap();
                 }
                 Action::Event { .. } => {}
             }
@@ -866,6 +1239,222 @@ mod tests {
             }]
         ));
         assert!(s.next.is_none());
+    }
+
+    fn nvml() -> SequencePolicy {
+        SequencePolicy {
+            backend: Backend::Nvml,
+            ..Default::default()
+        }
+    }
+
+    /// nvml backend: GPU 0 has `ml/keep` on 1g.10gb@0 (the target keeps it), a free 1g.10gb@1 and a
+    /// free 2g.20gb@2; the target replaces the free ones with a 3g.40gb@4. Nothing to evict.
+    fn nvml_obs() -> Observation {
+        let mut o = obs();
+        let mut g = grant();
+        g.mig_config = None;
+        g.evictions.clear();
+        g.targets = [(0, "1g.10gb@0,3g.40gb@4".to_string())].into();
+        o.grant = Ok(Some(g));
+        o.pods = vec![PodFact {
+            key: "ml/keep".into(),
+            terminating: false,
+            do_not_disrupt: false,
+        }];
+        o.gpus = vec![gpu(&[("1g.10gb", 0), ("1g.10gb", 1), ("2g.20gb", 2)])];
+        o.gpus[0].instances[0].pods = vec!["ml/keep".into()];
+        o.advertised = expected_advertising(&o.gpus).unwrap();
+        o
+    }
+
+    #[test]
+    fn nvml_changes_only_what_the_target_drops_and_never_the_kept_busy_instance() {
+        let mut o = nvml_obs();
+        let p = nvml();
+        let mut phases = vec![];
+        let mut applied = vec![];
+        for _ in 0..20 {
+            let s = step(&o, &p);
+            for a in &s.actions {
+                match a {
+                    Action::Apply(c) => applied.push(c.clone()),
+                    Action::Relabel(_) | Action::Evict(_) => panic!("nvml backend did {a:?}"),
+                    _ => {}
+                }
+            }
+            apply(&mut o, &s);
+            if phases.last() != phase(&o).as_ref() {
+                phases.push(phase(&o).unwrap());
+            }
+        }
+        use Phase::*;
+        assert_eq!(
+            phases,
+            vec![Tainting, Draining, Applying, Verifying, Untainting, Done]
+        );
+        assert_eq!(
+            applied,
+            vec![InstanceChange {
+                gpu: 0,
+                destroy: vec![("1g.10gb".into(), 1), ("2g.20gb".into(), 2)],
+                create: vec![("3g.40gb".into(), 4)],
+            }]
+        );
+        assert_eq!(layout_text(&o.gpus[0]).unwrap(), "1g.10gb@0,3g.40gb@4");
+        assert_eq!(o.gpus[0].instances[0].pods, vec!["ml/keep".to_string()]);
+        assert!(!o.tainted);
+        let done = o.state.unwrap().unwrap();
+        assert_eq!(
+            done.previous_layouts,
+            [(0, "1g.10gb@0,1g.10gb@1,2g.20gb@2".to_string())].into()
+        );
+    }
+
+    #[test]
+    fn nvml_verification_waits_for_the_device_plugin_to_advertise() {
+        let mut o = nvml_obs();
+        o.tainted = true;
+        o.gpus = vec![gpu(&[("1g.10gb", 0), ("3g.40gb", 4)])];
+        o.state = Ok(Some(at(Phase::Verifying, "2026-06-01T12:00:05Z", None)));
+        // The plugin still advertises the old instances: not verified, and after the phase
+        // timeout a failure.
+        assert_eq!(step(&o, &nvml()), Step::nothing());
+        let e = verify_exact(
+            o.grant.as_ref().unwrap().as_ref().unwrap(),
+            &o.gpus,
+            &o.advertised,
+        )
+        .unwrap_err();
+        assert!(e.contains("device plugin advertises"), "{e}");
+        o.advertised = expected_advertising(&o.gpus).unwrap();
+        assert_eq!(step(&o, &nvml()).next.unwrap().phase, Phase::Untainting);
+        // A wrong placement is not the target, even with the right counts.
+        o.gpus = vec![gpu(&[("1g.10gb", 1), ("3g.40gb", 4)])];
+        o.advertised = expected_advertising(&o.gpus).unwrap();
+        assert_eq!(step(&o, &nvml()), Step::nothing());
+    }
+
+    #[test]
+    fn nvml_supersedes_only_for_pods_on_instances_it_would_destroy_before_any_change() {
+        // A pod on the free 1g.10gb@1 (to be destroyed) since the plan: Superseded, nothing applied.
+        let mut o = nvml_obs();
+        o.tainted = true;
+        o.pods.push(PodFact {
+            key: "ml/new".into(),
+            terminating: false,
+            do_not_disrupt: false,
+        });
+        o.gpus[0].instances[1].pods = vec!["ml/new".into()];
+        let mut state = at(Phase::Applying, "2026-06-01T12:00:05Z", None);
+        state.previous_layouts = [(0, "1g.10gb@0,1g.10gb@1,2g.20gb@2".to_string())].into();
+        o.state = Ok(Some(state.clone()));
+        let s = step(&o, &nvml());
+        assert!(!s.actions.iter().any(|a| matches!(a, Action::Apply(_))), "{s:?}");
+        assert_eq!(s.next.unwrap().phase, Phase::Superseded);
+        // Once something changed, the same pod is waited for instead (then the failure policy
+        // returns the GPU to its layout), never destroyed under it.
+        o.gpus[0].instances.retain(|i| i.start != 2);
+        let s = step(&o, &nvml());
+        assert_eq!(s, Step::nothing());
+        o.now = "2026-06-01T12:10:00Z".parse().unwrap();
+        let s = step(&o, &nvml());
+        assert_eq!(s.next.unwrap().phase, Phase::RollingBack);
+        // The busy instance the target keeps is no obstacle.
+        let mut o = nvml_obs();
+        o.tainted = true;
+        o.state = Ok(Some(state));
+        assert!(matches!(step(&o, &nvml()).actions.as_slice(), [Action::Apply(_)]));
+    }
+
+    #[test]
+    fn nvml_failure_returns_the_gpus_to_their_recorded_layouts() {
+        // The creation never succeeds (NVML refuses it): after the phase timeout the instances
+        // destroyed so far are created again, the device plugin restarted, the node untainted.
+        let mut o = nvml_obs();
+        let p = nvml();
+        let mut t: Timestamp = "2026-06-01T12:00:10Z".parse().unwrap();
+        let mut warned = false;
+        let mut paused = false;
+        for _ in 0..40 {
+            o.now = t;
+            let mut s = step(&o, &p);
+            warned |= s
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::Event { warning: true, .. }));
+            paused |= s.actions.contains(&Action::PauseDevicePlugin);
+            if phase(&o) == Some(Phase::Applying) {
+                for a in &mut s.actions {
+                    if let Action::Apply(c) = a {
+                        c.create.clear(); // destroys happen, creates fail
+                    }
+                }
+            }
+            apply(&mut o, &s);
+            t += SignedDuration::from_secs(30);
+        }
+        assert_eq!(phase(&o), Some(Phase::RolledBack));
+        assert!(warned);
+        assert!(!o.tainted);
+        // Recreated instances have new device IDs: the plugin was restarted and runs.
+        assert!(paused, "the device plugin was not restarted");
+        assert_eq!(o.device_plugin_label.as_deref(), Some("true"));
+        assert_eq!(layout_text(&o.gpus[0]).unwrap(), "1g.10gb@0,1g.10gb@1,2g.20gb@2");
+        assert_eq!(o.advertised, expected_advertising(&o.gpus).unwrap());
+    }
+
+    #[test]
+    fn an_agent_on_the_wrong_backend_changes_nothing_and_says_why() {
+        // A grant planned for nvml (no mig-parted config) reaching a mig-manager agent.
+        let mut o = nvml_obs();
+        o.tainted = true;
+        o.state = Ok(Some(at(
+            Phase::Relabeling,
+            "2026-06-01T12:00:05Z",
+            Some("all-1g.10gb"),
+        )));
+        let s = step(&o, &SequencePolicy::default());
+        assert!(s.actions.contains(&Action::Untaint));
+        let next = s.next.unwrap();
+        assert_eq!(next.phase, Phase::RolledBack);
+        assert!(next.message.unwrap().contains("--backend"));
+    }
+
+    #[test]
+    fn nvml_crash_at_any_point_repeats_only_idempotent_actions() {
+        let mut o = nvml_obs();
+        let p = nvml();
+        for _ in 0..20 {
+            let s = step(&o, &p);
+            let mut crashed = o.clone();
+            for a in &s.actions {
+                apply(
+                    &mut crashed,
+                    &Step {
+                        actions: vec![a.clone()],
+                        next: None,
+                    },
+                );
+            }
+            // After its actions and before the persist: the same step again may only repeat a
+            // harmless action (the instance changes are recomputed from the GPUs, so none is left).
+            for a in &step(&crashed, &p).actions {
+                assert!(
+                    matches!(
+                        a,
+                        Action::Event { .. }
+                            | Action::PauseDevicePlugin
+                            | Action::ResumeDevicePlugin
+                            | Action::Taint
+                            | Action::Untaint
+                    ),
+                    "after a crash the agent did {a:?}"
+                );
+            }
+            apply(&mut o, &s);
+        }
+        assert_eq!(phase(&o), Some(Phase::Done));
     }
 
     #[test]

@@ -12,6 +12,8 @@ use mig_catalog::nvml::{ObservedGpu, ObservedPlacement, ObservedProfile};
 use mig_catalog::{Catalog, GpuModel};
 use mig_planner::snapshot::{Gpu, GpuInstance};
 
+use crate::sequence::InstanceChange;
+
 /// A source of the node's GPUs.
 pub trait GpuSource: Send + Sync {
     /// Every GPU with its GPU instances at their placements, and the pods using each where known.
@@ -22,6 +24,13 @@ pub trait GpuSource: Send + Sync {
     fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, String> {
         let _ = gpu;
         Ok(None)
+    }
+
+    /// nvml backend: destroy `change.destroy`, then create `change.create` at exactly their
+    /// placements, on GPU `change.gpu`. Must refuse to destroy an instance in use.
+    fn apply(&self, change: &InstanceChange) -> Result<(), String> {
+        let _ = change;
+        Err("this GPU source cannot create or destroy instances (nvml backend unsupported)".into())
     }
 }
 
@@ -107,6 +116,12 @@ impl GpuSource for EmulatedGpus {
             })
             .collect())
     }
+
+    /// Through the emulator, which checks what NVML would: instance there and free, placement valid.
+    fn apply(&self, change: &InstanceChange) -> Result<(), String> {
+        self.cluster
+            .change_instances(&self.node, change.gpu, &change.destroy, &change.create)
+    }
 }
 
 /// The GPUs as NVIDIA's own NVML command line reports them: `nvidia-smi --query-gpu` for models and
@@ -143,6 +158,56 @@ fn run(command: &str, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// One GPU instance as `nvidia-smi mig -lgi` prints it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LgiRow {
+    /// GPU index.
+    pub gpu: u32,
+    /// Profile name (`3g.40gb`).
+    pub profile: String,
+    /// GPU instance ID (what `-gi` takes; not the placement).
+    pub gi_id: u32,
+    /// Placement start.
+    pub start: u8,
+}
+
+/// Parse `nvidia-smi mig -lgi`: rows like `|   0  MIG 3g.40gb   9   2   4:4   |` (GPU, name, profile
+/// ID, instance ID, placement start:size); other lines are ignored.
+pub fn lgi_rows(lgi: &str) -> Result<Vec<LgiRow>, String> {
+    let mut rows = Vec::new();
+    for line in lgi.lines() {
+        let cells: Vec<&str> = line
+            .trim_matches(|c| c == '|' || c == ' ')
+            .split_whitespace()
+            .collect();
+        let Some(mig) = cells.iter().position(|c| *c == "MIG") else {
+            continue;
+        };
+        let (Some(gpu), Some(profile), Some(placement)) = (cells.first(), cells.get(mig + 1), cells.last())
+        else {
+            continue;
+        };
+        let Ok(gpu) = gpu.parse::<u32>() else { continue };
+        let start = placement
+            .split_once(':')
+            .and_then(|(s, _)| s.parse::<u8>().ok())
+            .ok_or_else(|| format!("-lgi: placement {placement:?} in {line:?}"))?;
+        let gi_id = cells
+            .len()
+            .checked_sub(2)
+            .and_then(|i| cells.get(i))
+            .and_then(|c| c.parse::<u32>().ok())
+            .ok_or_else(|| format!("-lgi: no instance ID in {line:?}"))?;
+        rows.push(LgiRow {
+            gpu,
+            profile: profile.to_string(),
+            gi_id,
+            start,
+        });
+    }
+    Ok(rows)
+}
+
 /// Parse `nvidia-smi --query-gpu=index,name,mig.mode.current --format=csv,noheader` and
 /// `nvidia-smi mig -lgi` into GPUs. The NVML name (`NVIDIA H100 80GB HBM3`) is the product; the
 /// catalog resolves NVML names.
@@ -165,31 +230,14 @@ pub fn parse_nvidia_smi(query: &str, lgi: &str) -> Result<Vec<Gpu>, String> {
             instances: Vec::new(),
         });
     }
-    for line in lgi.lines() {
-        // "|   0  MIG 3g.40gb          9        2          4:4     |"
-        let cells: Vec<&str> = line
-            .trim_matches(|c| c == '|' || c == ' ')
-            .split_whitespace()
-            .collect();
-        let Some(mig) = cells.iter().position(|c| *c == "MIG") else {
-            continue;
-        };
-        let (Some(gpu), Some(profile), Some(placement)) = (cells.first(), cells.get(mig + 1), cells.last())
-        else {
-            continue;
-        };
-        let Ok(gpu) = gpu.parse::<u32>() else { continue };
-        let start = placement
-            .split_once(':')
-            .and_then(|(s, _)| s.parse::<u8>().ok())
-            .ok_or_else(|| format!("-lgi: placement {placement:?} in {line:?}"))?;
+    for row in lgi_rows(lgi)? {
         let g = gpus
             .iter_mut()
-            .find(|g| g.index == gpu)
-            .ok_or_else(|| format!("-lgi lists GPU {gpu}, which --query-gpu did not"))?;
+            .find(|g| g.index == row.gpu)
+            .ok_or_else(|| format!("-lgi lists GPU {}, which --query-gpu did not", row.gpu))?;
         g.instances.push(GpuInstance {
-            profile: profile.to_string(),
-            start,
+            profile: row.profile,
+            start: row.start,
             pods: Vec::new(),
             utilization: None,
         });
@@ -209,6 +257,56 @@ impl GpuSource for NvidiaSmiGpus {
         // With MIG off everywhere, -lgi fails ("No MIG-enabled devices found"): no instances.
         let lgi = run(&self.command, &["mig", "-lgi"]).unwrap_or_default();
         parse_nvidia_smi(&query, &lgi)
+    }
+
+    /// `nvidia-smi mig -i N -gi ID -dci` then `-dgi` for each instance to destroy (found by
+    /// placement in `-lgi`), then `nvidia-smi mig -i N -cgi PROFILE_ID:START -C` for each to
+    /// create: explicit placements, so the driver never picks the slot. The driver refuses to
+    /// destroy an instance a process uses; the planner and the sequence never ask for one a pod
+    /// holds. Profile IDs come from the catalog, which was checked against this driver at start.
+    fn apply(&self, change: &InstanceChange) -> Result<(), String> {
+        let index = change.gpu.to_string();
+        let product = run(
+            &self.command,
+            &["--query-gpu=name", "--format=csv,noheader", "-i", &index],
+        )?;
+        let model = Catalog::embedded()
+            .lookup(product.trim())
+            .map_err(|e| e.to_string())?;
+        let profile_id = |name: &str| {
+            model
+                .profile_by_name(name)
+                .and_then(|p| model.profile(p))
+                .map(|p| p.profile_id)
+                .ok_or_else(|| format!("{} has no profile {name}", model.key))
+        };
+        if !change.destroy.is_empty() {
+            let rows = lgi_rows(&run(&self.command, &["mig", "-lgi", "-i", &index])?)?;
+            for (name, start) in &change.destroy {
+                let id = profile_id(name)?;
+                let row = rows
+                    .iter()
+                    .find(|r| {
+                        r.gpu == change.gpu
+                            && r.start == *start
+                            && model
+                                .profile_by_name(&r.profile)
+                                .and_then(|p| model.profile(p))
+                                .map(|p| p.profile_id)
+                                == Some(id)
+                    })
+                    .ok_or_else(|| format!("GPU {index} has no instance {name}@{start}"))?;
+                let gi = row.gi_id.to_string();
+                // Compute instances first; with none left this fails harmlessly.
+                let _ = run(&self.command, &["mig", "-i", &index, "-gi", &gi, "-dci"]);
+                run(&self.command, &["mig", "-i", &index, "-gi", &gi, "-dgi"])?;
+            }
+        }
+        for (name, start) in &change.create {
+            let tuple = format!("{}:{start}", profile_id(name)?);
+            run(&self.command, &["mig", "-i", &index, "-cgi", &tuple, "-C"])?;
+        }
+        Ok(())
     }
 
     /// `nvidia-smi mig -lgip -i N` and `-lgipp -i N` (read-only), parsed by the catalog.

@@ -17,8 +17,11 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use kube_emulator::{Faults, NodeSpec};
 use mig_agent::{AgentSettings, EmulatedGpus, FailurePolicy};
-use mig_controller::protocol::{GRANT_ANNOTATION, Grant, NodeState, Phase, STATE_ANNOTATION, TAINT_KEY};
+use mig_controller::protocol::{
+    DEVICE_PLUGIN_DEPLOY_LABEL, GRANT_ANNOTATION, Grant, NodeState, Phase, STATE_ANNOTATION, TAINT_KEY,
+};
 use mig_controller::settings::{Amount, Mode};
+use mig_planner::snapshot::Backend;
 use serde_json::json;
 use support::*;
 
@@ -101,6 +104,15 @@ async fn check_invariants(env: &Env, expected_pods: &[&str], allow_tainted: bool
         .count();
     if !allow_tainted {
         assert_eq!(tainted, 0, "a node was left tainted");
+    }
+    // No device plugin left stopped (the nvml backend pauses it to restart it).
+    for n in &nodes {
+        let label = n.labels().get(DEVICE_PLUGIN_DEPLOY_LABEL);
+        assert!(
+            label.is_none_or(|v| v == "true"),
+            "{}: device plugin left {label:?}",
+            n.name_any()
+        );
     }
     tainted
 }
@@ -229,13 +241,21 @@ enum Blow {
     Reboot,
 }
 
+/// Agent settings for `backend`.
+fn on_backend(node: &str, backend: Backend) -> AgentSettings {
+    let mut s = agent_settings(node);
+    s.sequence.backend = backend;
+    s
+}
+
 /// One node, one GPU of seven 1g. With `drain`, a running 1g pod (`victim`) must be evicted for a
 /// higher-priority 7g pod; without, the 7g goes on the idle GPU. `blow` strikes when the node's
 /// state first shows `phase`; the controller and the agent are then restarted. Returns the phase
-/// seen and the time from the restart to the 7g pod running.
-async fn strike_at(phase: Phase, blow: Blow, drain: bool) -> (Phase, Duration) {
+/// seen and the time from the restart to the 7g pod running. With the nvml backend the emulated
+/// device plugin must be restarted to advertise the new instance.
+async fn strike_at(phase: Phase, blow: Blow, drain: bool, backend: Backend) -> (Phase, Duration) {
     let spec = nodes(1, 1, SEVEN_1G);
-    let env = bare_env(spec.clone()).await;
+    let env = bare_env_with(spec.clone(), backend == Backend::Nvml).await;
     if drain {
         // A batch pod that stops within a second of its SIGTERM (the default grace is 30 s).
         let mut victim = mig_pod("victim", "1g.10gb", "1");
@@ -246,8 +266,9 @@ async fn strike_at(phase: Phase, blow: Blow, drain: bool) -> (Phase, Duration) {
         })
         .await;
     }
-    let agent = start_agent(&env, "gpu-node-0", agent_settings("gpu-node-0")).await;
+    let agent = start_agent(&env, "gpu-node-0", on_backend("gpu-node-0", backend)).await;
     let mut settings = fast_settings(Mode::Auto);
+    settings.planner.backend = backend;
     if drain {
         settings.planner.drain = mig_planner::DrainPolicy::Allowed;
     }
@@ -280,7 +301,7 @@ async fn strike_at(phase: Phase, blow: Blow, drain: bool) -> (Phase, Duration) {
             c
         }
     };
-    let agent = start_agent(&env, "gpu-node-0", agent_settings("gpu-node-0")).await;
+    let agent = start_agent(&env, "gpu-node-0", on_backend("gpu-node-0", backend)).await;
     let t1 = Instant::now();
     eventually(30, "the 7g pod runs after the restart", || async {
         pod_phase(&env, "wants-7g").await.as_deref() == Some("Running")
@@ -313,11 +334,21 @@ const PHASES: [Phase; 7] = [
     Phase::Done,
 ];
 
+/// The phases of an nvml-backend sequence.
+const NVML_PHASES: [Phase; 6] = [
+    Phase::Tainting,
+    Phase::Draining,
+    Phase::Applying,
+    Phase::Verifying,
+    Phase::Untainting,
+    Phase::Done,
+];
+
 /// [`strike_at`] at each of `phases`; prints the recovery times as `label`.
-async fn strike_each(label: &str, phases: &[Phase], blow: Blow, drain: bool) {
+async fn strike_each(label: &str, phases: &[Phase], blow: Blow, drain: bool, backend: Backend) {
     let mut rows = Vec::new();
     for phase in phases {
-        let (seen, took) = strike_at(*phase, blow, drain).await;
+        let (seen, took) = strike_at(*phase, blow, drain, backend).await;
         rows.push(format!("{seen:?}: recovered in {took:?}"));
     }
     eprintln!("{label}: {rows:#?}");
@@ -325,18 +356,136 @@ async fn strike_each(label: &str, phases: &[Phase], blow: Blow, drain: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_killing_controller_and_agent_at_every_phase_completes_the_sequence() {
-    strike_each("s3", &PHASES, Blow::Kill, false).await;
+    strike_each("s3", &PHASES, Blow::Kill, false, Backend::MigManager).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3b_kills_at_every_phase_of_a_sequence_that_evicts() {
-    strike_each("s3b", &PHASES, Blow::Kill, true).await;
+    strike_each("s3b", &PHASES, Blow::Kill, true, Backend::MigManager).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s10_a_node_rebooting_mid_sequence_ends_reconfigured_and_untainted() {
     // Every phase between the taint and its removal.
-    strike_each("s10", &PHASES[1..6], Blow::Reboot, true).await;
+    strike_each("s10", &PHASES[1..6], Blow::Reboot, true, Backend::MigManager).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3c_kills_at_every_phase_of_an_nvml_sequence() {
+    strike_each("s3c", &NVML_PHASES, Blow::Kill, true, Backend::Nvml).await;
+}
+
+/// The emulated device-plugin pod of `node` (its uid changes when it is restarted).
+async fn device_plugin_uid(env: &Env, node: &str) -> Option<String> {
+    Api::<Pod>::namespaced(env.client.clone(), "gpu-operator")
+        .get(&format!("nvidia-device-plugin-{node}"))
+        .await
+        .ok()
+        .and_then(|p| p.metadata.uid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s11_nvml_backend_repartitions_around_a_running_pod_without_evicting_it() {
+    // One GPU of seven 1g, one of them running `keep`; draining is not allowed. mig-manager would
+    // have to rebuild the GPU whole, so a 3g pod could never run here; the nvml backend destroys
+    // only free 1g instances, creates the 3g at its placement and restarts the device plugin.
+    let spec = nodes(1, 1, SEVEN_1G);
+    let env = bare_env_with(spec.clone(), true).await;
+    running_pod_on(&env, "keep", "1g.10gb", json!({})).await;
+    let keep_uid = Api::<Pod>::namespaced(env.client.clone(), "default")
+        .get("keep")
+        .await
+        .unwrap()
+        .metadata
+        .uid;
+    let keep_at = env.cluster.gpus("gpu-node-0")[0].used.clone();
+    let plugin_before = device_plugin_uid(&env, "gpu-node-0").await;
+    assert!(plugin_before.is_some());
+    let agent = start_agent(&env, "gpu-node-0", on_backend("gpu-node-0", Backend::Nvml)).await;
+    let mut settings = fast_settings(Mode::Auto);
+    settings.planner.backend = Backend::Nvml;
+    let c = controller(&env, settings, "replica-a").await;
+    let t0 = Instant::now();
+    create_pod(&env.client, &mig_pod("wants-3g", "3g.40gb", "1")).await;
+    eventually(20, "the 3g pod runs", || async {
+        pod_phase(&env, "wants-3g").await.as_deref() == Some("Running")
+    })
+    .await;
+    eprintln!("s11: pending -> running in {:?}", t0.elapsed());
+    check_invariants(&env, &["wants-3g", "keep"], false).await;
+    // `keep` was never evicted and still holds the same instance.
+    let keep_now = Api::<Pod>::namespaced(env.client.clone(), "default")
+        .get("keep")
+        .await
+        .unwrap();
+    assert_eq!(keep_now.metadata.uid, keep_uid);
+    assert!(keep_now.metadata.deletion_timestamp.is_none());
+    let gpu = env.cluster.gpus("gpu-node-0")[0].clone();
+    for (instance, pod) in &keep_at {
+        assert!(gpu.layout.contains(instance), "keep's instance was destroyed");
+        assert_eq!(gpu.used.get(instance), Some(pod));
+    }
+    assert_eq!(agent.shared.metrics.count("evictions", "evicted"), 0);
+    // The device plugin was restarted (check_invariants: and runs again).
+    assert_ne!(device_plugin_uid(&env, "gpu-node-0").await, plugin_before);
+    let state = node_state(&env, "gpu-node-0").await.unwrap();
+    assert_eq!(state.phase, Phase::Done, "{state:?}");
+    assert_eq!(state.previous_layouts.get(&0).map(String::as_str), Some(SEVEN_1G));
+    let ev = events(&env.client, "default").await;
+    assert!(ev.iter().any(|e| e.1 == "ReconfigurationSucceeded"), "{ev:?}");
+    c.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s11b_nvml_refusing_to_create_instances_is_rolled_back_visibly_then_converges() {
+    // NVML destroys the free 1g instances but refuses every creation: after the phase timeout the
+    // agent rolls back (creates the seven 1g again), with a Warning; once NVML works again the
+    // controller plans anew and the pod runs.
+    let spec = nodes(1, 1, SEVEN_1G);
+    let env = bare_env_with(spec.clone(), true).await;
+    env.cluster.fail_next_applies(u32::MAX);
+    let mut s = on_backend("gpu-node-0", Backend::Nvml);
+    s.sequence.phase_timeout = jiff::SignedDuration::from_secs(1);
+    let agent = start_agent(&env, "gpu-node-0", s).await;
+    let mut settings = fast_settings(Mode::Auto);
+    settings.planner.backend = Backend::Nvml;
+    let c = controller(&env, settings, "replica-a").await;
+    create_pod(&env.client, &mig_pod("wants-3g", "3g.40gb", "1")).await;
+    eventually(20, "the agent rolls back", || async {
+        node_state(&env, "gpu-node-0")
+            .await
+            .is_some_and(|s| s.phase == Phase::RollingBack)
+    })
+    .await;
+    let partial = env.cluster.gpus("gpu-node-0")[0].clone();
+    assert!(
+        partial.layout.len() < 7,
+        "the destroys happened: {:?}",
+        partial.layout
+    );
+    env.cluster.fail_next_applies(0);
+    eventually(20, "rolled back", || async {
+        events(&env.client, "default")
+            .await
+            .iter()
+            .any(|e| e.1 == "ReconfigurationRolledBack")
+    })
+    .await;
+    let ev = events(&env.client, "default").await;
+    let rolling = ev
+        .iter()
+        .find(|e| e.1 == "ReconfigurationRollingBack")
+        .unwrap_or_else(|| panic!("{ev:?}"));
+    assert_eq!(rolling.3, "Warning");
+    assert!(rolling.2.contains("GPU 0 → 1g.10gb@0"), "{rolling:?}");
+    eventually(20, "the 3g pod runs once NVML works", || async {
+        pod_phase(&env, "wants-3g").await.as_deref() == Some("Running")
+    })
+    .await;
+    check_invariants(&env, &["wants-3g"], false).await;
+    c.stop().await;
+    agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

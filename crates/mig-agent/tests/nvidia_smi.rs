@@ -99,3 +99,79 @@ fn profiles_are_read_with_lgip_and_lgipp_and_agree_with_the_catalog() {
     assert!(e.contains("unexpected"), "{e}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The nvml backend's commands against a stand-in `nvidia-smi` that logs its arguments: instances
+/// to destroy are found by placement in `-lgi` (their GPU-instance IDs are not the placement),
+/// compute instances go before their GPU instance, and creations name the placement explicitly
+/// (`PROFILE_ID:START`, profile IDs from the catalog). A refusal by the driver is an error with its
+/// words; so is an instance that is not there.
+#[test]
+fn nvml_backend_destroys_by_instance_id_and_creates_at_explicit_placements() {
+    use mig_agent::{GpuSource, InstanceChange};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("fake-nvidia-smi-apply-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let here = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let log = dir.join("calls.log");
+    let script = dir.join("nvidia-smi");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {log}\ncase \"$*\" in\n\
+             '--query-gpu=name --format=csv,noheader -i 0') echo 'NVIDIA H100 80GB HBM3' ;;\n\
+             'mig -lgi -i 0') cat {here}/h100-lgi.txt ;;\n\
+             'mig -i 0 -gi 9 -dgi') echo 'Unable to destroy GPU instance ID 9: In use by another client' >&2; exit 1 ;;\n\
+             'mig -i 0 -gi '*) echo ok ;;\n\
+             'mig -i 0 -cgi '*) echo ok ;;\n\
+             *) echo \"unexpected: $*\" >&2; exit 3 ;;\n\
+             esac\n",
+            log = log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let source = mig_agent::NvidiaSmiGpus {
+        command: script.display().to_string(),
+    };
+    // 3g.40gb@4 (GPU-instance ID 2 in the fixture) becomes 2g.20gb@4 + 1g.10gb@6.
+    source
+        .apply(&InstanceChange {
+            gpu: 0,
+            destroy: vec![("3g.40gb".into(), 4)],
+            create: vec![("2g.20gb".into(), 4), ("1g.10gb".into(), 6)],
+        })
+        .unwrap();
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        calls.lines().collect::<Vec<_>>(),
+        vec![
+            "--query-gpu=name --format=csv,noheader -i 0",
+            "mig -lgi -i 0",
+            "mig -i 0 -gi 2 -dci",
+            "mig -i 0 -gi 2 -dgi",
+            "mig -i 0 -cgi 14:4 -C",
+            "mig -i 0 -cgi 19:6 -C",
+        ]
+    );
+    // 1g.10gb@0 is ID 9, which the driver says is in use: an error with its words, nothing created.
+    std::fs::remove_file(&log).unwrap();
+    let e = source
+        .apply(&InstanceChange {
+            gpu: 0,
+            destroy: vec![("1g.10gb".into(), 0)],
+            create: vec![("1g.10gb".into(), 0)],
+        })
+        .unwrap_err();
+    assert!(e.contains("In use by another client"), "{e}");
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("-cgi"));
+    // No such instance.
+    let e = source
+        .apply(&InstanceChange {
+            gpu: 0,
+            destroy: vec![("2g.20gb".into(), 2)],
+            create: vec![],
+        })
+        .unwrap_err();
+    assert!(e.contains("no instance 2g.20gb@2"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -19,6 +19,16 @@ pub enum OnFailure {
     StayTainted,
 }
 
+/// How target layouts reach the GPUs.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BackendArg {
+    /// Set `nvidia.com/mig.config` and let NVIDIA's mig-manager apply it (a changed GPU is rebuilt whole).
+    MigManager,
+    /// Destroy and create instances at explicit placements with NVML (`nvidia-smi mig`); in-use
+    /// instances the target keeps are not touched. The controller's `planner.backend` must say `nvml` too.
+    Nvml,
+}
+
 /// Arguments of `agent`.
 #[derive(Args)]
 pub struct AgentArgs {
@@ -40,6 +50,18 @@ pub struct AgentArgs {
     /// On a failed or timed-out phase.
     #[arg(long, value_enum, default_value = "rollback")]
     on_failure: OnFailure,
+    /// How target layouts reach the GPUs (the same as the controller's `planner.backend`).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "mig-manager",
+        env = "MIG_AUTOSCALER_BACKEND"
+    )]
+    backend: BackendArg,
+    /// nvml backend: `key=value` labels of the device-plugin pods (to see when the plugin, paused
+    /// with `nvidia.com/gpu.deploy.device-plugin` after a change, is gone from the node).
+    #[arg(long, default_value = mig_agent::agent::DEVICE_PLUGIN_SELECTOR)]
+    device_plugin_selector: String,
     /// The nvidia-smi to read GPUs with.
     #[arg(long, default_value = "nvidia-smi")]
     nvidia_smi: String,
@@ -63,6 +85,11 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
     settings.tick = std::time::Duration::from_secs_f64(args.tick_seconds);
     settings.catalog_retry = std::time::Duration::from_secs_f64(args.catalog_retry_seconds);
     settings.listen = Some(args.listen);
+    settings.device_plugin_selector = args.device_plugin_selector.clone();
+    settings.sequence.backend = match args.backend {
+        BackendArg::MigManager => mig_planner::snapshot::Backend::MigManager,
+        BackendArg::Nvml => mig_planner::snapshot::Backend::Nvml,
+    };
     settings.sequence.on_failure = match args.on_failure {
         OnFailure::Rollback => FailurePolicy::Rollback,
         OnFailure::StayTainted => FailurePolicy::StayTainted,

@@ -33,6 +33,11 @@ pub const DO_NOT_DISRUPT: &str = "mig-autoscaler.io/do-not-disrupt";
 pub const MIG_CONFIG_LABEL: &str = "nvidia.com/mig.config";
 /// Label mig-manager writes (`pending`, `success`, `failed`, `rebooting`).
 pub const MIG_STATE_LABEL: &str = "nvidia.com/mig.config.state";
+/// The GPU operator's switch for a node's device plugin (`true`: deployed). The nvml backend
+/// restarts the plugin as mig-manager does: [`DEVICE_PLUGIN_PAUSED`], then `true` once it is gone.
+pub const DEVICE_PLUGIN_DEPLOY_LABEL: &str = "nvidia.com/gpu.deploy.device-plugin";
+/// Value that stops the device plugin for a MIG change (mig-manager's own).
+pub const DEVICE_PLUGIN_PAUSED: &str = "paused-for-mig-change";
 
 /// What the agent observed on its node (NVML, or the emulator's simulated GPUs).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -80,8 +85,11 @@ pub enum Phase {
     Tainting,
     /// Evicting the pods on GPUs that change.
     Draining,
-    /// Setting `nvidia.com/mig.config` (or creating instances with NVML).
+    /// Setting `nvidia.com/mig.config` (mig-manager backend).
     Relabeling,
+    /// Destroying and creating GPU instances at the grant's placements, then restarting the device
+    /// plugin so that it advertises them (nvml backend).
+    Applying,
     /// Waiting for `nvidia.com/mig.config.state=success`.
     AwaitingMigManager,
     /// Checking actual == target.
@@ -117,6 +125,7 @@ impl Phase {
             Phase::Tainting => "tainting",
             Phase::Draining => "draining",
             Phase::Relabeling => "relabeling",
+            Phase::Applying => "applying",
             Phase::AwaitingMigManager => "awaiting-mig-manager",
             Phase::Verifying => "verifying",
             Phase::Untainting => "untainting",
@@ -148,6 +157,14 @@ pub struct NodeState {
     /// `nvidia.com/mig.config` before the sequence began (what a rollback returns to).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_config: Option<String>,
+    /// The grant's GPUs as they were when the sequence began, GPU index → layout (canonical form):
+    /// what an nvml-backend rollback returns to.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub previous_layouts: BTreeMap<u32, String>,
+    /// nvml backend: a device-plugin restart was begun in this phase (so a plugin still starting
+    /// is waited for, not paused again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restarting_device_plugin: bool,
 }
 
 fn one() -> u32 {
@@ -249,6 +266,8 @@ mod tests {
             attempt: 1,
             message: None,
             previous_config: None,
+            previous_layouts: Default::default(),
+            restarting_device_plugin: false,
         }
     }
 

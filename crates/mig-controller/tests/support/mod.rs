@@ -97,6 +97,12 @@ pub async fn env(spec_nodes: Vec<NodeSpec>, agent: AgentBehaviour) -> Env {
 
 /// The emulator, its actors and the default mig-parted ConfigMap; no agent.
 pub async fn bare_env(spec_nodes: Vec<NodeSpec>) -> Env {
+    bare_env_with(spec_nodes, false).await
+}
+
+/// [`bare_env`], with device-plugin pods that advertise instances changed directly (nvml backend)
+/// only once restarted, as the real device plugin does (`device_plugin_pods`).
+pub async fn bare_env_with(spec_nodes: Vec<NodeSpec>, device_plugin_pods: bool) -> Env {
     let server = Running::start("127.0.0.1:0".parse().unwrap(), Config::default())
         .await
         .unwrap();
@@ -104,6 +110,7 @@ pub async fn bare_env(spec_nodes: Vec<NodeSpec>) -> Env {
         nodes: spec_nodes.clone(),
         mig_parted_config_map: "gpu-operator/default-mig-parted-config".into(),
         mig_manager_delay_ms: 50,
+        device_plugin_pods,
     };
     let cluster = Cluster::new(server.state.clone(), &spec).unwrap();
     let actors = cluster.spawn();
@@ -204,6 +211,8 @@ async fn stand_in_agent(client: Client, cluster: Arc<Cluster>, names: Vec<String
                     attempt: 1,
                     message: Some(message.into()),
                     previous_config: None,
+                    previous_layouts: Default::default(),
+                    restarting_device_plugin: false,
                 };
                 json!({"metadata": {"annotations": {STATE_ANNOTATION: serde_json::to_string(&s).unwrap()}}})
             };
