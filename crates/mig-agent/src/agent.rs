@@ -454,6 +454,33 @@ impl Worker {
             }
         }
 
+        let pods = self
+            .pods
+            .list(&ListParams::default().fields(&format!("spec.nodeName={name}")))
+            .await
+            .map_err(|e| TickError::Api("list pods", e))?;
+        let live = |p: &&Pod| {
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            phase != Some("Succeeded") && phase != Some("Failed")
+        };
+        let mut gpus = gpus;
+        if !self.source.knows_pods() {
+            let requests: Vec<(String, std::collections::BTreeMap<String, i64>)> = pods
+                .items
+                .iter()
+                .filter(live)
+                .filter_map(|p| {
+                    let r = mig_controller::observe::mig_requests(p.spec.as_ref()?).ok()?;
+                    Some((
+                        format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
+                        r,
+                    ))
+                })
+                .filter(|(_, r)| !r.is_empty())
+                .collect();
+            crate::source::attribute_by_profile(&mut gpus, &requests);
+        }
+
         // Report (only when it changed, so an idle node costs no writes).
         let report = NodeReport {
             observed_at: jiff::Timestamp::now().to_string(),
@@ -480,11 +507,6 @@ impl Worker {
             return Ok(()); // refuse to act on GPUs the catalog does not know
         }
 
-        let pods = self
-            .pods
-            .list(&ListParams::default().fields(&format!("spec.nodeName={name}")))
-            .await
-            .map_err(|e| TickError::Api("list pods", e))?;
         let object = format!("node/{name}");
         let grant: Result<Option<Grant>, String> =
             parse_annotation(Some(&annotations), GRANT_ANNOTATION, &object).map_err(|e| e.to_string());
@@ -505,10 +527,7 @@ impl Worker {
             pods: pods
                 .items
                 .iter()
-                .filter(|p| {
-                    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-                    phase != Some("Succeeded") && phase != Some("Failed")
-                })
+                .filter(live)
                 .map(|p| PodFact {
                     key: format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
                     terminating: p.metadata.deletion_timestamp.is_some(),

@@ -5,6 +5,7 @@
 //! GPU instances with their placements (`nvmlDeviceGetGpuInstances` and `nvmlGpuInstanceGetInfo`
 //! are only in its raw `-sys` bindings). `nvidia-smi mig -lgi` prints exactly those, read-only.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kube_emulator::Cluster;
@@ -24,6 +25,13 @@ pub trait GpuSource: Send + Sync {
     fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, String> {
         let _ = gpu;
         Ok(None)
+    }
+
+    /// Whether [`GpuSource::gpus`] says which pods use each instance. When it does not (NVML knows
+    /// processes, not pods), the agent attributes the node's pods by profile with
+    /// [`attribute_by_profile`].
+    fn knows_pods(&self) -> bool {
+        false
     }
 
     /// nvml backend: destroy `change.destroy`, then create `change.create` at exactly their
@@ -67,6 +75,34 @@ pub fn observed_from_catalog(model: &GpuModel, origin: &str) -> ObservedGpu {
     }
 }
 
+/// For a source that cannot say which pod uses which instance: every instance of a profile that a
+/// pod on the node requests is reported as used by that pod (`pods`: `namespace/name` → MIG
+/// resource requests, for the pods bound to the node and not finished). Conservative on purpose:
+/// the planner then never rebuilds a GPU that may hold a running pod, nor destroys an instance that
+/// may be in use; the price is that a profile in use pins every instance of it on the node, and
+/// that such a pod, seen on several GPUs, is never drained.
+pub fn attribute_by_profile(gpus: &mut [Gpu], pods: &[(String, BTreeMap<String, i64>)]) {
+    for g in gpus {
+        let Ok(model) = Catalog::embedded().lookup(&g.product) else {
+            continue;
+        };
+        for i in &mut g.instances {
+            let Some(resource) = model
+                .profile_by_name(&i.profile)
+                .and_then(|p| model.profile(p))
+                .map(|p| p.resource_name())
+            else {
+                continue;
+            };
+            for (key, requests) in pods {
+                if requests.get(&resource).is_some_and(|n| *n > 0) && !i.pods.contains(key) {
+                    i.pods.push(key.clone());
+                }
+            }
+        }
+    }
+}
+
 /// The GPUs kube-emulator simulates on one node (what NVML would report there).
 pub struct EmulatedGpus {
     cluster: Arc<Cluster>,
@@ -84,6 +120,10 @@ impl EmulatedGpus {
 }
 
 impl GpuSource for EmulatedGpus {
+    fn knows_pods(&self) -> bool {
+        true
+    }
+
     fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, String> {
         let model = Catalog::embedded()
             .lookup(&gpu.product)

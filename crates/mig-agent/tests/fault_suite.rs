@@ -746,6 +746,9 @@ struct DriverDisagrees {
 }
 
 impl mig_agent::GpuSource for DriverDisagrees {
+    fn knows_pods(&self) -> bool {
+        true
+    }
     fn gpus(&self) -> Result<Vec<mig_planner::snapshot::Gpu>, String> {
         self.inner.gpus()
     }
@@ -927,4 +930,74 @@ async fn s9_a_pod_bound_after_the_plan_is_never_evicted_and_the_next_plan_counts
     check_invariants(&env, &["late", "wants-7g"], false).await;
     c.stop().await;
     agent.stop().await;
+}
+
+/// What a real node's source sees: the instances, not the pods using them (nvidia-smi).
+struct PodBlind(EmulatedGpus);
+
+impl mig_agent::GpuSource for PodBlind {
+    fn gpus(&self) -> Result<Vec<mig_planner::snapshot::Gpu>, String> {
+        let mut gpus = self.0.gpus()?;
+        for i in gpus.iter_mut().flat_map(|g| g.instances.iter_mut()) {
+            i.pods.clear();
+        }
+        Ok(gpus)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s12_without_pods_per_instance_a_gpu_that_may_hold_a_pod_is_never_rebuilt() {
+    // Two nodes of seven 1g; `keep` runs on one. The agents cannot tell which instance `keep`
+    // uses, so they report it on every 1g instance of its node: the 3g pod must be made room for
+    // on the other node, and mig-manager is never asked to rebuild a GPU in use.
+    let spec = nodes(2, 1, SEVEN_1G);
+    let env = bare_env(spec.clone()).await;
+    running_pod_on(&env, "keep", "1g.10gb", json!({})).await;
+    let busy = names(&spec)
+        .into_iter()
+        .find(|n| !env.cluster.gpus(n)[0].used.is_empty())
+        .unwrap();
+    let mut agents = Vec::new();
+    for n in names(&spec) {
+        let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.clone(), &n)));
+        agents.push(
+            mig_agent::start(client_for(&env.server), agent_settings(&n), source)
+                .await
+                .unwrap(),
+        );
+    }
+    let c = controller(&env, fast_settings(Mode::Auto), "replica-a").await;
+    create_pod(&env.client, &mig_pod("wants-3g", "3g.40gb", "1")).await;
+    eventually(20, "the 3g pod runs", || async {
+        pod_phase(&env, "wants-3g").await.as_deref() == Some("Running")
+    })
+    .await;
+    check_invariants(&env, &["wants-3g", "keep"], false).await;
+    // The busy node was never granted; nothing failed or rolled back anywhere.
+    assert!(node_state(&env, &busy).await.is_none(), "{busy} was reconfigured");
+    let ev = events(&env.client, "default").await;
+    assert!(
+        !ev.iter()
+            .any(|e| e.1.contains("RolledBack") || e.1.contains("Failed")),
+        "{ev:?}"
+    );
+    // Its report shows `keep` on each of its 1g instances.
+    let node = Api::<Node>::all(env.client.clone()).get(&busy).await.unwrap();
+    let report: mig_controller::protocol::NodeReport = serde_json::from_str(
+        node.annotations()
+            .get(mig_controller::protocol::REPORT_ANNOTATION)
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        report.gpus[0]
+            .instances
+            .iter()
+            .all(|i| i.pods == vec!["default/keep".to_string()]),
+        "{report:?}"
+    );
+    c.stop().await;
+    for a in agents {
+        a.stop().await;
+    }
 }

@@ -175,3 +175,42 @@ fn nvml_backend_destroys_by_instance_id_and_creates_at_explicit_placements() {
     assert!(e.contains("no instance 2g.20gb@2"), "{e}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Without pods per instance (nvidia-smi knows processes, not pods), a pod on the node is put on
+/// every instance of the profile it requests, on every GPU: nothing it may be using looks free.
+#[test]
+fn pods_are_attributed_by_profile_when_the_source_cannot_tell() {
+    use std::collections::BTreeMap;
+    let mut gpus = parse_nvidia_smi(
+        include_str!("fixtures/h100-query.csv"),
+        include_str!("fixtures/h100-lgi.txt"),
+    )
+    .unwrap();
+    let pods: Vec<(String, BTreeMap<String, i64>)> = vec![
+        ("ml/a".into(), [("nvidia.com/mig-1g.10gb".to_string(), 1)].into()),
+        ("ml/b".into(), [("nvidia.com/mig-7g.80gb".to_string(), 1)].into()),
+        ("ml/c".into(), [("nvidia.com/mig-2g.20gb".to_string(), 1)].into()),
+    ];
+    mig_agent::source::attribute_by_profile(&mut gpus, &pods);
+    let on: Vec<(u32, String, u8, Vec<String>)> = gpus
+        .iter()
+        .flat_map(|g| {
+            g.instances
+                .iter()
+                .map(move |i| (g.index, i.profile.clone(), i.start, i.pods.clone()))
+        })
+        .collect();
+    assert_eq!(
+        on,
+        vec![
+            (0, "1g.10gb".into(), 0, vec!["ml/a".to_string()]),
+            (0, "1g.10gb+me".into(), 1, vec![]),
+            (0, "3g.40gb".into(), 4, vec![]),
+            (1, "7g.80gb".into(), 0, vec!["ml/b".to_string()]),
+        ]
+    );
+    // Idempotent: attributing again adds nothing.
+    let before = gpus.clone();
+    mig_agent::source::attribute_by_profile(&mut gpus, &pods);
+    assert_eq!(gpus, before);
+}
