@@ -40,6 +40,24 @@ pub const AGENT_NAME: &str = "mig-autoscaler.io/agent";
 /// The GPU operator's device-plugin pods.
 pub const DEVICE_PLUGIN_SELECTOR: &str = "app=nvidia-device-plugin-daemonset";
 
+/// Where the node's dcgm-exporter serves its metrics.
+#[derive(Clone, Debug)]
+pub enum DcgmEndpoint {
+    /// This URL (`http://…/metrics`).
+    Url(String),
+    /// The pod on this node with these `key=value` labels, at its pod IP and this port (the GPU
+    /// operator's `nvidia-dcgm-exporter`, port 9400).
+    Pod {
+        /// `key=value[,key=value]`.
+        selector: String,
+        /// Metrics port.
+        port: u16,
+    },
+}
+
+/// The GPU operator's dcgm-exporter pods.
+pub const DCGM_EXPORTER_SELECTOR: &str = "app=nvidia-dcgm-exporter";
+
 /// Agent settings.
 #[derive(Clone, Debug)]
 pub struct AgentSettings {
@@ -60,6 +78,10 @@ pub struct AgentSettings {
     /// nvml backend: `key=value[,key=value]` labels of the device-plugin pods, to see when the
     /// paused plugin is gone from this node.
     pub device_plugin_selector: String,
+    /// Per-instance utilization and pods from dcgm-exporter (`None`: not read).
+    pub dcgm: Option<DcgmEndpoint>,
+    /// How often dcgm-exporter is read (it collects every 30 s by default).
+    pub dcgm_interval: Duration,
 }
 
 impl AgentSettings {
@@ -73,6 +95,11 @@ impl AgentSettings {
             event_dedupe: Duration::from_secs(120),
             catalog_retry: Duration::from_secs(60),
             device_plugin_selector: DEVICE_PLUGIN_SELECTOR.into(),
+            dcgm: Some(DcgmEndpoint::Pod {
+                selector: DCGM_EXPORTER_SELECTOR.into(),
+                port: 9400,
+            }),
+            dcgm_interval: Duration::from_secs(15),
         }
     }
 }
@@ -145,7 +172,15 @@ impl Metrics {
         for r in ["evicted", "blocked", "gone", "error"] {
             let _ = m.evictions.get_or_create(&Label { kind: r });
         }
-        for e in ["observe", "report", "act", "persist", "catalog", "annotation"] {
+        for e in [
+            "observe",
+            "report",
+            "act",
+            "persist",
+            "catalog",
+            "annotation",
+            "dcgm",
+        ] {
             let _ = m.errors.get_or_create(&Label { kind: e });
         }
         Metrics { registry, ..m }
@@ -251,6 +286,8 @@ pub async fn start(
         ),
         shared: shared.clone(),
         source,
+        http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
+        dcgm_cache: None,
         sent: HashMap::new(),
         catalog_checked: false,
         catalog_next_check: None,
@@ -310,6 +347,12 @@ struct Worker {
     recorder: Recorder,
     shared: Arc<Shared>,
     source: Arc<dyn GpuSource>,
+    http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Empty<bytes::Bytes>,
+    >,
+    /// The last dcgm-exporter read and when it was made.
+    dcgm_cache: Option<(Instant, Vec<crate::dcgm::InstanceSeries>)>,
     sent: HashMap<String, Instant>,
     catalog_checked: bool,
     /// When the catalog check may run again after a failure (None: at once).
@@ -464,19 +507,33 @@ impl Worker {
             phase != Some("Succeeded") && phase != Some("Failed")
         };
         let mut gpus = gpus;
-        if !self.source.knows_pods() {
-            let requests: Vec<(String, std::collections::BTreeMap<String, i64>)> = pods
-                .items
-                .iter()
-                .filter(live)
-                .filter_map(|p| {
-                    let r = mig_controller::observe::mig_requests(p.spec.as_ref()?).ok()?;
-                    Some((
-                        format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
-                        r,
-                    ))
-                })
-                .filter(|(_, r)| !r.is_empty())
+        let key = |p: &Pod| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+        // The pods on this node holding (or about to hold) MIG instances, with their requests.
+        let mig_pods: std::collections::BTreeMap<String, std::collections::BTreeMap<String, i64>> = pods
+            .items
+            .iter()
+            .filter(live)
+            .filter_map(|p| {
+                let r = mig_controller::observe::mig_requests(p.spec.as_ref()?).ok()?;
+                (!r.is_empty()).then(|| (key(p), r))
+            })
+            .collect();
+        let blind = !self.source.knows_pods();
+        // Utilization (and, where the source cannot tell, pods) per instance from dcgm-exporter.
+        let mut placed = std::collections::BTreeSet::new();
+        if let Some(series) = self.dcgm_series(&pods.items).await {
+            let candidates = if blind {
+                mig_pods.clone()
+            } else {
+                Default::default()
+            };
+            placed = crate::dcgm::apply(&mut gpus, &self.source.instance_ids(), &series, &candidates);
+        }
+        // The pods still unplaced, by profile (safe: every instance they may use counts as used).
+        if blind {
+            let requests: Vec<(String, std::collections::BTreeMap<String, i64>)> = mig_pods
+                .into_iter()
+                .filter(|(k, _)| !placed.contains(k))
                 .collect();
             crate::source::attribute_by_profile(&mut gpus, &requests);
         }
@@ -706,6 +763,69 @@ impl Worker {
                 .inc();
         }
         result
+    }
+}
+
+impl Worker {
+    /// dcgm-exporter's per-instance series, read at most every `dcgm_interval`. `None` when not
+    /// configured, when no exporter runs on the node, or when the read failed (counted as
+    /// `errors_total{kind="dcgm"}` and logged; tried again after the interval): then nothing of
+    /// it is used, never stale pods.
+    async fn dcgm_series(&mut self, pods: &[Pod]) -> Option<Vec<crate::dcgm::InstanceSeries>> {
+        let endpoint = self.shared.settings.dcgm.clone()?;
+        if let Some((at, series)) = &self.dcgm_cache
+            && at.elapsed() < self.shared.settings.dcgm_interval
+        {
+            return (!series.is_empty()).then(|| series.clone());
+        }
+        let url = match endpoint {
+            DcgmEndpoint::Url(u) => u,
+            DcgmEndpoint::Pod { selector, port } => {
+                let ip = pods
+                    .iter()
+                    .filter(|p| selects(&selector, p.labels()))
+                    .find_map(|p| p.status.as_ref()?.pod_ip.clone())?;
+                format!("http://{ip}:{port}/metrics")
+            }
+        };
+        match self.scrape(&url).await {
+            Ok(text) => {
+                let series = crate::dcgm::instance_series(&crate::dcgm::parse_exposition(&text));
+                self.dcgm_cache = Some((Instant::now(), series.clone()));
+                Some(series)
+            }
+            Err(e) => {
+                self.shared
+                    .metrics
+                    .errors
+                    .get_or_create(&Label { kind: "dcgm" })
+                    .inc();
+                tracing::warn!(node = %self.shared.settings.node, %url, error = %e, "cannot read dcgm-exporter; no per-instance utilization until it answers");
+                self.dcgm_cache = Some((Instant::now(), Vec::new()));
+                None
+            }
+        }
+    }
+
+    async fn scrape(&self, url: &str) -> Result<String, String> {
+        use http_body_util::BodyExt;
+        const LIMIT: usize = 16 << 20;
+        let uri: http::Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
+        let within = Duration::from_secs(2);
+        let response = tokio::time::timeout(within, self.http.get(uri))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("HTTP {}", response.status()));
+        }
+        let body = http_body_util::Limited::new(response.into_body(), LIMIT);
+        let bytes = tokio::time::timeout(within, body.collect())
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 }
 

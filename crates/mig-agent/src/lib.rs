@@ -8,6 +8,7 @@
 //! the GPUs come from.
 
 pub mod agent;
+pub mod dcgm;
 pub mod sequence;
 pub mod source;
 

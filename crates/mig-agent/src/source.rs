@@ -34,6 +34,13 @@ pub trait GpuSource: Send + Sync {
         false
     }
 
+    /// `(GPU index, GPU-instance ID)` → placement start, as of the last [`GpuSource::gpus`]: how
+    /// DCGM's series (labelled with GPU-instance IDs) are joined to placements. Empty where
+    /// unknown.
+    fn instance_ids(&self) -> BTreeMap<(u32, u32), u8> {
+        BTreeMap::new()
+    }
+
     /// nvml backend: destroy `change.destroy`, then create `change.create` at exactly their
     /// placements, on GPU `change.gpu`. Must refuse to destroy an instance in use.
     fn apply(&self, change: &InstanceChange) -> Result<(), String> {
@@ -124,6 +131,21 @@ impl GpuSource for EmulatedGpus {
         true
     }
 
+    /// The emulator has no GPU-instance IDs; it numbers instances by placement + 1 (so an ID is
+    /// never the placement, as on real GPUs).
+    fn instance_ids(&self) -> BTreeMap<(u32, u32), u8> {
+        self.cluster
+            .gpus(&self.node)
+            .iter()
+            .flat_map(|g| {
+                g.layout
+                    .instances()
+                    .iter()
+                    .map(move |i| ((g.index, u32::from(i.start) + 1), i.start))
+            })
+            .collect()
+    }
+
     fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, String> {
         let model = Catalog::embedded()
             .lookup(&gpu.product)
@@ -173,13 +195,23 @@ impl GpuSource for EmulatedGpus {
 pub struct NvidiaSmiGpus {
     /// The command (`nvidia-smi`, or a path).
     pub command: String,
+    /// The GPU-instance IDs seen by the last `gpus()`.
+    ids: std::sync::Mutex<BTreeMap<(u32, u32), u8>>,
+}
+
+impl NvidiaSmiGpus {
+    /// Read GPUs with `command` (`nvidia-smi`, or a path).
+    pub fn new(command: impl Into<String>) -> NvidiaSmiGpus {
+        NvidiaSmiGpus {
+            command: command.into(),
+            ids: Default::default(),
+        }
+    }
 }
 
 impl Default for NvidiaSmiGpus {
     fn default() -> Self {
-        NvidiaSmiGpus {
-            command: "nvidia-smi".into(),
-        }
+        NvidiaSmiGpus::new("nvidia-smi")
     }
 }
 
@@ -296,7 +328,17 @@ impl GpuSource for NvidiaSmiGpus {
         )?;
         // With MIG off everywhere, -lgi fails ("No MIG-enabled devices found"): no instances.
         let lgi = run(&self.command, &["mig", "-lgi"]).unwrap_or_default();
-        parse_nvidia_smi(&query, &lgi)
+        let gpus = parse_nvidia_smi(&query, &lgi)?;
+        let ids = lgi_rows(&lgi)?
+            .into_iter()
+            .map(|r| ((r.gpu, r.gi_id), r.start))
+            .collect();
+        *self.ids.lock().unwrap_or_else(|e| e.into_inner()) = ids;
+        Ok(gpus)
+    }
+
+    fn instance_ids(&self) -> BTreeMap<(u32, u32), u8> {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// `nvidia-smi mig -i N -gi ID -dci` then `-dgi` for each instance to destroy (found by

@@ -943,6 +943,14 @@ impl mig_agent::GpuSource for PodBlind {
         }
         Ok(gpus)
     }
+
+    fn instance_ids(&self) -> std::collections::BTreeMap<(u32, u32), u8> {
+        self.0.instance_ids()
+    }
+
+    fn apply(&self, change: &mig_agent::InstanceChange) -> Result<(), String> {
+        self.0.apply(change)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1000,4 +1008,149 @@ async fn s12_without_pods_per_instance_a_gpu_that_may_hold_a_pod_is_never_rebuil
     for a in agents {
         a.stop().await;
     }
+}
+
+/// A stand-in dcgm-exporter for `node`: one `DCGM_FI_PROF_GR_ENGINE_ACTIVE` series per instance,
+/// labelled as the real one (GPU-instance ID = placement + 1, as the emulated source numbers them),
+/// with the pod using it. Returns its metrics URL.
+async fn dcgm_exporter(env: &Env, node: &str) -> String {
+    let cluster = env.cluster.clone();
+    let node = node.to_string();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let gpus = cluster.gpus(&node);
+            async move {
+                let mut out = String::from("# TYPE DCGM_FI_PROF_GR_ENGINE_ACTIVE gauge\n");
+                for g in &gpus {
+                    for i in g.layout.instances() {
+                        let (ns, pod) = g
+                            .used
+                            .get(i)
+                            .and_then(|k| k.split_once('/'))
+                            .unwrap_or(("", ""));
+                        out += &format!(
+                            "DCGM_FI_PROF_GR_ENGINE_ACTIVE{{gpu=\"{}\",GPU_I_ID=\"{}\",GPU_I_PROFILE=\"{}\",namespace=\"{ns}\",pod=\"{pod}\"}} {}\n",
+                            g.index,
+                            u32::from(i.start) + 1,
+                            g.model.profile_name(i.profile),
+                            if pod.is_empty() { 0.0 } else { 0.42 }
+                        );
+                    }
+                }
+                out
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/metrics")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s13_dcgm_exporter_says_which_instance_a_pod_uses_so_nvml_repartitions_around_it() {
+    // As s12 (the source cannot tell pods), one node of seven 1g with `keep` on one, but a
+    // dcgm-exporter on the node names the instance `keep` uses: only that one is busy, and the
+    // nvml backend makes room for a 3g on the same GPU, around `keep`.
+    let spec = nodes(1, 1, SEVEN_1G);
+    let env = bare_env_with(spec.clone(), true).await;
+    running_pod_on(&env, "keep", "1g.10gb", json!({})).await;
+    let keep_at = env.cluster.gpus("gpu-node-0")[0].used.clone();
+    let mut s = on_backend("gpu-node-0", Backend::Nvml);
+    s.dcgm = Some(mig_agent::agent::DcgmEndpoint::Url(
+        dcgm_exporter(&env, "gpu-node-0").await,
+    ));
+    s.dcgm_interval = Duration::from_millis(200);
+    let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.clone(), "gpu-node-0")));
+    let agent = mig_agent::start(client_for(&env.server), s, source)
+        .await
+        .unwrap();
+    // The report names `keep` on its one instance, with the utilization dcgm-exporter gave.
+    eventually(10, "the report carries dcgm-exporter's view", || async {
+        let node = Api::<Node>::all(env.client.clone())
+            .get("gpu-node-0")
+            .await
+            .unwrap();
+        let Some(report) = node
+            .annotations()
+            .get(mig_controller::protocol::REPORT_ANNOTATION)
+            .and_then(|r| serde_json::from_str::<mig_controller::protocol::NodeReport>(r).ok())
+        else {
+            return false;
+        };
+        let busy: Vec<_> = report.gpus[0]
+            .instances
+            .iter()
+            .filter(|i| !i.pods.is_empty())
+            .collect();
+        busy.len() == 1
+            && busy[0].pods == vec!["default/keep".to_string()]
+            && busy[0].utilization == Some(0.4)
+    })
+    .await;
+    let mut settings = fast_settings(Mode::Auto);
+    settings.planner.backend = Backend::Nvml;
+    let c = controller(&env, settings, "replica-a").await;
+    create_pod(&env.client, &mig_pod("wants-3g", "3g.40gb", "1")).await;
+    eventually(20, "the 3g pod runs on the same GPU", || async {
+        pod_phase(&env, "wants-3g").await.as_deref() == Some("Running")
+    })
+    .await;
+    check_invariants(&env, &["wants-3g", "keep"], false).await;
+    let gpu = env.cluster.gpus("gpu-node-0")[0].clone();
+    for (instance, pod) in &keep_at {
+        assert_eq!(
+            gpu.used.get(instance),
+            Some(pod),
+            "keep moved or lost its instance"
+        );
+    }
+    assert_eq!(agent.shared.metrics.count("evictions", "evicted"), 0);
+    assert_eq!(agent.shared.metrics.count("errors", "dcgm"), 0);
+    c.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s13b_an_unreachable_dcgm_exporter_is_counted_and_pods_are_attributed_safely() {
+    let spec = nodes(1, 1, SEVEN_1G);
+    let env = bare_env(spec.clone()).await;
+    running_pod_on(&env, "keep", "1g.10gb", json!({})).await;
+    let mut s = agent_settings("gpu-node-0");
+    // Nothing listens on port 1.
+    s.dcgm = Some(mig_agent::agent::DcgmEndpoint::Url(
+        "http://127.0.0.1:1/metrics".into(),
+    ));
+    s.dcgm_interval = Duration::from_millis(200);
+    let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.clone(), "gpu-node-0")));
+    let agent = mig_agent::start(client_for(&env.server), s, source)
+        .await
+        .unwrap();
+    eventually(10, "the failed reads are counted", || async {
+        agent.shared.metrics.count("errors", "dcgm") >= 2
+    })
+    .await;
+    // Without it, `keep` is reported on every 1g instance (no utilization known).
+    let node = Api::<Node>::all(env.client.clone())
+        .get("gpu-node-0")
+        .await
+        .unwrap();
+    let report: mig_controller::protocol::NodeReport = serde_json::from_str(
+        node.annotations()
+            .get(mig_controller::protocol::REPORT_ANNOTATION)
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        report.gpus[0]
+            .instances
+            .iter()
+            .all(|i| i.pods == vec!["default/keep".to_string()] && i.utilization.is_none()),
+        "{report:?}"
+    );
+    assert!(agent.shared.is_ready());
+    agent.stop().await;
 }

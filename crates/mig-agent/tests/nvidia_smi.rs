@@ -85,9 +85,7 @@ fn profiles_are_read_with_lgip_and_lgipp_and_agree_with_the_catalog() {
     )
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let source = mig_agent::NvidiaSmiGpus {
-        command: script.display().to_string(),
-    };
+    let source = mig_agent::NvidiaSmiGpus::new(script.display().to_string());
     let gpus = source.gpus().unwrap();
     let observed = source.profiles(&gpus[0]).unwrap().unwrap();
     assert_eq!(observed.origin, "nvidia-smi");
@@ -130,9 +128,7 @@ fn nvml_backend_destroys_by_instance_id_and_creates_at_explicit_placements() {
     )
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let source = mig_agent::NvidiaSmiGpus {
-        command: script.display().to_string(),
-    };
+    let source = mig_agent::NvidiaSmiGpus::new(script.display().to_string());
     // 3g.40gb@4 (GPU-instance ID 2 in the fixture) becomes 2g.20gb@4 + 1g.10gb@6.
     source
         .apply(&InstanceChange {

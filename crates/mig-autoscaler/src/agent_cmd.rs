@@ -62,6 +62,19 @@ pub struct AgentArgs {
     /// with `nvidia.com/gpu.deploy.device-plugin` after a change, is gone from the node).
     #[arg(long, default_value = mig_agent::agent::DEVICE_PLUGIN_SELECTOR)]
     device_plugin_selector: String,
+    /// Per-instance utilization and pods from dcgm-exporter: the pod on this node with these
+    /// `key=value` labels, at its pod IP (empty: do not read dcgm-exporter).
+    #[arg(long, default_value = mig_agent::agent::DCGM_EXPORTER_SELECTOR)]
+    dcgm_exporter_selector: String,
+    /// dcgm-exporter's metrics port.
+    #[arg(long, default_value_t = 9400)]
+    dcgm_exporter_port: u16,
+    /// Read dcgm-exporter at this URL instead (e.g. `http://$(HOST_IP):9400/metrics`).
+    #[arg(long)]
+    dcgm_exporter_url: Option<String>,
+    /// How often dcgm-exporter is read, seconds.
+    #[arg(long, default_value_t = 15.0)]
+    dcgm_interval_seconds: f64,
     /// The nvidia-smi to read GPUs with.
     #[arg(long, default_value = "nvidia-smi")]
     nvidia_smi: String,
@@ -76,6 +89,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
     for (flag, v) in [
         ("--tick-seconds", args.tick_seconds),
         ("--catalog-retry-seconds", args.catalog_retry_seconds),
+        ("--dcgm-interval-seconds", args.dcgm_interval_seconds),
     ] {
         if !(v > 0.0 && v.is_finite()) {
             anyhow::bail!("{flag} must be positive");
@@ -86,6 +100,15 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
     settings.catalog_retry = std::time::Duration::from_secs_f64(args.catalog_retry_seconds);
     settings.listen = Some(args.listen);
     settings.device_plugin_selector = args.device_plugin_selector.clone();
+    settings.dcgm_interval = std::time::Duration::from_secs_f64(args.dcgm_interval_seconds);
+    settings.dcgm = match (&args.dcgm_exporter_url, args.dcgm_exporter_selector.trim()) {
+        (Some(url), _) => Some(mig_agent::agent::DcgmEndpoint::Url(url.clone())),
+        (None, "") => None,
+        (None, selector) => Some(mig_agent::agent::DcgmEndpoint::Pod {
+            selector: selector.to_string(),
+            port: args.dcgm_exporter_port,
+        }),
+    };
     settings.sequence.backend = match args.backend {
         BackendArg::MigManager => mig_planner::snapshot::Backend::MigManager,
         BackendArg::Nvml => mig_planner::snapshot::Backend::Nvml,
@@ -98,9 +121,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
     runtime.block_on(async move {
         // 429 from a PodDisruptionBudget must reach the agent, not be retried inside the client.
         let client = client(args.kubeconfig.as_ref(), false).await?;
-        let source = Arc::new(NvidiaSmiGpus {
-            command: args.nvidia_smi.clone(),
-        });
+        let source = Arc::new(NvidiaSmiGpus::new(args.nvidia_smi.clone()));
         let running = mig_agent::start(client, settings, source)
             .await
             .with_context(|| format!("cannot start the agent on {}", args.listen))?;
