@@ -542,12 +542,13 @@ impl Worker {
         let report = NodeReport {
             observed_at: jiff::Timestamp::now().to_string(),
             gpus: gpus.clone(),
+            backend: Some(self.shared.settings.sequence.backend),
         };
         let annotations = node.annotations().clone();
         let same = annotations
             .get(REPORT_ANNOTATION)
             .and_then(|r| serde_json::from_str::<NodeReport>(r).ok())
-            .is_some_and(|r| r.gpus == report.gpus);
+            .is_some_and(|r| r.gpus == report.gpus && r.backend == report.backend);
         if !same {
             let text = serde_json::to_string(&report).unwrap_or_default();
             self.patch(json!({"metadata": {"annotations": {REPORT_ANNOTATION: text}}}))

@@ -385,6 +385,21 @@ pub fn observe(
             recent_evictions: view.recent_evictions.clone(),
         };
         let blocked = budget::node_blocked(budgets, now, &facts, budget::window_open(budgets, now)).is_some();
+        let agent_backend = report.as_ref().and_then(|r| r.backend);
+        let wrong_backend = agent_backend.filter(|b| *b != policy.backend);
+        if let Some(b) = wrong_backend {
+            problem(
+                "Node",
+                String::new(),
+                name.clone(),
+                "AgentBackendMismatch",
+                format!(
+                    "the agent runs --backend {}, the planner plans for {}: the node is left alone until they agree (settings.planner.backend)",
+                    crate::protocol::backend_name(b),
+                    crate::protocol::backend_name(policy.backend)
+                ),
+            );
+        }
         let mut gpus = report.map(|r| r.gpus).unwrap_or_default();
         if let (Some(g), Flight::InFlight { .. } | Flight::Stuck) = (&grant, &view.flight) {
             // Plan around the target the node is moving to.
@@ -425,7 +440,7 @@ pub fn observe(
             labels,
             taints,
             schedulable: !spec.unschedulable.unwrap_or(false),
-            frozen: malformed || blocked,
+            frozen: malformed || blocked || wrong_backend.is_some(),
             gpus: if malformed { Vec::new() } else { gpus },
         });
         obs.nodes.insert(name, view);
@@ -552,5 +567,52 @@ mod tests {
         assert_eq!(s.pending_pods.len(), 2, "pending pods are planned as before");
         assert_eq!(run(4 * 3600).recent_demand.get("3g.40gb"), Some(&1));
         assert!(run(0).recent_demand.is_empty(), "0s turns it off");
+    }
+
+    #[test]
+    fn a_node_whose_agent_runs_another_backend_is_left_alone_and_said_so() {
+        let node = |backend: Option<&str>| {
+            let mut report = serde_json::json!({"observedAt": "", "gpus": []});
+            if let Some(b) = backend {
+                report["backend"] = b.into();
+            }
+            Arc::new(
+                serde_json::from_value::<Node>(serde_json::json!({
+                    "metadata": {"name": "n1", "annotations": {REPORT_ANNOTATION: report.to_string()}},
+                }))
+                .unwrap(),
+            )
+        };
+        let run = |n: Arc<Node>, backend: mig_planner::snapshot::Backend| {
+            let policy = mig_planner::Policy {
+                backend,
+                ..Default::default()
+            };
+            observe(
+                &[n],
+                &[],
+                &[],
+                &policy,
+                &DisruptionBudgets::default(),
+                std::time::Duration::from_secs(60),
+                "2026-11-22T12:00:00Z".parse().unwrap(),
+            )
+        };
+        use mig_planner::snapshot::Backend::{MigManager, Nvml};
+        let o = run(node(Some("nvml")), MigManager);
+        assert!(o.snapshot.nodes[0].frozen);
+        let p = &o.problems[0];
+        assert_eq!(p.reason, "AgentBackendMismatch");
+        assert!(p.message.contains("--backend nvml"), "{}", p.message);
+        assert!(p.message.contains("plans for mig-manager"), "{}", p.message);
+        for (agent, planner) in [
+            (Some("nvml"), Nvml),
+            (Some("mig-manager"), MigManager),
+            (None, Nvml),
+        ] {
+            let o = run(node(agent), planner);
+            assert!(!o.snapshot.nodes[0].frozen, "{agent:?} {planner:?}");
+            assert!(o.problems.is_empty(), "{agent:?}: {:?}", o.problems);
+        }
     }
 }

@@ -48,6 +48,18 @@ pub struct NodeReport {
     pub observed_at: String,
     /// Every GPU, with its instances at their placements and the pods using them.
     pub gpus: Vec<mig_planner::snapshot::Gpu>,
+    /// The backend the agent runs (`--backend`); a node whose agent runs another one than the
+    /// planner plans for is left alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<mig_planner::snapshot::Backend>,
+}
+
+/// The backend's name as settings and flags spell it.
+pub fn backend_name(b: mig_planner::snapshot::Backend) -> &'static str {
+    match b {
+        mig_planner::snapshot::Backend::MigManager => "mig-manager",
+        mig_planner::snapshot::Backend::Nvml => "nvml",
+    }
 }
 
 /// The controller's permission for a node to reconfigure to a target.

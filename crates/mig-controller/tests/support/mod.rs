@@ -149,6 +149,7 @@ fn report(cluster: &Cluster, node: &str) -> NodeReport {
                     .collect(),
             })
             .collect(),
+        backend: None,
     }
 }
 
