@@ -65,6 +65,14 @@ async fn node_state(env: &Env, node: &str) -> Option<NodeState> {
         .and_then(|s| serde_json::from_str(s).ok())
 }
 
+/// The node's GPU report, as its agent wrote it.
+async fn node_report(env: &Env, node: &str) -> Option<mig_controller::protocol::NodeReport> {
+    let n = Api::<Node>::all(env.client.clone()).get(node).await.ok()?;
+    n.annotations()
+        .get(mig_controller::protocol::REPORT_ANNOTATION)
+        .and_then(|r| serde_json::from_str(r).ok())
+}
+
 /// The invariants every scenario ends with.
 async fn check_invariants(env: &Env, expected_pods: &[&str], allow_tainted: bool) -> usize {
     // No invalid layout on any GPU.
@@ -990,13 +998,7 @@ async fn s12_without_pods_per_instance_a_gpu_that_may_hold_a_pod_is_never_rebuil
         "{ev:?}"
     );
     // Its report shows `keep` on each of its 1g instances.
-    let node = Api::<Node>::all(env.client.clone()).get(&busy).await.unwrap();
-    let report: mig_controller::protocol::NodeReport = serde_json::from_str(
-        node.annotations()
-            .get(mig_controller::protocol::REPORT_ANNOTATION)
-            .unwrap(),
-    )
-    .unwrap();
+    let report = node_report(&env, &busy).await.unwrap();
     assert!(
         report.gpus[0]
             .instances
@@ -1070,15 +1072,7 @@ async fn s13_dcgm_exporter_says_which_instance_a_pod_uses_so_nvml_repartitions_a
         .unwrap();
     // The report names `keep` on its one instance, with the utilization dcgm-exporter gave.
     eventually(10, "the report carries dcgm-exporter's view", || async {
-        let node = Api::<Node>::all(env.client.clone())
-            .get("gpu-node-0")
-            .await
-            .unwrap();
-        let Some(report) = node
-            .annotations()
-            .get(mig_controller::protocol::REPORT_ANNOTATION)
-            .and_then(|r| serde_json::from_str::<mig_controller::protocol::NodeReport>(r).ok())
-        else {
+        let Some(report) = node_report(&env, "gpu-node-0").await else {
             return false;
         };
         let busy: Vec<_> = report.gpus[0]
@@ -1134,16 +1128,7 @@ async fn s13b_an_unreachable_dcgm_exporter_is_counted_and_pods_are_attributed_sa
     })
     .await;
     // Without it, `keep` is reported on every 1g instance (no utilization known).
-    let node = Api::<Node>::all(env.client.clone())
-        .get("gpu-node-0")
-        .await
-        .unwrap();
-    let report: mig_controller::protocol::NodeReport = serde_json::from_str(
-        node.annotations()
-            .get(mig_controller::protocol::REPORT_ANNOTATION)
-            .unwrap(),
-    )
-    .unwrap();
+    let report = node_report(&env, "gpu-node-0").await.unwrap();
     assert!(
         report.gpus[0]
             .instances
