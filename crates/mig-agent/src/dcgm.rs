@@ -225,9 +225,8 @@ pub fn apply(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use mig_planner::snapshot::GpuInstance;
-
     use super::*;
+    use crate::test_support::gpu;
 
     const SCRAPE: &str = r#"# HELP DCGM_FI_PROF_GR_ENGINE_ACTIVE Ratio of time the graphics engine is active.
 # TYPE DCGM_FI_PROF_GR_ENGINE_ACTIVE gauge
@@ -239,23 +238,6 @@ DCGM_FI_PROF_GR_ENGINE_ACTIVE{gpu="0",GPU_I_ID="10",weird="a \"quoted\", value"}
 DCGM_FI_PROF_GR_ENGINE_ACTIVE{gpu="0",GPU_I_ID=
 not a metric line at all
 "#;
-
-    fn gpu(index: u32, layout: &[(&str, u8)]) -> Gpu {
-        Gpu {
-            index,
-            product: "NVIDIA H100 80GB HBM3".into(),
-            mig_enabled: true,
-            instances: layout
-                .iter()
-                .map(|(p, s)| GpuInstance {
-                    profile: p.to_string(),
-                    start: *s,
-                    pods: vec![],
-                    utilization: None,
-                })
-                .collect(),
-        }
-    }
 
     #[test]
     fn the_exposition_parses_labels_with_escapes_and_skips_what_does_not() {

@@ -15,3 +15,27 @@ pub mod source;
 pub use agent::{AgentSettings, Running, start};
 pub use sequence::{Action, FailurePolicy, InstanceChange, Observation, SequencePolicy, Step, step};
 pub use source::{EmulatedGpus, GpuSource, NvidiaSmiGpus, observed_from_catalog};
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use mig_planner::snapshot::{Gpu, GpuInstance};
+
+    /// An H100 at `index` with free instances at `layout` (`(profile, start)`).
+    pub fn gpu(index: u32, layout: &[(&str, u8)]) -> Gpu {
+        Gpu {
+            index,
+            product: "NVIDIA-H100-80GB-HBM3".into(),
+            mig_enabled: true,
+            instances: layout
+                .iter()
+                .map(|(p, s)| GpuInstance {
+                    profile: p.to_string(),
+                    start: *s,
+                    pods: vec![],
+                    utilization: None,
+                })
+                .collect(),
+        }
+    }
+}

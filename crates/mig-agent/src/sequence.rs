@@ -894,23 +894,8 @@ mod tests {
 
     use super::*;
 
-    const H100: &str = "NVIDIA-H100-80GB-HBM3";
-
     fn gpu(layout: &[(&str, u8)]) -> Gpu {
-        Gpu {
-            index: 0,
-            product: H100.into(),
-            mig_enabled: true,
-            instances: layout
-                .iter()
-                .map(|(p, s)| GpuInstance {
-                    profile: p.to_string(),
-                    start: *s,
-                    pods: vec![],
-                    utilization: None,
-                })
-                .collect(),
-        }
+        crate::test_support::gpu(0, layout)
     }
 
     fn grant() -> Grant {
