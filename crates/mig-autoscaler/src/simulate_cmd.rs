@@ -77,6 +77,10 @@ pub struct SimulateArgs {
     /// Most evictions per plan (default: unbounded).
     #[arg(long)]
     max_evictions: Option<u32>,
+    /// How layouts reach the GPUs: `mig-manager` (a changed GPU is rebuilt whole) or `nvml`
+    /// (instances in use stay; only the free rest of a GPU changes).
+    #[arg(long, default_value = "mig-manager")]
+    backend: String,
     /// With policy `system`: wall seconds per simulated second (0.01: a simulated hour in 36 s).
     /// Batching, mig-manager's delay, the replay and the agent and controller ticks (5 simulated
     /// seconds, 10–100 ms wall) scale with it.
@@ -197,6 +201,8 @@ pub fn run(args: SimulateArgs) -> Result<ExitCode> {
             args.drain
         )
     })?;
+    let backend: mig_planner::Backend = serde_json::from_value(serde_json::json!(args.backend))
+        .map_err(|_| anyhow::anyhow!("unknown --backend {:?}: use mig-manager or nvml", args.backend))?;
     let header = "policy,reconfig_delay_s,pods,started,wait_p50_s,wait_p95_s,wait_p99_s,wait_mean_s,allocation,demand,reconfigurations,plans,plan_ms_p50,plan_ms_p99,evictions,lost_slice_hours";
     let mut csv = format!("{header}\n");
     let mut by_profile = String::from("policy,reconfig_delay_s,profile,pods,wait_mean_s,wait_p95_s\n");
@@ -213,6 +219,7 @@ pub fn run(args: SimulateArgs) -> Result<ExitCode> {
             horizon,
             drain,
             max_evictions: args.max_evictions,
+            backend,
         };
         for policy in &args.policies {
             let report = match policy.as_str() {
@@ -280,6 +287,10 @@ fn slow_path(config: &SimConfig, pods: &[TracePod], scale: f64) -> Result<Report
     anyhow::ensure!(
         config.drain == DrainPolicy::Never,
         "policy system runs with --drain never only (the replay does not count evictions yet)"
+    );
+    anyhow::ensure!(
+        config.backend == mig_planner::Backend::MigManager,
+        "policy system runs with --backend mig-manager only (its agents run that backend)"
     );
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {

@@ -25,7 +25,7 @@ use std::time::Instant as Clock;
 
 use mig_catalog::{Catalog, Counts, GpuModel, Instance, Layout};
 use mig_planner::snapshot::{Gpu, GpuInstance, Node, PendingPod, RunningPod};
-use mig_planner::{DrainPolicy, Policy, Snapshot, SolverKind};
+use mig_planner::{Backend, DrainPolicy, Policy, Snapshot, SolverKind};
 
 pub use trace::{TracePod, parse_dlrm, parse_openb};
 
@@ -78,6 +78,9 @@ pub struct SimConfig {
     pub drain: DrainPolicy,
     /// Most evictions per plan (the controller's eviction budget; unbounded when absent).
     pub max_evictions: Option<u32>,
+    /// How layouts reach the GPUs: `MigManager` rebuilds a changed GPU whole (its instances must
+    /// all be free, or drained); `Nvml` keeps the instances in use and changes only the rest.
+    pub backend: Backend,
 }
 
 /// What a run measured.
@@ -605,6 +608,7 @@ fn plan_round(
         p.solver.kind = SolverKind::Greedy;
     }
     p.drain = config.drain;
+    p.backend = config.backend;
     p.budgets.max_evictions = config.max_evictions;
     p.solver.time_limit_ms = 2_000;
     let clock = Clock::now();
@@ -640,8 +644,15 @@ fn plan_round(
         let Ok(target) = model.parse_layout(&gp.target) else {
             continue;
         };
-        if !gpus[gi].used.is_empty() || gpus[gi].target.is_some() {
-            continue; // a pod the plan keeps on a changing GPU (not with mig-manager); kept safe
+        // mig-manager rebuilds a GPU whole: only an empty one changes. nvml keeps the instances in
+        // use, so every one must stay at its placement in the target. (The planner plans so;
+        // anything else is kept safe here.)
+        let keeps_pods = match config.backend {
+            Backend::MigManager => gpus[gi].used.is_empty(),
+            Backend::Nvml => gpus[gi].used.keys().all(|i| target.contains(i)),
+        };
+        if !keeps_pods || gpus[gi].target.is_some() {
+            continue;
         }
         gpus[gi].target = Some(target);
         changed.push(gi);

@@ -18,6 +18,7 @@ fn config() -> SimConfig {
         horizon: 10_000.0,
         drain: mig_planner::DrainPolicy::Never,
         max_evictions: None,
+        backend: mig_planner::Backend::MigManager,
     }
 }
 
@@ -400,4 +401,31 @@ fn draining_moves_a_small_pod_so_a_whole_gpu_pod_starts() {
     c.max_evictions = Some(0);
     let none = simulate(&c, &PolicyKind::Ilp, &pods).unwrap();
     assert_eq!((none.evictions, none.waits.clone()), (0, never.waits));
+}
+
+#[test]
+fn the_nvml_backend_repartitions_around_a_running_pod_that_mig_manager_must_wait_for() {
+    // One GPU of seven 1g; a long 1g pod holds one of them; then a 3g pod. mig-manager rebuilds a
+    // GPU whole, so without draining the 3g waits until the 1g leaves (t = 10,000); nvml keeps the
+    // busy 1g and rebuilds the free rest: the 3g starts after one batch and one reconfiguration.
+    let pods = vec![pod(0, 0.0, "1g.10gb", 9_000.0), pod(1, 100.0, "3g.40gb", 500.0)];
+    let one_gpu = |backend| SimConfig {
+        nodes: 1,
+        gpus_per_node: 1,
+        backend,
+        ..config()
+    };
+    let manager = simulate(
+        &one_gpu(mig_planner::Backend::MigManager),
+        &PolicyKind::Ilp,
+        &pods,
+    )
+    .unwrap();
+    let nvml = simulate(&one_gpu(mig_planner::Backend::Nvml), &PolicyKind::Ilp, &pods).unwrap();
+    assert_eq!(manager.waits[0], 0.0);
+    assert!(manager.waits[1] >= 8_900.0, "{:?}", manager.waits);
+    assert_eq!(nvml.waits[0], 0.0);
+    assert!(nvml.waits[1] <= 10.0 + 30.0 + 1e-6, "{:?}", nvml.waits);
+    assert_eq!(nvml.evictions, 0);
+    assert_eq!(nvml.reconfigurations, 1);
 }
