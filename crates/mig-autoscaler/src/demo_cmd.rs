@@ -57,6 +57,10 @@ pub struct DemoArgs {
     /// `auto` (default) or `dry-run`.
     #[arg(long, default_value = "auto")]
     mode: Mode,
+    /// `mig-manager` (default: NVIDIA's mig-manager rebuilds changed GPUs whole) or `nvml` (the
+    /// agents create and destroy instances at placements around running pods).
+    #[arg(long, default_value = "mig-manager")]
+    backend: String,
 }
 
 /// Profiles of the demo workload, with weights (inference-heavy: many small, some large).
@@ -103,8 +107,12 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     crate::controller_cmd::init_logging(crate::controller_cmd::LogFormat::Plain);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let spec = kube_emulator::fleet::default_spec(args.nodes, args.gpus_per_node);
-        let settings = demo_settings(args.mode, args.listen);
+        let backend: mig_planner::Backend = serde_json::from_value(serde_json::json!(args.backend))
+            .map_err(|_| anyhow::anyhow!("unknown --backend {:?}: use mig-manager or nvml", args.backend))?;
+        let mut spec = kube_emulator::fleet::default_spec(args.nodes, args.gpus_per_node);
+        spec.device_plugin_pods = backend == mig_planner::Backend::Nvml;
+        let mut settings = demo_settings(args.mode, args.listen);
+        settings.planner.backend = backend;
         let system = System::start(args.api_listen, &spec, settings, Duration::from_millis(500)).await?;
         if let Some(path) = &args.kubeconfig_out {
             std::fs::write(path, system.server.kubeconfig())

@@ -288,20 +288,17 @@ fn slow_path(config: &SimConfig, pods: &[TracePod], scale: f64) -> Result<Report
         config.drain == DrainPolicy::Never,
         "policy system runs with --drain never only (the replay does not count evictions yet)"
     );
-    anyhow::ensure!(
-        config.backend == mig_planner::Backend::MigManager,
-        "policy system runs with --backend mig-manager only (its agents run that backend)"
-    );
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let wall = |secs: f64| Dur(Duration::from_secs_f64((secs * scale).max(0.001)));
         let delay_ms = (config.reconfig_delay * scale * 1000.0).round() as u64;
-        let spec = kube_emulator::fleet::spec(
+        let mut spec = kube_emulator::fleet::spec(
             config.nodes,
             config.gpus_per_node,
             &[config.product.as_str()],
             delay_ms,
         );
+        spec.device_plugin_pods = config.backend == mig_planner::Backend::Nvml;
         let listen = "127.0.0.1:0".parse()?;
         // Agent and controller ticks and the replay's look: 5 simulated seconds, 10–100 ms wall.
         let tick = Duration::from_secs_f64((5.0 * scale).clamp(0.01, 0.1));
@@ -312,6 +309,7 @@ fn slow_path(config: &SimConfig, pods: &[TracePod], scale: f64) -> Result<Report
         settings.batching.resync = wall(config.batch);
         settings.budgets.node_cooldown = Dur::millis(0);
         settings.budgets.max_nodes_reconfiguring = Amount::Percent(100);
+        settings.planner.backend = config.backend;
         let system = System::start(listen, &spec, settings, tick).await?;
         let since = std::time::Instant::now();
         while !system.controller.shared.ready.load(Ordering::SeqCst) {

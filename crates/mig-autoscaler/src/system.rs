@@ -33,7 +33,9 @@ pub struct System {
 
 impl System {
     /// Start the API on `api_listen` with the GPU operator's mig-parted ConfigMap, the cluster of
-    /// `spec`, an agent per node (ticking every `agent_tick`) and the controller.
+    /// `spec`, an agent per node (ticking every `agent_tick`, on the planner's backend) and the
+    /// controller. With the nvml backend, `spec` should run device-plugin pods (the agents restart
+    /// them after a change).
     pub async fn start(
         api_listen: SocketAddr,
         spec: &kube_emulator::ClusterSpec,
@@ -56,6 +58,7 @@ impl System {
         for n in &spec.nodes {
             let mut s = AgentSettings::new(n.name.clone());
             s.tick = agent_tick;
+            s.sequence.backend = settings.planner.backend;
             let source = Arc::new(EmulatedGpus::new(cluster.clone(), n.name.clone()));
             agents.push(mig_agent::start(client.clone(), s, source).await?);
         }
