@@ -323,6 +323,21 @@ fn slow_path(config: &SimConfig, pods: &[TracePod], scale: f64) -> Result<Report
             .replayer()
             .run(pods, scale, config.horizon, tick, Duration::from_secs(5))
             .await;
+        // What the controller decided, for reading the slow path's figures against the fast path.
+        let counters: Vec<String> = system
+            .controller
+            .shared
+            .metrics
+            .encode()
+            .lines()
+            .filter(|l| {
+                l.starts_with("mig_autoscaler_decisions_total{")
+                    || l.starts_with("mig_autoscaler_reconfigurations_total{")
+            })
+            .filter(|l| l.rsplit(' ').next().is_some_and(|v| v != "0"))
+            .map(|l| l.trim_start_matches("mig_autoscaler_").to_string())
+            .collect();
+        eprintln!("system: {}", counters.join(", "));
         system.stop().await;
         Ok(report_from_starts(
             "system",
