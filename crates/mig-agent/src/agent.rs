@@ -351,8 +351,8 @@ struct Worker {
         hyper_util::client::legacy::connect::HttpConnector,
         http_body_util::Empty<bytes::Bytes>,
     >,
-    /// The last dcgm-exporter read and when it was made.
-    dcgm_cache: Option<(Instant, Vec<crate::dcgm::InstanceSeries>)>,
+    /// The last dcgm-exporter read (`None`: it failed) and when it was made.
+    dcgm_cache: Option<(Instant, Option<Vec<crate::dcgm::InstanceSeries>>)>,
     sent: HashMap<String, Instant>,
     catalog_checked: bool,
     /// When the catalog check may run again after a failure (None: at once).
@@ -508,35 +508,32 @@ impl Worker {
         };
         let mut gpus = gpus;
         let key = |p: &Pod| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
-        // The pods on this node holding (or about to hold) MIG instances, with their requests.
-        let mig_pods: std::collections::BTreeMap<String, std::collections::BTreeMap<String, i64>> = pods
-            .items
-            .iter()
-            .filter(live)
-            .filter_map(|p| {
-                let r = mig_controller::observe::mig_requests(p.spec.as_ref()?).ok()?;
-                (!r.is_empty()).then(|| (key(p), r))
-            })
-            .collect();
-        let blind = !self.source.knows_pods();
-        // Utilization (and, where the source cannot tell, pods) per instance from dcgm-exporter.
+        // Where the source cannot tell which pod uses which instance: the pods on this node holding
+        // (or about to hold) MIG instances, with their requests (none where it can).
+        let mig_pods: std::collections::BTreeMap<String, std::collections::BTreeMap<String, i64>> =
+            if self.source.knows_pods() {
+                Default::default()
+            } else {
+                pods.items
+                    .iter()
+                    .filter(live)
+                    .filter_map(|p| {
+                        let r = mig_controller::observe::mig_requests(p.spec.as_ref()?).ok()?;
+                        (!r.is_empty()).then(|| (key(p), r))
+                    })
+                    .collect()
+            };
+        // Utilization (and those pods, where it can say) per instance from dcgm-exporter.
         let mut placed = std::collections::BTreeSet::new();
         if let Some(series) = self.dcgm_series(&pods.items).await {
-            let candidates = if blind {
-                mig_pods.clone()
-            } else {
-                Default::default()
-            };
-            placed = crate::dcgm::apply(&mut gpus, &self.source.instance_ids(), &series, &candidates);
+            placed = crate::dcgm::apply(&mut gpus, &self.source.instance_ids(), &series, &mig_pods);
         }
         // The pods still unplaced, by profile (safe: every instance they may use counts as used).
-        if blind {
-            let requests: Vec<(String, std::collections::BTreeMap<String, i64>)> = mig_pods
-                .into_iter()
-                .filter(|(k, _)| !placed.contains(k))
-                .collect();
-            crate::source::attribute_by_profile(&mut gpus, &requests);
-        }
+        let unplaced: Vec<(String, std::collections::BTreeMap<String, i64>)> = mig_pods
+            .into_iter()
+            .filter(|(k, _)| !placed.contains(k))
+            .collect();
+        crate::source::attribute_by_profile(&mut gpus, &unplaced);
 
         // Report (only when it changed, so an idle node costs no writes).
         let report = NodeReport {
@@ -587,7 +584,7 @@ impl Worker {
                 .iter()
                 .filter(live)
                 .map(|p| PodFact {
-                    key: format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
+                    key: key(p),
                     terminating: p.metadata.deletion_timestamp.is_some(),
                     do_not_disrupt: p.annotations().get(DO_NOT_DISRUPT).is_some_and(|v| v == "true"),
                 })
@@ -777,7 +774,7 @@ impl Worker {
         if let Some((at, series)) = &self.dcgm_cache
             && at.elapsed() < self.shared.settings.dcgm_interval
         {
-            return (!series.is_empty()).then(|| series.clone());
+            return series.clone();
         }
         let url = match endpoint {
             DcgmEndpoint::Url(u) => u,
@@ -792,7 +789,7 @@ impl Worker {
         match self.scrape(&url).await {
             Ok(text) => {
                 let series = crate::dcgm::instance_series(&crate::dcgm::parse_exposition(&text));
-                self.dcgm_cache = Some((Instant::now(), series.clone()));
+                self.dcgm_cache = Some((Instant::now(), Some(series.clone())));
                 Some(series)
             }
             Err(e) => {
@@ -802,7 +799,7 @@ impl Worker {
                     .get_or_create(&Label { kind: "dcgm" })
                     .inc();
                 tracing::warn!(node = %self.shared.settings.node, %url, error = %e, "cannot read dcgm-exporter; no per-instance utilization until it answers");
-                self.dcgm_cache = Some((Instant::now(), Vec::new()));
+                self.dcgm_cache = Some((Instant::now(), None));
                 None
             }
         }

@@ -26,7 +26,7 @@
 use std::collections::BTreeMap;
 
 use jiff::{SignedDuration, Timestamp};
-use mig_catalog::Catalog;
+use mig_catalog::{Catalog, GpuModel, Instance, Layout};
 use mig_controller::protocol::{DEVICE_PLUGIN_PAUSED, Grant, NodeState, Phase};
 use mig_planner::snapshot::{Backend, Gpu, GpuInstance};
 
@@ -150,33 +150,46 @@ pub struct InstanceChange {
     pub create: Vec<(String, u8)>,
 }
 
-/// The instances of `gpu` as `(catalog profile name, start)`.
-fn instances_of(gpu: &Gpu) -> Result<Vec<(String, u8)>, String> {
+/// A reported GPU's model and layout (its profile names resolved by the catalog).
+fn reported_layout(gpu: &Gpu) -> Result<(&'static GpuModel, Layout), String> {
     let model = Catalog::embedded()
         .lookup(&gpu.product)
         .map_err(|e| e.to_string())?;
-    gpu.instances
+    let instances = gpu
+        .instances
         .iter()
         .map(|i| {
             model
                 .profile_by_name(&i.profile)
-                .map(|p| (model.profile_name(p), i.start))
+                .map(|p| Instance::new(p, i.start))
                 .ok_or_else(|| format!("GPU {}: unknown profile {:?}", gpu.index, i.profile))
         })
-        .collect()
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok((model, Layout::new(instances)))
 }
 
 /// The canonical layout text of a reported GPU (`empty` when it has no instances).
 pub fn layout_text(gpu: &Gpu) -> Result<String, String> {
-    let have = instances_of(gpu)?;
-    if have.is_empty() {
-        return Ok("empty".into());
-    }
-    Ok(have
-        .iter()
-        .map(|(p, s)| format!("{p}@{s}"))
-        .collect::<Vec<_>>()
-        .join(","))
+    let (model, layout) = reported_layout(gpu)?;
+    Ok(model.format_layout(&layout))
+}
+
+/// What must change on `gpu` to reach the (valid) layout `target`.
+fn gpu_change(gpu: &Gpu, target: &str) -> Result<InstanceChange, String> {
+    let index = gpu.index;
+    let (model, have) = reported_layout(gpu)?;
+    let want = model
+        .parse_layout(target)
+        .map_err(|e| format!("GPU {index}: target {target:?}: {e}"))?;
+    model
+        .validate(&want)
+        .map_err(|e| format!("GPU {index}: target {target:?} is not a valid layout: {e}"))?;
+    let named = |i: &Instance| (model.profile_name(i.profile), i.start);
+    Ok(InstanceChange {
+        gpu: index,
+        destroy: have.difference(&want).map(named).collect(),
+        create: want.difference(&have).map(named).collect(),
+    })
 }
 
 /// What must change on each GPU of `targets` (GPU index → layout) to reach it; GPUs already there
@@ -191,29 +204,9 @@ pub fn instance_changes(
             .iter()
             .find(|g| g.index == *index)
             .ok_or_else(|| format!("GPU {index} is not reported"))?;
-        let model = Catalog::embedded()
-            .lookup(&gpu.product)
-            .map_err(|e| e.to_string())?;
-        let layout = model
-            .parse_layout(target)
-            .map_err(|e| format!("GPU {index}: target {target:?}: {e}"))?;
-        model
-            .validate(&layout)
-            .map_err(|e| format!("GPU {index}: target {target:?} is not a valid layout: {e}"))?;
-        let want: Vec<(String, u8)> = layout
-            .instances()
-            .iter()
-            .map(|i| (model.profile_name(i.profile), i.start))
-            .collect();
-        let have = instances_of(gpu)?;
-        let destroy: Vec<(String, u8)> = have.iter().filter(|i| !want.contains(i)).cloned().collect();
-        let create: Vec<(String, u8)> = want.iter().filter(|i| !have.contains(i)).cloned().collect();
-        if !destroy.is_empty() || !create.is_empty() {
-            out.push(InstanceChange {
-                gpu: *index,
-                destroy,
-                create,
-            });
+        let change = gpu_change(gpu, target)?;
+        if !change.destroy.is_empty() || !change.create.is_empty() {
+            out.push(change);
         }
     }
     Ok(out)
@@ -224,20 +217,13 @@ pub fn instance_changes(
 /// target cannot be read).
 fn doomed<'a>(grant: &Grant, gpus: &'a [Gpu], backend: Backend) -> Vec<(u32, &'a GpuInstance)> {
     let mut out = Vec::new();
-    for gpu in gpus.iter().filter(|g| grant.targets.contains_key(&g.index)) {
+    for gpu in gpus {
+        let Some(target) = grant.targets.get(&gpu.index) else {
+            continue;
+        };
         let dropped: Option<Vec<(String, u8)>> = match backend {
             Backend::MigManager => None,
-            Backend::Nvml => {
-                let one: BTreeMap<u32, String> = grant
-                    .targets
-                    .iter()
-                    .filter(|(i, _)| **i == gpu.index)
-                    .map(|(i, t)| (*i, t.clone()))
-                    .collect();
-                instance_changes(&one, std::slice::from_ref(gpu))
-                    .ok()
-                    .map(|c| c.into_iter().flat_map(|c| c.destroy).collect())
-            }
+            Backend::Nvml => gpu_change(gpu, target).ok().map(|c| c.destroy),
         };
         let model = Catalog::embedded().lookup(&gpu.product).ok();
         for i in &gpu.instances {
@@ -261,16 +247,12 @@ fn untouched(state: &NodeState, gpus: &[Gpu]) -> bool {
 fn expected_advertising(gpus: &[Gpu]) -> Result<BTreeMap<String, u64>, String> {
     let mut out: BTreeMap<String, u64> = BTreeMap::new();
     for g in gpus {
-        let model = Catalog::embedded()
-            .lookup(&g.product)
-            .map_err(|e| e.to_string())?;
+        let (model, layout) = reported_layout(g)?;
         for p in &model.profiles {
             out.entry(p.resource_name()).or_default();
         }
-        for (name, _) in instances_of(g)? {
-            if let Some(p) = model.profile_by_name(&name).and_then(|i| model.profile(i)) {
-                *out.entry(p.resource_name()).or_default() += 1;
-            }
+        for p in layout.instances().iter().filter_map(|i| model.profile(i.profile)) {
+            *out.entry(p.resource_name()).or_default() += 1;
         }
     }
     Ok(out)
