@@ -506,7 +506,9 @@ impl Cluster {
                     continue;
                 }
                 let pod = json!({"apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": pod_name, "namespace": "gpu-operator", "labels": {key: value}},
+                    "metadata": {"name": pod_name, "namespace": "gpu-operator", "labels": {key: value},
+                                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": value,
+                                                      "uid": "emulated-device-plugin", "controller": true}]},
                     "spec": {"nodeName": name, "terminationGracePeriodSeconds": 1, "containers": [{"name": "nvidia-device-plugin", "image": "nvcr.io/nvidia/k8s-device-plugin"}],
                              "tolerations": [{"operator": "Exists"}]},
                     "status": {"phase": "Running"}});

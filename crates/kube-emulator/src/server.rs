@@ -33,6 +33,12 @@ pub struct Faults {
     pub drop_watch_after: Option<usize>,
     /// Answer the next N watches with 410 Gone.
     pub force_gone: u32,
+    /// Deliver each change to watches this long after it happened (a lagging watch cache, as
+    /// behind a slow apiserver or a congested network); lists and gets stay current. No bookmarks
+    /// are sent while it is set. Only watches of these resources (plural names) lag; empty: all.
+    pub watch_delay: Duration,
+    /// The resources `watch_delay` applies to (`["nodes"]`); empty: every resource.
+    pub watch_delay_resources: Vec<String>,
 }
 
 /// Server configuration.
@@ -674,6 +680,61 @@ fn watch_stream(state: Arc<Shared>, t: &Target, query: &HashMap<String, String>)
             }
             sent += 1;
             last_rv = last_rv.max(e.rv);
+        }
+        let delay = if faults.watch_delay > Duration::ZERO
+            && (faults.watch_delay_resources.is_empty()
+                || faults.watch_delay_resources.iter().any(|r| r == resource.plural))
+        {
+            Some(faults.watch_delay)
+        } else {
+            None
+        };
+        if let Some(delay) = delay {
+            // A forwarder stamps each change when it happens; it is sent `delay` later, in order.
+            let (lag_tx, mut lagged) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                loop {
+                    let msg = rx.recv().await;
+                    let end = matches!(msg, Err(RecvError::Closed));
+                    if lag_tx.send((tokio::time::Instant::now() + delay, msg)).is_err() || end {
+                        return;
+                    }
+                }
+            });
+            loop {
+                let next = tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => return,
+                    m = lagged.recv() => m,
+                };
+                let Some((due, msg)) = next else { return };
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => return,
+                    _ = tokio::time::sleep_until(due) => {}
+                }
+                match msg {
+                    Ok(e) => {
+                        if e.rv <= last_rv || !wants(&e) {
+                            continue;
+                        }
+                        if sent >= limit {
+                            return;
+                        }
+                        if tx.send(watch_line(e.change.as_str(), &e.object)).await.is_err() {
+                            return;
+                        }
+                        sent += 1;
+                        last_rv = e.rv;
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        let oldest = state.store().oldest_watchable();
+                        let _ = tx
+                            .send(watch_line("ERROR", &ApiError::gone(last_rv, oldest).body()))
+                            .await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
         }
         let mut ticker = tokio::time::interval(interval);
         loop {

@@ -323,6 +323,7 @@ async fn reflector_relists_after_410_and_converges_under_faults() {
         latency: Duration::ZERO,
         drop_watch_after: Some(3),
         force_gone: 2,
+        ..Default::default()
     });
     for i in 0..40 {
         pods.create(&PostParams::default(), &pod(&format!("w{i}"), &[], None))
@@ -339,6 +340,7 @@ async fn reflector_relists_after_410_and_converges_under_faults() {
         latency: Duration::ZERO,
         drop_watch_after: Some(5),
         force_gone: 1,
+        ..Default::default()
     });
     for i in 40..60 {
         // The writer retries through injected 500s.

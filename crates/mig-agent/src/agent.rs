@@ -82,6 +82,12 @@ pub struct AgentSettings {
     pub dcgm: Option<DcgmEndpoint>,
     /// How often dcgm-exporter is read (it collects every 30 s by default).
     pub dcgm_interval: Duration,
+    /// The namespace of the GPU operator: device-plugin and dcgm-exporter pods are trusted only
+    /// there, and only when a DaemonSet owns them (a tenant's pod with the same labels is not).
+    pub operator_namespace: String,
+    /// `/healthz` fails once no step has finished for this long (a hung driver call, a wedged
+    /// runtime), so that the kubelet restarts the agent.
+    pub stall_after: Duration,
 }
 
 impl AgentSettings {
@@ -100,9 +106,14 @@ impl AgentSettings {
                 port: 9400,
             }),
             dcgm_interval: Duration::from_secs(15),
+            operator_namespace: OPERATOR_NAMESPACE.into(),
+            stall_after: Duration::from_secs(300),
         }
     }
 }
+
+/// The GPU operator's namespace (its Helm chart's default).
+pub const OPERATOR_NAMESPACE: &str = "gpu-operator";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Label {
@@ -221,9 +232,16 @@ pub struct Shared {
     /// Metrics.
     pub metrics: Metrics,
     ready: AtomicBool,
+    /// When the last step finished (successfully or not).
+    progress: std::sync::Mutex<Instant>,
 }
 
 impl Shared {
+    /// Whether a step finished within `stall_after`.
+    pub fn is_live(&self) -> bool {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner()).elapsed() < self.settings.stall_after
+    }
+
     /// Whether the agent acts on grants (its GPUs are known and agree with the catalog).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
@@ -270,6 +288,7 @@ pub async fn start(
     let shared = Arc::new(Shared {
         metrics: Metrics::new(),
         ready: AtomicBool::new(false),
+        progress: std::sync::Mutex::new(Instant::now()),
         settings: settings.clone(),
     });
     let (shutdown, rx) = watch::channel(false);
@@ -300,7 +319,7 @@ pub async fn start(
         addr = Some(listener.local_addr()?);
         let app = Router::new()
             .route("/metrics", get(metrics))
-            .route("/healthz", get(|| async { "ok" }))
+            .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .with_state(shared.clone());
         let mut rx = rx.clone();
@@ -328,6 +347,20 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         )],
         s.metrics.encode(),
     )
+}
+
+async fn healthz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    if s.is_live() {
+        (StatusCode::OK, "ok".to_string())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "no step has finished for {} s (a GPU command or an API call hangs)",
+                s.settings.stall_after.as_secs()
+            ),
+        )
+    }
 }
 
 async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
@@ -380,6 +413,7 @@ impl Worker {
             if let Err(e) = self.tick().await {
                 tracing::warn!(node = %self.shared.settings.node, error = %e, "agent step incomplete; retrying");
             }
+            *self.shared.progress.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
             tokio::select! {
                 _ = tokio::time::sleep(self.shared.settings.tick) => {}
                 _ = shutdown.wait_for(|s| *s) => return,
@@ -431,7 +465,8 @@ impl Worker {
                 .inc();
             TickError::Api("get node", e)
         })?;
-        let gpus = self.source.gpus().map_err(|e| {
+        let source = self.source.clone();
+        let gpus = off_runtime(move || source.gpus()).await.map_err(|e| {
             self.shared
                 .metrics
                 .errors
@@ -454,7 +489,8 @@ impl Worker {
                         continue;
                     }
                 };
-                match self.source.profiles(g) {
+                let (source, gpu) = (self.source.clone(), g.clone());
+                match off_runtime(move || source.profiles(&gpu)).await {
                     Ok(Some(observed)) => {
                         let blocking: Vec<String> = mig_catalog::nvml::compare(model, &observed)
                             .into_iter()
@@ -605,7 +641,7 @@ impl Worker {
             device_plugin_pods: pods
                 .items
                 .iter()
-                .filter(|p| selects(&self.shared.settings.device_plugin_selector, p.labels()))
+                .filter(|p| self.operator_pod(&self.shared.settings.device_plugin_selector, p))
                 .count(),
             now: jiff::Timestamp::now(),
         };
@@ -731,13 +767,18 @@ impl Worker {
                     }
                 }
             }
-            Action::Apply(change) => self.source.apply(change).map_err(|e| {
-                tracing::warn!(node = %self.shared.settings.node, gpu = change.gpu, error = %e, "changing GPU instances failed; retrying until the phase times out");
-                TickError::Source(e)
-            }),
+            Action::Apply(change) => {
+                let (source, c) = (self.source.clone(), change.clone());
+                off_runtime(move || source.apply(&c)).await.map_err(|e| {
+                    tracing::warn!(node = %self.shared.settings.node, gpu = change.gpu, error = %e, "changing GPU instances failed; retrying until the phase times out");
+                    TickError::Source(e)
+                })
+            }
             Action::PauseDevicePlugin => {
-                self.patch(json!({"metadata": {"labels": {DEVICE_PLUGIN_DEPLOY_LABEL: DEVICE_PLUGIN_PAUSED}}}))
-                    .await
+                self.patch(
+                    json!({"metadata": {"labels": {DEVICE_PLUGIN_DEPLOY_LABEL: DEVICE_PLUGIN_PAUSED}}}),
+                )
+                .await
             }
             Action::ResumeDevicePlugin => {
                 self.patch(json!({"metadata": {"labels": {DEVICE_PLUGIN_DEPLOY_LABEL: "true"}}}))
@@ -781,7 +822,7 @@ impl Worker {
             DcgmEndpoint::Pod { selector, port } => {
                 let ip = pods
                     .iter()
-                    .filter(|p| selects(&selector, p.labels()))
+                    .filter(|p| self.operator_pod(&selector, p))
                     .find_map(|p| p.status.as_ref()?.pod_ip.clone())?;
                 format!("http://{ip}:{port}/metrics")
             }
@@ -824,6 +865,29 @@ impl Worker {
             .map_err(|e| e.to_string())?
             .to_bytes();
         Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+/// Run blocking GPU-source work (external commands) on the blocking pool, so that a slow driver
+/// never stalls the runtime's timers, probes or shutdown.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(format!("GPU source task failed: {e}")))
+}
+
+impl Worker {
+    /// Whether `pod` is one of the GPU operator's: in its namespace, owned by a DaemonSet, with the
+    /// labels of `selector`. Labels alone are not trusted: any tenant can set them.
+    fn operator_pod(&self, selector: &str, pod: &Pod) -> bool {
+        pod.namespace().as_deref() == Some(self.shared.settings.operator_namespace.as_str())
+            && pod
+                .owner_references()
+                .iter()
+                .any(|o| o.kind == "DaemonSet" && o.api_version == "apps/v1" && o.controller == Some(true))
+            && selects(selector, pod.labels())
     }
 }
 

@@ -27,6 +27,7 @@ pub(crate) mod test_support {
             index,
             product: "NVIDIA-H100-80GB-HBM3".into(),
             mig_enabled: true,
+            unknown: None,
             instances: layout
                 .iter()
                 .map(|(p, s)| GpuInstance {

@@ -92,6 +92,9 @@ pub struct SequencePolicy {
     pub on_failure: FailurePolicy,
     /// How target layouts reach the GPUs (must match the controller's `planner.backend`).
     pub backend: Backend,
+    /// A grant older than this when the agent first sees it is refused (never started): the plan
+    /// it came from is stale, or it was replayed.
+    pub max_grant_age: SignedDuration,
 }
 
 impl Default for SequencePolicy {
@@ -102,6 +105,7 @@ impl Default for SequencePolicy {
             phase_timeout: SignedDuration::from_mins(2),
             on_failure: FailurePolicy::Rollback,
             backend: Backend::MigManager,
+            max_grant_age: SignedDuration::from_mins(10),
         }
     }
 }
@@ -204,12 +208,68 @@ pub fn instance_changes(
             .iter()
             .find(|g| g.index == *index)
             .ok_or_else(|| format!("GPU {index} is not reported"))?;
+        if let Some(why) = &gpu.unknown {
+            return Err(format!("GPU {index}'s instances are unknown: {why}"));
+        }
         let change = gpu_change(gpu, target)?;
         if !change.destroy.is_empty() || !change.create.is_empty() {
             out.push(change);
         }
     }
     Ok(out)
+}
+
+/// The first of `indices` whose instances the source could not read (or that is not reported),
+/// with why. Unknown is never empty: no step acts on such a GPU.
+fn unknown_gpu<'a>(indices: impl IntoIterator<Item = &'a u32>, gpus: &[Gpu]) -> Option<String> {
+    indices
+        .into_iter()
+        .find_map(|index| match gpus.iter().find(|g| g.index == *index) {
+            None => Some(format!("GPU {index} is not reported")),
+            Some(g) => g
+                .unknown
+                .as_ref()
+                .map(|why| format!("GPU {index}'s instances are unknown ({why})")),
+        })
+}
+
+/// An instance `changes` would destroy that the report shows in use, as words: such a change is
+/// never made (the driver refuses one a process holds, but a pod between processes holds it too).
+fn destroys_in_use(changes: &[InstanceChange], gpus: &[Gpu]) -> Option<String> {
+    changes.iter().find_map(|c| {
+        let gpu = gpus.iter().find(|g| g.index == c.gpu)?;
+        c.destroy.iter().find_map(|(profile, start)| {
+            let i = gpu
+                .instances
+                .iter()
+                .find(|i| i.start == *start && !i.pods.is_empty())?;
+            Some(format!(
+                "{profile}@{start} on GPU {} is in use by {}",
+                c.gpu,
+                i.pods.join(", ")
+            ))
+        })
+    })
+}
+
+/// Why a new grant is not started at all (it is not ours, or too old), or `None`.
+fn refused(grant: &Grant, o: &Observation, policy: &SequencePolicy) -> Option<String> {
+    if let Some(c) = &grant.mig_config
+        && !c.starts_with(mig_catalog::migparted::CONFIG_NAME_PREFIX)
+    {
+        return Some(format!(
+            "its mig-parted config {c:?} is not one the controller renders ({}…)",
+            mig_catalog::migparted::CONFIG_NAME_PREFIX
+        ));
+    }
+    match grant.granted_at.parse::<Timestamp>() {
+        Err(_) => Some(format!("its grant time {:?} is not a time", grant.granted_at)),
+        Ok(at) if o.now.duration_since(at) > policy.max_grant_age => Some(format!(
+            "it was granted at {at}, more than {} ago",
+            policy.max_grant_age
+        )),
+        Ok(_) => None,
+    }
 }
 
 /// The reported instances a grant destroys: with mig-manager every instance of a GPU that changes
@@ -564,6 +624,34 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
     let current = match state {
         Some(s) if s.grant_id == grant.id => s,
         _ => {
+            if let Some(why) = refused(grant, o, policy) {
+                return Step::act(vec![Action::Event {
+                    warning: true,
+                    reason: "GrantRefused",
+                    note: format!("grant {}: not started: {why}", grant.id),
+                }]);
+            }
+            if let Some(why) = unknown_gpu(grant.targets.keys(), &o.gpus) {
+                // Changed nothing: ends like a stale plan (no cooldown), the next plan sees it.
+                let why = format!("{why}; nothing was changed");
+                return Step {
+                    actions: vec![Action::Event {
+                        warning: true,
+                        reason: "ReconfigurationSuperseded",
+                        note: format!("grant {}: {why}", grant.id),
+                    }],
+                    next: Some(NodeState {
+                        grant_id: grant.id.clone(),
+                        phase: Phase::Superseded,
+                        since: o.now.to_string(),
+                        attempt: 1,
+                        message: Some(why),
+                        previous_config: o.mig_config.clone(),
+                        previous_layouts: BTreeMap::new(),
+                        restarting_device_plugin: false,
+                    }),
+                };
+            }
             // A new grant: taint at once (every moment untainted lets the scheduler bind a pod the
             // plan did not see), remember the config to return to, and begin.
             return Step {
@@ -599,6 +687,24 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
         }
     };
     let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
+    // A GPU to change that cannot be read now: nothing is done on the node until it can, and the
+    // phase's timeout applies as ever (a rollback, too, acts only on GPUs it can read).
+    let acting = matches!(
+        current.phase,
+        Phase::Draining | Phase::Relabeling | Phase::Applying | Phase::AwaitingMigManager | Phase::Verifying
+    );
+    if acting && let Some(why) = unknown_gpu(grant.targets.keys(), &o.gpus) {
+        let limit = match current.phase {
+            Phase::Draining => policy.drain_timeout,
+            Phase::AwaitingMigManager => policy.mig_manager_timeout,
+            _ => policy.phase_timeout,
+        };
+        return if timed_out(current, o.now, limit) {
+            fail(o, current, policy, why)
+        } else {
+            Step::nothing()
+        };
+    }
     match current.phase {
         Phase::Tainting => {
             if o.tainted {
@@ -705,7 +811,16 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                         c[0].create.len()
                     ),
                 ),
-                Ok(c) => Step::act(c.into_iter().map(Action::Apply).collect()),
+                Ok(c) => match destroys_in_use(&c, &o.gpus) {
+                    Some(busy) if timed_out(current, o.now, policy.phase_timeout) => fail(
+                        o,
+                        current,
+                        policy,
+                        format!("{busy}; an instance in use is never destroyed"),
+                    ),
+                    Some(_) => Step::nothing(),
+                    None => Step::act(c.into_iter().map(Action::Apply).collect()),
+                },
             }
         }
         Phase::AwaitingMigManager => {
@@ -781,6 +896,13 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                 }],
                 next: next(Phase::Failed, &format!("rollback failed: {why}")),
             };
+            if let Some(why) = unknown_gpu(current.previous_layouts.keys(), &o.gpus) {
+                return if timed_out(current, o.now, policy.phase_timeout) {
+                    failed(why)
+                } else {
+                    Step::nothing()
+                };
+            }
             match instance_changes(&current.previous_layouts, &o.gpus) {
                 Err(e) => failed(e),
                 // Back. Recreated instances have new device IDs, so the device plugin is
@@ -814,10 +936,17 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                     Err(e) if timed_out(current, o.now, policy.phase_timeout) => failed(e),
                     Err(_) => Step::nothing(),
                 },
-                Ok(_) if timed_out(current, o.now, policy.phase_timeout) => {
-                    failed("the GPUs did not return to their layouts in time".into())
-                }
-                Ok(c) => Step::act(c.into_iter().map(Action::Apply).collect()),
+                Ok(c) => match destroys_in_use(&c, &o.gpus) {
+                    // A rollback checks pods per instance as a forward change does.
+                    Some(busy) if timed_out(current, o.now, policy.phase_timeout) => {
+                        failed(format!("{busy}; an instance in use is never destroyed"))
+                    }
+                    Some(_) => Step::nothing(),
+                    None if timed_out(current, o.now, policy.phase_timeout) => {
+                        failed("the GPUs did not return to their layouts in time".into())
+                    }
+                    None => Step::act(c.into_iter().map(Action::Apply).collect()),
+                },
             }
         }
         Phase::RollingBack => {
@@ -1431,5 +1560,123 @@ mod tests {
         let e = verify(&g, &[gpu(&[("3g.40gb", 0)])]).unwrap_err();
         assert!(e.contains("expected 3g.40gb@0,3g.40gb@4"), "{e}");
         assert!(verify(&g, &[]).is_err());
+    }
+
+    fn unreadable(o: &mut Observation) {
+        o.gpus[0].instances.clear();
+        o.gpus[0].unknown = Some("nvidia-smi mig -lgi -i 0: timed out after 20 s and was killed".into());
+    }
+
+    fn applies(s: &Step) -> Vec<&InstanceChange> {
+        s.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Apply(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_gpu_that_cannot_be_read_is_never_started_on_nor_changed() {
+        // A new grant on it: not started (no taint), ended as superseded with why.
+        let mut o = nvml_obs();
+        unreadable(&mut o);
+        let s = step(&o, &nvml());
+        assert!(!s.actions.contains(&Action::Taint), "{s:?}");
+        let next = s.next.unwrap();
+        assert_eq!(next.phase, Phase::Superseded);
+        assert!(next.message.unwrap().contains("GPU 0's instances are unknown"));
+        assert!(
+            next.previous_layouts.is_empty(),
+            "an unknown GPU is never recorded as empty"
+        );
+
+        // Mid-sequence: nothing is done until it can be read; after the phase timeout, a failure,
+        // and the rollback does nothing to it either until it times out too.
+        let mut o = nvml_obs();
+        o.tainted = true;
+        let mut st = at(Phase::Applying, "2026-06-01T12:00:05Z", None);
+        st.previous_layouts = [(0, "1g.10gb@0,1g.10gb@1,2g.20gb@2".to_string())].into();
+        o.state = Ok(Some(st));
+        unreadable(&mut o);
+        assert_eq!(step(&o, &nvml()), Step::nothing());
+        o.now = "2026-06-01T12:03:00Z".parse().unwrap();
+        let s = step(&o, &nvml());
+        assert_eq!(s.next.as_ref().unwrap().phase, Phase::RollingBack, "{s:?}");
+        apply(&mut o, &s);
+        assert_eq!(step(&o, &nvml()), Step::nothing());
+        o.now = "2026-06-01T12:06:00Z".parse().unwrap();
+        let s = step(&o, &nvml());
+        assert!(applies(&s).is_empty(), "{s:?}");
+        assert_eq!(s.next.unwrap().phase, Phase::Failed);
+    }
+
+    #[test]
+    fn a_rollback_never_destroys_an_instance_in_use() {
+        // What the probe saw: a failed read recorded the GPU as `empty` when the sequence began;
+        // the GPU is read again, with a running pod on its one instance. Returning to `empty`
+        // would destroy it: never done, the sequence fails visibly instead.
+        let mut o = nvml_obs();
+        o.tainted = true;
+        o.gpus = vec![gpu(&[("3g.40gb", 4)])];
+        o.gpus[0].instances[0].pods = vec!["ml/keep".into()];
+        let mut st = at(Phase::RollingBack, "2026-06-01T12:00:05Z", None);
+        st.previous_layouts = [(0, "empty".to_string())].into();
+        o.state = Ok(Some(st));
+        let s = step(&o, &nvml());
+        assert!(applies(&s).is_empty(), "{s:?}");
+        o.now = "2026-06-01T12:03:00Z".parse().unwrap();
+        let s = step(&o, &nvml());
+        assert!(applies(&s).is_empty(), "{s:?}");
+        let failed = s.next.unwrap();
+        assert_eq!(failed.phase, Phase::Failed);
+        assert!(
+            failed
+                .message
+                .unwrap()
+                .contains("3g.40gb@4 on GPU 0 is in use by ml/keep"),
+            "says which instance and pod"
+        );
+        // Forward, too: an instance the report shows in use is not destroyed.
+        let mut o = nvml_obs();
+        o.tainted = true;
+        o.gpus[0].instances[1].pods = vec!["ml/late".into()];
+        o.grant.as_mut().unwrap().as_mut().unwrap().evictions = vec!["ml/late".into()];
+        o.state = Ok(Some(at(Phase::Applying, "2026-06-01T12:00:05Z", None)));
+        assert!(applies(&step(&o, &nvml())).is_empty());
+    }
+
+    #[test]
+    fn grants_not_ours_or_too_old_are_refused_before_anything_happens() {
+        let refused = |o: &Observation| {
+            let s = step(o, &SequencePolicy::default());
+            assert!(s.next.is_none(), "{s:?}");
+            match s.actions.as_slice() {
+                [
+                    Action::Event {
+                        warning: true,
+                        reason: "GrantRefused",
+                        note,
+                    },
+                ] => note.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let mut o = obs();
+        o.grant.as_mut().unwrap().as_mut().unwrap().mig_config = Some("all-1g.10gb".into());
+        assert!(refused(&o).contains("\"all-1g.10gb\" is not one the controller renders"));
+        let mut o = obs();
+        o.now = "2026-06-01T12:30:00Z".parse().unwrap();
+        assert!(refused(&o).contains("more than"));
+        let mut o = obs();
+        o.grant.as_mut().unwrap().as_mut().unwrap().granted_at = "yesterday".into();
+        assert!(refused(&o).contains("not a time"));
+        // Ours and fresh: started.
+        assert!(
+            step(&obs(), &SequencePolicy::default())
+                .actions
+                .contains(&Action::Taint)
+        );
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kube_emulator::Cluster;
 use mig_catalog::nvml::{ObservedGpu, ObservedPlacement, ObservedProfile};
@@ -162,6 +163,7 @@ impl GpuSource for EmulatedGpus {
                 index: g.index,
                 product: g.model.key.clone(),
                 mig_enabled: true,
+                unknown: None,
                 instances: g
                     .layout
                     .instances()
@@ -190,21 +192,48 @@ impl GpuSource for EmulatedGpus {
 /// MIG mode, `nvidia-smi mig -lgi` for GPU instances at their placements. Read-only commands.
 ///
 /// Pods per instance are not known here (that needs the kubelet's pod-resources socket), so the
-/// report carries none; the controller then treats every instance as free unless a pod on the node
-/// holds that profile (see docs/agent.md).
+/// report carries none; the agent attributes the node's pods by profile (see docs/agent.md).
+///
+/// Unknown is never empty: a GPU in MIG mode whose instances cannot be read (the command fails,
+/// hangs past [`NvidiaSmiGpus::timeout`], or prints rows that do not fit) is reported with
+/// [`Gpu::unknown`] set, never as a GPU without instances.
 pub struct NvidiaSmiGpus {
     /// The command (`nvidia-smi`, or a path).
     pub command: String,
+    /// How long one call may run before it is killed (a hung driver must not hang the agent).
+    pub timeout: Duration,
     /// The GPU-instance IDs seen by the last `gpus()`.
     ids: std::sync::Mutex<BTreeMap<(u32, u32), u8>>,
 }
+
+/// Default for [`NvidiaSmiGpus::timeout`].
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl NvidiaSmiGpus {
     /// Read GPUs with `command` (`nvidia-smi`, or a path).
     pub fn new(command: impl Into<String>) -> NvidiaSmiGpus {
         NvidiaSmiGpus {
             command: command.into(),
+            timeout: COMMAND_TIMEOUT,
             ids: Default::default(),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Result<String, String> {
+        run(&self.command, args, self.timeout)
+    }
+
+    /// `nvidia-smi mig -lgi [-i N]`; a GPU in MIG mode without instances is a valid, empty answer.
+    fn lgi(&self, gpu: Option<u32>) -> Result<Vec<LgiRow>, String> {
+        let index = gpu.map(|i| i.to_string());
+        let mut args = vec!["mig", "-lgi"];
+        if let Some(i) = &index {
+            args.extend(["-i", i.as_str()]);
+        }
+        match self.run(&args) {
+            Ok(text) => lgi_rows(&text),
+            Err(e) if e.contains("No GPU instances found") => Ok(Vec::new()),
+            Err(e) => Err(e),
         }
     }
 }
@@ -215,19 +244,64 @@ impl Default for NvidiaSmiGpus {
     }
 }
 
-fn run(command: &str, args: &[&str]) -> Result<String, String> {
-    let out = std::process::Command::new(command)
+/// Run `command args`, killing it (and whatever it started) after `timeout`. Blocking: call it off
+/// the async runtime. The error carries the command's words (stdout and stderr).
+pub fn run(command: &str, args: &[&str], timeout: Duration) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    let shown = format!("{command} {}", args.join(" "));
+    let mut child = std::process::Command::new(command)
         .args(args)
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
         .map_err(|e| format!("cannot run {command}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{command} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(p) = pipe {
+                let _ = p.take(16 << 20).read_to_end(&mut out);
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(None) => {
+                // The whole process group: a wrapper script's children hold the pipes too.
+                let pid = rustix::process::Pid::from_child(&child);
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{shown}: timed out after {} s and was killed",
+                    timeout.as_secs_f64()
+                ));
+            }
+            Err(e) => return Err(format!("{shown}: {e}")),
+        }
+    };
+    let out = stdout.join().unwrap_or_default();
+    let err = stderr.join().unwrap_or_default();
+    if !status.success() {
+        let words = [err.trim(), out.trim()]
+            .into_iter()
+            .filter(|w| !w.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(format!("{shown}: {status}: {words}"));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(out)
 }
 
 /// One GPU instance as `nvidia-smi mig -lgi` prints it.
@@ -259,7 +333,9 @@ pub fn lgi_rows(lgi: &str) -> Result<Vec<LgiRow>, String> {
         else {
             continue;
         };
-        let Ok(gpu) = gpu.parse::<u32>() else { continue };
+        let gpu = gpu
+            .parse::<u32>()
+            .map_err(|_| format!("-lgi: GPU index {gpu:?} in {line:?}"))?;
         let start = placement
             .split_once(':')
             .and_then(|(s, _)| s.parse::<u8>().ok())
@@ -284,6 +360,38 @@ pub fn lgi_rows(lgi: &str) -> Result<Vec<LgiRow>, String> {
 /// `nvidia-smi mig -lgi` into GPUs. The NVML name (`NVIDIA H100 80GB HBM3`) is the product; the
 /// catalog resolves NVML names.
 pub fn parse_nvidia_smi(query: &str, lgi: &str) -> Result<Vec<Gpu>, String> {
+    let mut gpus = parse_query(query)?;
+    place_rows(&mut gpus, lgi_rows(lgi)?)?;
+    Ok(gpus)
+}
+
+/// Put `-lgi` rows on their GPUs (which must be in MIG mode), sorted by placement.
+fn place_rows(gpus: &mut [Gpu], rows: Vec<LgiRow>) -> Result<(), String> {
+    for row in rows {
+        let g = gpus
+            .iter_mut()
+            .find(|g| g.index == row.gpu && g.mig_enabled)
+            .ok_or_else(|| {
+                format!(
+                    "-lgi lists GPU {}, which --query-gpu did not (in MIG mode)",
+                    row.gpu
+                )
+            })?;
+        g.instances.push(GpuInstance {
+            profile: row.profile,
+            start: row.start,
+            pods: Vec::new(),
+            utilization: None,
+        });
+    }
+    for g in gpus.iter_mut() {
+        g.instances.sort_by_key(|i| i.start);
+    }
+    Ok(())
+}
+
+/// Parse `nvidia-smi --query-gpu=index,name,mig.mode.current --format=csv,noheader` (no instances).
+pub fn parse_query(query: &str) -> Result<Vec<Gpu>, String> {
     let mut gpus = Vec::new();
     for (n, line) in query.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
@@ -299,40 +407,51 @@ pub fn parse_nvidia_smi(query: &str, lgi: &str) -> Result<Vec<Gpu>, String> {
                 .map_err(|_| format!("--query-gpu line {}: GPU index {index:?}", n + 1))?,
             product: name.to_string(),
             mig_enabled: mode.eq_ignore_ascii_case("enabled"),
+            unknown: None,
             instances: Vec::new(),
         });
-    }
-    for row in lgi_rows(lgi)? {
-        let g = gpus
-            .iter_mut()
-            .find(|g| g.index == row.gpu)
-            .ok_or_else(|| format!("-lgi lists GPU {}, which --query-gpu did not", row.gpu))?;
-        g.instances.push(GpuInstance {
-            profile: row.profile,
-            start: row.start,
-            pods: Vec::new(),
-            utilization: None,
-        });
-    }
-    for g in &mut gpus {
-        g.instances.sort_by_key(|i| i.start);
     }
     Ok(gpus)
 }
 
 impl GpuSource for NvidiaSmiGpus {
+    /// One `-lgi` for every GPU; if that fails or does not fit, one per GPU in MIG mode, so that a
+    /// GPU the driver cannot read is reported unknown and the others are still served.
     fn gpus(&self) -> Result<Vec<Gpu>, String> {
-        let query = run(
-            &self.command,
-            &["--query-gpu=index,name,mig.mode.current", "--format=csv,noheader"],
-        )?;
-        // With MIG off everywhere, -lgi fails ("No MIG-enabled devices found"): no instances.
-        let lgi = run(&self.command, &["mig", "-lgi"]).unwrap_or_default();
-        let gpus = parse_nvidia_smi(&query, &lgi)?;
-        let ids = lgi_rows(&lgi)?
-            .into_iter()
-            .map(|r| ((r.gpu, r.gi_id), r.start))
-            .collect();
+        let query = self.run(&["--query-gpu=index,name,mig.mode.current", "--format=csv,noheader"])?;
+        let mut gpus = parse_query(&query)?;
+        let mut ids = BTreeMap::new();
+        if gpus.iter().any(|g| g.mig_enabled) {
+            let whole = self.lgi(None).and_then(|rows| {
+                let mut placed = gpus.clone();
+                place_rows(&mut placed, rows.clone())?;
+                Ok((placed, rows))
+            });
+            match whole {
+                Ok((placed, rows)) => {
+                    gpus = placed;
+                    ids.extend(rows.iter().map(|r| ((r.gpu, r.gi_id), r.start)));
+                }
+                Err(e) => {
+                    tracing::warn!(command = %self.command, error = %e, "reading every GPU's instances at once failed; reading them one GPU at a time");
+                    for g in gpus.iter_mut().filter(|g| g.mig_enabled) {
+                        let read = self.lgi(Some(g.index)).and_then(|rows| {
+                            let mut one = [g.clone()];
+                            place_rows(&mut one, rows.clone())?;
+                            let [placed] = one;
+                            Ok((placed, rows))
+                        });
+                        match read {
+                            Ok((placed, rows)) => {
+                                *g = placed;
+                                ids.extend(rows.iter().map(|r| ((r.gpu, r.gi_id), r.start)));
+                            }
+                            Err(e) => g.unknown = Some(e),
+                        }
+                    }
+                }
+            }
+        }
         *self.ids.lock().unwrap_or_else(|e| e.into_inner()) = ids;
         Ok(gpus)
     }
@@ -348,10 +467,7 @@ impl GpuSource for NvidiaSmiGpus {
     /// holds. Profile IDs come from the catalog, which was checked against this driver at start.
     fn apply(&self, change: &InstanceChange) -> Result<(), String> {
         let index = change.gpu.to_string();
-        let product = run(
-            &self.command,
-            &["--query-gpu=name", "--format=csv,noheader", "-i", &index],
-        )?;
+        let product = self.run(&["--query-gpu=name", "--format=csv,noheader", "-i", &index])?;
         let model = Catalog::embedded()
             .lookup(product.trim())
             .map_err(|e| e.to_string())?;
@@ -363,7 +479,7 @@ impl GpuSource for NvidiaSmiGpus {
                 .ok_or_else(|| format!("{} has no profile {name}", model.key))
         };
         if !change.destroy.is_empty() {
-            let rows = lgi_rows(&run(&self.command, &["mig", "-lgi", "-i", &index])?)?;
+            let rows = self.lgi(Some(change.gpu))?;
             for (name, start) in &change.destroy {
                 let id = profile_id(name)?;
                 let row = rows
@@ -380,13 +496,13 @@ impl GpuSource for NvidiaSmiGpus {
                     .ok_or_else(|| format!("GPU {index} has no instance {name}@{start}"))?;
                 let gi = row.gi_id.to_string();
                 // Compute instances first; with none left this fails harmlessly.
-                let _ = run(&self.command, &["mig", "-i", &index, "-gi", &gi, "-dci"]);
-                run(&self.command, &["mig", "-i", &index, "-gi", &gi, "-dgi"])?;
+                let _ = self.run(&["mig", "-i", &index, "-gi", &gi, "-dci"]);
+                self.run(&["mig", "-i", &index, "-gi", &gi, "-dgi"])?;
             }
         }
         for (name, start) in &change.create {
             let tuple = format!("{}:{start}", profile_id(name)?);
-            run(&self.command, &["mig", "-i", &index, "-cgi", &tuple, "-C"])?;
+            self.run(&["mig", "-i", &index, "-cgi", &tuple, "-C"])?;
         }
         Ok(())
     }
@@ -397,8 +513,8 @@ impl GpuSource for NvidiaSmiGpus {
             return Ok(None); // no MIG profiles are listed with MIG off
         }
         let index = gpu.index.to_string();
-        let lgip = run(&self.command, &["mig", "-lgip", "-i", &index])?;
-        let lgipp = run(&self.command, &["mig", "-lgipp", "-i", &index])?;
+        let lgip = self.run(&["mig", "-lgip", "-i", &index])?;
+        let lgipp = self.run(&["mig", "-lgipp", "-i", &index])?;
         ObservedGpu::from_nvidia_smi(&gpu.product, gpu.index, &lgip, &lgipp)
             .map(|mut o| {
                 o.origin = "nvidia-smi".into();

@@ -583,6 +583,7 @@ async fn s5_api_faults_do_not_stop_convergence() {
         latency: Duration::from_millis(2),
         drop_watch_after: Some(25),
         force_gone: 4,
+        ..Default::default()
     });
     let _agents = agents(&env, &names(&spec), agent_settings).await;
     let c = controller(&env, fast_settings(Mode::Auto), "replica-a").await;

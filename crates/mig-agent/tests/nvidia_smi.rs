@@ -210,3 +210,107 @@ fn pods_are_attributed_by_profile_when_the_source_cannot_tell() {
     mig_agent::source::attribute_by_profile(&mut gpus, &pods);
     assert_eq!(gpus, before);
 }
+
+/// A stand-in `nvidia-smi` answering with `cases` (shell `case` arms) and the fixtures.
+fn stand_in(name: &str, cases: &str) -> (std::path::PathBuf, mig_agent::NvidiaSmiGpus) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("fake-nvidia-smi-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let here = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let script = dir.join("nvidia-smi");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in\n\
+             --query-gpu*) cat {here}/h100-query.csv ;;\n\
+             {cases}\n\
+             *) echo \"unexpected: $*\" >&2; exit 3 ;;\n\
+             esac\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (dir, mig_agent::NvidiaSmiGpus::new(script.display().to_string()))
+}
+
+/// Unknown is never empty: `-lgi` failing for GPU 1 makes GPU 1 unknown (not a GPU without
+/// instances, which a plan would fill and a rollback would "return" to), and GPU 0 is still read.
+/// A GPU in MIG mode with no instances is a valid, empty answer.
+#[test]
+fn a_failed_instance_read_marks_that_gpu_unknown_and_the_others_are_still_read() {
+    use mig_agent::GpuSource;
+    let here = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let (dir, source) = stand_in(
+        "fails",
+        &format!(
+            "'mig -lgi') echo 'Failed to display GPU instances: Unknown Error' >&2; exit 255 ;;\n\
+             'mig -lgi -i 0') grep -v '^|   1 ' {here}/h100-lgi.txt ;;\n\
+             'mig -lgi -i 1') echo 'Unable to list GPU instances: Unknown Error' >&2; exit 255 ;;"
+        ),
+    );
+    let gpus = source.gpus().unwrap();
+    assert_eq!(gpus[0].instances.len(), 3);
+    assert_eq!(gpus[0].unknown, None);
+    assert!(gpus[1].instances.is_empty());
+    let why = gpus[1].unknown.as_deref().unwrap();
+    assert!(
+        why.contains("mig -lgi -i 1") && why.contains("Unknown Error"),
+        "{why}"
+    );
+    assert_eq!(gpus[2].unknown, None, "MIG off: nothing to read");
+    // GPU 0's instance IDs are still known (for dcgm-exporter's series).
+    assert_eq!(source.instance_ids().get(&(0, 2)), Some(&4));
+    let _ = std::fs::remove_dir_all(dir);
+
+    let (dir, source) = stand_in(
+        "none",
+        &format!(
+            "'mig -lgi') grep -v '^|   1 ' {here}/h100-lgi.txt ;;\n\
+             'mig -lgi -i 0') grep -v '^|   1 ' {here}/h100-lgi.txt ;;\n\
+             'mig -lgi -i 1') echo 'No GPU instances found: Not Found'; exit 6 ;;"
+        ),
+    );
+    let gpus = source.gpus().unwrap();
+    assert_eq!(gpus[0].instances.len(), 3);
+    assert!(
+        gpus[1].instances.is_empty() && gpus[1].unknown.is_none(),
+        "{:?}",
+        gpus[1]
+    );
+    let _ = std::fs::remove_dir_all(dir);
+
+    // Rows that do not fit what --query-gpu said (a GPU it did not list) are not trusted either.
+    let (dir, source) = stand_in(
+        "misfit",
+        "'mig -lgi'*) echo '|   7  MIG 7g.80gb   0   0   0:8 |' ;;",
+    );
+    let gpus = source.gpus().unwrap();
+    assert!(
+        gpus[0].unknown.as_deref().unwrap().contains("GPU 7"),
+        "{:?}",
+        gpus[0]
+    );
+    assert!(gpus[1].unknown.is_some());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A hung driver call is killed after the timeout (and whatever it started with it): the GPUs it
+/// was reading are unknown, and the agent goes on.
+#[test]
+fn a_hanging_nvidia_smi_is_killed_and_its_gpus_are_unknown() {
+    use mig_agent::GpuSource;
+    let (dir, mut source) = stand_in("hangs", "'mig -lgi'*) sleep 60 ;;");
+    source.timeout = std::time::Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let gpus = source.gpus().unwrap();
+    // Three reads (all GPUs, then GPU 0 and GPU 1), each killed after 0.3 s; never the 60 s.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    for g in &gpus[..2] {
+        assert!(g.unknown.as_deref().unwrap().contains("timed out"), "{g:?}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

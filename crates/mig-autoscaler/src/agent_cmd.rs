@@ -78,6 +78,19 @@ pub struct AgentArgs {
     /// The nvidia-smi to read GPUs with.
     #[arg(long, default_value = "nvidia-smi")]
     nvidia_smi: String,
+    /// One nvidia-smi call taking longer than this is killed, and the GPUs it read are unknown.
+    #[arg(long, default_value_t = 20.0)]
+    nvidia_smi_timeout_seconds: f64,
+    /// The GPU operator's namespace: device-plugin and dcgm-exporter pods are trusted only there,
+    /// and only when a DaemonSet owns them.
+    #[arg(long, default_value = mig_agent::agent::OPERATOR_NAMESPACE)]
+    operator_namespace: String,
+    /// A grant older than this when first seen is refused (never started).
+    #[arg(long, default_value_t = 600.0)]
+    max_grant_age_seconds: f64,
+    /// /healthz fails when no step has finished for this long.
+    #[arg(long, default_value_t = 300.0)]
+    stall_seconds: f64,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, value_enum, default_value = "plain", env = "MIG_AUTOSCALER_LOG_FORMAT")]
     log_format: LogFormat,
@@ -90,6 +103,9 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         ("--tick-seconds", args.tick_seconds),
         ("--catalog-retry-seconds", args.catalog_retry_seconds),
         ("--dcgm-interval-seconds", args.dcgm_interval_seconds),
+        ("--nvidia-smi-timeout-seconds", args.nvidia_smi_timeout_seconds),
+        ("--max-grant-age-seconds", args.max_grant_age_seconds),
+        ("--stall-seconds", args.stall_seconds),
     ] {
         if !(v > 0.0 && v.is_finite()) {
             anyhow::bail!("{flag} must be positive");
@@ -100,6 +116,10 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
     settings.catalog_retry = std::time::Duration::from_secs_f64(args.catalog_retry_seconds);
     settings.listen = Some(args.listen);
     settings.device_plugin_selector = args.device_plugin_selector.clone();
+    settings.operator_namespace = args.operator_namespace.clone();
+    settings.stall_after = std::time::Duration::from_secs_f64(args.stall_seconds);
+    settings.sequence.max_grant_age =
+        jiff::SignedDuration::try_from(std::time::Duration::from_secs_f64(args.max_grant_age_seconds))?;
     settings.dcgm_interval = std::time::Duration::from_secs_f64(args.dcgm_interval_seconds);
     settings.dcgm = match (&args.dcgm_exporter_url, args.dcgm_exporter_selector.trim()) {
         (Some(url), _) => Some(mig_agent::agent::DcgmEndpoint::Url(url.clone())),
@@ -121,7 +141,9 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
     runtime.block_on(async move {
         // 429 from a PodDisruptionBudget must reach the agent, not be retried inside the client.
         let client = client(args.kubeconfig.as_ref(), false).await?;
-        let source = Arc::new(NvidiaSmiGpus::new(args.nvidia_smi.clone()));
+        let mut source = NvidiaSmiGpus::new(args.nvidia_smi.clone());
+        source.timeout = std::time::Duration::from_secs_f64(args.nvidia_smi_timeout_seconds);
+        let source = Arc::new(source);
         let running = mig_agent::start(client, settings, source)
             .await
             .with_context(|| format!("cannot start the agent on {}", args.listen))?;

@@ -206,6 +206,76 @@ pub fn decide(
     (out, room)
 }
 
+/// Grants this replica wrote (or found in flight on a fresh read of the Nodes when it became
+/// leader) that its watch cache may not show yet. The budgets count them as in flight, with their
+/// evictions, until the cache shows the same grant: a cache that lags the API server by seconds
+/// (a slow watch, a restart, a failover) never lets a budget be spent twice.
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    written: std::collections::BTreeMap<String, Written>,
+}
+
+/// One grant in the [`Ledger`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The grant's id.
+    pub grant_id: String,
+    /// When it was written.
+    pub at: Timestamp,
+    /// When its evictions were granted (the eviction budget's window counts them).
+    pub evictions: Vec<Timestamp>,
+}
+
+impl Ledger {
+    /// Remember a grant written to `node` (replacing an older one there).
+    pub fn record(&mut self, node: &str, written: Written) {
+        self.written.insert(node.to_string(), written);
+    }
+
+    /// How many grants the cache does not show yet.
+    pub fn unseen(&self) -> usize {
+        self.written.len()
+    }
+
+    /// Forget what the cache now shows (`shown(node)`: the grant ids the cache has on that node,
+    /// its grant's and the one its agent's state names) and what is older than `keep` (a write
+    /// whose outcome was unknown and that never appeared), then count the rest into `facts`:
+    /// their nodes in flight, their evictions recent.
+    pub fn overlay(
+        &mut self,
+        facts: &mut Vec<NodeFacts>,
+        now: Timestamp,
+        keep: SignedDuration,
+        shown: impl Fn(&str) -> Vec<String>,
+    ) {
+        self.written.retain(|node, w| {
+            now.duration_since(w.at) < keep && !shown(node).iter().any(|id| *id == w.grant_id)
+        });
+        for (node, w) in &self.written {
+            let at = match facts.iter_mut().position(|f| &f.name == node) {
+                Some(i) => i,
+                None => {
+                    facts.push(NodeFacts {
+                        name: node.clone(),
+                        flight: Flight::InFlight { phase: None },
+                        recent_evictions: Vec::new(),
+                    });
+                    facts.len() - 1
+                }
+            };
+            let f = &mut facts[at];
+            if matches!(f.flight, Flight::Idle { .. }) {
+                f.flight = Flight::InFlight { phase: None };
+            }
+            for t in &w.evictions {
+                if !f.recent_evictions.contains(t) {
+                    f.recent_evictions.push(*t);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -353,5 +423,63 @@ mod tests {
                 prop_assert!(idle, "granted a node in flight");
             }
         }
+    }
+
+    #[test]
+    fn the_ledger_counts_own_grants_until_the_cache_shows_them() {
+        let now = t("2026-06-01T12:00:00Z");
+        let budgets = DisruptionBudgets {
+            max_nodes_reconfiguring: Amount::Count(1),
+            max_evictions: 1,
+            ..Default::default()
+        };
+        let keep = SignedDuration::from_mins(10);
+        let mut ledger = Ledger::default();
+        ledger.record(
+            "a",
+            Written {
+                grant_id: "g1".into(),
+                at: now,
+                evictions: vec![now],
+            },
+        );
+        // The cache still shows node a idle and knows no grant: without the ledger b would start.
+        let cache = vec![idle("a"), idle("b")];
+        let (v, _) = decide(&budgets, now, 2, &cache, &[cand("b", 0)]);
+        assert_eq!(v[0].1, Ok(()), "without the ledger");
+        let mut facts = cache.clone();
+        ledger.overlay(&mut facts, now, keep, |_| vec![]);
+        let (v, room) = decide(&budgets, now, 2, &facts, &[cand("b", 0)]);
+        assert_eq!(v[0].1, Err(Deferral::NodeBudget));
+        assert_eq!(room.in_flight, 1);
+        assert_eq!(
+            headroom(&budgets, now, 2, &facts).evictions,
+            0,
+            "its eviction counts too"
+        );
+        // A node the cache does not know yet counts as well.
+        let mut facts = vec![idle("b")];
+        ledger.overlay(&mut facts, now, keep, |_| vec![]);
+        assert_eq!(headroom(&budgets, now, 2, &facts).in_flight, 1);
+        // Once the cache shows grant g1 on a, the cache alone decides.
+        let mut facts = cache.clone();
+        ledger.overlay(&mut facts, now, keep, |n| {
+            if n == "a" { vec!["g1".to_string()] } else { vec![] }
+        });
+        assert_eq!(ledger.unseen(), 0);
+        assert!(matches!(facts[0].flight, Flight::Idle { .. }));
+        // A write that never appears is forgotten after `keep`.
+        ledger.record(
+            "a",
+            Written {
+                grant_id: "g2".into(),
+                at: now,
+                evictions: vec![],
+            },
+        );
+        let mut facts = cache.clone();
+        let later = now.checked_add(keep).unwrap();
+        ledger.overlay(&mut facts, later, keep, |_| vec![]);
+        assert_eq!(ledger.unseen(), 0);
     }
 }

@@ -23,14 +23,14 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::budget::{self, Candidate, Headroom};
+use crate::budget::{self, Candidate, Headroom, NodeFacts};
 use crate::lease::{self, LeaseHandle};
 use crate::metrics::{
     BudgetLabel, DecisionLabel, InstanceLabels, OutcomeLabel, ProfileLabel, ReasonLabel, ResultLabel,
     SolverLabels,
 };
 use crate::observe::{InputProblem, Observation, observe};
-use crate::protocol::{Flight, GRANT_ANNOTATION, Grant, Phase, TAINT_KEY};
+use crate::protocol::{Flight, GRANT_ANNOTATION, Grant, NodeState, Phase, STATE_ANNOTATION, TAINT_KEY};
 use crate::settings::{Mode, Settings};
 use crate::{Metrics, api};
 
@@ -327,6 +327,11 @@ struct LoopState {
     /// even where the node cache has not yet seen the grant that names them (otherwise a grant on
     /// another node could garbage-collect an entry before mig-manager reads it).
     written_configs: BTreeMap<String, Instant>,
+    /// Grants written (or found in flight when this replica became leader) that the node cache
+    /// may not show yet: the budgets count them until it does.
+    ledger: budget::Ledger,
+    /// Whether this replica led at the last round (to read the Nodes afresh on becoming leader).
+    led: bool,
 }
 
 struct ControlLoop {
@@ -497,7 +502,13 @@ impl ControlLoop {
             .state
             .last_plan
             .is_none_or(|t| now.duration_since(t) >= b.resync.0);
-        if self.shared.settings.mode == Mode::Auto && self.shared.lease.is_leader() {
+        let leads = self.shared.lease.is_leader();
+        if leads && !self.state.led {
+            self.state.led = self.read_back_grants().await;
+        } else if !leads {
+            self.state.led = false;
+        }
+        if self.shared.settings.mode == Mode::Auto && leads {
             self.housekeeping().await;
         }
         if !(batch_due || resync_due || self.state.replan) {
@@ -508,6 +519,68 @@ impl ControlLoop {
         self.state.batch_last = None;
         self.state.last_plan = Some(now);
         self.plan_and_act().await;
+    }
+
+    /// On becoming leader: the grants in flight on the Nodes as the API server has them now (a
+    /// list is a consistent read; the watch cache may lag it), into the ledger. `false` if the read
+    /// failed (tried again next round; nothing is granted meanwhile).
+    async fn read_back_grants(&mut self) -> bool {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let list = match nodes.list(&Default::default()).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the Nodes' grants on becoming leader; retrying next round");
+                return false;
+            }
+        };
+        let now = Timestamp::now();
+        for n in list.items {
+            let annotations = n.annotations();
+            let grant: Option<Grant> = annotations
+                .get(GRANT_ANNOTATION)
+                .and_then(|g| serde_json::from_str(g).ok());
+            let state: Option<NodeState> = annotations
+                .get(STATE_ANNOTATION)
+                .and_then(|s| serde_json::from_str(s).ok());
+            let Some(g) = grant else { continue };
+            if matches!(
+                crate::protocol::flight(Some(&g), state.as_ref()),
+                Flight::Idle { .. }
+            ) {
+                continue;
+            }
+            self.state.ledger.record(
+                &n.name_any(),
+                budget::Written {
+                    grant_id: g.id.clone(),
+                    at: now,
+                    evictions: g.recent_evictions.iter().filter_map(|t| t.parse().ok()).collect(),
+                },
+            );
+        }
+        true
+    }
+
+    /// What the budgets see: the cache's nodes, plus the ledger's grants the cache does not show.
+    fn budget_facts(&mut self, obs: &Observation) -> Vec<NodeFacts> {
+        let mut facts = obs.facts();
+        let keep = jiff::SignedDuration::try_from(self.shared.settings.budgets.grant_timeout.0)
+            .unwrap_or(jiff::SignedDuration::MAX);
+        self.state
+            .ledger
+            .overlay(&mut facts, Timestamp::now(), keep, |node| {
+                obs.nodes
+                    .get(node)
+                    .map(|v| {
+                        v.grant
+                            .iter()
+                            .map(|g| g.id.clone())
+                            .chain(v.state.iter().map(|s| s.grant_id.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            });
+        facts
     }
 
     fn observe_now(&self) -> Observation {
@@ -528,7 +601,10 @@ impl ControlLoop {
         let started = Instant::now();
         let obs = self.observe_now();
         let now = Timestamp::now();
-        let facts = obs.facts();
+        let facts = self.budget_facts(&obs);
+        if !self.state.led && self.shared.lease.is_leader() {
+            return; // the Nodes' grants are not read back yet
+        }
         let room = budget::headroom(&settings.budgets, now, obs.managed, &facts);
         let mut policy = settings.planner.clone();
         let cap = |a: Option<u32>, b: u32| Some(a.map_or(b, |a| a.min(b)));
@@ -841,11 +917,12 @@ impl ControlLoop {
                 "the node's GPUs changed since planning".into(),
             ));
         }
+        let facts = self.budget_facts(&fresh);
         let (verdicts, _) = budget::decide(
             &settings.budgets,
             now,
             fresh.managed,
-            &fresh.facts(),
+            &facts,
             std::slice::from_ref(c),
         );
         if let Some((_, Err(d))) = verdicts.first() {
@@ -923,6 +1000,14 @@ impl ControlLoop {
             .await
         {
             Ok(_) => {
+                self.state.ledger.record(
+                    &c.node,
+                    budget::Written {
+                        grant_id: grant.id.clone(),
+                        at: now,
+                        evictions: vec![now; evictions.len()],
+                    },
+                );
                 self.shared.record_write(format!(
                     "{}: granted plan {} ({} GPU(s) to change, {} eviction(s))",
                     c.node,
@@ -946,7 +1031,19 @@ impl ControlLoop {
                 "conflict",
                 "the node changed; retried next round".into(),
             )),
-            Err(e) => Err(GrantError::Write("error", e.to_string())),
+            Err(e) => {
+                // The write may have landed (a timeout after the server applied it): count it
+                // until the cache shows it or `grantTimeout` passes.
+                self.state.ledger.record(
+                    &c.node,
+                    budget::Written {
+                        grant_id: grant.id.clone(),
+                        at: now,
+                        evictions: vec![now; evictions.len()],
+                    },
+                );
+                Err(GrantError::Write("error", e.to_string()))
+            }
         }
     }
 

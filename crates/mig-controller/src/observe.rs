@@ -432,6 +432,29 @@ pub fn observe(
                 );
             }
         }
+        let unknown: Vec<String> = gpus
+            .iter()
+            .filter_map(|g| Some(format!("GPU {}: {}", g.index, g.unknown.as_ref()?)))
+            .collect();
+        if !unknown.is_empty() {
+            problem(
+                "Node",
+                String::new(),
+                name.clone(),
+                "GpuStateUnknown",
+                format!(
+                    "the agent cannot read {}; {}",
+                    unknown.join("; "),
+                    match policy.backend {
+                        // mig-manager applies a config to the whole node.
+                        mig_planner::snapshot::Backend::MigManager => "the node is left alone until it can",
+                        mig_planner::snapshot::Backend::Nvml => "those GPUs are left alone until it can",
+                    }
+                ),
+            );
+        }
+        let unknown_freezes =
+            !unknown.is_empty() && policy.backend == mig_planner::snapshot::Backend::MigManager;
         if view.reported && managed && !malformed {
             obs.managed += 1;
         }
@@ -440,7 +463,7 @@ pub fn observe(
             labels,
             taints,
             schedulable: !spec.unschedulable.unwrap_or(false),
-            frozen: malformed || blocked || wrong_backend.is_some(),
+            frozen: malformed || blocked || wrong_backend.is_some() || unknown_freezes,
             gpus: if malformed { Vec::new() } else { gpus },
         });
         obs.nodes.insert(name, view);
@@ -613,6 +636,47 @@ mod tests {
             let o = run(node(agent), planner);
             assert!(!o.snapshot.nodes[0].frozen, "{agent:?} {planner:?}");
             assert!(o.problems.is_empty(), "{agent:?}: {:?}", o.problems);
+        }
+    }
+
+    #[test]
+    fn a_gpu_the_agent_cannot_read_is_reported_and_freezes_a_mig_manager_node() {
+        let report = serde_json::json!({"observedAt": "", "gpus": [
+            {"index": 0, "product": "NVIDIA-H100-80GB-HBM3", "instances": [{"profile": "7g.80gb", "start": 0}]},
+            {"index": 1, "product": "NVIDIA-H100-80GB-HBM3", "unknown": "nvidia-smi mig -lgi -i 1: timed out"},
+        ]});
+        let node = Arc::new(
+            serde_json::from_value::<Node>(serde_json::json!({
+                "metadata": {"name": "n1", "annotations": {REPORT_ANNOTATION: report.to_string()}},
+            }))
+            .unwrap(),
+        );
+        use mig_planner::snapshot::Backend::{MigManager, Nvml};
+        for (backend, frozen) in [(MigManager, true), (Nvml, false)] {
+            let policy = mig_planner::Policy {
+                backend,
+                ..Default::default()
+            };
+            let o = observe(
+                std::slice::from_ref(&node),
+                &[],
+                &[],
+                &policy,
+                &DisruptionBudgets::default(),
+                std::time::Duration::from_secs(60),
+                "2026-11-22T12:00:00Z".parse().unwrap(),
+            );
+            assert_eq!(o.snapshot.nodes[0].frozen, frozen, "{backend:?}");
+            let p = &o.problems[0];
+            assert_eq!(p.reason, "GpuStateUnknown");
+            assert!(
+                p.message.contains("GPU 1: nvidia-smi mig -lgi -i 1: timed out"),
+                "{}",
+                p.message
+            );
+            // The planner leaves the GPU alone either way.
+            let plan = mig_planner::plan(&o.snapshot, &policy);
+            assert!(plan.gpus.iter().all(|g| g.index == 0), "{:?}", plan.gpus);
         }
     }
 }

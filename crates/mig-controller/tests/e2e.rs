@@ -315,6 +315,48 @@ async fn the_node_budget_holds_over_a_long_randomized_run() {
     c.stop().await;
 }
 
+/// The controller's node watch lags the API server by 2 s (the probe saw 20 s): a grant it just
+/// wrote is not in its cache at the next rounds. The budget of one node must hold all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_node_watch_never_spends_the_node_budget_twice() {
+    // Each reconfiguration takes the stand-in agent 3 s after mig-manager: long enough to overlap.
+    let agent = AgentBehaviour {
+        min_ms: 3000,
+        max_ms: 3001,
+        seed: 7,
+    };
+    let env = env(nodes(3, 1, SEVEN_1G), agent).await;
+    env.server.state.set_faults(kube_emulator::Faults {
+        watch_delay: Duration::from_secs(2),
+        watch_delay_resources: vec!["nodes".into()],
+        ..Default::default()
+    });
+    let mut s = fast_settings(Mode::Auto);
+    s.budgets.max_nodes_reconfiguring = Amount::Count(1);
+    let c = controller(&env, s, "replica-a").await;
+    // The monitor's watch lags too, but it sees every change in order.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let monitor = tokio::spawn(max_in_flight(env.client.clone(), stop_rx));
+    // A 7g pod per node: every node must change, one at a time.
+    for i in 0..3 {
+        create_pod(&env.client, &mig_pod(&format!("big-{i}"), "7g.80gb", "1")).await;
+    }
+    eventually(90, "all three 7g pods running", || async {
+        let mut all = true;
+        for i in 0..3 {
+            all &= pod_running(&env.client, &format!("big-{i}")).await;
+        }
+        all
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // let the monitor's lagging watch catch up
+    stop_tx.send(true).unwrap();
+    let max = monitor.await.unwrap();
+    eprintln!("max nodes in flight with a 2 s node-watch lag: {max}");
+    assert_eq!(max, 1, "the budget of 1 node was exceeded (or never used): {max}");
+    c.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_writes_and_a_killed_leader_hands_over_within_the_lease() {
     let env = env(nodes(3, 1, SEVEN_1G), AgentBehaviour::default()).await;

@@ -241,6 +241,15 @@ impl<'c> Problem<'c> {
                     );
                     continue;
                 }
+                if let Some(why) = &gpu.unknown {
+                    // Unknown is never empty: nothing is placed on it and nothing changes it.
+                    warn(
+                        &mut warnings,
+                        format!("{path}.unknown"),
+                        format!("GPU left alone: its instances are unknown ({why})"),
+                    );
+                    continue;
+                }
                 let mut actual = Vec::new();
                 let mut busy = Vec::new();
                 let mut pods = BTreeSet::new();

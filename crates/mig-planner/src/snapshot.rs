@@ -90,6 +90,11 @@ pub struct Gpu {
     /// Existing GPU instances at their placements.
     #[serde(default)]
     pub instances: Vec<GpuInstance>,
+    /// Why this GPU's instances are not known (a failed, partial or inconsistent read by the
+    /// node agent); `None` when they were read in full. Unknown is never empty: the planner
+    /// leaves such a GPU alone and places nothing on it, and the agent runs no sequence on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<String>,
 }
 
 /// An existing GPU instance.

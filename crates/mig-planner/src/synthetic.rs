@@ -107,6 +107,7 @@ pub fn fleet(spec: &FleetSpec) -> Snapshot {
                 index,
                 product: product.to_string(),
                 mig_enabled: true,
+                unknown: None,
                 instances,
             });
         }

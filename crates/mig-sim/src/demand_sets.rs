@@ -169,6 +169,7 @@ pub fn pack(set: &DemandSet, product: &str, gpus: usize, kind: SolverKind) -> Re
                     index: i as u32,
                     product: product.to_string(),
                     mig_enabled: true,
+                    unknown: None,
                     ..Default::default()
                 })
                 .collect(),

@@ -531,6 +531,7 @@ pub(crate) fn snapshot_gpu(
         index,
         product: product.to_string(),
         mig_enabled: true,
+        unknown: None,
         instances: layout
             .instances()
             .iter()

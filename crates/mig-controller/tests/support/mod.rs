@@ -136,6 +136,7 @@ fn report(cluster: &Cluster, node: &str) -> NodeReport {
                 index: g.index,
                 product: g.model.key.clone(),
                 mig_enabled: true,
+                unknown: None,
                 instances: g
                     .layout
                     .instances()

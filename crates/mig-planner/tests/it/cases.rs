@@ -477,3 +477,44 @@ fn spare_capacity_follows_recent_demand() {
         plan.warnings
     );
 }
+
+#[test]
+fn a_gpu_whose_instances_are_unknown_is_never_planned_nor_used() {
+    // The agent could not read GPU 1 (nvidia-smi failed): it reports it with no instances but
+    // `unknown` set. Read as empty it would be the best place for the 7g pod, and an nvml plan
+    // would create instances over whatever really runs there.
+    let mut unreadable = gpu(1, H100, &[]);
+    unreadable.unknown = Some("nvidia-smi mig -lgi -i 1: exit status 255".into());
+    let s = Snapshot {
+        nodes: vec![node(
+            "a",
+            &[],
+            vec![gpu(0, H100, &[("7g.80gb", 0, Some("ml/busy"))]), unreadable],
+        )],
+        pending_pods: vec![pending("big", 0, &[("7g.80gb", 1)])],
+        running_pods: vec![running("ml/busy", 0)],
+        ..Default::default()
+    };
+    for backend in [Backend::MigManager, Backend::Nvml] {
+        let plan = run(
+            &s,
+            &Policy {
+                backend,
+                ..Default::default()
+            },
+        );
+        assert!(
+            plan.gpus.iter().all(|g| g.index != 1 && !g.changed),
+            "{}",
+            plan.render_table()
+        );
+        waits(&plan, "big");
+        assert!(
+            plan.warnings
+                .iter()
+                .any(|w| w.path == "$.nodes[0].gpus[1].unknown" && w.message.contains("exit status 255")),
+            "{:?}",
+            plan.warnings
+        );
+    }
+}

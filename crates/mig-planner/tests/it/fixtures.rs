@@ -33,6 +33,7 @@ pub fn gpu(index: u32, product: &str, instances: &[(&str, u8, Option<&str>)]) ->
         index,
         product: product.into(),
         mig_enabled: true,
+        unknown: None,
         instances: instances
             .iter()
             .map(|(p, s, pod)| GpuInstance {
@@ -146,6 +147,7 @@ pub fn random_snapshot(rng: &mut Rng, max_gpus: usize, max_pods: usize, drain: b
                 index: gi as u32,
                 product: label,
                 mig_enabled: true,
+                unknown: None,
                 instances: insts,
             });
         }
