@@ -21,4 +21,4 @@ pub mod status;
 pub mod store;
 
 pub use cluster::{Cluster, ClusterSpec, GpuSpec, NodeSpec, SimGpu};
-pub use server::{Config, Faults, Running};
+pub use server::{Admission, AdmissionRequest, Config, Faults, Running, UserInfo};

@@ -41,6 +41,34 @@ pub struct Faults {
     pub watch_delay_resources: Vec<String>,
 }
 
+/// Who sent a request, as the real server's authenticator would say (from a bearer token
+/// registered with [`Shared::add_token`]; requests without one are unchecked, as an admin's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserInfo {
+    /// `request.userInfo.username`.
+    pub username: String,
+    /// `request.userInfo.extra["authentication.kubernetes.io/node-name"]`: the node of the pod a
+    /// bound service-account token belongs to.
+    pub node_name: Option<String>,
+}
+
+/// An update of an existing object, as an admission policy sees it.
+pub struct AdmissionRequest<'a> {
+    /// Who.
+    pub user: &'a UserInfo,
+    /// Resource plural (`nodes`).
+    pub resource: &'a str,
+    /// Subresource (`status`), if any.
+    pub subresource: Option<&'a str>,
+    /// The object before.
+    pub old: &'a Value,
+    /// The object after.
+    pub new: &'a Value,
+}
+
+/// A validating admission policy: `Err(message)` denies the request with 403.
+pub type Admission = Arc<dyn Fn(&AdmissionRequest<'_>) -> Result<(), String> + Send + Sync>;
+
 /// Server configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -67,6 +95,8 @@ pub struct Shared {
     dice: AtomicU64,
     lists: AtomicU64,
     kubelets: std::sync::atomic::AtomicBool,
+    tokens: Mutex<HashMap<String, UserInfo>>,
+    admission: Mutex<Vec<Admission>>,
 }
 
 impl Shared {
@@ -79,7 +109,57 @@ impl Shared {
             dice: AtomicU64::new(0x2545_F491_4F6C_DD1D),
             lists: AtomicU64::new(0),
             kubelets: std::sync::atomic::AtomicBool::new(false),
+            tokens: Mutex::new(HashMap::new()),
+            admission: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Requests with `Authorization: Bearer <token>` come from `user`.
+    pub fn add_token(&self, token: &str, user: UserInfo) {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token.to_string(), user);
+    }
+
+    /// Check every update (replace or patch) of an existing object by an authenticated user with
+    /// `policy`, as a ValidatingAdmissionPolicy with `validationActions: [Deny]` would.
+    pub fn add_admission(&self, policy: Admission) {
+        self.admission
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(policy);
+    }
+
+    fn user(&self, headers: &HeaderMap) -> Result<Option<UserInfo>, ApiError> {
+        let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
+            return Ok(None);
+        };
+        let token = auth.strip_prefix("Bearer ").unwrap_or_default().trim();
+        match self.tokens.lock().unwrap_or_else(|e| e.into_inner()).get(token) {
+            Some(u) => Ok(Some(u.clone())),
+            None => Err(ApiError {
+                code: 401,
+                reason: "Unauthorized",
+                message: "Unauthorized".into(),
+            }),
+        }
+    }
+
+    fn admit(&self, user: Option<&UserInfo>, t: &Target, old: &Value, new: &Value) -> Result<(), ApiError> {
+        let Some(user) = user else { return Ok(()) };
+        let request = AdmissionRequest {
+            user,
+            resource: t.resource.plural,
+            subresource: t.sub.as_deref(),
+            old,
+            new,
+        };
+        let policies = self.admission.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for policy in policies {
+            policy(&request).map_err(|m| ApiError::forbidden(&m))?;
+        }
+        Ok(())
     }
 
     /// Lock the store (never held across an await).
@@ -310,6 +390,10 @@ async fn dispatch(
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
+    let user = match state.user(&headers) {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
+    };
     let result = match (&method, &target.name, &target.sub) {
         (&Method::GET, None, _) if watch => return watch_stream(state, &target, &query),
         (&Method::GET, None, _) => {
@@ -332,16 +416,18 @@ async fn dispatch(
             .map(|v| (StatusCode::OK, v)),
         (&Method::PUT, Some(name), sub) => parse_body(&body).and_then(|o| {
             let mut store = state.store();
+            let old = store.get(target.resource, ns(&target), name)?;
             let o = if sub.as_deref() == Some("status") {
-                with_status_only(&store.get(target.resource, ns(&target), name)?, o)
+                with_status_only(&old, o)
             } else {
                 o
             };
+            state.admit(user.as_ref(), &target, &old, &o)?;
             store
                 .replace(target.resource, ns(&target), name, o)
                 .map(|v| (StatusCode::OK, v))
         }),
-        (&Method::PATCH, Some(name), _) => patch(&state, &target, name, &headers, &body),
+        (&Method::PATCH, Some(name), _) => patch(&state, &target, name, &headers, &body, user.as_ref()),
         (&Method::DELETE, Some(name), None) => {
             // DeleteOptions may come as a body or as a query parameter.
             let body_grace = serde_json::from_slice::<Value>(&body)
@@ -443,6 +529,7 @@ fn patch(
     name: &str,
     headers: &HeaderMap,
     body: &Bytes,
+    user: Option<&UserInfo>,
 ) -> Result<(StatusCode, Value), ApiError> {
     let ct = headers
         .get("content-type")
@@ -490,6 +577,7 @@ fn patch(
             } else {
                 doc
             };
+            state.admit(user, t, &c, &doc)?;
             store
                 .replace(t.resource, ns(t), name, doc)
                 .map(|v| (StatusCode::OK, v))

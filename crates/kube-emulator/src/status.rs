@@ -70,6 +70,14 @@ impl ApiError {
             message: format!("{} \"{name}\" is invalid: {detail}", r.kind),
         }
     }
+    /// 403, as a denying admission policy answers.
+    pub fn forbidden(message: &str) -> Self {
+        ApiError {
+            code: 403,
+            reason: "Forbidden",
+            message: message.to_string(),
+        }
+    }
     /// 400.
     pub fn bad_request(message: &str) -> Self {
         ApiError {

@@ -18,7 +18,8 @@ use kube::{Api, ResourceExt};
 use kube_emulator::{Faults, NodeSpec};
 use mig_agent::{AgentSettings, EmulatedGpus, FailurePolicy};
 use mig_controller::protocol::{
-    DEVICE_PLUGIN_DEPLOY_LABEL, GRANT_ANNOTATION, Grant, NodeState, Phase, STATE_ANNOTATION, TAINT_KEY,
+    DEVICE_PLUGIN_DEPLOY_LABEL, GRANT_ANNOTATION, Grant, MIG_CONFIG_LABEL, MIG_STATE_LABEL, NodeState, Phase,
+    STATE_ANNOTATION, TAINT_KEY,
 };
 use mig_controller::settings::{Amount, Mode};
 use mig_planner::snapshot::Backend;
@@ -33,7 +34,7 @@ fn agent_settings(node: &str) -> AgentSettings {
 
 async fn start_agent(env: &Env, node: &str, settings: AgentSettings) -> mig_agent::Running {
     let source = Arc::new(EmulatedGpus::new(env.cluster.clone(), node));
-    mig_agent::start(client_for(&env.server), settings, source)
+    mig_agent::start(agent_client(&env.server, node), settings, source)
         .await
         .unwrap()
 }
@@ -208,7 +209,7 @@ async fn s2_a_pdb_allowing_no_disruption_is_never_overridden() {
     let grant = Grant {
         id: "by-hand".into(),
         plan_id: "by-hand".into(),
-        mig_config: Some("all-7g.80gb".into()),
+        mig_config: Some("mig-autoscaler-by-hand".into()),
         targets: [(0, "7g.80gb@0".to_string())].into(),
         evictions: vec!["default/protected".into()],
         granted_at: jiff::Timestamp::now().to_string(),
@@ -791,7 +792,7 @@ async fn s8_an_agent_whose_driver_disagrees_with_the_catalog_refuses_to_act() {
     let mut settings = agent_settings(node);
     settings.catalog_retry = Duration::from_millis(500);
     let started = Instant::now();
-    let agent = mig_agent::start(client_for(&env.server), settings, source.clone())
+    let agent = mig_agent::start(agent_client(&env.server, node), settings, source.clone())
         .await
         .unwrap();
     // The catalog's own picture passes the same check (the emulator follows the catalog).
@@ -978,7 +979,7 @@ async fn s12_without_pods_per_instance_a_gpu_that_may_hold_a_pod_is_never_rebuil
     for n in names(&spec) {
         let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.clone(), &n)));
         agents.push(
-            mig_agent::start(client_for(&env.server), agent_settings(&n), source)
+            mig_agent::start(agent_client(&env.server, &n), agent_settings(&n), source)
                 .await
                 .unwrap(),
         );
@@ -1068,7 +1069,7 @@ async fn s13_dcgm_exporter_says_which_instance_a_pod_uses_so_nvml_repartitions_a
     ));
     s.dcgm_interval = Duration::from_millis(200);
     let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.clone(), "gpu-node-0")));
-    let agent = mig_agent::start(client_for(&env.server), s, source)
+    let agent = mig_agent::start(agent_client(&env.server, "gpu-node-0"), s, source)
         .await
         .unwrap();
     // The report names `keep` on its one instance, with the utilization dcgm-exporter gave.
@@ -1121,7 +1122,7 @@ async fn s13b_an_unreachable_dcgm_exporter_is_counted_and_pods_are_attributed_sa
     ));
     s.dcgm_interval = Duration::from_millis(200);
     let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.clone(), "gpu-node-0")));
-    let agent = mig_agent::start(client_for(&env.server), s, source)
+    let agent = mig_agent::start(agent_client(&env.server, "gpu-node-0"), s, source)
         .await
         .unwrap();
     eventually(10, "the failed reads are counted", || async {
@@ -1139,4 +1140,170 @@ async fn s13b_an_unreachable_dcgm_exporter_is_counted_and_pods_are_attributed_sa
     );
     assert!(agent.shared.is_ready());
     agent.stop().await;
+}
+
+/// A dcgm-exporter that lies: it names `default/keep` on the last 1g instance (utilization 0.8),
+/// wherever `keep` really runs. Believed, it would make every other instance `keep` may use look
+/// free. Returns its port.
+async fn lying_exporter() -> u16 {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            let mut out = String::from("# TYPE DCGM_FI_PROF_GR_ENGINE_ACTIVE gauge\n");
+            for start in 0..7u32 {
+                let (ns, pod, util) = if start == 6 {
+                    ("default", "keep", 0.8)
+                } else {
+                    ("", "", 0.0)
+                };
+                out += &format!(
+                    "DCGM_FI_PROF_GR_ENGINE_ACTIVE{{gpu=\"0\",GPU_I_ID=\"{}\",GPU_I_PROFILE=\"1g.10gb\",namespace=\"{ns}\",pod=\"{pod}\"}} {util}\n",
+                    start + 1
+                );
+            }
+            out
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    port
+}
+
+/// A pod on `node` labelled as the GPU operator's dcgm-exporter, at 127.0.0.1.
+async fn exporter_pod(env: &Env, namespace: &str, name: &str, owned: bool) {
+    let mut metadata =
+        json!({"name": name, "namespace": namespace, "labels": {"app": "nvidia-dcgm-exporter"}});
+    if owned {
+        metadata["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "name": "nvidia-dcgm-exporter", "uid": "u1", "controller": true}]);
+    }
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": metadata,
+        "spec": {"nodeName": "gpu-node-0", "containers": [{"name": "c", "image": "x"}]},
+        "status": {"phase": "Running", "podIP": "127.0.0.1"},
+    }))
+    .unwrap();
+    let api = Api::<Pod>::namespaced(env.client.clone(), namespace);
+    api.create(&PostParams::default(), &pod).await.unwrap();
+    // Status is not taken on create: as a kubelet would, through the status subresource.
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running", "podIP": "127.0.0.1"}})),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s13c_a_tenant_pod_labelled_as_dcgm_exporter_is_not_believed() {
+    // As s13b (the source cannot tell pods; `keep` is attributed to every 1g instance), but a
+    // tenant runs a pod labelled `app=nvidia-dcgm-exporter` on the node that serves lies.
+    let spec = nodes(1, 1, SEVEN_1G);
+    let env = bare_env(spec.clone()).await;
+    running_pod_on(&env, "keep", "1g.10gb", json!({})).await;
+    let port = lying_exporter().await;
+    exporter_pod(&env, "tenant", "nvidia-dcgm-exporter-x", true).await;
+    let mut s = agent_settings("gpu-node-0");
+    s.dcgm = Some(mig_agent::agent::DcgmEndpoint::Pod {
+        selector: mig_agent::agent::DCGM_EXPORTER_SELECTOR.into(),
+        port,
+    });
+    s.dcgm_interval = Duration::from_millis(100);
+    let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.clone(), "gpu-node-0")));
+    let agent = mig_agent::start(agent_client(&env.server, "gpu-node-0"), s, source)
+        .await
+        .unwrap();
+    let keep_everywhere = |report: &mig_controller::protocol::NodeReport| {
+        report.gpus[0]
+            .instances
+            .iter()
+            .all(|i| i.pods == vec!["default/keep".to_string()] && i.utilization.is_none())
+    };
+    eventually(10, "the agent reports", || async {
+        node_report(&env, "gpu-node-0").await.is_some()
+    })
+    .await;
+    // Several dcgm intervals: the tenant's exporter (its own namespace, even with an owner
+    // reference) is never read, so `keep` still pins every instance it may use.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let report = node_report(&env, "gpu-node-0").await.unwrap();
+    assert!(
+        keep_everywhere(&report),
+        "a tenant's exporter was believed: {report:?}"
+    );
+    // The same endpoint as the operator's pod (its namespace, a DaemonSet's) is read: the trust
+    // is in who runs it, not in what it serves.
+    exporter_pod(&env, "gpu-operator", "nvidia-dcgm-exporter-y", true).await;
+    eventually(10, "the operator's exporter is read", || async {
+        node_report(&env, "gpu-node-0")
+            .await
+            .is_some_and(|r| r.gpus[0].instances.iter().any(|i| i.utilization == Some(0.8)))
+    })
+    .await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s14_a_compromised_agent_can_change_only_what_its_own_agent_would() {
+    // The agent's credentials on gpu-node-0, used by an attacker (the emulator enforces the
+    // chart's per-node admission policy for agent identities, as the API server would).
+    let spec = nodes(2, 1, SEVEN_1G);
+    let env = bare_env(spec.clone()).await;
+    let rogue: Api<Node> = Api::all(agent_client(&env.server, "gpu-node-0"));
+    let pp = PatchParams::default();
+    let denied = [
+        (
+            "another node's MIG config",
+            "gpu-node-1",
+            json!({"metadata": {"labels": {MIG_CONFIG_LABEL: "all-7g.80gb"}}}),
+        ),
+        (
+            "a NoExecute taint (evicts past every PDB)",
+            "gpu-node-0",
+            json!({"spec": {"taints": [{"key": "x", "effect": "NoExecute"}]}}),
+        ),
+        (
+            "our taint as NoExecute",
+            "gpu-node-0",
+            json!({"spec": {"taints": [{"key": TAINT_KEY, "effect": "NoExecute"}]}}),
+        ),
+        (
+            "a forged grant",
+            "gpu-node-0",
+            json!({"metadata": {"annotations": {GRANT_ANNOTATION: "{}"}}}),
+        ),
+        ("a cordon", "gpu-node-0", json!({"spec": {"unschedulable": true}})),
+        (
+            "a label it does not own",
+            "gpu-node-0",
+            json!({"metadata": {"labels": {"nvidia.com/gpu.product": "x"}}}),
+        ),
+    ];
+    for (what, node, patch) in denied {
+        match rogue.patch(node, &pp, &Patch::Merge(patch)).await {
+            Err(kube::Error::Api(s)) if s.code == 403 => {
+                assert!(
+                    s.message.contains("mig-autoscaler agent"),
+                    "{what}: {}",
+                    s.message
+                )
+            }
+            other => panic!("{what} was not refused: {other:?}"),
+        }
+    }
+    // What its own agent writes still goes through.
+    for patch in [
+        json!({"metadata": {"labels": {MIG_CONFIG_LABEL: "all-3g.40gb", MIG_STATE_LABEL: "pending"}}}),
+        json!({"spec": {"taints": [{"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"}]}}),
+        json!({"metadata": {"annotations": {STATE_ANNOTATION: "{}"}}}),
+    ] {
+        rogue
+            .patch("gpu-node-0", &pp, &Patch::Merge(patch.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{patch}: {e}"));
+    }
 }

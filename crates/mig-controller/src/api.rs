@@ -69,24 +69,67 @@ async fn get_plan(State(s): State<Arc<Shared>>) -> Result<Response, ApiError> {
 }
 
 async fn post_plan(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let refused = |limit: &'static str| {
+        s.metrics
+            .connections_refused
+            .get_or_create(&crate::metrics::LimitLabel { limit })
+            .inc();
+    };
+    // Taken before the body is parsed: parsing a large snapshot costs too.
+    let Ok(slot) = s.what_if.clone().try_acquire_owned() else {
+        refused("concurrency");
+        return Err(ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{} what-if plan(s) already running (http.maxConcurrentPlans); try again later",
+                s.settings.http.max_concurrent_plans
+            ),
+            None,
+        ));
+    };
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "body is not UTF-8 JSON".into(), None))?;
     let mut snapshot = Snapshot::from_json(text)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.message.clone(), Some(e.path.clone())))?;
+    let http = &s.settings.http;
+    let gpus: usize = snapshot.nodes.iter().map(|n| n.gpus.len()).sum();
+    let pods = snapshot.pending_pods.len() + snapshot.running_pods.len();
+    if gpus > http.max_snapshot_gpus || pods > http.max_snapshot_pods {
+        refused("size");
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the snapshot has {gpus} GPUs and {pods} pods; at most {} and {} are planned here (http.maxSnapshotGpus, http.maxSnapshotPods)",
+                http.max_snapshot_gpus, http.max_snapshot_pods
+            ),
+            None,
+        ));
+    }
     // A snapshot without a policy is planned under the controller's.
     let value: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
     if value.get("policy").is_none() {
         snapshot.policy = s.settings.planner.clone();
     }
-    let plan = tokio::task::spawn_blocking(move || mig_planner::plan(&snapshot, &snapshot.policy))
-        .await
-        .map_err(|e| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("planner failed: {e}"),
-                None,
-            )
-        })?;
+    // A posted policy never makes the planner work harder than the controller's own would.
+    let own = &s.settings.planner.solver;
+    let solver = &mut snapshot.policy.solver;
+    solver.time_limit_ms = solver.time_limit_ms.min(own.time_limit_ms);
+    solver.exact_node_limit = solver.exact_node_limit.min(own.exact_node_limit);
+    if !(solver.mip_gap >= own.mip_gap) {
+        solver.mip_gap = own.mip_gap; // also NaN
+    }
+    let plan = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        mig_planner::plan(&snapshot, &snapshot.policy)
+    })
+    .await
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("planner failed: {e}"),
+            None,
+        )
+    })?;
     Ok(Json(plan).into_response())
 }
 

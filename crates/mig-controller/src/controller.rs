@@ -104,6 +104,9 @@ pub struct Shared {
     pub writes: std::sync::Mutex<Vec<(Instant, String)>>,
     /// The last 100 actions (writes, ended reconfigurations), newest last, for the web view.
     pub recent: std::sync::Mutex<std::collections::VecDeque<RecentAction>>,
+    /// Slots for what-if plans (`POST /api/v1/plan`): a plan holds one until the planner returns,
+    /// even when its request has timed out, so the planner's CPU stays bounded.
+    pub what_if: Arc<tokio::sync::Semaphore>,
 }
 
 /// Something the controller did or saw end, for people.
@@ -221,6 +224,7 @@ pub async fn start(client: Client, settings: Settings, identity: String) -> anyh
         latest: RwLock::new(None),
         writes: std::sync::Mutex::new(Vec::new()),
         recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
+        what_if: Arc::new(tokio::sync::Semaphore::new(settings.http.max_concurrent_plans)),
         settings: settings.clone(),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -259,14 +263,21 @@ pub async fn start(client: Client, settings: Settings, identity: String) -> anyh
     let listener = tokio::net::TcpListener::bind(&settings.http.listen).await?;
     let addr = listener.local_addr()?;
     let app = api::router(shared.clone());
-    let mut server_shutdown = shutdown_rx.clone();
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = server_shutdown.wait_for(|s| *s).await;
-            })
-            .await;
-    });
+    let limits = crate::listener::Limits {
+        max_connections: settings.http.max_connections,
+        max_connections_per_client: settings.http.max_connections_per_client,
+        header_read_timeout: settings.http.header_read_timeout.0,
+    };
+    let refused = shared.metrics.connections_refused.clone();
+    let server = tokio::spawn(crate::listener::serve(
+        listener,
+        app,
+        limits,
+        shutdown_rx.clone(),
+        move |limit| {
+            refused.get_or_create(&crate::metrics::LimitLabel { limit }).inc();
+        },
+    ));
 
     let (events_tx, events_rx) = mpsc::channel(1024);
     let events = tokio::spawn(publish_events(
@@ -1032,8 +1043,23 @@ impl ControlLoop {
                 "the node changed; retried next round".into(),
             )),
             Err(e) => {
-                // The write may have landed (a timeout after the server applied it): count it
-                // until the cache shows it or `grantTimeout` passes.
+                // The write may have landed (a timeout after the server applied it): read the
+                // Node back; count the grant if it is there, or if that cannot be told, until the
+                // cache shows it or `grantTimeout` passes.
+                let mut landed = true; // unless a read says otherwise
+                for _ in 0..3 {
+                    if let Ok(n) = nodes.get(&c.node).await {
+                        landed = n
+                            .annotations()
+                            .get(GRANT_ANNOTATION)
+                            .and_then(|g| serde_json::from_str::<Grant>(g).ok())
+                            .is_some_and(|g| g.id == grant.id);
+                        break;
+                    }
+                }
+                if !landed {
+                    return Err(GrantError::Write("error", e.to_string()));
+                }
                 self.state.ledger.record(
                     &c.node,
                     budget::Written {

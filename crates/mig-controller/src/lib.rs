@@ -10,6 +10,7 @@ pub mod api;
 pub mod budget;
 pub mod controller;
 pub mod lease;
+pub mod listener;
 pub mod metrics;
 pub mod observe;
 pub mod protocol;

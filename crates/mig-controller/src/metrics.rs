@@ -59,6 +59,11 @@ one_label!(ResultLabel, result, "Outcome of a write or a reconfiguration.");
 one_label!(BudgetLabel, budget, "`nodes` or `evictions`.");
 one_label!(ReasonLabel, reason, "Input problem reason.");
 one_label!(OutcomeLabel, outcome, "`fits` or `waits`.");
+one_label!(
+    LimitLabel,
+    limit,
+    "Which limit: `total`, `per-client` (connections), `concurrency`, `size` (what-if plans)."
+);
 
 /// Decisions per node of a plan.
 pub const DECISIONS: [&str; 8] = [
@@ -76,7 +81,14 @@ pub const GRANT_RESULTS: [&str; 3] = ["written", "conflict", "error"];
 /// Results of reconfigurations (the agent's terminal phases).
 pub const RECONFIGURATION_RESULTS: [&str; 3] = ["done", "rolled-back", "failed"];
 /// Input problem reasons.
-pub const INPUT_PROBLEMS: [&str; 3] = ["InvalidMigRequest", "MalformedAnnotation", "UnknownGpuModel"];
+pub const INPUT_PROBLEMS: [&str; 4] = [
+    "InvalidMigRequest",
+    "MalformedAnnotation",
+    "UnknownGpuModel",
+    "GpuStateUnknown",
+];
+/// Limits the HTTP API refuses requests or connections for.
+pub const HTTP_LIMITS: [&str; 4] = ["total", "per-client", "concurrency", "size"];
 
 /// Every metric the controller exports.
 pub struct Metrics {
@@ -116,6 +128,8 @@ pub struct Metrics {
     pub last_plan_timestamp: Gauge<f64, AtomicU64>,
     /// From a pending pod's creation to its binding.
     pub time_to_slice: Histogram,
+    /// Connections closed and requests refused for a limit.
+    pub connections_refused: Family<LimitLabel, Counter>,
 }
 
 impl Metrics {
@@ -140,6 +154,7 @@ impl Metrics {
             input_problems: Family::default(),
             last_plan_timestamp: Gauge::default(),
             time_to_slice: Histogram::new([1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0]),
+            connections_refused: Family::default(),
             registry: Registry::default(),
         };
         let info: Family<Vec<(String, String)>, Gauge> = Family::default();
@@ -223,6 +238,14 @@ impl Metrics {
             "From a pending MIG pod's creation to its binding to a node (pods the controller saw waiting)",
             m.time_to_slice.clone(),
         );
+        registry.register(
+            "http_refused",
+            "HTTP connections closed at once and requests refused, by limit",
+            m.connections_refused.clone(),
+        );
+        for limit in HTTP_LIMITS {
+            let _ = m.connections_refused.get_or_create(&LimitLabel { limit });
+        }
         for profile in profiles {
             let _ = m.pending_pods.get_or_create(&ProfileLabel { profile });
         }

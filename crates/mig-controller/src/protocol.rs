@@ -39,6 +39,70 @@ pub const DEVICE_PLUGIN_DEPLOY_LABEL: &str = "nvidia.com/gpu.deploy.device-plugi
 /// Value that stops the device plugin for a MIG change (mig-manager's own).
 pub const DEVICE_PLUGIN_PAUSED: &str = "paused-for-mig-change";
 
+/// Labels the node agent writes, on its own Node only.
+pub const AGENT_LABELS: [&str; 3] = [MIG_CONFIG_LABEL, MIG_STATE_LABEL, DEVICE_PLUGIN_DEPLOY_LABEL];
+/// Annotations the node agent writes, on its own Node only (never the grant).
+pub const AGENT_ANNOTATIONS: [&str; 2] = [REPORT_ANNOTATION, STATE_ANNOTATION];
+
+/// What the chart's admission policy (`<release>-agent-own-node`) lets a node agent change in an
+/// update of a Node, in Rust: the Node it runs on (`agent_node`, from its bound service-account
+/// token), only the labels [`AGENT_LABELS`] and annotations [`AGENT_ANNOTATIONS`], only our own
+/// NoSchedule taint, never `spec.unschedulable`. The policy's CEL says the same (a test compares
+/// their key lists), and the emulator enforces this for agent identities, so every agent write in
+/// the fault suite is checked against it.
+pub fn agent_may_update_node(
+    agent_node: Option<&str>,
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+) -> Result<(), String> {
+    use serde_json::{Map, Value};
+    let name = new["metadata"]["name"].as_str().unwrap_or_default();
+    if agent_node != Some(name) {
+        return Err(format!(
+            "the mig-autoscaler agent may only change the Node it runs on ({}), not {name}",
+            agent_node.unwrap_or("unknown")
+        ));
+    }
+    let empty = Map::new();
+    for (field, own) in [
+        ("labels", &AGENT_LABELS[..]),
+        ("annotations", &AGENT_ANNOTATIONS[..]),
+    ] {
+        let before = old["metadata"][field].as_object().unwrap_or(&empty);
+        let after = new["metadata"][field].as_object().unwrap_or(&empty);
+        if let Some(key) = before
+            .keys()
+            .chain(after.keys())
+            .find(|k| !own.contains(&k.as_str()) && before.get(*k) != after.get(*k))
+        {
+            return Err(format!(
+                "the mig-autoscaler agent may change only the {field} {}, not {key}",
+                own.join(", ")
+            ));
+        }
+    }
+    let others = |node: &Value| -> Vec<Value> {
+        node["spec"]["taints"]
+            .as_array()
+            .map(|t| t.iter().filter(|t| t["key"] != TAINT_KEY).cloned().collect())
+            .unwrap_or_default()
+    };
+    let ours_ok = new["spec"]["taints"].as_array().is_none_or(|t| {
+        t.iter()
+            .all(|t| t["key"] != TAINT_KEY || t["effect"] == "NoSchedule")
+    });
+    if others(old) != others(new) || !ours_ok {
+        return Err(format!(
+            "the mig-autoscaler agent may add or remove only its own NoSchedule taint {TAINT_KEY}"
+        ));
+    }
+    let cordoned = |node: &Value| node["spec"]["unschedulable"].as_bool().unwrap_or(false);
+    if cordoned(old) != cordoned(new) {
+        return Err("the mig-autoscaler agent may not cordon or uncordon a Node".into());
+    }
+    Ok(())
+}
+
 /// What the agent observed on its node (NVML, or the emulator's simulated GPUs).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

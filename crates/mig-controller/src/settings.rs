@@ -254,6 +254,18 @@ pub struct HttpSettings {
     pub request_timeout: Dur,
     /// Largest accepted request body (a posted snapshot), bytes.
     pub max_body_bytes: usize,
+    /// Most GPUs in a posted snapshot.
+    pub max_snapshot_gpus: usize,
+    /// Most pods (pending and running) in a posted snapshot.
+    pub max_snapshot_pods: usize,
+    /// What-if plans (`POST /api/v1/plan`) running at once; more are answered 429.
+    pub max_concurrent_plans: usize,
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// Open connections at most from one client address.
+    pub max_connections_per_client: usize,
+    /// A request's headers must arrive within this.
+    pub header_read_timeout: Dur,
 }
 
 impl Default for HttpSettings {
@@ -262,6 +274,12 @@ impl Default for HttpSettings {
             listen: "0.0.0.0:8080".into(),
             request_timeout: Dur::secs(30),
             max_body_bytes: 16 << 20,
+            max_snapshot_gpus: 40_000,
+            max_snapshot_pods: 50_000,
+            max_concurrent_plans: 1,
+            max_connections: 1024,
+            max_connections_per_client: 64,
+            header_read_timeout: Dur::secs(10),
         }
     }
 }

@@ -628,3 +628,82 @@ async fn the_sweep_removes_stale_taints_and_withdraws_grants_no_agent_started() 
     .await;
     c.stop().await;
 }
+
+/// A connection from `ip` (another loopback address than the test's own 127.0.0.1).
+async fn connect_from(ip: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Whether the server closes `s` (or answers it) within `secs`.
+async fn closed_within(s: &mut tokio::net::TcpStream, secs: u64) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 512];
+    tokio::time::timeout(Duration::from_secs(secs), s.read(&mut buf))
+        .await
+        .is_ok()
+}
+
+/// The probe's attacks on the API: idle and half-sent connections by the thousand, and a snapshot
+/// far larger than any cluster the controller plans. The API stays responsive to others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_sheds_idle_connections_and_oversized_snapshots_and_stays_responsive() {
+    use tokio::io::AsyncWriteExt;
+    let env = env(nodes(1, 1, SEVEN_1G), AgentBehaviour::default()).await;
+    let mut s = fast_settings(Mode::DryRun);
+    s.http.max_connections_per_client = 16;
+    s.http.header_read_timeout = mig_controller::settings::Dur::millis(500);
+    s.http.max_snapshot_gpus = 8;
+    let c = controller(&env, s, "replica-a").await;
+
+    // A half-sent request is closed once its headers are late (it used to stay open for good).
+    let mut half = connect_from("127.0.0.2", c.addr).await;
+    half.write_all(b"GET /api/v1/plan HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut half, 10).await,
+        "a half-sent request kept its connection"
+    );
+
+    // 3,000 idle connections from one client: beyond its 16, each is closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..3000 {
+        idle.push(connect_from("127.0.0.3", c.addr).await);
+    }
+    let mut open = 0;
+    for s in idle.iter_mut() {
+        if !closed_within(s, 0).await {
+            open += 1;
+        }
+    }
+    // (A connection read at once may not have been judged yet: give the rest a moment.)
+    let mut still_open = 0;
+    for s in idle.iter_mut().rev().take(100) {
+        if !closed_within(s, 1).await {
+            still_open += 1;
+        }
+    }
+    assert!(
+        open <= 16 + 100 && still_open == 0,
+        "open {open}, of the last 100 still open {still_open}"
+    );
+    // Meanwhile others are served.
+    let (status, _) = http(c.addr, "GET", "/healthz", b"").await;
+    assert_eq!(status, 200);
+    let (_, scrape) = http(c.addr, "GET", "/metrics", b"").await;
+    let refused = sample(&scrape, "mig_autoscaler_http_refused_total{limit=\"per-client\"}").unwrap();
+    assert!(refused >= 2900.0, "{refused}");
+    drop(idle);
+
+    // A snapshot over the GPU bound: 413 with the numbers, before any planning.
+    let snapshot = json!({"nodes": [{"name": "n", "gpus": (0..9).map(|i| json!({"index": i, "product": H100})).collect::<Vec<_>>()}]});
+    let (status, body) = http(c.addr, "POST", "/api/v1/plan", snapshot.to_string().as_bytes()).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body.contains("9 GPUs") && body.contains("maxSnapshotGpus"),
+        "{body}"
+    );
+    c.stop().await;
+}

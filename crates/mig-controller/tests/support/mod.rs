@@ -75,6 +75,29 @@ pub fn nodes(n: usize, gpus: usize, layout: &str) -> Vec<NodeSpec> {
         .collect()
 }
 
+/// The node agents' service account, as the chart names it with its defaults.
+pub const AGENT_USER: &str = "system:serviceaccount:mig-autoscaler:mig-autoscaler-agent";
+
+/// A client that authenticates as the node agent on `node` (a bound service-account token): the
+/// emulator checks its Node updates with the chart's admission policy.
+pub fn agent_client(server: &Running, node: &str) -> Client {
+    let token = format!("agent-token-{node}");
+    server.state.add_token(
+        &token,
+        kube_emulator::UserInfo {
+            username: AGENT_USER.into(),
+            node_name: Some(node.into()),
+        },
+    );
+    let mut config = kube::Config::new(server.url().parse().unwrap());
+    config.default_retry = false;
+    config.headers.push((
+        http::header::AUTHORIZATION,
+        http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    ));
+    Client::try_from(config).unwrap()
+}
+
 pub fn client_for(server: &Running) -> Client {
     let mut config = kube::Config::new(server.url().parse().unwrap());
     config.default_retry = false;
@@ -112,6 +135,15 @@ pub async fn bare_env_with(spec_nodes: Vec<NodeSpec>, device_plugin_pods: bool) 
         mig_manager_delay_ms: 50,
         device_plugin_pods,
     };
+    // The chart's per-node admission policy, for agent identities (see `agent_client`).
+    server
+        .state
+        .add_admission(Arc::new(|r: &kube_emulator::AdmissionRequest<'_>| {
+            if r.resource != "nodes" || r.user.username != AGENT_USER {
+                return Ok(());
+            }
+            mig_controller::protocol::agent_may_update_node(r.user.node_name.as_deref(), r.old, r.new)
+        }));
     let cluster = Cluster::new(server.state.clone(), &spec).unwrap();
     let actors = cluster.spawn();
     server
