@@ -9,6 +9,9 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -91,6 +94,12 @@ fn manifests_are_valid_objects_with_least_privilege() {
             "DaemonSet" => serde_json::from_value::<DaemonSet>(d.clone()).is_ok(),
             "Service" => serde_json::from_value::<Service>(d.clone()).is_ok(),
             "PodDisruptionBudget" => serde_json::from_value::<PodDisruptionBudget>(d.clone()).is_ok(),
+            "ValidatingAdmissionPolicy" => {
+                serde_json::from_value::<ValidatingAdmissionPolicy>(d.clone()).is_ok()
+            }
+            "ValidatingAdmissionPolicyBinding" => {
+                serde_json::from_value::<ValidatingAdmissionPolicyBinding>(d.clone()).is_ok()
+            }
             other => panic!("unexpected kind {other}"),
         };
         assert!(ok, "{kind} {} does not parse", d["metadata"]["name"]);
@@ -384,4 +393,67 @@ fn the_dockerfile_builds_what_the_chart_runs_as_the_user_it_names() {
         let t = read(&format!("deploy/helm/mig-autoscaler/templates/{template}.yaml"));
         assert!(t.contains(&format!("args: [{template},")), "{template}.yaml");
     }
+}
+
+/// The per-node admission policy is on by default, the manifests carry the chart's, and its CEL
+/// names exactly the keys the code lets an agent write (`protocol::agent_may_update_node`, which
+/// the emulator enforces for every agent of the fault suite).
+#[test]
+fn the_agent_admission_policy_is_on_and_names_the_keys_the_code_allows() {
+    assert_eq!(values()["perNodeAdmissionPolicy"], serde_yaml::Value::Bool(true));
+    let chart = read("deploy/helm/mig-autoscaler/templates/admission.yaml");
+    assert!(chart.contains("semverCompare \">=1.30-0\" .Capabilities.KubeVersion.Version"));
+    // The chart's documents, rendered with the defaults (guards and labels aside), are the manifests'.
+    let rendered: String = chart
+        .lines()
+        .filter(|l| !l.starts_with("{{-") && !l.contains("mig-autoscaler.labels"))
+        .map(render_simple)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let docs = manifests();
+    let mut compared = 0;
+    for d in serde_yaml::Deserializer::from_str(&rendered) {
+        let mut want = serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap();
+        let name = want["metadata"]["name"].as_str().unwrap().to_string();
+        let kind = want["kind"].as_str().unwrap().to_string();
+        let mut got = find(&docs, &kind, &name).clone();
+        for v in [&mut want, &mut got] {
+            v["metadata"].as_object_mut().unwrap().remove("labels");
+        }
+        assert_eq!(got, want, "{kind} {name}: manifests differ from the chart");
+        compared += 1;
+    }
+    assert_eq!(compared, 2);
+
+    let policy = find(
+        &docs,
+        "ValidatingAdmissionPolicy",
+        "mig-autoscaler-agent-own-node",
+    );
+    let variable = |name: &str| -> Vec<String> {
+        let e = policy["spec"]["variables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()["expression"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        e.trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|k| k.trim().trim_matches('\'').to_string())
+            .collect()
+    };
+    use mig_controller::protocol::{AGENT_ANNOTATIONS, AGENT_LABELS, TAINT_KEY};
+    assert_eq!(variable("ownLabels"), AGENT_LABELS.map(String::from).to_vec());
+    assert_eq!(
+        variable("ownAnnotations"),
+        AGENT_ANNOTATIONS.map(String::from).to_vec()
+    );
+    assert_eq!(variable("ownTaint"), vec![TAINT_KEY.to_string()]);
+    assert_eq!(
+        policy["spec"]["matchConditions"][0]["expression"],
+        "request.userInfo.username == 'system:serviceaccount:mig-autoscaler:mig-autoscaler-agent'"
+    );
 }
