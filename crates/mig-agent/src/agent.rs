@@ -85,6 +85,9 @@ pub struct AgentSettings {
     /// The namespace of the GPU operator: device-plugin and dcgm-exporter pods are trusted only
     /// there, and only when a DaemonSet owns them (a tenant's pod with the same labels is not).
     pub operator_namespace: String,
+    /// While a sequence runs, its state is rewritten this often (a heartbeat: the controller takes
+    /// a state unchanged for `agentTimeout` as a dead agent).
+    pub heartbeat: Duration,
     /// `/healthz` fails once no step has finished for this long (a hung driver call, a wedged
     /// runtime), so that the kubelet restarts the agent.
     pub stall_after: Duration,
@@ -108,6 +111,7 @@ impl AgentSettings {
             dcgm_interval: Duration::from_secs(15),
             operator_namespace: OPERATOR_NAMESPACE.into(),
             stall_after: Duration::from_secs(300),
+            heartbeat: Duration::from_secs(15),
         }
     }
 }
@@ -311,6 +315,7 @@ pub async fn start(
         catalog_checked: false,
         catalog_next_check: None,
         last_phase: None,
+        last_persist: Instant::now(),
     };
     tasks.push(tokio::spawn(worker.run(rx.clone())));
     let mut addr = None;
@@ -391,6 +396,8 @@ struct Worker {
     /// When the catalog check may run again after a failure (None: at once).
     catalog_next_check: Option<Instant>,
     last_phase: Option<&'static str>,
+    /// When the state was last written.
+    last_persist: Instant,
 }
 
 /// Why a tick stopped early.
@@ -665,6 +672,27 @@ impl Worker {
         };
         self.shared.metrics.set_phase(phase_now);
         let step = sequence::step(&obs, &self.shared.settings.sequence);
+        // The heartbeat goes first: an action that keeps failing (a PDB's 429) ends the tick.
+        let beat = match (&obs.state, &obs.grant) {
+            (Ok(Some(s)), Ok(Some(g)))
+                if step.next.is_none()
+                    && s.grant_id == g.id
+                    && !s.phase.is_terminal()
+                    && self.last_persist.elapsed() >= self.shared.settings.heartbeat =>
+            {
+                Some(NodeState {
+                    heartbeat: Some(jiff::Timestamp::now().to_string()),
+                    ..s.clone()
+                })
+            }
+            _ => None,
+        };
+        if let Some(beat) = beat {
+            let text = serde_json::to_string(&beat).unwrap_or_default();
+            self.patch(json!({"metadata": {"annotations": {STATE_ANNOTATION: text}}}))
+                .await?;
+            self.last_persist = Instant::now();
+        }
         for action in &step.actions {
             self.act(action, &taints, uid.clone()).await?;
         }
@@ -679,6 +707,7 @@ impl Worker {
                         .get_or_create(&Label { kind: "persist" })
                         .inc();
                 })?;
+            self.last_persist = Instant::now();
             let label = phase_label(next.phase);
             self.shared
                 .metrics

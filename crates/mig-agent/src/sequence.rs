@@ -387,6 +387,7 @@ fn enter(now: Timestamp, from: &NodeState, phase: Phase, message: impl Into<Stri
         previous_config: from.previous_config.clone(),
         previous_layouts: from.previous_layouts.clone(),
         restarting_device_plugin: false,
+        heartbeat: None,
     }
 }
 
@@ -649,6 +650,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                         previous_config: o.mig_config.clone(),
                         previous_layouts: BTreeMap::new(),
                         restarting_device_plugin: false,
+                        heartbeat: None,
                     }),
                 };
             }
@@ -682,6 +684,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                         .filter_map(|g| Some((g.index, layout_text(g).ok()?)))
                         .collect(),
                     restarting_device_plugin: false,
+                    heartbeat: None,
                 }),
             };
         }
@@ -1033,6 +1036,7 @@ mod tests {
             previous_config: previous.map(str::to_string),
             previous_layouts: BTreeMap::new(),
             restarting_device_plugin: false,
+            heartbeat: None,
         }
     }
 

@@ -549,8 +549,14 @@ async fn s4_mig_manager_failure_follows_the_policy_visibly() {
                 assert_eq!(node_state(&env, "gpu-node-0").await.unwrap().phase, Phase::Failed);
                 assert_eq!(check_invariants(&env, &["wants-7g"], true).await, 1);
                 let (_, scrape) = http(c.addr, "GET", "/metrics", b"").await;
+                // Stuck for a person: frozen, but it holds no budget (a failure wedges nothing).
                 assert_eq!(
                     sample(&scrape, "mig_autoscaler_nodes_reconfiguring"),
+                    Some(0.0),
+                    "{scrape}"
+                );
+                assert_eq!(
+                    sample(&scrape, "mig_autoscaler_nodes_stuck"),
                     Some(1.0),
                     "{scrape}"
                 );
@@ -1306,4 +1312,134 @@ async fn s14_a_compromised_agent_can_change_only_what_its_own_agent_would() {
             .await
             .unwrap_or_else(|e| panic!("{patch}: {e}"));
     }
+}
+
+async fn node_of(env: &Env, node: &str) -> Node {
+    Api::<Node>::all(env.client.clone()).get(node).await.unwrap()
+}
+
+fn our_taint(n: &Node) -> bool {
+    n.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TAINT_KEY))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s15_an_agent_gone_for_good_wedges_nothing() {
+    // Three nodes, budget one node. gpu-node-0: its agent dies while draining (nothing changed
+    // yet). gpu-node-1: its agent died while mig-manager applied (GPUs may be half-changed).
+    // gpu-node-2: healthy and free, where a 7g pod can go.
+    let spec = nodes(3, 1, "3g.40gb@0,3g.40gb@4");
+    let env = bare_env(spec.clone()).await;
+    running_pod_on(&env, "protected", "3g.40gb", json!({"app": "protected"})).await;
+    pdb(&env, 0).await;
+    let protected_on = env
+        .cluster
+        .gpus("gpu-node-0")
+        .first()
+        .is_some_and(|g| !g.used.is_empty());
+    assert!(
+        protected_on,
+        "the scheduler put `protected` on gpu-node-0 (first fit)"
+    );
+    let settings = |n: &str| {
+        let mut s = agent_settings(n);
+        s.sequence.drain_timeout = jiff::SignedDuration::from_mins(10);
+        s.heartbeat = Duration::from_millis(200);
+        s
+    };
+    let a0 = start_agent(&env, "gpu-node-0", settings("gpu-node-0")).await;
+    let a2 = start_agent(&env, "gpu-node-2", settings("gpu-node-2")).await;
+    let mut cs = fast_settings(Mode::Auto);
+    cs.budgets.agent_timeout = mig_controller::settings::Dur::secs(2);
+    let c = controller(&env, cs, "replica-a").await;
+
+    // gpu-node-0: a grant that must evict `protected` (the PDB answers 429): the agent drains,
+    // alive, beyond the agent timeout: its heartbeats keep the grant.
+    let now = jiff::Timestamp::now().to_string();
+    let grant = |id: &str, config: &str, evict: Vec<String>| Grant {
+        id: id.into(),
+        plan_id: id.into(),
+        mig_config: Some(config.into()),
+        targets: [(0, "7g.80gb@0".to_string())].into(),
+        evictions: evict,
+        granted_at: now.clone(),
+        granted_by: "test".into(),
+        recent_evictions: vec![],
+    };
+    let nodes_api = Api::<Node>::all(env.client.clone());
+    let g0 = grant(
+        "drain-forever",
+        "mig-autoscaler-x",
+        vec!["default/protected".into()],
+    );
+    nodes_api
+        .patch(
+            "gpu-node-0",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {GRANT_ANNOTATION: serde_json::to_string(&g0).unwrap()}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    eventually(10, "gpu-node-0 drains", || async {
+        node_state(&env, "gpu-node-0")
+            .await
+            .is_some_and(|s| s.phase == Phase::Draining)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let n0 = node_of(&env, "gpu-node-0").await;
+    assert!(
+        n0.annotations().contains_key(GRANT_ANNOTATION) && our_taint(&n0),
+        "a live agent's sequence was released"
+    );
+    // The agent dies for good: the grant is withdrawn and the taint removed.
+    a0.kill();
+    eventually(15, "gpu-node-0 released", || async {
+        let n = node_of(&env, "gpu-node-0").await;
+        !n.annotations().contains_key(GRANT_ANNOTATION) && !our_taint(&n)
+    })
+    .await;
+
+    // gpu-node-1: no agent at all; the Node says it died awaiting mig-manager, tainted.
+    let g1 = grant("half-changed", "mig-autoscaler-y", vec![]);
+    let s1 = NodeState {
+        grant_id: g1.id.clone(),
+        phase: Phase::AwaitingMigManager,
+        since: now.clone(),
+        attempt: 1,
+        message: None,
+        previous_config: None,
+        previous_layouts: Default::default(),
+        restarting_device_plugin: false,
+        heartbeat: None,
+    };
+    nodes_api
+        .patch("gpu-node-1", &PatchParams::default(), &Patch::Merge(json!({
+            "metadata": {"annotations": {GRANT_ANNOTATION: serde_json::to_string(&g1).unwrap(), STATE_ANNOTATION: serde_json::to_string(&s1).unwrap()}},
+            "spec": {"taints": [{"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"}]},
+        })))
+        .await
+        .unwrap();
+    eventually(15, "an AgentGone event for gpu-node-1", || async {
+        events(&env.client, "default")
+            .await
+            .iter()
+            .any(|(who, r, n, _)| who == "gpu-node-1" && r == "AgentGone" && n.contains("half-changed"))
+    })
+    .await;
+    // It stays tainted and granted for a person, but holds no budget: a 7g pod gets gpu-node-2.
+    create_pod(&env.client, &mig_pod("wants-7g", "7g.80gb", "1")).await;
+    eventually(30, "the 7g pod runs", || async {
+        pod_phase(&env, "wants-7g").await.as_deref() == Some("Running")
+    })
+    .await;
+    let n1 = node_of(&env, "gpu-node-1").await;
+    assert!(our_taint(&n1) && n1.annotations().contains_key(GRANT_ANNOTATION));
+    assert_eq!(pod_phase(&env, "protected").await.as_deref(), Some("Running"));
+    c.stop().await;
+    a2.stop().await;
 }

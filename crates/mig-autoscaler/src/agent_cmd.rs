@@ -88,6 +88,10 @@ pub struct AgentArgs {
     /// A grant older than this when first seen is refused (never started).
     #[arg(long, default_value_t = 600.0)]
     max_grant_age_seconds: f64,
+    /// While a reconfiguration runs, rewrite its state this often (the controller's
+    /// `budgets.agentTimeout` must be well above it).
+    #[arg(long, default_value_t = 15.0)]
+    heartbeat_seconds: f64,
     /// /healthz fails when no step has finished for this long.
     #[arg(long, default_value_t = 300.0)]
     stall_seconds: f64,
@@ -106,6 +110,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         ("--nvidia-smi-timeout-seconds", args.nvidia_smi_timeout_seconds),
         ("--max-grant-age-seconds", args.max_grant_age_seconds),
         ("--stall-seconds", args.stall_seconds),
+        ("--heartbeat-seconds", args.heartbeat_seconds),
     ] {
         if !(v > 0.0 && v.is_finite()) {
             anyhow::bail!("{flag} must be positive");
@@ -118,6 +123,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
     settings.device_plugin_selector = args.device_plugin_selector.clone();
     settings.operator_namespace = args.operator_namespace.clone();
     settings.stall_after = std::time::Duration::from_secs_f64(args.stall_seconds);
+    settings.heartbeat = std::time::Duration::from_secs_f64(args.heartbeat_seconds);
     settings.sequence.max_grant_age =
         jiff::SignedDuration::try_from(std::time::Duration::from_secs_f64(args.max_grant_age_seconds))?;
     settings.dcgm_interval = std::time::Duration::from_secs_f64(args.dcgm_interval_seconds);

@@ -92,10 +92,12 @@ pub struct Headroom {
     pub nodes: u32,
     /// Evictions that may be granted now.
     pub evictions: u32,
-    /// Nodes reconfiguring (or stuck) now.
+    /// Nodes reconfiguring now (stuck ones are not counted).
     pub in_flight: u32,
     /// Whether an allowed window is open.
     pub window_open: bool,
+    /// Nodes stuck (failed and tainted, or their agent gone mid-change): frozen, holding no budget.
+    pub stuck: u32,
 }
 
 /// Whether a window is open at `now`.
@@ -123,9 +125,10 @@ pub fn headroom(
     managed: usize,
     nodes: &[NodeFacts],
 ) -> Headroom {
+    // A stuck node (failed, or its agent gone mid-change) stays frozen but holds no budget.
     let in_flight = nodes
         .iter()
-        .filter(|n| !matches!(n.flight, Flight::Idle { .. }))
+        .filter(|n| matches!(n.flight, Flight::InFlight { .. }))
         .count() as u32;
     let window = SignedDuration::try_from(budgets.eviction_window.0).unwrap_or(SignedDuration::MAX);
     let evicted = nodes
@@ -141,6 +144,7 @@ pub fn headroom(
         evictions: budgets.max_evictions.saturating_sub(evicted),
         in_flight,
         window_open: window_open(budgets, now),
+        stuck: nodes.iter().filter(|n| matches!(n.flight, Flight::Stuck)).count() as u32,
     }
 }
 
@@ -407,7 +411,11 @@ mod tests {
             let cands: Vec<Candidate> = cands.iter().map(|(n, e)| cand(&format!("n{}", n % nodes.len()), *e)).collect();
             let (d, _) = decide(&b, now, nodes.len(), &nodes, &cands);
             let granted: Vec<&Candidate> = d.iter().filter(|(_, v)| v.is_ok()).map(|(c, _)| c).collect();
-            let in_flight = nodes.iter().filter(|n| !matches!(n.flight, Flight::Idle { .. })).count() as u32;
+            // Stuck nodes hold no budget (and are never granted: the names check below and
+            // node_blocked see to that).
+            let in_flight = nodes.iter().filter(|n| matches!(n.flight, Flight::InFlight { .. })).count() as u32;
+            let idle = |c: &&Candidate| nodes.iter().any(|n| n.name == c.node && matches!(n.flight, Flight::Idle { .. }));
+            prop_assert!(granted.iter().all(idle), "a node in flight or stuck was granted");
             let limit = b.max_nodes_reconfiguring.of(nodes.len());
             let mut names: Vec<&str> = granted.iter().map(|c| c.node.as_str()).collect();
             names.sort();

@@ -343,6 +343,11 @@ struct LoopState {
     ledger: budget::Ledger,
     /// Whether this replica led at the last round (to read the Nodes afresh on becoming leader).
     led: bool,
+    /// Per node in flight: its agent's state as last seen, and when (this replica's clock) it
+    /// last changed. A state that stops changing means the agent is gone.
+    agent_seen: BTreeMap<String, (String, Instant)>,
+    /// Nodes whose agent is gone mid-change: stuck (frozen, tainted, holding no budget).
+    agents_gone: BTreeSet<String>,
 }
 
 struct ControlLoop {
@@ -591,6 +596,11 @@ impl ControlLoop {
                     })
                     .unwrap_or_default()
             });
+        for f in &mut facts {
+            if self.state.agents_gone.contains(&f.name) && matches!(f.flight, Flight::InFlight { .. }) {
+                f.flight = Flight::Stuck;
+            }
+        }
         facts
     }
 
@@ -811,6 +821,7 @@ impl ControlLoop {
             .get_or_create(&BudgetLabel { budget: "evictions" })
             .set(i64::from(room.evictions));
         m.nodes_reconfiguring.set(i64::from(room.in_flight));
+        m.nodes_stuck.set(i64::from(room.stuck));
     }
 
     fn report_problem(&mut self, p: &InputProblem) {
@@ -1180,6 +1191,61 @@ impl ControlLoop {
         }
     }
 
+    /// The agent on `name` stopped writing its state during `phase` of grant `g`. Before any GPU
+    /// changed (tainting, draining) the grant is withdrawn, and the sweep then removes the taint;
+    /// after, the GPUs may be half-changed: the node stays tainted and frozen for a person, and
+    /// stops holding the node budget. Either way a Warning Event says so.
+    async fn agent_gone(&mut self, name: &str, state: &NodeState, g: &Grant) {
+        let timeout = self.shared.settings.budgets.agent_timeout;
+        let phase = state.phase;
+        if matches!(phase, Phase::Tainting | Phase::Draining) {
+            // The sequence ends here, as the agent would have ended it (nothing changed), so the
+            // node is idle again and the sweep removes the taint.
+            let ended = NodeState {
+                phase: Phase::RolledBack,
+                since: Timestamp::now().to_string(),
+                message: Some(format!(
+                    "released by the controller: the node agent stopped during {}; nothing was changed",
+                    phase.as_str()
+                )),
+                heartbeat: None,
+                ..state.clone()
+            };
+            let patch = json!({"metadata": {"annotations": {
+                GRANT_ANNOTATION: null,
+                STATE_ANNOTATION: serde_json::to_string(&ended).unwrap_or_default(),
+            }}});
+            let nodes_api: Api<Node> = Api::all(self.client.clone());
+            if self.shared.lease.is_leader()
+                && nodes_api
+                    .patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))
+                    .await
+                    .is_ok()
+            {
+                self.shared
+                    .record_write(format!("{name}: grant withdrawn (its agent is gone)"));
+                self.emit(
+                    EventType::Warning,
+                    "AgentGone",
+                    format!("the node agent stopped during {} of plan {} (no state change for {timeout}); no GPU was changed yet, so the grant is withdrawn and the node untainted", phase.as_str(), g.plan_id),
+                    "Sweep",
+                    node_ref(name, None),
+                    None,
+                );
+            }
+        } else if self.state.agents_gone.insert(name.to_string()) {
+            tracing::warn!(node = %name, phase = phase.as_str(), "node agent gone mid-change; node left tainted and frozen");
+            self.emit(
+                EventType::Warning,
+                "AgentGone",
+                format!("the node agent stopped during {} of plan {} (no state change for {timeout}); its GPUs may be half-changed, so the node stays tainted and is left alone, and no longer holds the node budget. See docs/install.md, runbook", phase.as_str(), g.plan_id),
+                "Sweep",
+                node_ref(name, None),
+                None,
+            );
+        }
+    }
+
     /// Leader, auto mode, every round: count ended reconfigurations, withdraw grants never started,
     /// remove our taint from nodes with nothing in flight.
     async fn housekeeping(&mut self) {
@@ -1234,6 +1300,27 @@ impl ControlLoop {
                     node_ref(name, None),
                     None,
                 );
+            }
+            // A sequence whose agent stopped writing its state.
+            if let (Flight::InFlight { phase: Some(_) }, Some(state), Some(g)) =
+                (&view.flight, &view.state, &view.grant)
+            {
+                let seen = serde_json::to_string(state).unwrap_or_default();
+                let at = Instant::now();
+                let entry = self
+                    .state
+                    .agent_seen
+                    .entry(name.clone())
+                    .or_insert_with(|| (seen.clone(), at));
+                if entry.0 != seen {
+                    *entry = (seen, at);
+                    self.state.agents_gone.remove(name);
+                } else if at.duration_since(entry.1) > self.shared.settings.budgets.agent_timeout.0 {
+                    self.agent_gone(name, state, g).await;
+                }
+            } else {
+                self.state.agent_seen.remove(name);
+                self.state.agents_gone.remove(name);
             }
             // A grant the agent never started.
             if let (Flight::InFlight { phase: None }, Some(g)) = (&view.flight, &view.grant)

@@ -118,6 +118,8 @@ pub struct Metrics {
     pub budget_headroom: Family<BudgetLabel, Gauge>,
     /// Nodes reconfiguring (or stuck) now.
     pub nodes_reconfiguring: Gauge,
+    /// Nodes stuck for a person: failed and tainted, or their agent gone mid-change.
+    pub nodes_stuck: Gauge,
     /// Ended reconfigurations by result.
     pub reconfigurations: Family<ResultLabel, Counter>,
     /// Evictions granted.
@@ -149,6 +151,7 @@ impl Metrics {
             grants: Family::default(),
             budget_headroom: Family::default(),
             nodes_reconfiguring: Gauge::default(),
+            nodes_stuck: Gauge::default(),
             reconfigurations: Family::default(),
             evictions_granted: Counter::default(),
             input_problems: Family::default(),
@@ -210,8 +213,13 @@ impl Metrics {
         );
         registry.register(
             "nodes_reconfiguring",
-            "Nodes reconfiguring (or stuck after a failure) now",
+            "Nodes reconfiguring now (they hold the node budget)",
             m.nodes_reconfiguring.clone(),
+        );
+        registry.register(
+            "nodes_stuck",
+            "Nodes left tainted and frozen for a person (a failed reconfiguration, or an agent gone mid-change); they hold no budget",
+            m.nodes_stuck.clone(),
         );
         registry.register(
             "reconfigurations",

@@ -241,6 +241,11 @@ pub struct NodeState {
     /// is waited for, not paused again).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub restarting_device_plugin: bool,
+    /// While a phase lasts, the agent rewrites its state every `--heartbeat-seconds` with this set
+    /// to its time, so that the controller can tell a live agent waiting from a dead one (by when
+    /// it last saw the state change, on its own clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<String>,
 }
 
 fn one() -> u32 {
@@ -290,8 +295,9 @@ pub enum Flight {
         /// The phase, if the agent has started.
         phase: Option<Phase>,
     },
-    /// The sequence failed and the node was left tainted: it counts as disrupted until a person
-    /// clears the grant annotation.
+    /// The sequence failed and the node was left tainted, or its agent is gone mid-change: the
+    /// node is left alone (frozen) until a person clears the grant annotation, but no longer holds
+    /// the node budget (a dead agent must not wedge repartitioning everywhere else).
     Stuck,
 }
 
@@ -344,6 +350,7 @@ mod tests {
             previous_config: None,
             previous_layouts: Default::default(),
             restarting_device_plugin: false,
+            heartbeat: None,
         }
     }
 

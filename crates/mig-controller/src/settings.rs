@@ -204,6 +204,10 @@ pub struct DisruptionBudgets {
     pub node_cooldown: Dur,
     /// A grant the agent has not started after this long is withdrawn.
     pub grant_timeout: Dur,
+    /// A sequence whose state the agent has not rewritten for this long (it heartbeats every
+    /// 15 s by default) has lost its agent: before any GPU changed the grant is withdrawn and the
+    /// taint removed; after, the node is left tainted and frozen, and stops holding the budget.
+    pub agent_timeout: Dur,
 }
 
 impl Default for DisruptionBudgets {
@@ -215,6 +219,7 @@ impl Default for DisruptionBudgets {
             windows: Vec::new(),
             node_cooldown: Dur::secs(300),
             grant_timeout: Dur::secs(600),
+            agent_timeout: Dur::secs(120),
         }
     }
 }

@@ -247,6 +247,7 @@ async fn stand_in_agent(client: Client, cluster: Arc<Cluster>, names: Vec<String
                     previous_config: None,
                     previous_layouts: Default::default(),
                     restarting_device_plugin: false,
+                    heartbeat: None,
                 };
                 json!({"metadata": {"annotations": {STATE_ANNOTATION: serde_json::to_string(&s).unwrap()}}})
             };
