@@ -631,6 +631,23 @@ fn evict(state: &Shared, t: &Target, name: &str, body: &Bytes) -> Result<(Status
         .and_then(|b| b["deleteOptions"]["gracePeriodSeconds"].as_i64());
     let mut store = state.store();
     let pod = store.get(t.resource, ns(t), name)?;
+    let want_uid = serde_json::from_slice::<Value>(body).ok().and_then(|b| {
+        b["deleteOptions"]["preconditions"]["uid"]
+            .as_str()
+            .map(str::to_string)
+    });
+    if let Some(uid) = want_uid
+        && pod["metadata"]["uid"].as_str() != Some(uid.as_str())
+    {
+        return Err(ApiError {
+            code: 409,
+            reason: "Conflict",
+            message: format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                pod["metadata"]["uid"].as_str().unwrap_or_default()
+            ),
+        });
+    }
     let pdb_resource =
         find("policy", "v1", "poddisruptionbudgets").ok_or_else(|| ApiError::internal("no PDB resource"))?;
     let pdbs: Vec<Value> = store

@@ -211,6 +211,17 @@ async fn eviction_honours_pod_disruption_budgets() {
         "a refused eviction deletes nothing"
     );
 
+    // A UID precondition naming another pod of that name: 409, nothing evicted. (Sent as the real
+    // Eviction body: kube's EvictParams serializes `delete_options`, which a real server ignores.)
+    let stale = json!({
+        "apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "free"},
+        "deleteOptions": {"preconditions": {"uid": "some-older-pod"}},
+    });
+    let refused = pods
+        .create_subresource::<_, serde_json::Value>("eviction", "free", &PostParams::default(), &stale)
+        .await;
+    assert_eq!(code(refused.unwrap_err()), 409);
+    assert!(pods.get("free").await.is_ok());
     pods.evict("free", &EvictParams::default()).await.unwrap();
     assert_eq!(code(pods.get("free").await.unwrap_err()), 404);
 

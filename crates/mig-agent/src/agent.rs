@@ -12,7 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Taint};
-use kube::api::{EvictParams, ListParams, Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, ResourceExt};
 use mig_catalog::Catalog;
@@ -316,6 +316,8 @@ pub async fn start(
         catalog_next_check: None,
         last_phase: None,
         last_persist: Instant::now(),
+        node_version: std::sync::Mutex::new(None),
+        pod_uids: HashMap::new(),
     };
     tasks.push(tokio::spawn(worker.run(rx.clone())));
     let mut addr = None;
@@ -398,6 +400,12 @@ struct Worker {
     last_phase: Option<&'static str>,
     /// When the state was last written.
     last_persist: Instant,
+    /// The Node's resourceVersion as read this tick: taint changes are made against it (a 409
+    /// means another writer changed the taints; the next tick reads them again).
+    node_version: std::sync::Mutex<Option<String>>,
+    /// UIDs of the pods on this node this tick: an eviction names the pod it means (a pod of the
+    /// same name created since is not evicted).
+    pod_uids: HashMap<String, String>,
 }
 
 /// Why a tick stopped early.
@@ -482,6 +490,7 @@ impl Worker {
             TickError::Source(e)
         })?;
         let uid = node.metadata.uid.clone();
+        *self.node_version.lock().unwrap_or_else(|e| e.into_inner()) = node.metadata.resource_version.clone();
         let check_due = self.catalog_next_check.is_none_or(|t| Instant::now() >= t);
         if !self.catalog_checked && check_due {
             // Every GPU's model must be known, and what the driver reports of its MIG profiles and
@@ -693,6 +702,11 @@ impl Worker {
                 .await?;
             self.last_persist = Instant::now();
         }
+        self.pod_uids = pods
+            .items
+            .iter()
+            .filter_map(|p| Some((key(p), p.metadata.uid.clone()?)))
+            .collect();
         for action in &step.actions {
             self.act(action, &taints, uid.clone()).await?;
         }
@@ -723,16 +737,26 @@ impl Worker {
         Ok(())
     }
 
+    /// Patch our Node; remembers the resourceVersion it answers with (for taint changes).
     async fn patch(&self, patch: serde_json::Value) -> Result<(), TickError> {
-        self.nodes
+        let node = self
+            .nodes
             .patch(
                 &self.shared.settings.node,
                 &PatchParams::apply(FIELD_MANAGER),
                 &Patch::Merge(&patch),
             )
             .await
-            .map(|_| ())
-            .map_err(|e| TickError::Api("patch node", e))
+            .map_err(|e| TickError::Api("patch node", e))?;
+        *self.node_version.lock().unwrap_or_else(|e| e.into_inner()) = node.metadata.resource_version;
+        Ok(())
+    }
+
+    fn node_version(&self) -> Option<String> {
+        self.node_version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn act(&mut self, action: &Action, taints: &[Taint], uid: Option<String>) -> Result<(), TickError> {
@@ -749,14 +773,18 @@ impl Worker {
                     value: Some("true".into()),
                     time_added: None,
                 });
-                self.patch(json!({"spec": {"taints": all}})).await
+                let rv = self.node_version();
+                self.patch(json!({"metadata": {"resourceVersion": rv}, "spec": {"taints": all}}))
+                    .await
             }
             Action::Untaint => {
                 if !taints.iter().any(|t| t.key == TAINT_KEY) {
                     return Ok(());
                 }
                 let kept: Vec<&Taint> = taints.iter().filter(|t| t.key != TAINT_KEY).collect();
-                self.patch(json!({"spec": {"taints": kept}})).await
+                let rv = self.node_version();
+                self.patch(json!({"metadata": {"resourceVersion": rv}, "spec": {"taints": kept}}))
+                    .await
             }
             Action::Relabel(config) => {
                 self.patch(
@@ -767,7 +795,33 @@ impl Worker {
             Action::Evict(key) => {
                 let (ns, pod) = key.split_once('/').unwrap_or(("default", key.as_str()));
                 let api: Api<Pod> = Api::namespaced(self.pods.clone().into_client(), ns);
-                match api.evict(pod, &EvictParams::default()).await {
+                // The Eviction body written out: kube's EvictParams sends `delete_options`, which
+                // the API server ignores, so a UID precondition would be lost.
+                let eviction = k8s_openapi::api::policy::v1::Eviction {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(pod.to_string()),
+                        namespace: Some(ns.to_string()),
+                        ..Default::default()
+                    },
+                    delete_options: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::DeleteOptions {
+                        preconditions: self.pod_uids.get(key).map(|uid| {
+                            k8s_openapi::apimachinery::pkg::apis::meta::v1::Preconditions {
+                                uid: Some(uid.clone()),
+                                resource_version: None,
+                            }
+                        }),
+                        ..Default::default()
+                    }),
+                };
+                let sent = api
+                    .create_subresource::<_, serde_json::Value>(
+                        "eviction",
+                        pod,
+                        &kube::api::PostParams::default(),
+                        &eviction,
+                    )
+                    .await;
+                match sent {
                     Ok(_) => {
                         m.evictions.get_or_create(&Label { kind: "evicted" }).inc();
                         let note =
@@ -776,7 +830,8 @@ impl Worker {
                         self.event(false, "Evicted", note, r).await;
                         Ok(())
                     }
-                    Err(kube::Error::Api(s)) if s.code == 404 => {
+                    // Gone, or another pod of the same name now (its UID differs): not ours to evict.
+                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {
                         m.evictions.get_or_create(&Label { kind: "gone" }).inc();
                         Ok(())
                     }

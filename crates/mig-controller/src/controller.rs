@@ -348,6 +348,10 @@ struct LoopState {
     agent_seen: BTreeMap<String, (String, Instant)>,
     /// Nodes whose agent is gone mid-change: stuck (frozen, tainted, holding no budget).
     agents_gone: BTreeSet<String>,
+    /// Per node: the grant whose end this replica saw happen, and when (its own clock). Cooldowns
+    /// start at the later of this and the agent's `since`, so a node whose clock runs behind
+    /// does not shorten its cooldown.
+    ended_seen: BTreeMap<String, (String, Timestamp)>,
 }
 
 struct ControlLoop {
@@ -599,6 +603,13 @@ impl ControlLoop {
         for f in &mut facts {
             if self.state.agents_gone.contains(&f.name) && matches!(f.flight, Flight::InFlight { .. }) {
                 f.flight = Flight::Stuck;
+            }
+            let seen = obs.nodes.get(&f.name).and_then(|v| {
+                let (grant, at) = self.state.ended_seen.get(&f.name)?;
+                (v.state.as_ref()?.grant_id == *grant).then_some(*at)
+            });
+            if let (Flight::Idle { finished_at: Some(t) }, Some(seen)) = (&mut f.flight, seen) {
+                *t = (*t).max(seen);
             }
         }
         facts
@@ -1277,6 +1288,11 @@ impl ControlLoop {
                         result: phase.as_str(),
                     })
                     .inc();
+                if let Some(grant) = &current.0 {
+                    self.state
+                        .ended_seen
+                        .insert(name.clone(), (grant.clone(), Timestamp::now()));
+                }
                 let (type_, reason) = match phase {
                     Phase::Done => (EventType::Normal, "ReconfigurationSucceeded"),
                     Phase::RolledBack => (EventType::Warning, "ReconfigurationRolledBack"),

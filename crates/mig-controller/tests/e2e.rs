@@ -257,6 +257,7 @@ async fn the_node_budget_holds_over_a_long_randomized_run() {
         min_ms: 100,
         max_ms: 700,
         seed: 0x9e3779b97f4a7c15,
+        ..Default::default()
     };
     let env = env(nodes(6, 1, SEVEN_1G), agent).await;
     let mut s = fast_settings(Mode::Auto);
@@ -324,6 +325,7 @@ async fn a_lagging_node_watch_never_spends_the_node_budget_twice() {
         min_ms: 3000,
         max_ms: 3001,
         seed: 7,
+        ..Default::default()
     };
     let env = env(nodes(3, 1, SEVEN_1G), agent).await;
     env.server.state.set_faults(kube_emulator::Faults {
@@ -705,5 +707,36 @@ async fn the_api_sheds_idle_connections_and_oversized_snapshots_and_stays_respon
         body.contains("9 GPUs") && body.contains("maxSnapshotGpus"),
         "{body}"
     );
+    c.stop().await;
+}
+
+/// The agent's clock runs an hour behind: the end of its reconfiguration reads as an hour ago. The
+/// node's cooldown must still start when the controller saw it end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_clock_behind_does_not_shorten_its_cooldown() {
+    let agent = AgentBehaviour {
+        clock_behind_s: 3600,
+        ..Default::default()
+    };
+    let env = env(nodes(1, 1, SEVEN_1G), agent).await;
+    let mut s = fast_settings(Mode::Auto);
+    s.budgets.node_cooldown = mig_controller::settings::Dur::secs(600);
+    let c = controller(&env, s, "replica-a").await;
+    create_pod(&env.client, &mig_pod("first", "7g.80gb", "1")).await;
+    eventually(20, "first runs", || pod_running(&env.client, "first")).await;
+    // The 7g pod finishes; a 3g pod needs the GPU changed again.
+    Api::<Pod>::namespaced(env.client.clone(), "default")
+        .delete("first", &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    create_pod(&env.client, &mig_pod("second", "3g.40gb", "1")).await;
+    eventually(20, "the change is deferred for the cooldown", || async {
+        let (_, p) = get_json(c.addr, "/api/v1/plan").await;
+        p["decisions"]["gpu-node-0"]
+            .as_str()
+            .is_some_and(|d| d.contains("node cooldown"))
+    })
+    .await;
+    assert!(!pod_running(&env.client, "second").await);
     c.stop().await;
 }

@@ -108,8 +108,10 @@ pub struct GpuInstance {
     /// Pods using it, as `namespace/name`.
     #[serde(default)]
     pub pods: Vec<String>,
-    /// Utilization in `[0, 1]` (DCGM `GR_ENGINE_ACTIVE` or NVML GPM), when known.
-    #[serde(default)]
+    /// Utilization in `[0, 1]` (DCGM `GR_ENGINE_ACTIVE` or NVML GPM), when known; anything else
+    /// is refused.
+    #[serde(default, deserialize_with = "unit_interval")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub utilization: Option<f64>,
 }
 
@@ -333,6 +335,17 @@ pub struct InputError {
     pub path: String,
     /// What is wrong.
     pub message: String,
+}
+
+/// An optional number in `[0, 1]` (NaN and infinities refused).
+fn unit_interval<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    let v = Option::<f64>::deserialize(d)?;
+    match v {
+        Some(x) if !(0.0..=1.0).contains(&x) => Err(serde::de::Error::custom(format!(
+            "utilization {x} is outside [0, 1]"
+        ))),
+        other => Ok(other),
+    }
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, InputError> {

@@ -43,6 +43,8 @@ pub struct AgentBehaviour {
     pub min_ms: u64,
     pub max_ms: u64,
     pub seed: u64,
+    /// How far its clock is behind the controller's (the times it writes), seconds.
+    pub clock_behind_s: i64,
 }
 
 impl Default for AgentBehaviour {
@@ -51,6 +53,7 @@ impl Default for AgentBehaviour {
             min_ms: 0,
             max_ms: 0,
             seed: 1,
+            clock_behind_s: 0,
         }
     }
 }
@@ -241,7 +244,8 @@ async fn stand_in_agent(client: Client, cluster: Arc<Cluster>, names: Vec<String
                 let s = NodeState {
                     grant_id: grant.id.clone(),
                     phase,
-                    since: jiff::Timestamp::now().to_string(),
+                    since: (jiff::Timestamp::now() - jiff::SignedDuration::from_secs(b.clock_behind_s))
+                        .to_string(),
                     attempt: 1,
                     message: Some(message.into()),
                     previous_config: None,

@@ -28,3 +28,14 @@ fn example_snapshots_parse() {
     }
     assert!(n > 0);
 }
+
+#[test]
+fn utilization_outside_the_unit_interval_is_refused_with_its_path() {
+    let text = r#"{"nodes": [{"name": "n", "gpus": [{"index": 0, "product": "h100-80gb",
+        "instances": [{"profile": "7g.80gb", "start": 0, "utilization": -7}]}]}]}"#;
+    let e = mig_planner::Snapshot::from_json(text).unwrap_err();
+    assert_eq!(e.path, "$.nodes[0].gpus[0].instances[0].utilization");
+    assert!(e.message.contains("outside [0, 1]"), "{}", e.message);
+    let ok = text.replace("-7", "0.25");
+    assert!(mig_planner::Snapshot::from_json(&ok).is_ok());
+}
