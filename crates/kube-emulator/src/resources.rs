@@ -28,8 +28,24 @@ impl Resource {
     }
 }
 
-/// Everything served.
+/// Everything served. TokenReviews and SubjectAccessReviews are answered, never stored.
 pub const RESOURCES: &[Resource] = &[
+    Resource {
+        group: "authentication.k8s.io",
+        version: "v1",
+        kind: "TokenReview",
+        plural: "tokenreviews",
+        namespaced: false,
+        subresources: &[],
+    },
+    Resource {
+        group: "authorization.k8s.io",
+        version: "v1",
+        kind: "SubjectAccessReview",
+        plural: "subjectaccessreviews",
+        namespaced: false,
+        subresources: &[],
+    },
     Resource {
         group: "",
         version: "v1",

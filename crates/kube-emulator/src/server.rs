@@ -97,6 +97,9 @@ pub struct Shared {
     kubelets: std::sync::atomic::AtomicBool,
     tokens: Mutex<HashMap<String, UserInfo>>,
     admission: Mutex<Vec<Admission>>,
+    /// `(username, verb, non-resource path)` allowed by SubjectAccessReviews (a path ending in
+    /// `*` is a prefix, as in RBAC's nonResourceURLs).
+    grants: Mutex<Vec<(String, String, String)>>,
 }
 
 impl Shared {
@@ -111,6 +114,7 @@ impl Shared {
             kubelets: std::sync::atomic::AtomicBool::new(false),
             tokens: Mutex::new(HashMap::new()),
             admission: Mutex::new(Vec::new()),
+            grants: Mutex::new(Vec::new()),
         })
     }
 
@@ -120,6 +124,56 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(token.to_string(), user);
+    }
+
+    /// Let `username` do `verb` on the non-resource URL `path` (as a ClusterRole's
+    /// `nonResourceURLs` rule bound to it would): what SubjectAccessReviews answer.
+    pub fn allow_path(&self, username: &str, verb: &str, path: &str) {
+        self.grants.lock().unwrap_or_else(|e| e.into_inner()).push((
+            username.into(),
+            verb.into(),
+            path.into(),
+        ));
+    }
+
+    /// A TokenReview: who the token in `spec.token` is.
+    fn token_review(&self, review: &Value) -> Value {
+        let token = review["spec"]["token"].as_str().unwrap_or_default();
+        let user = self
+            .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .cloned();
+        let status = match user {
+            Some(u) => {
+                json!({"authenticated": true, "user": {"username": u.username, "groups": ["system:authenticated"]}})
+            }
+            None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        };
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {}, "spec": review["spec"], "status": status})
+    }
+
+    /// A SubjectAccessReview for a non-resource URL.
+    fn access_review(&self, review: &Value) -> Value {
+        let spec = &review["spec"];
+        let user = spec["user"].as_str().unwrap_or_default();
+        let verb = spec["nonResourceAttributes"]["verb"].as_str().unwrap_or_default();
+        let path = spec["nonResourceAttributes"]["path"].as_str().unwrap_or_default();
+        let allowed = self
+            .grants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(u, v, p)| {
+                u == user
+                    && (v == verb || v == "*")
+                    && match p.strip_suffix('*') {
+                        Some(prefix) => path.starts_with(prefix),
+                        None => p == path,
+                    }
+            });
+        json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "metadata": {}, "spec": spec, "status": {"allowed": allowed}})
     }
 
     /// Check every update (replace or patch) of an existing object by an authenticated user with
@@ -398,6 +452,12 @@ async fn dispatch(
         (&Method::GET, None, _) if watch => return watch_stream(state, &target, &query),
         (&Method::GET, None, _) => {
             return list(&state, &target, &query).unwrap_or_else(IntoResponse::into_response);
+        }
+        (&Method::POST, None, _) if target.resource.plural == "tokenreviews" => {
+            parse_body(&body).map(|o| (StatusCode::CREATED, state.token_review(&o)))
+        }
+        (&Method::POST, None, _) if target.resource.plural == "subjectaccessreviews" => {
+            parse_body(&body).map(|o| (StatusCode::CREATED, state.access_review(&o)))
         }
         (&Method::POST, None, _) => parse_body(&body).and_then(|o| {
             let ns = target

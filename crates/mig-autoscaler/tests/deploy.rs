@@ -125,6 +125,7 @@ fn manifests_are_valid_objects_with_least_privilege() {
                 .collect();
             let resources: Vec<&str> = r["resources"]
                 .as_array()
+                .or(r["nonResourceURLs"].as_array())
                 .unwrap()
                 .iter()
                 .map(|v| v.as_str().unwrap())
@@ -253,7 +254,7 @@ fn the_manifests_are_the_chart_with_its_defaults() {
         );
         roles += 1;
     }
-    assert_eq!(roles, 4);
+    assert_eq!(roles, 6);
 
     // Containers: args, env names, ports, probe paths.
     for (file, kind, name) in [

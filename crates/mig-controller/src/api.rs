@@ -55,12 +55,43 @@ pub fn router(shared: Arc<Shared>) -> Router {
                 None,
             )
         })
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), authorize))
         .layer(DefaultBodyLimit::max(http.max_body_bytes))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             http.request_timeout.0,
         ))
         .with_state(shared)
+}
+
+/// Every endpoint but the probes: the caller's token and its permission for this URL (when
+/// `http.auth` asks for it).
+async fn authorize(
+    State(s): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path().to_string();
+    let Some(reviewer) = s
+        .reviewer
+        .as_ref()
+        .filter(|_| path != "/healthz" && path != "/readyz")
+    else {
+        return next.run(request).await;
+    };
+    let verb = if request.method() == axum::http::Method::POST {
+        "create"
+    } else {
+        "get"
+    };
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match reviewer.check(authorization, verb, &path).await {
+        Ok(()) => next.run(request).await,
+        Err((status, why)) => ApiError(status, why, None).into_response(),
+    }
 }
 
 async fn get_plan(State(s): State<Arc<Shared>>) -> Result<Response, ApiError> {

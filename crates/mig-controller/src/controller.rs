@@ -107,6 +107,8 @@ pub struct Shared {
     /// Slots for what-if plans (`POST /api/v1/plan`): a plan holds one until the planner returns,
     /// even when its request has timed out, so the planner's CPU stays bounded.
     pub what_if: Arc<tokio::sync::Semaphore>,
+    /// Checks API callers (`None`: `http.auth` lets everyone in, on loopback only).
+    pub reviewer: Option<crate::auth::Reviewer>,
 }
 
 /// Something the controller did or saw end, for people.
@@ -225,6 +227,10 @@ pub async fn start(client: Client, settings: Settings, identity: String) -> anyh
         writes: std::sync::Mutex::new(Vec::new()),
         recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
         what_if: Arc::new(tokio::sync::Semaphore::new(settings.http.max_concurrent_plans)),
+        reviewer: settings
+            .http
+            .authenticates()
+            .then(|| crate::auth::Reviewer::new(client.clone())),
         settings: settings.clone(),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);

@@ -7,6 +7,7 @@
 //! [`protocol`]. The rest ([`controller`], [`lease`], [`api`]) is tested against kube-emulator.
 
 pub mod api;
+pub mod auth;
 pub mod budget;
 pub mod controller;
 pub mod lease;

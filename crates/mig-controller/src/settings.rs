@@ -271,6 +271,44 @@ pub struct HttpSettings {
     pub max_connections_per_client: usize,
     /// A request's headers must arrive within this.
     pub header_read_timeout: Dur,
+    /// Who may call the API (probes are always open).
+    pub auth: HttpAuth,
+}
+
+/// How the HTTP API authenticates and authorises callers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HttpAuth {
+    /// `kubernetes`, unless `listen` is a loopback address (reachable only from inside the pod),
+    /// then `none`.
+    #[default]
+    Auto,
+    /// A bearer token checked with a TokenReview, and the call with a SubjectAccessReview for the
+    /// non-resource URL (verb `get`, or `create` for `POST /api/v1/plan`), as kube-rbac-proxy does.
+    Kubernetes,
+    /// No checks; allowed only on a loopback `listen` address.
+    None,
+}
+
+impl HttpSettings {
+    /// Whether `listen` is a loopback address (`127.0.0.1:8080`, `[::1]:8080`, `localhost:8080`).
+    pub fn loopback(&self) -> bool {
+        let host = self
+            .listen
+            .rsplit_once(':')
+            .map_or(self.listen.as_str(), |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+
+    /// Whether callers are checked.
+    pub fn authenticates(&self) -> bool {
+        match self.auth {
+            HttpAuth::Auto => !self.loopback(),
+            HttpAuth::Kubernetes => true,
+            HttpAuth::None => false,
+        }
+    }
 }
 
 impl Default for HttpSettings {
@@ -285,6 +323,7 @@ impl Default for HttpSettings {
             max_connections: 1024,
             max_connections_per_client: 64,
             header_read_timeout: Dur::secs(10),
+            auth: HttpAuth::Auto,
         }
     }
 }
@@ -380,6 +419,12 @@ impl Settings {
             problems.push(
                 "budgets.maxNodesReconfiguring is 0: mode auto could never act (use mode dry-run)".into(),
             );
+        }
+        if self.http.auth == HttpAuth::None && !self.http.loopback() {
+            problems.push(format!(
+                "http.auth none is allowed only on a loopback address, not {}",
+                self.http.listen
+            ));
         }
         let l = &self.lease;
         if l.retry >= l.duration {

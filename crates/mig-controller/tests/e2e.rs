@@ -740,3 +740,84 @@ async fn a_node_clock_behind_does_not_shorten_its_cooldown() {
     assert!(!pod_running(&env.client, "second").await);
     c.stop().await;
 }
+
+/// A request with a bearer token: (status, body).
+async fn http_as(addr: std::net::SocketAddr, token: Option<&str>, method: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let body = if method == "POST" { "{\"nodes\": []}" } else { "" };
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+/// Every endpoint but the probes asks who calls (TokenReview) and whether they may
+/// (SubjectAccessReview on the non-resource URL), as kube-rbac-proxy does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_lets_in_only_callers_the_api_server_vouches_for() {
+    let env = env(nodes(1, 1, SEVEN_1G), AgentBehaviour::default()).await;
+    let reader = "system:serviceaccount:monitoring:grafana";
+    let planner = "system:serviceaccount:platform:what-if";
+    env.server.state.add_token(
+        "reader-token",
+        kube_emulator::UserInfo {
+            username: reader.into(),
+            node_name: None,
+        },
+    );
+    env.server.state.add_token(
+        "planner-token",
+        kube_emulator::UserInfo {
+            username: planner.into(),
+            node_name: None,
+        },
+    );
+    env.server.state.add_token(
+        "tenant-token",
+        kube_emulator::UserInfo {
+            username: "system:serviceaccount:team-a:job".into(),
+            node_name: None,
+        },
+    );
+    for path in ["/", "/api/v1/*", "/metrics"] {
+        env.server.state.allow_path(reader, "get", path);
+    }
+    env.server.state.allow_path(planner, "create", "/api/v1/plan");
+    let mut s = fast_settings(Mode::DryRun);
+    s.http.auth = mig_controller::settings::HttpAuth::Kubernetes;
+    let c = controller(&env, s, "replica-a").await;
+    eventually(10, "a plan", || async { c.shared.latest().is_some() }).await;
+
+    let cases = [
+        (None, "GET", "/healthz", 200),
+        (None, "GET", "/readyz", 200),
+        (None, "GET", "/api/v1/plan", 401),
+        (Some("forged"), "GET", "/api/v1/plan", 401),
+        (Some("tenant-token"), "GET", "/api/v1/plan", 403),
+        (Some("tenant-token"), "GET", "/metrics", 403),
+        (Some("reader-token"), "GET", "/api/v1/plan", 200),
+        (Some("reader-token"), "GET", "/api/v1/layouts", 200),
+        (Some("reader-token"), "GET", "/metrics", 200),
+        (Some("reader-token"), "GET", "/", 200),
+        (Some("reader-token"), "POST", "/api/v1/plan", 403),
+        (Some("planner-token"), "POST", "/api/v1/plan", 200),
+    ];
+    for (token, method, path, want) in cases {
+        let (status, body) = http_as(c.addr, token, method, path).await;
+        assert_eq!(status, want, "{token:?} {method} {path}: {body}");
+    }
+    // Denials say what to do.
+    let (_, body) = http_as(c.addr, Some("tenant-token"), "GET", "/api/v1/plan").await;
+    assert!(body.contains("may not get /api/v1/plan"), "{body}");
+    c.stop().await;
+}
