@@ -65,27 +65,16 @@ fn malformed_output_is_an_error_not_a_panic() {
 #[test]
 fn profiles_are_read_with_lgip_and_lgipp_and_agree_with_the_catalog() {
     use mig_agent::GpuSource;
-    use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("fake-nvidia-smi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../mig-catalog/tests/fixtures");
     let here = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-    let script = dir.join("nvidia-smi");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\ncase \"$*\" in\n\
-             --query-gpu*) cat {here}/h100-query.csv ;;\n\
-             'mig -lgi') cat {here}/h100-lgi.txt ;;\n\
+    let (dir, source) = stand_in(
+        "profiles",
+        &format!(
+            "'mig -lgi') cat {here}/h100-lgi.txt ;;\n\
              'mig -lgip -i 0') cat {fixtures}/h100-80gb.lgip.txt ;;\n\
-             'mig -lgipp -i 0') cat {fixtures}/h100-80gb.lgipp.txt ;;\n\
-             *) echo \"unexpected: $*\" >&2; exit 3 ;;\n\
-             esac\n"
+             'mig -lgipp -i 0') cat {fixtures}/h100-80gb.lgipp.txt ;;"
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let source = mig_agent::NvidiaSmiGpus::new(script.display().to_string());
+    );
     let gpus = source.gpus().unwrap();
     let observed = source.profiles(&gpus[0]).unwrap().unwrap();
     assert_eq!(observed.origin, "nvidia-smi");

@@ -146,8 +146,8 @@ async fn post_plan(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Res
     let solver = &mut snapshot.policy.solver;
     solver.time_limit_ms = solver.time_limit_ms.min(own.time_limit_ms);
     solver.exact_node_limit = solver.exact_node_limit.min(own.exact_node_limit);
-    if !(solver.mip_gap >= own.mip_gap) {
-        solver.mip_gap = own.mip_gap; // also NaN
+    if solver.mip_gap.is_nan() || solver.mip_gap < own.mip_gap {
+        solver.mip_gap = own.mip_gap;
     }
     let plan = tokio::task::spawn_blocking(move || {
         let _slot = slot;

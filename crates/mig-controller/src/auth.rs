@@ -24,10 +24,13 @@ const MAX_CACHED: usize = 10_000;
 /// Why a call is refused: the status and the words.
 pub type Refusal = (StatusCode, String);
 
+/// A cached answer and when it was given.
+type Cached = (Instant, Result<(), Refusal>);
+
 /// Checks callers against the API server.
 pub struct Reviewer {
     client: Client,
-    cache: Mutex<HashMap<u64, (Instant, Result<(), Refusal>)>>,
+    cache: Mutex<HashMap<u64, Cached>>,
 }
 
 impl Reviewer {

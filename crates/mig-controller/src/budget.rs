@@ -252,9 +252,8 @@ impl Ledger {
         keep: SignedDuration,
         shown: impl Fn(&str) -> Vec<String>,
     ) {
-        self.written.retain(|node, w| {
-            now.duration_since(w.at) < keep && !shown(node).iter().any(|id| *id == w.grant_id)
-        });
+        self.written
+            .retain(|node, w| now.duration_since(w.at) < keep && !shown(node).contains(&w.grant_id));
         for (node, w) in &self.written {
             let at = match facts.iter_mut().position(|f| &f.name == node) {
                 Some(i) => i,

@@ -1208,6 +1208,20 @@ impl ControlLoop {
         }
     }
 
+    /// Leader only: merge-patch Node `name` and record the write as `what`; whether it was written.
+    async fn sweep_patch(&self, name: &str, patch: &serde_json::Value, what: &str) -> bool {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let written = self.shared.lease.is_leader()
+            && nodes
+                .patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(patch))
+                .await
+                .is_ok();
+        if written {
+            self.shared.record_write(format!("{name}: {what}"));
+        }
+        written
+    }
+
     /// The agent on `name` stopped writing its state during `phase` of grant `g`. Before any GPU
     /// changed (tainting, draining) the grant is withdrawn, and the sweep then removes the taint;
     /// after, the GPUs may be half-changed: the node stays tainted and frozen for a person, and
@@ -1232,15 +1246,10 @@ impl ControlLoop {
                 GRANT_ANNOTATION: null,
                 STATE_ANNOTATION: serde_json::to_string(&ended).unwrap_or_default(),
             }}});
-            let nodes_api: Api<Node> = Api::all(self.client.clone());
-            if self.shared.lease.is_leader()
-                && nodes_api
-                    .patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))
-                    .await
-                    .is_ok()
+            if self
+                .sweep_patch(name, &patch, "grant withdrawn (its agent is gone)")
+                .await
             {
-                self.shared
-                    .record_write(format!("{name}: grant withdrawn (its agent is gone)"));
                 self.emit(
                     EventType::Warning,
                     "AgentGone",
@@ -1270,7 +1279,6 @@ impl ControlLoop {
         let now = Timestamp::now();
         let timeout = jiff::SignedDuration::try_from(self.shared.settings.budgets.grant_timeout.0)
             .unwrap_or(jiff::SignedDuration::MAX);
-        let nodes_api: Api<Node> = Api::all(self.client.clone());
         let first_round = self.state.flights.is_empty();
         for (name, view) in &obs.nodes {
             if view.malformed {
@@ -1350,14 +1358,10 @@ impl ControlLoop {
                 && now.duration_since(at) > timeout
             {
                 let patch = json!({"metadata": {"annotations": {GRANT_ANNOTATION: null}}});
-                if self.shared.lease.is_leader()
-                    && nodes_api
-                        .patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))
-                        .await
-                        .is_ok()
+                if self
+                    .sweep_patch(name, &patch, "grant withdrawn (the agent never started it)")
+                    .await
                 {
-                    self.shared
-                        .record_write(format!("{name}: grant withdrawn (the agent never started it)"));
                     self.emit(EventType::Warning, "GrantWithdrawn", format!("the node agent did not start plan {} within {}; is the agent running on this node?", g.plan_id, self.shared.settings.budgets.grant_timeout), "Sweep", node_ref(name, None), None);
                 }
             }
@@ -1381,13 +1385,7 @@ impl ControlLoop {
                     .filter(|t| t.key != TAINT_KEY)
                     .collect();
                 let patch = json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": taints}});
-                if self.shared.lease.is_leader()
-                    && nodes_api
-                        .patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))
-                        .await
-                        .is_ok()
-                {
-                    self.shared.record_write(format!("{name}: stale taint removed"));
+                if self.sweep_patch(name, &patch, "stale taint removed").await {
                     self.emit(
                         EventType::Normal,
                         "StaleTaintRemoved",

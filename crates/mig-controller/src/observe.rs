@@ -592,6 +592,23 @@ mod tests {
         assert!(run(0).recent_demand.is_empty(), "0s turns it off");
     }
 
+    /// One node observed under a planner for `backend`.
+    fn observe_one(n: Arc<Node>, backend: mig_planner::snapshot::Backend) -> Observation {
+        let policy = mig_planner::Policy {
+            backend,
+            ..Default::default()
+        };
+        observe(
+            &[n],
+            &[],
+            &[],
+            &policy,
+            &DisruptionBudgets::default(),
+            std::time::Duration::from_secs(60),
+            "2026-11-22T12:00:00Z".parse().unwrap(),
+        )
+    }
+
     #[test]
     fn a_node_whose_agent_runs_another_backend_is_left_alone_and_said_so() {
         let node = |backend: Option<&str>| {
@@ -606,21 +623,7 @@ mod tests {
                 .unwrap(),
             )
         };
-        let run = |n: Arc<Node>, backend: mig_planner::snapshot::Backend| {
-            let policy = mig_planner::Policy {
-                backend,
-                ..Default::default()
-            };
-            observe(
-                &[n],
-                &[],
-                &[],
-                &policy,
-                &DisruptionBudgets::default(),
-                std::time::Duration::from_secs(60),
-                "2026-11-22T12:00:00Z".parse().unwrap(),
-            )
-        };
+        let run = observe_one;
         use mig_planner::snapshot::Backend::{MigManager, Nvml};
         let o = run(node(Some("nvml")), MigManager);
         assert!(o.snapshot.nodes[0].frozen);
@@ -653,19 +656,7 @@ mod tests {
         );
         use mig_planner::snapshot::Backend::{MigManager, Nvml};
         for (backend, frozen) in [(MigManager, true), (Nvml, false)] {
-            let policy = mig_planner::Policy {
-                backend,
-                ..Default::default()
-            };
-            let o = observe(
-                std::slice::from_ref(&node),
-                &[],
-                &[],
-                &policy,
-                &DisruptionBudgets::default(),
-                std::time::Duration::from_secs(60),
-                "2026-11-22T12:00:00Z".parse().unwrap(),
-            );
+            let o = observe_one(node.clone(), backend);
             assert_eq!(o.snapshot.nodes[0].frozen, frozen, "{backend:?}");
             let p = &o.problems[0];
             assert_eq!(p.reason, "GpuStateUnknown");
@@ -675,7 +666,7 @@ mod tests {
                 p.message
             );
             // The planner leaves the GPU alone either way.
-            let plan = mig_planner::plan(&o.snapshot, &policy);
+            let plan = mig_planner::plan(&o.snapshot, &o.snapshot.policy);
             assert!(plan.gpus.iter().all(|g| g.index == 0), "{:?}", plan.gpus);
         }
     }
