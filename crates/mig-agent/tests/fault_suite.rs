@@ -1443,3 +1443,67 @@ async fn s15_an_agent_gone_for_good_wedges_nothing() {
     c.stop().await;
     a2.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2b_a_pdb_allowing_one_disruption_loses_one_pod_at_most() {
+    // Three running 1g pods under one PDB that allows one disruption; a grant (by hand: a stale
+    // or buggy controller) evicts all three to make a 7g.
+    let spec = nodes(1, 1, SEVEN_1G);
+    let env = bare_env(spec.clone()).await;
+    let names3 = ["guarded-0", "guarded-1", "guarded-2"];
+    for n in names3 {
+        running_pod_on(&env, n, "1g.10gb", json!({"app": "protected"})).await;
+    }
+    pdb(&env, 1).await;
+    let agents = agents(&env, &names(&spec), |n| {
+        let mut s = agent_settings(n);
+        s.sequence.drain_timeout = jiff::SignedDuration::from_millis(1500);
+        s
+    })
+    .await;
+    let grant = Grant {
+        id: "evict-three".into(),
+        plan_id: "evict-three".into(),
+        mig_config: Some("mig-autoscaler-by-hand".into()),
+        targets: [(0, "7g.80gb@0".to_string())].into(),
+        evictions: names3.iter().map(|n| format!("default/{n}")).collect(),
+        granted_at: jiff::Timestamp::now().to_string(),
+        granted_by: "test".into(),
+        recent_evictions: vec![],
+    };
+    Api::<Node>::all(env.client.clone())
+        .patch("gpu-node-0", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {GRANT_ANNOTATION: serde_json::to_string(&grant).unwrap()}}})))
+        .await
+        .unwrap();
+    eventually(10, "rolled back after the drain timeout", || async {
+        node_state(&env, "gpu-node-0")
+            .await
+            .is_some_and(|s| s.grant_id == "evict-three" && s.phase == Phase::RolledBack)
+    })
+    .await;
+    // Running and not on its way out (an evicted pod terminates through its grace period).
+    let mut running = 0;
+    for n in names3 {
+        let pod = Api::<Pod>::namespaced(env.client.clone(), "default")
+            .get(n)
+            .await
+            .ok();
+        if pod.is_some_and(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status.and_then(|s| s.phase).as_deref() == Some("Running")
+        }) {
+            running += 1;
+        }
+    }
+    assert_eq!(
+        agents[0].shared.metrics.count("evictions", "evicted"),
+        1,
+        "exactly the one disruption allowed"
+    );
+    assert!(agents[0].shared.metrics.count("evictions", "blocked") >= 2);
+    assert_eq!(running, 2, "two of the three still run");
+    assert!(
+        !our_taint(&node_of(&env, "gpu-node-0").await),
+        "rolled back and untainted"
+    );
+}

@@ -14,6 +14,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use serde_json::Value;
@@ -94,6 +95,7 @@ fn manifests_are_valid_objects_with_least_privilege() {
             "DaemonSet" => serde_json::from_value::<DaemonSet>(d.clone()).is_ok(),
             "Service" => serde_json::from_value::<Service>(d.clone()).is_ok(),
             "PodDisruptionBudget" => serde_json::from_value::<PodDisruptionBudget>(d.clone()).is_ok(),
+            "NetworkPolicy" => serde_json::from_value::<NetworkPolicy>(d.clone()).is_ok(),
             "ValidatingAdmissionPolicy" => {
                 serde_json::from_value::<ValidatingAdmissionPolicy>(d.clone()).is_ok()
             }
@@ -456,5 +458,45 @@ fn the_agent_admission_policy_is_on_and_names_the_keys_the_code_allows() {
     assert_eq!(
         policy["spec"]["matchConditions"][0]["expression"],
         "request.userInfo.username == 'system:serviceaccount:mig-autoscaler:mig-autoscaler-agent'"
+    );
+}
+
+/// The controller's API is reachable only from its namespace and namespaces that opt in, on by
+/// default, in the chart and the manifests alike.
+#[test]
+fn a_network_policy_fences_the_controller_api() {
+    assert_eq!(
+        values()["networkPolicy"]["enabled"],
+        serde_yaml::Value::Bool(true)
+    );
+    let np = find(&manifests(), "NetworkPolicy", "mig-autoscaler-controller").clone();
+    let np: NetworkPolicy = serde_json::from_value(np).unwrap();
+    let spec = np.spec.unwrap();
+    assert_eq!(
+        spec.pod_selector
+            .unwrap()
+            .match_labels
+            .unwrap()
+            .get("app.kubernetes.io/component")
+            .map(String::as_str),
+        Some("controller")
+    );
+    let ingress = spec.ingress.unwrap();
+    let from = ingress[0].from.as_ref().unwrap();
+    assert_eq!(from.len(), 2);
+    let opt_in = from[1]
+        .namespace_selector
+        .as_ref()
+        .unwrap()
+        .match_labels
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        opt_in.get("mig-autoscaler.io/api-access").map(String::as_str),
+        Some("true")
+    );
+    let chart = read("deploy/helm/mig-autoscaler/templates/extras.yaml");
+    assert!(
+        chart.contains("kind: NetworkPolicy") && chart.contains("mig-autoscaler.io/api-access: \"true\"")
     );
 }
