@@ -1507,3 +1507,103 @@ async fn s2b_a_pdb_allowing_one_disruption_loses_one_pod_at_most() {
         "rolled back and untainted"
     );
 }
+
+/// A GPU source whose driver stops answering for a GPU right after the first change to it (as a
+/// `nvidia-smi` that fails or hangs): that GPU is then reported unknown, the others as ever.
+struct FailsAfterFirstChange {
+    inner: EmulatedGpus,
+    broken: std::sync::Mutex<Option<u32>>,
+}
+
+impl mig_agent::GpuSource for FailsAfterFirstChange {
+    fn knows_pods(&self) -> bool {
+        true
+    }
+
+    fn gpus(&self) -> Result<Vec<mig_planner::snapshot::Gpu>, String> {
+        let mut gpus = self.inner.gpus()?;
+        if let Some(bad) = *self.broken.lock().unwrap() {
+            for g in gpus.iter_mut().filter(|g| g.index == bad) {
+                g.instances.clear();
+                g.unknown = Some(format!(
+                    "nvidia-smi mig -lgi -i {bad}: timed out after 20 s and was killed"
+                ));
+            }
+        }
+        Ok(gpus)
+    }
+
+    fn instance_ids(&self) -> std::collections::BTreeMap<(u32, u32), u8> {
+        self.inner.instance_ids()
+    }
+
+    fn apply(&self, change: &mig_agent::InstanceChange) -> Result<(), String> {
+        let mut broken = self.broken.lock().unwrap();
+        if broken.is_some_and(|b| b == change.gpu) {
+            return Err("nvidia-smi: timed out".into());
+        }
+        self.inner.apply(change)?;
+        *broken = Some(change.gpu);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s16_a_gpu_that_stops_answering_mid_sequence_is_left_alone_and_the_rest_still_served() {
+    // nvml backend, one node of two GPUs of seven 1g, `keep` on one 1g; a 3g pod. Right after the
+    // agent changes a GPU, the driver stops answering for that GPU.
+    let spec = nodes(1, 2, SEVEN_1G);
+    let env = bare_env_with(spec.clone(), true).await;
+    running_pod_on(&env, "keep", "1g.10gb", json!({})).await;
+    let keep_at: Vec<_> = env
+        .cluster
+        .gpus("gpu-node-0")
+        .iter()
+        .map(|g| g.used.clone())
+        .collect();
+    let mut s = on_backend("gpu-node-0", Backend::Nvml);
+    s.sequence.phase_timeout = jiff::SignedDuration::from_secs(1);
+    let source = Arc::new(FailsAfterFirstChange {
+        inner: EmulatedGpus::new(env.cluster.clone(), "gpu-node-0"),
+        broken: std::sync::Mutex::new(None),
+    });
+    let agent = mig_agent::start(agent_client(&env.server, "gpu-node-0"), s, source.clone())
+        .await
+        .unwrap();
+    let mut settings = fast_settings(Mode::Auto);
+    settings.planner.backend = Backend::Nvml;
+    let c = controller(&env, settings, "replica-a").await;
+    create_pod(&env.client, &mig_pod("wants-3g", "3g.40gb", "1")).await;
+
+    // The sequence waits on the unknown GPU, times out, the rollback waits too and times out:
+    // `Failed`, tainted, nothing destroyed on a GPU nobody can read.
+    eventually(20, "Failed on the unknown GPU", || async {
+        node_state(&env, "gpu-node-0").await.is_some_and(|s| {
+            s.phase == Phase::Failed && s.message.as_deref().is_some_and(|m| m.contains("unknown"))
+        })
+    })
+    .await;
+    let bad = source.broken.lock().unwrap().unwrap();
+    let report = node_report(&env, "gpu-node-0").await.unwrap();
+    for g in &report.gpus {
+        // The rest of the node is still read and reported.
+        assert_eq!(g.unknown.is_some(), g.index == bad, "{g:?}");
+    }
+    assert_eq!(check_invariants(&env, &["keep", "wants-3g"], true).await, 1);
+    // `keep` never moved.
+    for (g, before) in env.cluster.gpus("gpu-node-0").iter().zip(&keep_at) {
+        for (instance, pod) in before {
+            assert_eq!(g.used.get(instance), Some(pod), "keep moved or lost its instance");
+        }
+    }
+    assert_eq!(agent.shared.metrics.count("evictions", "evicted"), 0);
+    // The node is stuck for a person and holds no budget.
+    eventually(5, "the controller counts it stuck", || async {
+        let (_, scrape) = http(c.addr, "GET", "/metrics", b"").await;
+        sample(&scrape, "mig_autoscaler_nodes_stuck") == Some(1.0)
+            && sample(&scrape, "mig_autoscaler_nodes_reconfiguring") == Some(0.0)
+    })
+    .await;
+    c.stop().await;
+    agent.stop().await;
+}
