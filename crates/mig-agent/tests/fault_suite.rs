@@ -171,6 +171,34 @@ async fn pdb(env: &Env, allowed: i32) {
         .unwrap();
 }
 
+/// A grant written by hand, as a stale or buggy controller might: GPU 0 to one 7g, evicting
+/// `evictions` (`namespace/name`), granted now, with one of our config names.
+fn hand_grant(id: &str, evictions: &[&str]) -> Grant {
+    Grant {
+        id: id.into(),
+        plan_id: id.into(),
+        mig_config: Some(format!("mig-autoscaler-{id}")),
+        targets: [(0, "7g.80gb@0".to_string())].into(),
+        evictions: evictions.iter().map(|e| e.to_string()).collect(),
+        granted_at: jiff::Timestamp::now().to_string(),
+        granted_by: "test".into(),
+        recent_evictions: vec![],
+    }
+}
+
+/// Write `grant` on `node`.
+async fn write_grant(env: &Env, node: &str, grant: &Grant) {
+    let text = serde_json::to_string(grant).unwrap();
+    Api::<Node>::all(env.client.clone())
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {GRANT_ANNOTATION: text}}})),
+        )
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s2_a_pdb_allowing_no_disruption_is_never_overridden() {
     // One GPU as two 3g; one holds a protected pod. A 7g pod could run only if it were evicted.
@@ -206,20 +234,7 @@ async fn s2_a_pdb_allowing_no_disruption_is_never_overridden() {
     // Even a grant that names the pod (written by hand, as a buggy or stale controller might) gets
     // 429s, never an eviction: the drain times out and the node is rolled back and untainted.
     c.stop().await;
-    let grant = Grant {
-        id: "by-hand".into(),
-        plan_id: "by-hand".into(),
-        mig_config: Some("mig-autoscaler-by-hand".into()),
-        targets: [(0, "7g.80gb@0".to_string())].into(),
-        evictions: vec!["default/protected".into()],
-        granted_at: jiff::Timestamp::now().to_string(),
-        granted_by: "test".into(),
-        recent_evictions: vec![],
-    };
-    Api::<Node>::all(env.client.clone())
-        .patch("gpu-node-0", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {GRANT_ANNOTATION: serde_json::to_string(&grant).unwrap()}}})))
-        .await
-        .unwrap();
+    write_grant(&env, "gpu-node-0", &hand_grant("by-hand", &["default/protected"])).await;
     eventually(10, "rolled back after the drain timeout", || async {
         node_state(&env, "gpu-node-0")
             .await
@@ -1357,33 +1372,12 @@ async fn s15_an_agent_gone_for_good_wedges_nothing() {
 
     // gpu-node-0: a grant that must evict `protected` (the PDB answers 429): the agent drains,
     // alive, beyond the agent timeout: its heartbeats keep the grant.
-    let now = jiff::Timestamp::now().to_string();
-    let grant = |id: &str, config: &str, evict: Vec<String>| Grant {
-        id: id.into(),
-        plan_id: id.into(),
-        mig_config: Some(config.into()),
-        targets: [(0, "7g.80gb@0".to_string())].into(),
-        evictions: evict,
-        granted_at: now.clone(),
-        granted_by: "test".into(),
-        recent_evictions: vec![],
-    };
-    let nodes_api = Api::<Node>::all(env.client.clone());
-    let g0 = grant(
-        "drain-forever",
-        "mig-autoscaler-x",
-        vec!["default/protected".into()],
-    );
-    nodes_api
-        .patch(
-            "gpu-node-0",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {GRANT_ANNOTATION: serde_json::to_string(&g0).unwrap()}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    write_grant(
+        &env,
+        "gpu-node-0",
+        &hand_grant("drain-forever", &["default/protected"]),
+    )
+    .await;
     eventually(10, "gpu-node-0 drains", || async {
         node_state(&env, "gpu-node-0")
             .await
@@ -1405,11 +1399,11 @@ async fn s15_an_agent_gone_for_good_wedges_nothing() {
     .await;
 
     // gpu-node-1: no agent at all; the Node says it died awaiting mig-manager, tainted.
-    let g1 = grant("half-changed", "mig-autoscaler-y", vec![]);
+    let g1 = hand_grant("half-changed", &[]);
     let s1 = NodeState {
         grant_id: g1.id.clone(),
         phase: Phase::AwaitingMigManager,
-        since: now.clone(),
+        since: g1.granted_at.clone(),
         attempt: 1,
         message: None,
         previous_config: None,
@@ -1417,7 +1411,7 @@ async fn s15_an_agent_gone_for_good_wedges_nothing() {
         restarting_device_plugin: false,
         heartbeat: None,
     };
-    nodes_api
+    Api::<Node>::all(env.client.clone())
         .patch("gpu-node-1", &PatchParams::default(), &Patch::Merge(json!({
             "metadata": {"annotations": {GRANT_ANNOTATION: serde_json::to_string(&g1).unwrap(), STATE_ANNOTATION: serde_json::to_string(&s1).unwrap()}},
             "spec": {"taints": [{"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"}]},
@@ -1461,20 +1455,9 @@ async fn s2b_a_pdb_allowing_one_disruption_loses_one_pod_at_most() {
         s
     })
     .await;
-    let grant = Grant {
-        id: "evict-three".into(),
-        plan_id: "evict-three".into(),
-        mig_config: Some("mig-autoscaler-by-hand".into()),
-        targets: [(0, "7g.80gb@0".to_string())].into(),
-        evictions: names3.iter().map(|n| format!("default/{n}")).collect(),
-        granted_at: jiff::Timestamp::now().to_string(),
-        granted_by: "test".into(),
-        recent_evictions: vec![],
-    };
-    Api::<Node>::all(env.client.clone())
-        .patch("gpu-node-0", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {GRANT_ANNOTATION: serde_json::to_string(&grant).unwrap()}}})))
-        .await
-        .unwrap();
+    let evictions: Vec<String> = names3.iter().map(|n| format!("default/{n}")).collect();
+    let evictions: Vec<&str> = evictions.iter().map(String::as_str).collect();
+    write_grant(&env, "gpu-node-0", &hand_grant("evict-three", &evictions)).await;
     eventually(10, "rolled back after the drain timeout", || async {
         node_state(&env, "gpu-node-0")
             .await

@@ -378,6 +378,14 @@ async fn publish_events(recorder: Recorder, mut rx: mpsc::Receiver<(Event, Objec
     }
 }
 
+/// One of our JSON annotations on `node`, if there and readable (the observation reports the
+/// unreadable ones).
+fn annotation<T: serde::de::DeserializeOwned>(node: &Node, key: &'static str) -> Option<T> {
+    crate::protocol::parse_annotation(Some(node.annotations()), key, "")
+        .ok()
+        .flatten()
+}
+
 fn node_ref(name: &str, uid: Option<String>) -> ObjectReference {
     ObjectReference {
         api_version: Some("v1".into()),
@@ -561,14 +569,10 @@ impl ControlLoop {
         };
         let now = Timestamp::now();
         for n in list.items {
-            let annotations = n.annotations();
-            let grant: Option<Grant> = annotations
-                .get(GRANT_ANNOTATION)
-                .and_then(|g| serde_json::from_str(g).ok());
-            let state: Option<NodeState> = annotations
-                .get(STATE_ANNOTATION)
-                .and_then(|s| serde_json::from_str(s).ok());
-            let Some(g) = grant else { continue };
+            let Some(g) = annotation::<Grant>(&n, GRANT_ANNOTATION) else {
+                continue;
+            };
+            let state = annotation::<NodeState>(&n, STATE_ANNOTATION);
             if matches!(
                 crate::protocol::flight(Some(&g), state.as_ref()),
                 Flight::Idle { .. }
@@ -1033,20 +1037,18 @@ impl ControlLoop {
         if !self.shared.lease.is_leader() {
             return Err(GrantError::Invalidated("no longer the leader".into()));
         }
+        let written = budget::Written {
+            grant_id: grant.id.clone(),
+            at: now,
+            evictions: vec![now; evictions.len()],
+        };
         let nodes: Api<Node> = Api::all(self.client.clone());
         match nodes
             .patch(&c.node, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))
             .await
         {
             Ok(_) => {
-                self.state.ledger.record(
-                    &c.node,
-                    budget::Written {
-                        grant_id: grant.id.clone(),
-                        at: now,
-                        evictions: vec![now; evictions.len()],
-                    },
-                );
+                self.state.ledger.record(&c.node, written);
                 self.shared.record_write(format!(
                     "{}: granted plan {} ({} GPU(s) to change, {} eviction(s))",
                     c.node,
@@ -1077,25 +1079,14 @@ impl ControlLoop {
                 let mut landed = true; // unless a read says otherwise
                 for _ in 0..3 {
                     if let Ok(n) = nodes.get(&c.node).await {
-                        landed = n
-                            .annotations()
-                            .get(GRANT_ANNOTATION)
-                            .and_then(|g| serde_json::from_str::<Grant>(g).ok())
-                            .is_some_and(|g| g.id == grant.id);
+                        landed = annotation::<Grant>(&n, GRANT_ANNOTATION).is_some_and(|g| g.id == grant.id);
                         break;
                     }
                 }
                 if !landed {
                     return Err(GrantError::Write("error", e.to_string()));
                 }
-                self.state.ledger.record(
-                    &c.node,
-                    budget::Written {
-                        grant_id: grant.id.clone(),
-                        at: now,
-                        evictions: vec![now; evictions.len()],
-                    },
-                );
+                self.state.ledger.record(&c.node, written);
                 Err(GrantError::Write("error", e.to_string()))
             }
         }
