@@ -52,7 +52,8 @@ pub struct UserInfo {
     pub node_name: Option<String>,
 }
 
-/// An update of an existing object, as an admission policy sees it.
+/// An update of an existing object, or an Eviction (`pods`, subresource `eviction`: `old` is null,
+/// `new` the Eviction), as an admission policy sees it.
 pub struct AdmissionRequest<'a> {
     /// Who.
     pub user: &'a UserInfo,
@@ -176,8 +177,8 @@ impl Shared {
         json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "metadata": {}, "spec": spec, "status": {"allowed": allowed}})
     }
 
-    /// Check every update (replace or patch) of an existing object by an authenticated user with
-    /// `policy`, as a ValidatingAdmissionPolicy with `validationActions: [Deny]` would.
+    /// Check every update (replace or patch) of an existing object, and every eviction, by an
+    /// authenticated user with `policy`, as a ValidatingAdmissionPolicy with `validationActions: [Deny]` would.
     pub fn add_admission(&self, policy: Admission) {
         self.admission
             .lock()
@@ -496,7 +497,12 @@ async fn dispatch(
             let grace = body_grace.or_else(|| query.get("gracePeriodSeconds").and_then(|g| g.parse().ok()));
             delete_object(&state, &mut state.store(), &target, name, grace).map(|v| (StatusCode::OK, v))
         }
-        (&Method::POST, Some(name), Some(sub)) if sub == "eviction" => evict(&state, &target, name, &body),
+        (&Method::POST, Some(name), Some(sub)) if sub == "eviction" => {
+            let eviction = serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null);
+            state
+                .admit(user.as_ref(), &target, &Value::Null, &eviction)
+                .and_then(|()| evict(&state, &target, name, &body))
+        }
         (&Method::POST, Some(name), Some(sub)) if sub == "binding" => bind(&state, &target, name, &body),
         _ => Err(ApiError::method_not_allowed()),
     };
@@ -720,11 +726,13 @@ fn evict(state: &Shared, t: &Target, name: &str, body: &Bytes) -> Result<(Status
             "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
         ));
     }
-    // Terminal pods are not protected.
+    // Terminal, pending and terminating pods are not protected (the real server's `canIgnorePDB`):
+    // evicting a pod already on its way out deletes it without spending a disruption.
     let phase = pod["status"]["phase"].as_str().unwrap_or_default();
+    let terminating = !pod["metadata"]["deletionTimestamp"].is_null();
     if let Some(pdb) = pdbs.first()
-        && phase != "Succeeded"
-        && phase != "Failed"
+        && !matches!(phase, "Succeeded" | "Failed" | "Pending")
+        && !terminating
     {
         let allowed = pdb["status"]["disruptionsAllowed"].as_i64().unwrap_or(0);
         if allowed <= 0 {

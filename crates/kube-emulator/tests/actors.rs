@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use kube_emulator::{Cluster, ClusterSpec, Config, GpuSpec, NodeSpec, Running};
@@ -291,12 +292,29 @@ async fn eviction_grace_injected_failures_and_reboots() {
         .await
         .unwrap();
 
-    // Evicted with a grace period: terminating, still holding its instance, then gone; then "third" binds.
+    // Evicted with a grace period, under a PDB allowing one disruption: terminating, still holding
+    // its instance, then gone; then "third" binds.
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "ml");
+    let pdb = json!({
+        "metadata": {"name": "x"},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "x"}}},
+        "status": {"disruptionsAllowed": 1, "currentHealthy": 1, "desiredHealthy": 0, "expectedPods": 1}
+    });
+    pdbs.create(&PostParams::default(), &serde_json::from_value(pdb).unwrap())
+        .await
+        .unwrap();
+    let allowed = || async { pdbs.get("x").await.unwrap().status.unwrap().disruptions_allowed };
     pods.evict("graceful", &kube::api::EvictParams::default())
         .await
         .unwrap();
     let p = pods.get("graceful").await.unwrap();
     assert!(p.metadata.deletion_timestamp.is_some());
+    assert_eq!(allowed().await, Some(0));
+    // Evicting it again while it terminates spends no disruption (the real server's canIgnorePDB).
+    pods.evict("graceful", &kube::api::EvictParams::default())
+        .await
+        .unwrap();
+    assert_eq!(allowed().await, Some(0));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         node_of(&pods, "third").await,

@@ -129,7 +129,6 @@ pub struct Metrics {
     registry: Registry,
     phase: Family<Label, Gauge>,
     transitions: Family<Label, Counter>,
-    evictions: Family<Label, Counter>,
     errors: Family<Label, Counter>,
     ready: Gauge,
 }
@@ -154,7 +153,6 @@ impl Metrics {
         let m = Metrics {
             phase: Family::default(),
             transitions: Family::default(),
-            evictions: Family::default(),
             errors: Family::default(),
             ready: Gauge::default(),
             registry: Registry::default(),
@@ -165,11 +163,6 @@ impl Metrics {
             m.phase.clone(),
         );
         registry.register("transitions", "Phases entered", m.transitions.clone());
-        registry.register(
-            "evictions",
-            "Eviction attempts by result (evicted, blocked, gone, error)",
-            m.evictions.clone(),
-        );
         registry.register(
             "errors",
             "Failed API writes or observations, by kind",
@@ -183,9 +176,6 @@ impl Metrics {
         for p in PHASES {
             let _ = m.phase.get_or_create(&Label { kind: p });
             let _ = m.transitions.get_or_create(&Label { kind: p });
-        }
-        for r in ["evicted", "blocked", "gone", "error"] {
-            let _ = m.evictions.get_or_create(&Label { kind: r });
         }
         for e in [
             "observe",
@@ -218,10 +208,9 @@ impl Metrics {
         out
     }
 
-    /// A counter value, for tests: `evictions`/`errors`/`transitions` by label.
+    /// A counter value, for tests: `errors`/`transitions` by label.
     pub fn count(&self, family: &str, kind: &'static str) -> u64 {
         let f = match family {
-            "evictions" => &self.evictions,
             "errors" => &self.errors,
             _ => &self.transitions,
         };
@@ -282,8 +271,8 @@ impl Running {
     }
 }
 
-/// Start the agent. `client` must not retry 429s by itself (`Config::default_retry = false`), or a
-/// PodDisruptionBudget's refusal would be retried silently instead of reported.
+/// Start the agent. Its writes are retried by its own ticks, so `client` need not retry
+/// (`Config::default_retry = false`, as the CLI builds it).
 pub async fn start(
     client: Client,
     settings: AgentSettings,
@@ -317,7 +306,6 @@ pub async fn start(
         last_phase: None,
         last_persist: Instant::now(),
         node_version: std::sync::Mutex::new(None),
-        pod_uids: HashMap::new(),
     };
     tasks.push(tokio::spawn(worker.run(rx.clone())));
     let mut addr = None;
@@ -403,9 +391,6 @@ struct Worker {
     /// The Node's resourceVersion as read this tick: taint changes are made against it (a 409
     /// means another writer changed the taints; the next tick reads them again).
     node_version: std::sync::Mutex<Option<String>>,
-    /// UIDs of the pods on this node this tick: an eviction names the pod it means (a pod of the
-    /// same name created since is not evicted).
-    pod_uids: HashMap<String, String>,
 }
 
 /// Why a tick stopped early.
@@ -417,9 +402,6 @@ enum TickError {
     /// The GPU source failed.
     #[error("observing GPUs: {0}")]
     Source(String),
-    /// A PDB refused an eviction (waited for, reported).
-    #[error("eviction of {0} blocked by a PodDisruptionBudget")]
-    Blocked(String),
 }
 
 impl Worker {
@@ -702,11 +684,6 @@ impl Worker {
                 .await?;
             self.last_persist = Instant::now();
         }
-        self.pod_uids = pods
-            .items
-            .iter()
-            .filter_map(|p| Some((key(p), p.metadata.uid.clone()?)))
-            .collect();
         for action in &step.actions {
             self.act(action, &taints, uid.clone()).await?;
         }
@@ -760,7 +737,6 @@ impl Worker {
     }
 
     async fn act(&mut self, action: &Action, taints: &[Taint], uid: Option<String>) -> Result<(), TickError> {
-        let m = &self.shared.metrics;
         let result = match action {
             Action::Taint => {
                 if taints.iter().any(|t| t.key == TAINT_KEY) {
@@ -792,65 +768,6 @@ impl Worker {
                 )
                 .await
             }
-            Action::Evict(key) => {
-                let (ns, pod) = key.split_once('/').unwrap_or(("default", key.as_str()));
-                let api: Api<Pod> = Api::namespaced(self.pods.clone().into_client(), ns);
-                // The Eviction body written out: kube's EvictParams sends `delete_options`, which
-                // the API server ignores, so a UID precondition would be lost.
-                let eviction = k8s_openapi::api::policy::v1::Eviction {
-                    metadata: kube::api::ObjectMeta {
-                        name: Some(pod.to_string()),
-                        namespace: Some(ns.to_string()),
-                        ..Default::default()
-                    },
-                    delete_options: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::DeleteOptions {
-                        preconditions: self.pod_uids.get(key).map(|uid| {
-                            k8s_openapi::apimachinery::pkg::apis::meta::v1::Preconditions {
-                                uid: Some(uid.clone()),
-                                resource_version: None,
-                            }
-                        }),
-                        ..Default::default()
-                    }),
-                };
-                let sent = api
-                    .create_subresource::<_, serde_json::Value>(
-                        "eviction",
-                        pod,
-                        &kube::api::PostParams::default(),
-                        &eviction,
-                    )
-                    .await;
-                match sent {
-                    Ok(_) => {
-                        m.evictions.get_or_create(&Label { kind: "evicted" }).inc();
-                        let note =
-                            format!("evicted to reconfigure node {}'s GPUs", self.shared.settings.node);
-                        let r = pod_ref(ns, pod);
-                        self.event(false, "Evicted", note, r).await;
-                        Ok(())
-                    }
-                    // Gone, or another pod of the same name now (its UID differs): not ours to evict.
-                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {
-                        m.evictions.get_or_create(&Label { kind: "gone" }).inc();
-                        Ok(())
-                    }
-                    Err(kube::Error::Api(s)) if s.code == 429 => {
-                        m.evictions.get_or_create(&Label { kind: "blocked" }).inc();
-                        let note = format!(
-                            "cannot evict {key} yet: {}; waiting (drain timeout {})",
-                            s.message, self.shared.settings.sequence.drain_timeout
-                        );
-                        self.event(true, "EvictionBlockedByPDB", note, self.node_ref(uid))
-                            .await;
-                        Err(TickError::Blocked(key.clone()))
-                    }
-                    Err(e) => {
-                        m.evictions.get_or_create(&Label { kind: "error" }).inc();
-                        Err(TickError::Api("evict", e))
-                    }
-                }
-            }
             Action::Apply(change) => {
                 let (source, c) = (self.source.clone(), change.clone());
                 off_runtime(move || source.apply(&c)).await.map_err(|e| {
@@ -878,7 +795,7 @@ impl Worker {
                 Ok(())
             }
         };
-        if result.is_err() && !matches!(action, Action::Evict(_)) {
+        if result.is_err() {
             self.shared
                 .metrics
                 .errors
@@ -983,16 +900,6 @@ fn selects(selector: &str, labels: &std::collections::BTreeMap<String, String>) 
         .map(|(k, v)| (k.trim(), v.trim()))
         .collect();
     !pairs.is_empty() && pairs.iter().all(|(k, v)| labels.get(*k).is_some_and(|l| l == v))
-}
-
-fn pod_ref(ns: &str, name: &str) -> ObjectReference {
-    ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Pod".into()),
-        name: Some(name.into()),
-        namespace: Some(ns.into()),
-        ..Default::default()
-    }
 }
 
 fn phase_label(p: mig_controller::protocol::Phase) -> &'static str {

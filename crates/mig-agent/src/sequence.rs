@@ -117,8 +117,6 @@ pub enum Action {
     Taint,
     /// Remove our taint (if present).
     Untaint,
-    /// Evict a pod through the Eviction API (429: wait; 404: gone).
-    Evict(String),
     /// Set `nvidia.com/mig.config` (and mark `nvidia.com/mig.config.state` pending, so a success
     /// seen afterwards is mig-manager's answer to this change, not a stale one).
     Relabel(String),
@@ -749,17 +747,14 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                     o,
                     current,
                     policy,
-                    format!("draining timed out with {} still running", left.join(", ")),
+                    format!(
+                        "draining timed out with {} still running (the controller evicts them: see its EvictionBlockedByPDB Events, and that a replica leads in auto mode)",
+                        left.join(", ")
+                    ),
                 );
             }
-            // Pods already terminating are waited for, never evicted again.
-            Step::act(
-                remaining
-                    .iter()
-                    .filter(|p| !p.terminating)
-                    .map(|p| Action::Evict(p.key.clone()))
-                    .collect(),
-            )
+            // The controller posts the evictions (agents hold no eviction permission): wait.
+            Step::nothing()
         }
         // An agent switched to the nvml backend mid-sequence (nothing relabeled yet).
         Phase::Relabeling if policy.backend == Backend::Nvml => Step {
@@ -1066,7 +1061,6 @@ mod tests {
             match a {
                 Action::Taint => o.tainted = true,
                 Action::Untaint => o.tainted = false,
-                Action::Evict(k) => o.pods.retain(|p| &p.key != k),
                 Action::Relabel(c) => {
                     o.mig_config = Some(c.clone());
                     o.mig_state = Some("pending".into());
@@ -1099,6 +1093,13 @@ mod tests {
         }
         if let Some(n) = &s.next {
             o.state = Ok(Some(n.clone()));
+        }
+        // The controller's part: it evicts the grant's pods once the agent drains the node.
+        if o.tainted
+            && phase(o) == Some(Phase::Draining)
+            && let Ok(Some(g)) = &o.grant
+        {
+            o.pods.retain(|p| !g.evictions.contains(&p.key));
         }
     }
 
@@ -1268,7 +1269,6 @@ mod tests {
         o.pods[0].do_not_disrupt = true;
         o.state = Ok(Some(at(Phase::Draining, "2026-06-01T12:00:05Z", None)));
         let s = step(&o, &SequencePolicy::default());
-        assert!(!s.actions.iter().any(|a| matches!(a, Action::Evict(_))));
         assert_eq!(s.next.unwrap().phase, Phase::RolledBack);
     }
 
@@ -1287,9 +1287,7 @@ mod tests {
             o.state = Ok(Some(at(phase, "2026-06-01T12:00:05Z", Some("all-1g.10gb"))));
             let s = step(&o, &SequencePolicy::default());
             assert!(
-                !s.actions
-                    .iter()
-                    .any(|a| matches!(a, Action::Relabel(_) | Action::Evict(_))),
+                !s.actions.iter().any(|a| matches!(a, Action::Relabel(_))),
                 "{phase:?}: {s:?}"
             );
             assert!(s.actions.contains(&Action::Untaint), "{phase:?}: {s:?}");
@@ -1379,7 +1377,7 @@ mod tests {
             for a in &s.actions {
                 match a {
                     Action::Apply(c) => applied.push(c.clone()),
-                    Action::Relabel(_) | Action::Evict(_) => panic!("nvml backend did {a:?}"),
+                    Action::Relabel(_) => panic!("nvml backend did {a:?}"),
                     _ => {}
                 }
             }

@@ -206,7 +206,7 @@ async fn s2_a_pdb_allowing_no_disruption_is_never_overridden() {
     let env = bare_env(spec.clone()).await;
     running_pod_on(&env, "protected", "3g.40gb", json!({"app": "protected"})).await;
     pdb(&env, 0).await;
-    let agents = agents(&env, &names(&spec), |n| {
+    let _agents = agents(&env, &names(&spec), |n| {
         let mut s = agent_settings(n);
         s.sequence.drain_timeout = jiff::SignedDuration::from_millis(1500);
         s
@@ -229,11 +229,10 @@ async fn s2_a_pdb_allowing_no_disruption_is_never_overridden() {
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(pod_phase(&env, "protected").await.as_deref(), Some("Running"));
-    assert_eq!(agents[0].shared.metrics.count("evictions", "evicted"), 0);
+    assert_eq!(c.shared.metrics.eviction_count("evicted"), 0);
 
     // Even a grant that names the pod (written by hand, as a buggy or stale controller might) gets
     // 429s, never an eviction: the drain times out and the node is rolled back and untainted.
-    c.stop().await;
     write_grant(&env, "gpu-node-0", &hand_grant("by-hand", &["default/protected"])).await;
     eventually(10, "rolled back after the drain timeout", || async {
         node_state(&env, "gpu-node-0")
@@ -241,8 +240,8 @@ async fn s2_a_pdb_allowing_no_disruption_is_never_overridden() {
             .is_some_and(|s| s.grant_id == "by-hand" && s.phase == Phase::RolledBack)
     })
     .await;
-    assert!(agents[0].shared.metrics.count("evictions", "blocked") >= 1);
-    assert_eq!(agents[0].shared.metrics.count("evictions", "evicted"), 0);
+    assert!(c.shared.metrics.eviction_count("blocked") >= 1);
+    assert_eq!(c.shared.metrics.eviction_count("evicted"), 0);
     let ev = events(&env.client, "default").await;
     assert!(
         ev.iter().any(|(who, r, n, t)| who == "gpu-node-0"
@@ -253,6 +252,7 @@ async fn s2_a_pdb_allowing_no_disruption_is_never_overridden() {
     );
     assert_eq!(pod_phase(&env, "protected").await.as_deref(), Some("Running"));
     check_invariants(&env, &["protected", "wants-7g"], false).await;
+    c.stop().await;
 }
 
 /// What hits the node when its state first shows a phase.
@@ -449,7 +449,7 @@ async fn s11_nvml_backend_repartitions_around_a_running_pod_without_evicting_it(
         assert!(gpu.layout.contains(instance), "keep's instance was destroyed");
         assert_eq!(gpu.used.get(instance), Some(pod));
     }
-    assert_eq!(agent.shared.metrics.count("evictions", "evicted"), 0);
+    assert_eq!(c.shared.metrics.eviction_count("evicted"), 0);
     // The device plugin was restarted (check_invariants: and runs again).
     assert_ne!(device_plugin_uid(&env, "gpu-node-0").await, plugin_before);
     let state = node_state(&env, "gpu-node-0").await.unwrap();
@@ -1125,7 +1125,7 @@ async fn s13_dcgm_exporter_says_which_instance_a_pod_uses_so_nvml_repartitions_a
             "keep moved or lost its instance"
         );
     }
-    assert_eq!(agent.shared.metrics.count("evictions", "evicted"), 0);
+    assert_eq!(c.shared.metrics.eviction_count("evicted"), 0);
     assert_eq!(agent.shared.metrics.count("errors", "dcgm"), 0);
     c.stop().await;
     agent.stop().await;
@@ -1316,6 +1316,17 @@ async fn s14_a_compromised_agent_can_change_only_what_its_own_agent_would() {
             other => panic!("{what} was not refused: {other:?}"),
         }
     }
+    // No eviction at all (the controller evicts).
+    running_pod_on(&env, "tenant", "1g.10gb", json!({})).await;
+    let eviction = json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "tenant", "namespace": "default"}});
+    let evicted = Api::<Pod>::namespaced(agent_client(&env.server, "gpu-node-0"), "default")
+        .create_subresource::<_, serde_json::Value>("eviction", "tenant", &PostParams::default(), &eviction)
+        .await;
+    assert!(
+        matches!(&evicted, Err(kube::Error::Api(s)) if s.code == 403),
+        "an agent evicted a pod: {evicted:?}"
+    );
+    assert_eq!(pod_phase(&env, "tenant").await.as_deref(), Some("Running"));
     // What its own agent writes still goes through.
     for patch in [
         json!({"metadata": {"labels": {MIG_CONFIG_LABEL: "all-3g.40gb", MIG_STATE_LABEL: "pending"}}}),
@@ -1449,12 +1460,13 @@ async fn s2b_a_pdb_allowing_one_disruption_loses_one_pod_at_most() {
         running_pod_on(&env, n, "1g.10gb", json!({"app": "protected"})).await;
     }
     pdb(&env, 1).await;
-    let agents = agents(&env, &names(&spec), |n| {
+    let _agents = agents(&env, &names(&spec), |n| {
         let mut s = agent_settings(n);
         s.sequence.drain_timeout = jiff::SignedDuration::from_millis(1500);
         s
     })
     .await;
+    let c = controller(&env, fast_settings(Mode::Auto), "replica-a").await;
     let evictions: Vec<String> = names3.iter().map(|n| format!("default/{n}")).collect();
     let evictions: Vec<&str> = evictions.iter().map(String::as_str).collect();
     write_grant(&env, "gpu-node-0", &hand_grant("evict-three", &evictions)).await;
@@ -1479,16 +1491,17 @@ async fn s2b_a_pdb_allowing_one_disruption_loses_one_pod_at_most() {
         }
     }
     assert_eq!(
-        agents[0].shared.metrics.count("evictions", "evicted"),
+        c.shared.metrics.eviction_count("evicted"),
         1,
         "exactly the one disruption allowed"
     );
-    assert!(agents[0].shared.metrics.count("evictions", "blocked") >= 2);
+    assert!(c.shared.metrics.eviction_count("blocked") >= 2);
     assert_eq!(running, 2, "two of the three still run");
     assert!(
         !our_taint(&node_of(&env, "gpu-node-0").await),
         "rolled back and untainted"
     );
+    c.stop().await;
 }
 
 /// A GPU source whose driver stops answering for a GPU right after the first change to it (as a
@@ -1579,7 +1592,7 @@ async fn s16_a_gpu_that_stops_answering_mid_sequence_is_left_alone_and_the_rest_
             assert_eq!(g.used.get(instance), Some(pod), "keep moved or lost its instance");
         }
     }
-    assert_eq!(agent.shared.metrics.count("evictions", "evicted"), 0);
+    assert_eq!(c.shared.metrics.eviction_count("evicted"), 0);
     // The node is stuck for a person and holds no budget.
     eventually(5, "the controller counts it stuck", || async {
         let (_, scrape) = http(c.addr, "GET", "/metrics", b"").await;

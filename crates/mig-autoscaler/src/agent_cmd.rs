@@ -145,8 +145,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        // 429 from a PodDisruptionBudget must reach the agent, not be retried inside the client.
-        let client = client(args.kubeconfig.as_ref(), false).await?;
+        let client = client(args.kubeconfig.as_ref()).await?;
         let mut source = NvidiaSmiGpus::new(args.nvidia_smi.clone());
         source.timeout = std::time::Duration::from_secs_f64(args.nvidia_smi_timeout_seconds);
         let source = Arc::new(source);

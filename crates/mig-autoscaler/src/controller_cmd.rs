@@ -82,8 +82,10 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// A client from a kubeconfig, or inferred; `retry`: let the client retry 429/503/504 itself.
-pub async fn client(kubeconfig: Option<&PathBuf>, retry: bool) -> Result<kube::Client> {
+/// A client from a kubeconfig, or inferred. It does not retry 429/503/504 itself: the controller's
+/// rounds and the agent's ticks retry every write, and a PodDisruptionBudget's 429 on an eviction
+/// must be reported, not waited out in the client's backoff.
+pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client> {
     let mut config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -96,7 +98,7 @@ pub async fn client(kubeconfig: Option<&PathBuf>, retry: bool) -> Result<kube::C
             .await
             .context("no kubeconfig given and none found (in-cluster or ~/.kube/config)")?,
     };
-    config.default_retry = retry;
+    config.default_retry = false;
     Ok(kube::Client::try_from(config)?)
 }
 
@@ -113,7 +115,7 @@ pub fn run(args: ControllerArgs) -> Result<ExitCode> {
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let client = client(args.kubeconfig.as_ref(), true).await?;
+        let client = client(args.kubeconfig.as_ref()).await?;
         let running = mig_controller::start(client, settings.clone(), identity.clone()).await?;
         tracing::info!(addr = %running.addr, mode = settings.mode.as_str(), identity, "controller started");
         eprintln!(

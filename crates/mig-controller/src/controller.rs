@@ -1,4 +1,6 @@
-//! The control loop: watch (reflectors), batch, plan, decide under budgets, grant, report.
+//! The control loop: watch (reflectors), batch, plan, decide under budgets, grant, drain, report.
+
+mod drain;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -212,6 +214,9 @@ where
 }
 
 /// Start the controller: reflectors, leader election, the control loop and the HTTP server.
+/// `client` should not retry 429s by itself (`Config::default_retry = false`): a
+/// PodDisruptionBudget's refusal of an eviction would hold the control loop in the client's backoff
+/// instead of being reported and asked again next round (every write is retried by the loop).
 pub async fn start(client: Client, settings: Settings, identity: String) -> anyhow::Result<Running> {
     settings.validate()?;
     let catalog = Catalog::embedded();
@@ -358,6 +363,8 @@ struct LoopState {
     /// start at the later of this and the agent's `since`, so a node whose clock runs behind
     /// does not shorten its cooldown.
     ended_seen: BTreeMap<String, (String, Timestamp)>,
+    /// Pod UIDs this replica evicted, and when (not evicted again while the cache lags).
+    evicted: HashMap<String, Instant>,
 }
 
 struct ControlLoop {
@@ -1342,6 +1349,10 @@ impl ControlLoop {
             } else {
                 self.state.agent_seen.remove(name);
                 self.state.agents_gone.remove(name);
+            }
+            // A node its agent drains for a grant: the evictions it names (agents cannot evict).
+            if let Some(g) = &view.grant {
+                self.drain(name, view, g).await;
             }
             // A grant the agent never started.
             if let (Flight::InFlight { phase: None }, Some(g)) = (&view.flight, &view.grant)

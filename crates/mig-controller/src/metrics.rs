@@ -80,6 +80,8 @@ pub const DECISIONS: [&str; 8] = [
 pub const GRANT_RESULTS: [&str; 3] = ["written", "conflict", "error"];
 /// Results of reconfigurations (the agent's terminal phases).
 pub const RECONFIGURATION_RESULTS: [&str; 3] = ["done", "rolled-back", "failed"];
+/// Results of the evictions the controller posts.
+pub const EVICTION_RESULTS: [&str; 4] = ["evicted", "blocked", "gone", "error"];
 /// Input problem reasons.
 pub const INPUT_PROBLEMS: [&str; 4] = [
     "InvalidMigRequest",
@@ -124,6 +126,8 @@ pub struct Metrics {
     pub reconfigurations: Family<ResultLabel, Counter>,
     /// Evictions granted.
     pub evictions_granted: Counter,
+    /// Evictions posted for draining nodes, by result.
+    pub evictions: Family<ResultLabel, Counter>,
     /// Input problems by reason.
     pub input_problems: Family<ReasonLabel, Counter>,
     /// Unix time of the last plan.
@@ -154,6 +158,7 @@ impl Metrics {
             nodes_stuck: Gauge::default(),
             reconfigurations: Family::default(),
             evictions_granted: Counter::default(),
+            evictions: Family::default(),
             input_problems: Family::default(),
             last_plan_timestamp: Gauge::default(),
             time_to_slice: Histogram::new([1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0]),
@@ -228,8 +233,13 @@ impl Metrics {
         );
         registry.register(
             "evictions_granted",
-            "Pod evictions granted to node agents",
+            "Pod evictions granted (the controller posts them once the node's agent has tainted it)",
             m.evictions_granted.clone(),
+        );
+        registry.register(
+            "evictions",
+            "Evictions the controller posted for draining nodes, by result: evicted, blocked (by a PodDisruptionBudget), gone, error",
+            m.evictions.clone(),
         );
         registry.register(
             "input_problems",
@@ -266,6 +276,9 @@ impl Metrics {
         for result in RECONFIGURATION_RESULTS {
             let _ = m.reconfigurations.get_or_create(&ResultLabel { result });
         }
+        for result in EVICTION_RESULTS {
+            let _ = m.evictions.get_or_create(&ResultLabel { result });
+        }
         for budget in ["nodes", "evictions"] {
             let _ = m.budget_headroom.get_or_create(&BudgetLabel { budget });
         }
@@ -288,6 +301,11 @@ impl Metrics {
             });
         }
         Metrics { registry, ..m }
+    }
+
+    /// Evictions posted with `result` (`evicted`, `blocked`, `gone`, `error`), for tests.
+    pub fn eviction_count(&self, result: &'static str) -> u64 {
+        self.evictions.get_or_create(&ResultLabel { result }).get()
     }
 
     /// The exposition in the Prometheus text format 0.0.4 (for clients that do not ask for

@@ -138,14 +138,23 @@ pub async fn bare_env_with(spec_nodes: Vec<NodeSpec>, device_plugin_pods: bool) 
         mig_manager_delay_ms: 50,
         device_plugin_pods,
     };
-    // The chart's per-node admission policy, for agent identities (see `agent_client`).
+    // For agent identities (see `agent_client`): the chart's RBAC, which grants agents no
+    // `pods/eviction` (the controller evicts), and its per-node admission policy.
     server
         .state
         .add_admission(Arc::new(|r: &kube_emulator::AdmissionRequest<'_>| {
-            if r.resource != "nodes" || r.user.username != AGENT_USER {
+            if r.user.username != AGENT_USER {
                 return Ok(());
             }
-            mig_controller::protocol::agent_may_update_node(r.user.node_name.as_deref(), r.old, r.new)
+            match (r.resource, r.subresource) {
+                ("pods", Some("eviction")) => Err(format!(
+                    "{AGENT_USER} cannot create resource \"pods/eviction\": the mig-autoscaler agent's ClusterRole grants no evictions"
+                )),
+                ("nodes", _) => {
+                    mig_controller::protocol::agent_may_update_node(r.user.node_name.as_deref(), r.old, r.new)
+                }
+                _ => Ok(()),
+            }
         }));
     let cluster = Cluster::new(server.state.clone(), &spec).unwrap();
     let actors = cluster.spawn();
