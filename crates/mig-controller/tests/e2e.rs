@@ -710,6 +710,102 @@ async fn the_api_sheds_idle_connections_and_oversized_snapshots_and_stays_respon
     c.stop().await;
 }
 
+/// Set in the child processes of [`the_api_survives_20000_idle_connections`]: the connections each
+/// holds (`addr,second octet`). One process cannot hold them all (20,000 file descriptors here).
+const HOLD_ENV: &str = "MIG_E2E_HOLD_CONNECTIONS";
+
+/// Holder role: 10,000 idle connections to `addr`, 100 from each of 127.0.`octet`.1–100; prints
+/// `held <open> <failed>` and keeps them until its stdin closes.
+async fn hold_connections(spec: &str) {
+    let (addr, octet) = spec.split_once(',').unwrap();
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let (mut held, mut failed) = (Vec::new(), 0);
+    for host in 1..=100 {
+        for _ in 0..100 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind(format!("127.0.{octet}.{host}:0").parse().unwrap())
+                .unwrap();
+            match tokio::time::timeout(Duration::from_secs(5), socket.connect(addr)).await {
+                Ok(Ok(s)) => held.push(s),
+                _ => failed += 1,
+            }
+        }
+    }
+    println!("held {} {failed}", held.len());
+    let _ = tokio::task::spawn_blocking(|| std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1])).await;
+    drop(held);
+}
+
+/// The probe's flood: 20,000 idle connections from 200 addresses (it used to exhaust the file
+/// descriptors at about 20,000 and `/healthz` never answered again). Connections over the limits
+/// are closed at once, the ones kept go after the header-read timeout, and the API answers
+/// throughout (at worst after one timeout, while every slot is held). Two child processes (this
+/// test binary in its holder role) hold the connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_survives_20000_idle_connections() {
+    if let Ok(spec) = std::env::var(HOLD_ENV) {
+        return hold_connections(&spec).await;
+    }
+    use std::io::BufRead;
+    let env = env(nodes(1, 1, SEVEN_1G), AgentBehaviour::default()).await;
+    let mut s = fast_settings(Mode::DryRun);
+    s.http.header_read_timeout = mig_controller::settings::Dur::secs(5);
+    let c = controller(&env, s, "replica-a").await;
+    let flood = Instant::now();
+    let mut holders = Vec::new();
+    let mut held = 0;
+    for octet in [1, 2] {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "the_api_survives_20000_idle_connections",
+                "--nocapture",
+            ])
+            .env(HOLD_ENV, format!("{},{octet}", c.addr))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Its report, then the rest of its output read to the end (the harness writes after it).
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(stdout).lines().map_while(Result::ok);
+            let _ = tx.send(lines.find(|l| l.starts_with("held ")));
+            lines.for_each(drop);
+        });
+        let line = rx.await.unwrap().expect("a holder reports what it holds");
+        let counts: Vec<usize> = line.split(' ').skip(1).map(|n| n.parse().unwrap()).collect();
+        assert_eq!(counts[0] + counts[1], 10_000, "{line}");
+        held += counts[0];
+        holders.push(child);
+    }
+    assert!(held >= 19_000, "only {held} connections were made");
+    // The server keeps 1,024 at most at a time, each until its headers are late (5 s).
+    let periods = (flood.elapsed().as_secs_f64() / 5.0).ceil() + 1.0;
+    let kept_at_most = 1024.0 * periods;
+    // All 20,000 made and still held by their clients: the API answers.
+    eventually(30, "the API answers while the connections are held", || async {
+        http(c.addr, "GET", "/healthz", b"").await.0 == 200
+    })
+    .await;
+    let (status, scrape) = http(c.addr, "GET", "/metrics", b"").await;
+    assert_eq!(status, 200);
+    let total = sample(&scrape, "mig_autoscaler_http_refused_total{limit=\"total\"}").unwrap();
+    let per_client = sample(&scrape, "mig_autoscaler_http_refused_total{limit=\"per-client\"}").unwrap();
+    assert!(
+        total + per_client >= held as f64 - kept_at_most,
+        "refused {total} over the total limit, {per_client} per client, of {held} ({periods} periods)"
+    );
+    assert!(total > 0.0 && per_client > 0.0, "both limits were reached");
+    for mut h in holders {
+        drop(h.stdin.take());
+        assert!(h.wait().unwrap().success());
+    }
+    c.stop().await;
+}
+
 /// The agent's clock runs an hour behind: the end of its reconfiguration reads as an hour ago. The
 /// node's cooldown must still start when the controller saw it end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
