@@ -16,7 +16,7 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, ResourceExt};
 use mig_catalog::Catalog;
-use mig_controller::protocol::{
+use mig_protocol::{
     DEVICE_PLUGIN_DEPLOY_LABEL, DEVICE_PLUGIN_PAUSED, DO_NOT_DISRUPT, GRANT_ANNOTATION, Grant,
     MIG_CONFIG_LABEL, MIG_STATE_LABEL, NodeReport, NodeState, REPORT_ANNOTATION, STATE_ANNOTATION, TAINT_KEY,
     parse_annotation,
@@ -552,7 +552,7 @@ impl Worker {
                     .iter()
                     .filter(live)
                     .filter_map(|p| {
-                        let r = mig_controller::observe::mig_requests(p.spec.as_ref()?).ok()?;
+                        let r = mig_protocol::mig_requests(p.spec.as_ref()?).ok()?;
                         (!r.is_empty()).then(|| (key(p), r))
                     })
                     .collect()
@@ -902,8 +902,8 @@ fn selects(selector: &str, labels: &std::collections::BTreeMap<String, String>) 
     !pairs.is_empty() && pairs.iter().all(|(k, v)| labels.get(*k).is_some_and(|l| l == v))
 }
 
-fn phase_label(p: mig_controller::protocol::Phase) -> &'static str {
-    use mig_controller::protocol::Phase::*;
+fn phase_label(p: mig_protocol::Phase) -> &'static str {
+    use mig_protocol::Phase::*;
     match p {
         Done | RolledBack | Superseded => "done",
         Failed => "failed",

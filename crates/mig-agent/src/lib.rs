@@ -1,5 +1,6 @@
 //! The mig-autoscaler node agent (one per MIG node, a DaemonSet): it reports the node's GPUs on the
-//! Node, and when the controller grants a reconfiguration it runs taint → drain (Eviction API) →
+//! Node, and when the controller grants a reconfiguration it runs taint → drain (the controller
+//! evicts; the agent waits) →
 //! relabel `nvidia.com/mig.config` → wait for mig-manager (or, with the nvml backend, create and
 //! destroy instances at explicit placements) → verify → untaint, persisting every phase on the Node
 //! so a restarted agent resumes where it was (docs/agent.md).
@@ -14,7 +15,7 @@ pub mod source;
 
 pub use agent::{AgentSettings, Running, start};
 pub use sequence::{Action, FailurePolicy, InstanceChange, Observation, SequencePolicy, Step, step};
-pub use source::{EmulatedGpus, GpuSource, NvidiaSmiGpus, observed_from_catalog};
+pub use source::{GpuSource, NvidiaSmiGpus, observed_from_catalog};
 
 /// Helpers shared by the unit tests.
 #[cfg(test)]

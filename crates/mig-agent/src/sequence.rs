@@ -27,8 +27,8 @@ use std::collections::BTreeMap;
 
 use jiff::{SignedDuration, Timestamp};
 use mig_catalog::{Catalog, GpuModel, Instance, Layout};
-use mig_controller::protocol::{DEVICE_PLUGIN_PAUSED, Grant, NodeState, Phase};
 use mig_planner::snapshot::{Backend, Gpu, GpuInstance};
+use mig_protocol::{DEVICE_PLUGIN_PAUSED, Grant, NodeState, Phase};
 
 /// A pod on this node, as the sequence needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]

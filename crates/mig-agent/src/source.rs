@@ -1,15 +1,13 @@
-//! Where the agent learns the node's GPUs: a trait with two sources, the emulator's simulated GPUs
-//! and NVML through its own command line (`nvidia-smi`).
+//! Where the agent learns the node's GPUs: a trait, with NVML through its own command line
+//! (`nvidia-smi`) as the production source (the emulator's simulated GPUs are `mig-testbed`'s).
 //!
 //! Why not nvml-wrapper: the workspace forbids `unsafe`, and nvml-wrapper's safe API does not list
 //! GPU instances with their placements (`nvmlDeviceGetGpuInstances` and `nvmlGpuInstanceGetInfo`
 //! are only in its raw `-sys` bindings). `nvidia-smi mig -lgi` prints exactly those, read-only.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use kube_emulator::Cluster;
 use mig_catalog::nvml::{ObservedGpu, ObservedPlacement, ObservedProfile};
 use mig_catalog::{Catalog, GpuModel};
 use mig_planner::snapshot::{Gpu, GpuInstance};
@@ -108,83 +106,6 @@ pub fn attribute_by_profile(gpus: &mut [Gpu], pods: &[(String, BTreeMap<String, 
                 }
             }
         }
-    }
-}
-
-/// The GPUs kube-emulator simulates on one node (what NVML would report there).
-pub struct EmulatedGpus {
-    cluster: Arc<Cluster>,
-    node: String,
-}
-
-impl EmulatedGpus {
-    /// The simulated GPUs of `node`.
-    pub fn new(cluster: Arc<Cluster>, node: impl Into<String>) -> EmulatedGpus {
-        EmulatedGpus {
-            cluster,
-            node: node.into(),
-        }
-    }
-}
-
-impl GpuSource for EmulatedGpus {
-    fn knows_pods(&self) -> bool {
-        true
-    }
-
-    /// The emulator has no GPU-instance IDs; it numbers instances by placement + 1 (so an ID is
-    /// never the placement, as on real GPUs).
-    fn instance_ids(&self) -> BTreeMap<(u32, u32), u8> {
-        self.cluster
-            .gpus(&self.node)
-            .iter()
-            .flat_map(|g| {
-                g.layout
-                    .instances()
-                    .iter()
-                    .map(move |i| ((g.index, u32::from(i.start) + 1), i.start))
-            })
-            .collect()
-    }
-
-    fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, String> {
-        let model = Catalog::embedded()
-            .lookup(&gpu.product)
-            .map_err(|e| e.to_string())?;
-        Ok(Some(observed_from_catalog(model, "kube-emulator")))
-    }
-
-    fn gpus(&self) -> Result<Vec<Gpu>, String> {
-        Ok(self
-            .cluster
-            .gpus(&self.node)
-            .iter()
-            .map(|g| Gpu {
-                index: g.index,
-                product: g.model.key.clone(),
-                mig_enabled: true,
-                unknown: None,
-                instances: g
-                    .layout
-                    .instances()
-                    .iter()
-                    .filter_map(|i| {
-                        Some(GpuInstance {
-                            profile: g.model.profile(i.profile)?.name.clone(),
-                            start: i.start,
-                            pods: g.used.get(i).cloned().into_iter().collect(),
-                            utilization: None,
-                        })
-                    })
-                    .collect(),
-            })
-            .collect())
-    }
-
-    /// Through the emulator, which checks what NVML would: instance there and free, placement valid.
-    fn apply(&self, change: &InstanceChange) -> Result<(), String> {
-        self.cluster
-            .change_instances(&self.node, change.gpu, &change.destroy, &change.create)
     }
 }
 

@@ -18,7 +18,7 @@ use mig_controller::settings::{Amount, Dur, Mode, Settings};
 use serde_json::json;
 
 use crate::controller_cmd::shutdown_signal;
-use crate::system::System;
+use mig_testbed::System;
 
 /// Arguments of `demo`.
 #[derive(Args)]

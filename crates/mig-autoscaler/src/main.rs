@@ -13,7 +13,6 @@ mod emulator_cmd;
 mod inflation_cmd;
 mod plan_cmd;
 mod simulate_cmd;
-mod system;
 
 /// Repartitions NVIDIA MIG GPUs in a Kubernetes cluster automatically.
 #[derive(Parser)]

@@ -15,7 +15,7 @@ use mig_sim::{
     static_candidates,
 };
 
-use crate::system::System;
+use mig_testbed::System;
 
 const ALL_BALANCED: &str = "1g.10gb@0,1g.10gb@1,2g.20gb@2,3g.40gb@4";
 const PROFILES: [&str; 5] = ["1g.10gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"];

@@ -456,7 +456,7 @@ fn the_agent_admission_policy_is_on_and_names_the_keys_the_code_allows() {
             .map(|k| k.trim().trim_matches('\'').to_string())
             .collect()
     };
-    use mig_controller::protocol::{AGENT_ANNOTATIONS, AGENT_LABELS, TAINT_KEY};
+    use mig_protocol::{AGENT_ANNOTATIONS, AGENT_LABELS, TAINT_KEY};
     assert_eq!(variable("ownLabels"), AGENT_LABELS.map(String::from).to_vec());
     assert_eq!(
         variable("ownAnnotations"),

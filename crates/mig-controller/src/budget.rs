@@ -6,8 +6,8 @@
 
 use jiff::{SignedDuration, Timestamp};
 
-use crate::protocol::Flight;
 use crate::settings::DisruptionBudgets;
+use mig_protocol::Flight;
 
 /// What the budgets need to know about a node.
 #[derive(Clone, Debug)]

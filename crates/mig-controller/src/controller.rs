@@ -32,9 +32,9 @@ use crate::metrics::{
     SolverLabels,
 };
 use crate::observe::{InputProblem, Observation, observe};
-use crate::protocol::{Flight, GRANT_ANNOTATION, Grant, NodeState, Phase, STATE_ANNOTATION, TAINT_KEY};
 use crate::settings::{Mode, Settings};
 use crate::{Metrics, api};
+use mig_protocol::{Flight, GRANT_ANNOTATION, Grant, NodeState, Phase, STATE_ANNOTATION, TAINT_KEY};
 
 /// Name in Events' `reportingController`.
 pub const CONTROLLER_NAME: &str = "mig-autoscaler.io/controller";
@@ -388,7 +388,7 @@ async fn publish_events(recorder: Recorder, mut rx: mpsc::Receiver<(Event, Objec
 /// One of our JSON annotations on `node`, if there and readable (the observation reports the
 /// unreadable ones).
 fn annotation<T: serde::de::DeserializeOwned>(node: &Node, key: &'static str) -> Option<T> {
-    crate::protocol::parse_annotation(Some(node.annotations()), key, "")
+    mig_protocol::parse_annotation(Some(node.annotations()), key, "")
         .ok()
         .flatten()
 }
@@ -504,7 +504,7 @@ impl ControlLoop {
             .filter(|p| crate::observe::is_pending(p))
             .filter(|p| {
                 p.spec.as_ref().is_some_and(|s| {
-                    crate::observe::mig_requests(s)
+                    mig_protocol::mig_requests(s)
                         .map(|r| !r.is_empty())
                         .unwrap_or(true)
                 })
@@ -581,7 +581,7 @@ impl ControlLoop {
             };
             let state = annotation::<NodeState>(&n, STATE_ANNOTATION);
             if matches!(
-                crate::protocol::flight(Some(&g), state.as_ref()),
+                mig_protocol::flight(Some(&g), state.as_ref()),
                 Flight::Idle { .. }
             ) {
                 continue;
@@ -779,7 +779,7 @@ impl ControlLoop {
         let mut by_profile: BTreeMap<String, i64> = BTreeMap::new();
         for p in &obs.snapshot.pending_pods {
             for r in p.requests.keys() {
-                if let Some(profile) = r.strip_prefix(crate::observe::MIG_RESOURCE_PREFIX) {
+                if let Some(profile) = r.strip_prefix(mig_protocol::MIG_RESOURCE_PREFIX) {
                     *by_profile.entry(profile.to_string()).or_default() += 1;
                 }
             }
@@ -1160,15 +1160,12 @@ impl ControlLoop {
             .insert(name.to_string(), Instant::now());
         let mut referenced: BTreeSet<String> = self.state.written_configs.keys().cloned().collect();
         for n in self.caches.nodes.state() {
-            if let Some(v) = n.labels().get(crate::protocol::MIG_CONFIG_LABEL) {
+            if let Some(v) = n.labels().get(mig_protocol::MIG_CONFIG_LABEL) {
                 referenced.insert(v.clone());
             }
-            if let Some(Some(g)) = crate::protocol::parse_annotation::<Grant>(
-                n.metadata.annotations.as_ref(),
-                GRANT_ANNOTATION,
-                "",
-            )
-            .ok()
+            if let Some(Some(g)) =
+                mig_protocol::parse_annotation::<Grant>(n.metadata.annotations.as_ref(), GRANT_ANNOTATION, "")
+                    .ok()
                 && let Some(c) = g.mig_config
             {
                 referenced.insert(c);

@@ -3,8 +3,9 @@
 //! node agents under cluster-wide disruption budgets (leader only, `auto` mode only); and serves
 //! the dry-run plan API, metrics and probes.
 //!
-//! Pure parts, unit-tested without an API server: [`settings`], [`budget`], [`observe`],
-//! [`protocol`]. The rest ([`controller`], [`lease`], [`api`]) is tested against kube-emulator.
+//! What it agrees on with the agents is `mig_protocol`. Pure parts, unit-tested without an API
+//! server: [`settings`], [`budget`], [`observe`]. The rest ([`controller`], [`lease`], [`api`]) is
+//! tested against kube-emulator by `mig-testbed`'s e2e suite and fault suite.
 
 pub mod api;
 pub mod auth;
@@ -14,7 +15,6 @@ pub mod lease;
 pub mod listener;
 pub mod metrics;
 pub mod observe;
-pub mod protocol;
 pub mod settings;
 
 pub use controller::{Published, Running, Shared, start};

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Node, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::{Selector, SelectorExt};
 use mig_catalog::Catalog;
@@ -17,14 +17,11 @@ use mig_planner::snapshot::{
 };
 
 use crate::budget::{self, NodeFacts};
-use crate::protocol::{
-    DO_NOT_DISRUPT, Flight, GRANT_ANNOTATION, Grant, MIG_CONFIG_LABEL, NodeReport, NodeState,
-    REPORT_ANNOTATION, STATE_ANNOTATION, TAINT_KEY, flight, parse_annotation,
-};
 use crate::settings::DisruptionBudgets;
-
-/// Prefix of MIG extended resources.
-pub const MIG_RESOURCE_PREFIX: &str = "nvidia.com/mig-";
+use mig_protocol::{
+    DO_NOT_DISRUPT, Flight, GRANT_ANNOTATION, Grant, MIG_CONFIG_LABEL, MIG_RESOURCE_PREFIX, NodeReport,
+    NodeState, REPORT_ANNOTATION, STATE_ANNOTATION, TAINT_KEY, flight, mig_requests, parse_annotation,
+};
 
 /// Input the controller could not use.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,49 +86,6 @@ impl Observation {
             })
             .collect()
     }
-}
-
-/// Requests of one pod per MIG resource: containers summed, init containers as a floor (as the
-/// scheduler computes effective requests). Non-integer or negative counts are errors.
-pub fn mig_requests(spec: &PodSpec) -> Result<BTreeMap<String, i64>, String> {
-    fn of(c: &k8s_openapi::api::core::v1::Container) -> Result<BTreeMap<String, i64>, String> {
-        let mut out = BTreeMap::new();
-        let Some(r) = &c.resources else { return Ok(out) };
-        // Extended resources: limits, and requests must equal them; take limits, else requests.
-        for src in [r.limits.as_ref(), r.requests.as_ref()].into_iter().flatten() {
-            for (k, q) in src {
-                if !k.starts_with(MIG_RESOURCE_PREFIX) || out.contains_key(k) {
-                    continue;
-                }
-                let n: i64 = q.0.trim().parse().map_err(|_| {
-                    format!(
-                        "container {}: {k}: {:?} is not a whole number of instances",
-                        c.name, q.0
-                    )
-                })?;
-                if n < 0 {
-                    return Err(format!("container {}: {k}: negative count {n}", c.name));
-                }
-                if n > 0 {
-                    out.insert(k.clone(), n);
-                }
-            }
-        }
-        Ok(out)
-    }
-    let mut sum: BTreeMap<String, i64> = BTreeMap::new();
-    for c in &spec.containers {
-        for (k, n) in of(c)? {
-            *sum.entry(k).or_default() += n;
-        }
-    }
-    for c in spec.init_containers.iter().flatten() {
-        for (k, n) in of(c)? {
-            let e = sum.entry(k).or_default();
-            *e = (*e).max(n);
-        }
-    }
-    Ok(sum)
 }
 
 fn key(pod: &Pod) -> (String, String) {
@@ -395,8 +349,8 @@ pub fn observe(
                 "AgentBackendMismatch",
                 format!(
                     "the agent runs --backend {}, the planner plans for {}: the node is left alone until they agree (settings.planner.backend)",
-                    crate::protocol::backend_name(b),
-                    crate::protocol::backend_name(policy.backend)
+                    mig_protocol::backend_name(b),
+                    mig_protocol::backend_name(policy.backend)
                 ),
             );
         }

@@ -115,6 +115,39 @@ pub struct GpuInstance {
     pub utilization: Option<f64>,
 }
 
+impl Gpu {
+    /// A GPU in MIG mode as `layout` of `model` has it, called `product`, each instance used by
+    /// the pods (`namespace/name`) `pods_of` names: how the emulator and the simulator report
+    /// their GPUs.
+    pub fn from_layout(
+        model: &mig_catalog::GpuModel,
+        product: &str,
+        index: u32,
+        layout: &mig_catalog::Layout,
+        mut pods_of: impl FnMut(&mig_catalog::Instance) -> Vec<String>,
+    ) -> Gpu {
+        Gpu {
+            index,
+            product: product.to_string(),
+            mig_enabled: true,
+            unknown: None,
+            instances: layout
+                .instances()
+                .iter()
+                .map(|i| GpuInstance {
+                    profile: model
+                        .profile(i.profile)
+                        .map(|p| p.name.clone())
+                        .unwrap_or_default(),
+                    start: i.start,
+                    pods: pods_of(i),
+                    utilization: None,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// A pod waiting for MIG resources.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

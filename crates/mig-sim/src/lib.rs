@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::time::Instant as Clock;
 
 use mig_catalog::{Catalog, Counts, GpuModel, Instance, Layout};
-use mig_planner::snapshot::{Gpu, GpuInstance, Node, PendingPod, RunningPod};
+use mig_planner::snapshot::{Gpu, Node, PendingPod, RunningPod};
 use mig_planner::{Backend, DrainPolicy, Policy, Snapshot, SolverKind};
 
 pub use trace::{TracePod, parse_dlrm, parse_openb};
@@ -527,25 +527,9 @@ pub(crate) fn snapshot_gpu(
     layout: &Layout,
     mut pod_of: impl FnMut(&Instance) -> Option<String>,
 ) -> Gpu {
-    Gpu {
-        index,
-        product: product.to_string(),
-        mig_enabled: true,
-        unknown: None,
-        instances: layout
-            .instances()
-            .iter()
-            .map(|i| GpuInstance {
-                profile: model
-                    .profile(i.profile)
-                    .map(|p| p.name.clone())
-                    .unwrap_or_default(),
-                start: i.start,
-                pods: pod_of(i).map(|p| format!("sim/{p}")).into_iter().collect(),
-                utilization: None,
-            })
-            .collect(),
-    }
+    Gpu::from_layout(model, product, index, layout, |i| {
+        pod_of(i).map(|p| format!("sim/{p}")).into_iter().collect()
+    })
 }
 
 /// Plan with the planner; evict what it evicts (their instances freed; the caller requeues them)

@@ -17,7 +17,7 @@ use kube::{Api, ResourceExt};
 use super::{ControlLoop, node_ref, pod_ref};
 use crate::metrics::ResultLabel;
 use crate::observe::NodeView;
-use crate::protocol::{DO_NOT_DISRUPT, Grant, Phase};
+use mig_protocol::{DO_NOT_DISRUPT, Grant, Phase};
 
 /// How long an eviction this replica posted is remembered (not posted again for the same pod UID
 /// while the cache has yet to show the pod terminating).
@@ -188,7 +188,7 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     use super::*;
-    use crate::protocol::{Flight, NodeState};
+    use mig_protocol::{Flight, NodeState};
 
     fn grant() -> Grant {
         Grant {

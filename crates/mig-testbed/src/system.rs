@@ -12,7 +12,9 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use mig_agent::{AgentSettings, EmulatedGpus};
+use mig_agent::AgentSettings;
+
+use crate::EmulatedGpus;
 use mig_controller::settings::Settings;
 use serde_json::json;
 

@@ -1,4 +1,5 @@
-//! The contract between the controller and the node agents, written on the Node object.
+//! The contract between mig-autoscaler's controller and its node agents, written on the Node
+//! object; both depend on this crate and neither on the other.
 //!
 //! Everything lives under [`PREFIX`], so a start-up sweep can find (and only find) our own work:
 //!
@@ -15,6 +16,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::PodSpec;
 use serde::{Deserialize, Serialize};
 
 /// Prefix of every annotation, label and taint key we own.
@@ -326,6 +328,52 @@ pub fn flight(grant: Option<&Grant>, state: Option<&NodeState>) -> Flight {
         },
         Some(s) => Flight::InFlight { phase: Some(s.phase) },
     }
+}
+
+/// Prefix of MIG extended resources.
+pub const MIG_RESOURCE_PREFIX: &str = "nvidia.com/mig-";
+
+/// Requests of one pod per MIG resource: containers summed, init containers as a floor (as the
+/// scheduler computes effective requests). Non-integer or negative counts are errors.
+pub fn mig_requests(spec: &PodSpec) -> Result<BTreeMap<String, i64>, String> {
+    fn of(c: &k8s_openapi::api::core::v1::Container) -> Result<BTreeMap<String, i64>, String> {
+        let mut out = BTreeMap::new();
+        let Some(r) = &c.resources else { return Ok(out) };
+        // Extended resources: limits, and requests must equal them; take limits, else requests.
+        for src in [r.limits.as_ref(), r.requests.as_ref()].into_iter().flatten() {
+            for (k, q) in src {
+                if !k.starts_with(MIG_RESOURCE_PREFIX) || out.contains_key(k) {
+                    continue;
+                }
+                let n: i64 = q.0.trim().parse().map_err(|_| {
+                    format!(
+                        "container {}: {k}: {:?} is not a whole number of instances",
+                        c.name, q.0
+                    )
+                })?;
+                if n < 0 {
+                    return Err(format!("container {}: {k}: negative count {n}", c.name));
+                }
+                if n > 0 {
+                    out.insert(k.clone(), n);
+                }
+            }
+        }
+        Ok(out)
+    }
+    let mut sum: BTreeMap<String, i64> = BTreeMap::new();
+    for c in &spec.containers {
+        for (k, n) in of(c)? {
+            *sum.entry(k).or_default() += n;
+        }
+    }
+    for c in spec.init_containers.iter().flatten() {
+        for (k, n) in of(c)? {
+            let e = sum.entry(k).or_default();
+            *e = (*e).max(n);
+        }
+    }
+    Ok(sum)
 }
 
 #[cfg(test)]

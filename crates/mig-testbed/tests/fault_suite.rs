@@ -5,9 +5,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../mig-controller/tests/support/mod.rs"]
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,15 +13,16 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use kube_emulator::{Faults, NodeSpec};
-use mig_agent::{AgentSettings, EmulatedGpus, FailurePolicy};
-use mig_controller::protocol::{
+use mig_agent::{AgentSettings, FailurePolicy};
+use mig_controller::settings::{Amount, Mode};
+use mig_planner::snapshot::Backend;
+use mig_protocol::{
     DEVICE_PLUGIN_DEPLOY_LABEL, GRANT_ANNOTATION, Grant, MIG_CONFIG_LABEL, MIG_STATE_LABEL, NodeState, Phase,
     STATE_ANNOTATION, TAINT_KEY,
 };
-use mig_controller::settings::{Amount, Mode};
-use mig_planner::snapshot::Backend;
+use mig_testbed::EmulatedGpus;
+use mig_testbed::harness::*;
 use serde_json::json;
-use support::*;
 
 fn agent_settings(node: &str) -> AgentSettings {
     let mut s = AgentSettings::new(node);
@@ -67,10 +65,10 @@ async fn node_state(env: &Env, node: &str) -> Option<NodeState> {
 }
 
 /// The node's GPU report, as its agent wrote it.
-async fn node_report(env: &Env, node: &str) -> Option<mig_controller::protocol::NodeReport> {
+async fn node_report(env: &Env, node: &str) -> Option<mig_protocol::NodeReport> {
     let n = Api::<Node>::all(env.client.clone()).get(node).await.ok()?;
     n.annotations()
-        .get(mig_controller::protocol::REPORT_ANNOTATION)
+        .get(mig_protocol::REPORT_ANNOTATION)
         .and_then(|r| serde_json::from_str(r).ok())
 }
 
@@ -681,8 +679,8 @@ async fn s6_a_budget_of_one_node_holds_with_real_agents() {
                         .get(STATE_ANNOTATION)
                         .and_then(|s| serde_json::from_str(s).ok());
                     !matches!(
-                        mig_controller::protocol::flight(g.as_ref(), s.as_ref()),
-                        mig_controller::protocol::Flight::Idle { .. }
+                        mig_protocol::flight(g.as_ref(), s.as_ref()),
+                        mig_protocol::Flight::Idle { .. }
                     )
                 })
                 .count();
@@ -846,10 +844,7 @@ async fn s8_an_agent_whose_driver_disagrees_with_the_catalog_refuses_to_act() {
     // It still reports, but never starts a sequence: no state, no taint, no relabel, the pod waits.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let n = Api::<Node>::all(env.client.clone()).get(node).await.unwrap();
-    assert!(
-        n.annotations()
-            .contains_key(mig_controller::protocol::REPORT_ANNOTATION)
-    );
+    assert!(n.annotations().contains_key(mig_protocol::REPORT_ANNOTATION));
     assert!(node_state(&env, node).await.is_none());
     assert_eq!(
         n.labels().get("nvidia.com/mig.config").map(String::as_str),
@@ -1238,7 +1233,7 @@ async fn s13c_a_tenant_pod_labelled_as_dcgm_exporter_is_not_believed() {
     let agent = mig_agent::start(agent_client(&env.server, "gpu-node-0"), s, source)
         .await
         .unwrap();
-    let keep_everywhere = |report: &mig_controller::protocol::NodeReport| {
+    let keep_everywhere = |report: &mig_protocol::NodeReport| {
         report.gpus[0]
             .instances
             .iter()

@@ -2,8 +2,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -12,10 +10,10 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
-use mig_controller::protocol::{Flight, GRANT_ANNOTATION, Grant, NodeState, STATE_ANNOTATION, flight};
 use mig_controller::settings::{Amount, Mode};
+use mig_protocol::{Flight, GRANT_ANNOTATION, Grant, NodeState, STATE_ANNOTATION, flight};
+use mig_testbed::harness::*;
 use serde_json::json;
-use support::*;
 
 async fn pod_running(client: &kube::Client, name: &str) -> bool {
     Api::<Pod>::namespaced(client.clone(), "default")

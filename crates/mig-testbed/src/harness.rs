@@ -1,7 +1,5 @@
 //! Test equipment: kube-emulator with its actors, a stand-in node agent, controllers, plain HTTP.
 
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,20 +8,26 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use kube_emulator::{Cluster, ClusterSpec, Config, GpuSpec, NodeSpec, Running};
-use mig_controller::protocol::{
+use mig_controller::settings::{Dur, Mode, Settings};
+use mig_protocol::{
     GRANT_ANNOTATION, Grant, MIG_CONFIG_LABEL, MIG_STATE_LABEL, NodeReport, NodeState, Phase,
     REPORT_ANNOTATION, STATE_ANNOTATION,
 };
-use mig_controller::settings::{Dur, Mode, Settings};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The GPU model most tests use.
 pub const H100: &str = "NVIDIA-H100-80GB-HBM3";
+/// An H100 as seven 1g.10gb instances (how the GPU operator's `all-1g.10gb` leaves it).
 pub const SEVEN_1G: &str = "1g.10gb@0,1g.10gb@1,1g.10gb@2,1g.10gb@3,1g.10gb@4,1g.10gb@5,1g.10gb@6";
 
+/// A running emulator with its cluster actors; they stop when it drops.
 pub struct Env {
+    /// The API server.
     pub server: Running,
+    /// Its simulated nodes and GPUs.
     pub cluster: Arc<Cluster>,
+    /// An admin client (no token: unchecked, like cluster-admin).
     pub client: Client,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -41,7 +45,9 @@ impl Drop for Env {
 pub struct AgentBehaviour {
     /// Extra time it takes per reconfiguration (uniform in [min, max] ms, from a seed).
     pub min_ms: u64,
+    /// See `min_ms`.
     pub max_ms: u64,
+    /// Seed of those times.
     pub seed: u64,
     /// How far its clock is behind the controller's (the times it writes), seconds.
     pub clock_behind_s: i64,
@@ -58,6 +64,7 @@ impl Default for AgentBehaviour {
     }
 }
 
+/// `n` nodes `gpu-node-<i>` of `gpus` H100s each at `layout`, labelled as the GPU operator leaves them.
 pub fn nodes(n: usize, gpus: usize, layout: &str) -> Vec<NodeSpec> {
     (0..n)
         .map(|i| NodeSpec {
@@ -101,6 +108,7 @@ pub fn agent_client(server: &Running, node: &str) -> Client {
     Client::try_from(config).unwrap()
 }
 
+/// An admin client of `server`, retrying nothing itself (as the CLI builds its clients).
 pub fn client_for(server: &Running) -> Client {
     let mut config = kube::Config::new(server.url().parse().unwrap());
     config.default_retry = false;
@@ -151,7 +159,7 @@ pub async fn bare_env_with(spec_nodes: Vec<NodeSpec>, device_plugin_pods: bool) 
                     "{AGENT_USER} cannot create resource \"pods/eviction\": the mig-autoscaler agent's ClusterRole grants no evictions"
                 )),
                 ("nodes", _) => {
-                    mig_controller::protocol::agent_may_update_node(r.user.node_name.as_deref(), r.old, r.new)
+                    mig_protocol::agent_may_update_node(r.user.node_name.as_deref(), r.old, r.new)
                 }
                 _ => Ok(()),
             }
@@ -173,27 +181,7 @@ pub async fn bare_env_with(spec_nodes: Vec<NodeSpec>, device_plugin_pods: bool) 
 fn report(cluster: &Cluster, node: &str) -> NodeReport {
     NodeReport {
         observed_at: String::new(),
-        gpus: cluster
-            .gpus(node)
-            .iter()
-            .map(|g| mig_planner::snapshot::Gpu {
-                index: g.index,
-                product: g.model.key.clone(),
-                mig_enabled: true,
-                unknown: None,
-                instances: g
-                    .layout
-                    .instances()
-                    .iter()
-                    .map(|i| mig_planner::snapshot::GpuInstance {
-                        profile: g.model.profile(i.profile).unwrap().name.clone(),
-                        start: i.start,
-                        pods: g.used.get(i).cloned().into_iter().collect(),
-                        utilization: None,
-                    })
-                    .collect(),
-            })
-            .collect(),
+        gpus: crate::emulated_gpus(cluster, node),
         backend: None,
     }
 }
@@ -311,12 +299,14 @@ pub fn fast_settings(mode: Mode) -> Settings {
     s
 }
 
+/// Start a controller on `env` as replica `identity`.
 pub async fn controller(env: &Env, settings: Settings, identity: &str) -> mig_controller::Running {
     mig_controller::start(client_for(&env.server), settings, identity.into())
         .await
         .unwrap()
 }
 
+/// A pod in `default` asking for `count` instances of `profile` (`3g.40gb`).
 pub fn mig_pod(name: &str, profile: &str, count: &str) -> Pod {
     serde_json::from_value(json!({
         "metadata": {"name": name, "namespace": "default"},
@@ -325,6 +315,7 @@ pub fn mig_pod(name: &str, profile: &str, count: &str) -> Pod {
     .unwrap()
 }
 
+/// Create `pod` in `default`.
 pub async fn create_pod(client: &Client, pod: &Pod) {
     Api::<Pod>::namespaced(client.clone(), "default")
         .create(&PostParams::default(), pod)
@@ -359,9 +350,14 @@ pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &[
     let _ = s.write_all(body).await;
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out).to_string();
+    response(&String::from_utf8_lossy(&out))
+}
+
+/// An HTTP/1.1 response as read off the wire: (status, body with chunks decoded); status 0 when
+/// there was none (the connection was closed at once).
+pub fn response(text: &str) -> (u16, String) {
     let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let (headers, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let (headers, rest) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
     let body = if headers
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
@@ -386,6 +382,7 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// GET `path` as JSON: (status, body; `null` when not JSON).
 pub async fn get_json(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
     let (status, body) = http(addr, "GET", path, b"").await;
     (
@@ -421,6 +418,7 @@ pub fn sample(scrape: &str, series: &str) -> Option<f64> {
         .and_then(|l| l[series.len()..].trim().split(' ').next()?.parse().ok())
 }
 
+/// The GPU operator's mig-parted config, as the controller left it.
 pub async fn config_yaml(client: &Client) -> String {
     let cm = Api::<ConfigMap>::namespaced(client.clone(), "gpu-operator")
         .get("default-mig-parted-config")

@@ -1,0 +1,77 @@
+//! kube-emulator's simulated GPUs as the agent's [`GpuSource`], and as the planner's [`Gpu`]s.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kube_emulator::Cluster;
+use mig_agent::{GpuSource, InstanceChange, observed_from_catalog};
+use mig_catalog::Catalog;
+use mig_catalog::nvml::ObservedGpu;
+use mig_planner::snapshot::Gpu;
+
+/// The simulated GPUs of `node` as NVML would report them, with the pods using each instance.
+pub fn emulated_gpus(cluster: &Cluster, node: &str) -> Vec<Gpu> {
+    cluster
+        .gpus(node)
+        .iter()
+        .map(|g| {
+            Gpu::from_layout(g.model, &g.model.key, g.index, &g.layout, |i| {
+                g.used.get(i).cloned().into_iter().collect()
+            })
+        })
+        .collect()
+}
+
+/// The GPUs kube-emulator simulates on one node (what NVML would report there).
+pub struct EmulatedGpus {
+    cluster: Arc<Cluster>,
+    node: String,
+}
+
+impl EmulatedGpus {
+    /// The simulated GPUs of `node`.
+    pub fn new(cluster: Arc<Cluster>, node: impl Into<String>) -> EmulatedGpus {
+        EmulatedGpus {
+            cluster,
+            node: node.into(),
+        }
+    }
+}
+
+impl GpuSource for EmulatedGpus {
+    fn knows_pods(&self) -> bool {
+        true
+    }
+
+    /// The emulator has no GPU-instance IDs; it numbers instances by placement + 1 (so an ID is
+    /// never the placement, as on real GPUs).
+    fn instance_ids(&self) -> BTreeMap<(u32, u32), u8> {
+        self.cluster
+            .gpus(&self.node)
+            .iter()
+            .flat_map(|g| {
+                g.layout
+                    .instances()
+                    .iter()
+                    .map(move |i| ((g.index, u32::from(i.start) + 1), i.start))
+            })
+            .collect()
+    }
+
+    fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, String> {
+        let model = Catalog::embedded()
+            .lookup(&gpu.product)
+            .map_err(|e| e.to_string())?;
+        Ok(Some(observed_from_catalog(model, "kube-emulator")))
+    }
+
+    fn gpus(&self) -> Result<Vec<Gpu>, String> {
+        Ok(emulated_gpus(&self.cluster, &self.node))
+    }
+
+    /// Through the emulator, which checks what NVML would: instance there and free, placement valid.
+    fn apply(&self, change: &InstanceChange) -> Result<(), String> {
+        self.cluster
+            .change_instances(&self.node, change.gpu, &change.destroy, &change.create)
+    }
+}
