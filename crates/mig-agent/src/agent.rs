@@ -18,8 +18,8 @@ use kube::{Api, Client, ResourceExt};
 use mig_catalog::Catalog;
 use mig_protocol::{
     DEVICE_PLUGIN_DEPLOY_LABEL, DEVICE_PLUGIN_PAUSED, DO_NOT_DISRUPT, GRANT_ANNOTATION, Grant,
-    MIG_CONFIG_LABEL, MIG_STATE_LABEL, NodeReport, NodeState, REPORT_ANNOTATION, STATE_ANNOTATION, TAINT_KEY,
-    parse_annotation,
+    MIG_CONFIG_LABEL, MIG_STATE_LABEL, NodeReport, NodeState, REPORT_ANNOTATION, Reason, STATE_ANNOTATION,
+    TAINT_KEY, parse_annotation,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -305,6 +305,7 @@ pub async fn start(
         catalog_next_check: None,
         last_phase: None,
         last_persist: Instant::now(),
+        unreadable: None,
         node_version: std::sync::Mutex::new(None),
     };
     tasks.push(tokio::spawn(worker.run(rx.clone())));
@@ -388,6 +389,8 @@ struct Worker {
     last_phase: Option<&'static str>,
     /// When the state was last written.
     last_persist: Instant,
+    /// Why our annotations did not parse at the last tick (logged when it changes).
+    unreadable: Option<String>,
     /// The Node's resourceVersion as read this tick: taint changes are made against it (a 409
     /// means another writer changed the taints; the next tick reads them again).
     node_version: std::sync::Mutex<Option<String>>,
@@ -428,7 +431,12 @@ impl Worker {
         }
     }
 
-    async fn event(&mut self, warning: bool, reason: &str, note: String, regarding: ObjectReference) {
+    async fn event(&mut self, reason: Reason, note: String, regarding: ObjectReference) {
+        debug_assert_eq!(
+            reason.emitter(),
+            mig_protocol::Emitter::Agent,
+            "{reason} is the controller's"
+        );
         let key = format!("{:?}/{:?}|{reason}|{note}", regarding.kind, regarding.name);
         let now = Instant::now();
         let dedupe = self.shared.settings.event_dedupe;
@@ -437,18 +445,18 @@ impl Worker {
             return;
         }
         let ev = Event {
-            type_: if warning {
+            type_: if reason.is_warning() {
                 EventType::Warning
             } else {
                 EventType::Normal
             },
-            reason: reason.into(),
+            reason: reason.as_str().into(),
             note: Some(note),
             action: "Reconfigure".into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&ev, &regarding).await {
-            tracing::warn!(error = %e, reason, "could not publish event");
+            tracing::warn!(error = %e, %reason, "could not publish event");
         }
     }
 
@@ -509,21 +517,20 @@ impl Worker {
                     Err(e) => mismatched.push(format!("GPU {}: cannot read MIG profiles: {e}", g.index)),
                 }
             }
-            let problems = [("UnknownGpuModel", unknown), ("CatalogMismatch", mismatched)];
-            if problems.iter().any(|(_, p)| !p.is_empty()) {
+            let problems: Vec<String> = unknown.into_iter().chain(mismatched).collect();
+            if !problems.is_empty() {
                 self.catalog_next_check = Some(Instant::now() + self.shared.settings.catalog_retry);
                 self.shared
                     .metrics
                     .errors
                     .get_or_create(&Label { kind: "catalog" })
                     .inc();
-                for (reason, found) in problems.into_iter().filter(|(_, p)| !p.is_empty()) {
-                    let note = format!(
-                        "{}; the agent reports but will not reconfigure this node",
-                        found.join("; ")
-                    );
-                    self.event(true, reason, note, self.node_ref(uid.clone())).await;
-                }
+                let note = format!(
+                    "{}; the agent reports but will not reconfigure this node",
+                    problems.join("; ")
+                );
+                self.event(Reason::CatalogMismatch, note, self.node_ref(uid.clone()))
+                    .await;
             } else {
                 self.catalog_checked = true;
                 self.shared.ready.store(true, Ordering::SeqCst);
@@ -643,12 +650,19 @@ impl Worker {
                 .count(),
             now: jiff::Timestamp::now(),
         };
-        if obs.grant.is_err() || obs.state.is_err() {
+        let unreadable = obs.grant.as_ref().err().or(obs.state.as_ref().err()).cloned();
+        if unreadable.is_some() {
             self.shared
                 .metrics
                 .errors
                 .get_or_create(&Label { kind: "annotation" })
                 .inc();
+        }
+        if unreadable != self.unreadable {
+            if let Some(e) = &unreadable {
+                tracing::warn!(node = %name, error = %e, "our annotations do not parse; nothing is done on this node until they are fixed");
+            }
+            self.unreadable = unreadable;
         }
         let phase_now = match &obs.state {
             Ok(Some(s))
@@ -785,13 +799,8 @@ impl Worker {
                 self.patch(json!({"metadata": {"labels": {DEVICE_PLUGIN_DEPLOY_LABEL: "true"}}}))
                     .await
             }
-            Action::Event {
-                warning,
-                reason,
-                note,
-            } => {
-                self.event(*warning, reason, note.clone(), self.node_ref(uid))
-                    .await;
+            Action::Event { reason, note } => {
+                self.event(*reason, note.clone(), self.node_ref(uid)).await;
                 Ok(())
             }
         };

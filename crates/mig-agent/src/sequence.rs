@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use jiff::{SignedDuration, Timestamp};
 use mig_catalog::{Catalog, GpuModel, Instance, Layout};
 use mig_planner::snapshot::{Backend, Gpu, GpuInstance};
-use mig_protocol::{DEVICE_PLUGIN_PAUSED, Grant, NodeState, Phase};
+use mig_protocol::{DEVICE_PLUGIN_PAUSED, Grant, NodeState, Phase, Reason};
 
 /// A pod on this node, as the sequence needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,12 +128,10 @@ pub enum Action {
     PauseDevicePlugin,
     /// Start it again (`nvidia.com/gpu.deploy.device-plugin=true`).
     ResumeDevicePlugin,
-    /// Publish an Event on the node.
+    /// Publish an Event on the node (its type is the reason's).
     Event {
-        /// Warning (else Normal).
-        warning: bool,
-        /// PascalCase reason.
-        reason: &'static str,
+        /// Reason.
+        reason: Reason,
         /// Message.
         note: String,
     },
@@ -451,15 +449,11 @@ fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: String
         Phase::Applying => !untouched(state, &o.gpus),
         _ => false,
     };
-    let warn = |reason, note: String| Action::Event {
-        warning: true,
-        reason,
-        note,
-    };
+    let warn = |reason, note: String| Action::Event { reason, note };
     match policy.on_failure {
         FailurePolicy::StayTainted => Step {
             actions: vec![warn(
-                "ReconfigurationFailed",
+                Reason::ReconfigurationFailed,
                 format!(
                     "grant {}: {why}; the node stays tainted for a person to look at (failure policy stay-tainted)",
                     state.grant_id
@@ -472,7 +466,7 @@ fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: String
             actions: vec![
                 Action::Untaint,
                 warn(
-                    "ReconfigurationRolledBack",
+                    Reason::ReconfigurationRolledBack,
                     format!(
                         "grant {}: {why}; nothing was changed, the node is untainted",
                         state.grant_id
@@ -484,7 +478,7 @@ fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: String
         FailurePolicy::Rollback if policy.backend == Backend::Nvml && !state.previous_layouts.is_empty() => {
             Step {
                 actions: vec![warn(
-                    "ReconfigurationRollingBack",
+                    Reason::ReconfigurationRollingBack,
                     format!(
                         "grant {}: {why}; returning the GPUs to {}",
                         state.grant_id,
@@ -498,7 +492,7 @@ fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: String
             Some(prev) if policy.backend == Backend::MigManager => Step {
                 actions: vec![
                     warn(
-                        "ReconfigurationRollingBack",
+                        Reason::ReconfigurationRollingBack,
                         format!("grant {}: {why}; returning to config {prev}", state.grant_id),
                     ),
                     Action::Relabel(prev.clone()),
@@ -507,7 +501,7 @@ fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: String
             },
             _ => Step {
                 actions: vec![warn(
-                    "ReconfigurationFailed",
+                    Reason::ReconfigurationFailed,
                     format!(
                         "grant {}: {why}; there is no previous config to roll back to, so the node stays tainted",
                         state.grant_id
@@ -553,8 +547,7 @@ fn unplanned_pods(
                         actions: vec![
                             Action::Untaint,
                             Action::Event {
-                                warning: false,
-                                reason: "ReconfigurationSuperseded",
+                                reason: Reason::ReconfigurationSuperseded,
                                 note: format!("grant {}: {why}", current.grant_id),
                             },
                         ],
@@ -579,28 +572,32 @@ fn unplanned_pods(
     }
 }
 
+/// A rollback that reached the GPUs' previous layouts: untaint, announce, `RolledBack`.
+fn rolled_back(o: &Observation, current: &NodeState) -> Step {
+    let why = current.message.clone().unwrap_or_else(|| "rolled back".into());
+    Step {
+        actions: vec![
+            Action::Untaint,
+            Action::Event {
+                reason: Reason::ReconfigurationRolledBack,
+                note: format!(
+                    "grant {}: {why}; the GPUs are back as they were, the node is untainted",
+                    current.grant_id
+                ),
+            },
+        ],
+        next: Some(enter(o.now, current, Phase::RolledBack, why)),
+    }
+}
+
 /// One step of the node sequence.
 pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
-    let grant = match &o.grant {
-        Ok(g) => g.as_ref(),
-        Err(e) => {
-            return Step::act(vec![Action::Event {
-                warning: true,
-                reason: "MalformedAnnotation",
-                note: format!("{e}; the agent does nothing on this node until it is fixed"),
-            }]);
-        }
+    // Our annotations unreadable: nothing is done on this node until they are fixed (the
+    // controller reports them as `MalformedAnnotation`; the runtime counts and logs them).
+    let (Ok(grant), Ok(state)) = (&o.grant, &o.state) else {
+        return Step::nothing();
     };
-    let state = match &o.state {
-        Ok(s) => s.as_ref(),
-        Err(e) => {
-            return Step::act(vec![Action::Event {
-                warning: true,
-                reason: "MalformedAnnotation",
-                note: format!("{e}; the agent does nothing on this node until it is fixed"),
-            }]);
-        }
-    };
+    let (grant, state) = (grant.as_ref(), state.as_ref());
     let Some(grant) = grant else {
         return match state {
             // A sequence was running and its grant disappeared: treat it as a failure.
@@ -625,8 +622,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
         _ => {
             if let Some(why) = refused(grant, o, policy) {
                 return Step::act(vec![Action::Event {
-                    warning: true,
-                    reason: "GrantRefused",
+                    reason: Reason::GrantRefused,
                     note: format!("grant {}: not started: {why}", grant.id),
                 }]);
             }
@@ -635,8 +631,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                 let why = format!("{why}; nothing was changed");
                 return Step {
                     actions: vec![Action::Event {
-                        warning: true,
-                        reason: "ReconfigurationSuperseded",
+                        reason: Reason::ReconfigurationSuperseded,
                         note: format!("grant {}: {why}", grant.id),
                     }],
                     next: Some(NodeState {
@@ -657,8 +652,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
             return Step {
                 actions: vec![
                     Action::Event {
-                        warning: false,
-                        reason: "ReconfigurationStarted",
+                        reason: Reason::ReconfigurationStarted,
                         note: format!(
                             "grant {}: {} GPU(s) to change, {} pod(s) to evict",
                             grant.plan_id,
@@ -871,8 +865,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
             actions: vec![
                 Action::Untaint,
                 Action::Event {
-                    warning: false,
-                    reason: "ReconfigurationSucceeded",
+                    reason: Reason::ReconfigurationSucceeded,
                     note: format!(
                         "grant {}: the GPUs match their targets; the node is schedulable again",
                         current.grant_id
@@ -884,8 +877,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
         Phase::RollingBack if policy.backend == Backend::Nvml => {
             let failed = |why: String| Step {
                 actions: vec![Action::Event {
-                    warning: true,
-                    reason: "ReconfigurationFailed",
+                    reason: Reason::ReconfigurationFailed,
                     note: format!(
                         "grant {}: rollback to {} failed: {why}; the node stays tainted",
                         current.grant_id,
@@ -922,15 +914,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                     }),
                 },
                 Ok(c) if c.is_empty() => match advertising_matches(&o.gpus, &o.advertised) {
-                    Ok(()) => Step {
-                        actions: vec![Action::Untaint],
-                        next: Some(enter(
-                            o.now,
-                            current,
-                            Phase::RolledBack,
-                            current.message.clone().unwrap_or_else(|| "rolled back".into()),
-                        )),
-                    },
+                    Ok(()) => rolled_back(o, current),
                     Err(e) if timed_out(current, o.now, policy.phase_timeout) => failed(e),
                     Err(_) => Step::nothing(),
                 },
@@ -950,7 +934,13 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
         Phase::RollingBack => {
             let Some(prev) = &current.previous_config else {
                 return Step {
-                    actions: vec![],
+                    actions: vec![Action::Event {
+                        reason: Reason::ReconfigurationFailed,
+                        note: format!(
+                            "grant {}: no previous config to roll back to; the node stays tainted",
+                            current.grant_id
+                        ),
+                    }],
                     next: next(Phase::Failed, "no previous config"),
                 };
             };
@@ -959,8 +949,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
             }
             let failed = |why: String| Step {
                 actions: vec![Action::Event {
-                    warning: true,
-                    reason: "ReconfigurationFailed",
+                    reason: Reason::ReconfigurationFailed,
                     note: format!(
                         "grant {}: rollback to {prev} failed: {why}; the node stays tainted",
                         current.grant_id
@@ -969,15 +958,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                 next: next(Phase::Failed, &format!("rollback failed: {why}")),
             };
             match o.mig_state.as_deref() {
-                Some("success") => Step {
-                    actions: vec![Action::Untaint],
-                    next: Some(enter(
-                        o.now,
-                        current,
-                        Phase::RolledBack,
-                        current.message.clone().unwrap_or_else(|| "rolled back".into()),
-                    )),
-                },
+                Some("success") => rolled_back(o, current),
                 Some("failed") => failed("mig-manager reported failed".into()),
                 _ if timed_out(current, o.now, policy.mig_manager_timeout) => {
                     failed("mig-manager did not answer in time".into())
@@ -1057,6 +1038,28 @@ mod tests {
 
     /// Apply a step to the observation as the runtime and the cluster would.
     fn apply(o: &mut Observation, s: &Step) {
+        // Every end of a sequence is announced on the node with the reason of its outcome.
+        if let Some(n) = &s.next
+            && phase(o) != Some(n.phase)
+        {
+            let reason = match n.phase {
+                Phase::Done => Some(Reason::ReconfigurationSucceeded),
+                Phase::RolledBack => Some(Reason::ReconfigurationRolledBack),
+                Phase::Failed => Some(Reason::ReconfigurationFailed),
+                Phase::Superseded => Some(Reason::ReconfigurationSuperseded),
+                Phase::RollingBack => Some(Reason::ReconfigurationRollingBack),
+                _ => None,
+            };
+            if let Some(want) = reason {
+                assert!(
+                    s.actions
+                        .iter()
+                        .any(|a| matches!(a, Action::Event { reason, .. } if *reason == want)),
+                    "entering {:?} without {want}: {s:?}",
+                    n.phase
+                );
+            }
+        }
         for a in &s.actions {
             match a {
                 Action::Taint => o.tainted = true,
@@ -1216,7 +1219,7 @@ mod tests {
                 warned |= s
                     .actions
                     .iter()
-                    .any(|a| matches!(a, Action::Event { warning: true, .. }));
+                    .any(|a| matches!(a, Action::Event { reason, .. } if reason.is_warning()));
                 apply(&mut o, &s);
                 if o.mig_state.as_deref() == Some("pending") {
                     // Fails the new config; succeeds going back.
@@ -1327,16 +1330,10 @@ mod tests {
             vec![Action::Untaint]
         );
         o.grant = Err("annotation mig-autoscaler.io/grant on node/n: expected value".into());
-        let s = step(&o, &SequencePolicy::default());
-        assert!(matches!(
-            s.actions.as_slice(),
-            [Action::Event {
-                warning: true,
-                reason: "MalformedAnnotation",
-                ..
-            }]
-        ));
-        assert!(s.next.is_none());
+        assert_eq!(step(&o, &SequencePolicy::default()), Step::nothing());
+        o.grant = Ok(None);
+        o.state = Err("annotation mig-autoscaler.io/state on node/n: expected value".into());
+        assert_eq!(step(&o, &SequencePolicy::default()), Step::nothing());
     }
 
     fn nvml() -> SequencePolicy {
@@ -1480,7 +1477,7 @@ mod tests {
             warned |= s
                 .actions
                 .iter()
-                .any(|a| matches!(a, Action::Event { warning: true, .. }));
+                .any(|a| matches!(a, Action::Event { reason, .. } if reason.is_warning()));
             paused |= s.actions.contains(&Action::PauseDevicePlugin);
             if phase(&o) == Some(Phase::Applying) {
                 for a in &mut s.actions {
@@ -1657,8 +1654,7 @@ mod tests {
             match s.actions.as_slice() {
                 [
                     Action::Event {
-                        warning: true,
-                        reason: "GrantRefused",
+                        reason: Reason::GrantRefused,
                         note,
                     },
                 ] => note.clone(),

@@ -34,7 +34,9 @@ use crate::metrics::{
 use crate::observe::{InputProblem, Observation, observe};
 use crate::settings::{Mode, Settings};
 use crate::{Metrics, api};
-use mig_protocol::{Flight, GRANT_ANNOTATION, Grant, NodeState, Phase, STATE_ANNOTATION, TAINT_KEY};
+use mig_protocol::{
+    Emitter, Flight, GRANT_ANNOTATION, Grant, NodeState, Phase, Reason, STATE_ANNOTATION, TAINT_KEY,
+};
 
 /// Name in Events' `reportingController`.
 pub const CONTROLLER_NAME: &str = "mig-autoscaler.io/controller";
@@ -452,13 +454,13 @@ impl ControlLoop {
     /// `eventDedupe`).
     fn emit(
         &mut self,
-        type_: EventType,
-        reason: &str,
+        reason: Reason,
         note: String,
         action: &str,
         regarding: ObjectReference,
         related: Option<ObjectReference>,
     ) -> bool {
+        debug_assert_eq!(reason.emitter(), Emitter::Controller, "{reason} is the agents'");
         if !self.shared.lease.is_leader() {
             return false; // only the leader writes, Events included
         }
@@ -484,14 +486,18 @@ impl ControlLoop {
             note.truncate(cut);
         }
         let event = Event {
-            type_,
-            reason: reason.into(),
+            type_: if reason.is_warning() {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.as_str().into(),
             note: Some(note),
             action: action.into(),
             secondary: related,
         };
         if self.events.try_send((event, regarding)).is_err() {
-            tracing::warn!(reason, "event queue full; event dropped");
+            tracing::warn!(%reason, "event queue full; event dropped");
         }
         true
     }
@@ -698,8 +704,7 @@ impl ControlLoop {
                 (Err(d), _) => {
                     let words = d.describe(&settings.budgets);
                     self.emit(
-                        EventType::Normal,
-                        "ReconfigurationDeferred",
+                        Reason::ReconfigurationDeferred,
                         format!("plan {}: {words}", plan.id),
                         "Plan",
                         node_ref(&c.node, None),
@@ -760,7 +765,7 @@ impl ControlLoop {
                     } else {
                         format!("{}/{}/{}", p.kind, p.namespace, p.name)
                     },
-                    reason: p.reason,
+                    reason: p.reason.as_str(),
                     message: p.message.clone(),
                 })
                 .collect(),
@@ -858,20 +863,15 @@ impl ControlLoop {
         } else {
             node_ref(&p.name, None)
         };
-        let sent = self.emit(
-            EventType::Warning,
-            p.reason,
-            p.message.clone(),
-            "Observe",
-            regarding,
-            None,
-        );
+        let sent = self.emit(p.reason, p.message.clone(), "Observe", regarding, None);
         if sent || !self.shared.lease.is_leader() {
             // Counted once per dedupe period per distinct problem (on followers: per plan).
             self.shared
                 .metrics
                 .input_problems
-                .get_or_create(&ReasonLabel { reason: p.reason })
+                .get_or_create(&ReasonLabel {
+                    reason: p.reason.as_str(),
+                })
                 .inc();
         }
     }
@@ -882,8 +882,7 @@ impl ControlLoop {
             match &pod.outcome {
                 PodOutcome::Waits { reason } => {
                     self.emit(
-                        EventType::Normal,
-                        "WaitingForMigCapacity",
+                        Reason::WaitingForMigCapacity,
                         format!("no MIG layout can serve this pod now: {reason}"),
                         "Plan",
                         reference,
@@ -910,8 +909,7 @@ impl ControlLoop {
                         ),
                     };
                     self.emit(
-                        EventType::Normal,
-                        "WaitingForRepartition",
+                        Reason::WaitingForRepartition,
                         note,
                         "Plan",
                         reference,
@@ -937,11 +935,10 @@ impl ControlLoop {
                 })
                 .collect();
             let reason = match decisions.get(&n.node).map(String::as_str) {
-                Some("granted") => "ReconfigurationGranted",
-                _ => "LayoutChangePlanned",
+                Some("granted") => Reason::ReconfigurationGranted,
+                _ => Reason::LayoutChangePlanned,
             };
             self.emit(
-                EventType::Normal,
                 reason,
                 format!("plan {}: {}", plan.id, changes.join("; ")),
                 "Plan",
@@ -1246,8 +1243,7 @@ impl ControlLoop {
                 .await
             {
                 self.emit(
-                    EventType::Warning,
-                    "AgentGone",
+                    Reason::AgentGone,
                     format!("the node agent stopped during {} of plan {} (no state change for {timeout}); no GPU was changed yet, so the grant is withdrawn and the node untainted", phase.as_str(), g.plan_id),
                     "Sweep",
                     node_ref(name, None),
@@ -1257,8 +1253,7 @@ impl ControlLoop {
         } else if self.state.agents_gone.insert(name.to_string()) {
             tracing::warn!(node = %name, phase = phase.as_str(), "node agent gone mid-change; node left tainted and frozen");
             self.emit(
-                EventType::Warning,
-                "AgentGone",
+                Reason::AgentGone,
                 format!("the node agent stopped during {} of plan {} (no state change for {timeout}); its GPUs may be half-changed, so the node stays tainted and is left alone, and no longer holds the node budget. See docs/install.md, runbook", phase.as_str(), g.plan_id),
                 "Sweep",
                 node_ref(name, None),
@@ -1302,29 +1297,17 @@ impl ControlLoop {
                         .ended_seen
                         .insert(name.clone(), (grant.clone(), Timestamp::now()));
                 }
-                let (type_, reason) = match phase {
-                    Phase::Done => (EventType::Normal, "ReconfigurationSucceeded"),
-                    Phase::RolledBack => (EventType::Warning, "ReconfigurationRolledBack"),
-                    Phase::Superseded => (EventType::Normal, "ReconfigurationSuperseded"),
-                    _ => (EventType::Warning, "ReconfigurationFailed"),
-                };
                 // The agent found the plan stale before changing anything: plan afresh now rather
                 // than at the next batch or resync (each retry costs a taint and two agent ticks,
                 // so this cannot spin).
                 self.state.replan |= *phase == Phase::Superseded;
+                // The agent announces the end on the Node (it owns the Reconfiguration* reasons).
                 let msg = view
                     .state
                     .as_ref()
-                    .and_then(|s| s.message.clone())
-                    .unwrap_or_default();
-                self.emit(
-                    type_,
-                    reason,
-                    format!("grant {}: {msg}", current.0.clone().unwrap_or_default()),
-                    "Reconfigure",
-                    node_ref(name, None),
-                    None,
-                );
+                    .and_then(|s| s.message.as_deref())
+                    .unwrap_or("");
+                tracing::info!(node = %name, grant_id = current.0.as_deref().unwrap_or(""), phase = phase.as_str(), message = msg, "reconfiguration ended");
             }
             // A sequence whose agent stopped writing its state.
             if let (Flight::InFlight { phase: Some(_) }, Some(state), Some(g)) =
@@ -1361,7 +1344,7 @@ impl ControlLoop {
                     .sweep_patch(name, &patch, "grant withdrawn (the agent never started it)")
                     .await
                 {
-                    self.emit(EventType::Warning, "GrantWithdrawn", format!("the node agent did not start plan {} within {}; is the agent running on this node?", g.plan_id, self.shared.settings.budgets.grant_timeout), "Sweep", node_ref(name, None), None);
+                    self.emit(Reason::GrantWithdrawn, format!("the node agent did not start plan {} within {}; is the agent running on this node?", g.plan_id, self.shared.settings.budgets.grant_timeout), "Sweep", node_ref(name, None), None);
                 }
             }
             // Our taint with nothing in flight (a crash between phases, or a removed grant).
@@ -1386,8 +1369,7 @@ impl ControlLoop {
                 let patch = json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": taints}});
                 if self.sweep_patch(name, &patch, "stale taint removed").await {
                     self.emit(
-                        EventType::Normal,
-                        "StaleTaintRemoved",
+                        Reason::StaleTaintRemoved,
                         format!("removed taint {TAINT_KEY}: no reconfiguration is in flight on this node"),
                         "Sweep",
                         node_ref(name, None),

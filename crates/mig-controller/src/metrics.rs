@@ -3,6 +3,7 @@
 
 use std::sync::atomic::AtomicU64;
 
+use mig_protocol::Reason;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -83,11 +84,12 @@ pub const RECONFIGURATION_RESULTS: [&str; 3] = ["done", "rolled-back", "failed"]
 /// Results of the evictions the controller posts.
 pub const EVICTION_RESULTS: [&str; 4] = ["evicted", "blocked", "gone", "error"];
 /// Input problem reasons.
-pub const INPUT_PROBLEMS: [&str; 4] = [
-    "InvalidMigRequest",
-    "MalformedAnnotation",
-    "UnknownGpuModel",
-    "GpuStateUnknown",
+pub const INPUT_PROBLEMS: [Reason; 5] = [
+    Reason::InvalidMigRequest,
+    Reason::MalformedAnnotation,
+    Reason::UnknownGpuModel,
+    Reason::GpuStateUnknown,
+    Reason::AgentBackendMismatch,
 ];
 /// Limits the HTTP API refuses requests or connections for.
 pub const HTTP_LIMITS: [&str; 4] = ["total", "per-client", "concurrency", "size"];
@@ -283,7 +285,9 @@ impl Metrics {
             let _ = m.budget_headroom.get_or_create(&BudgetLabel { budget });
         }
         for reason in INPUT_PROBLEMS {
-            let _ = m.input_problems.get_or_create(&ReasonLabel { reason });
+            let _ = m.input_problems.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            });
         }
         for outcome in ["fits", "waits"] {
             let _ = m.plan_pods.get_or_create(&OutcomeLabel { outcome });

@@ -20,7 +20,8 @@ use crate::budget::{self, NodeFacts};
 use crate::settings::DisruptionBudgets;
 use mig_protocol::{
     DO_NOT_DISRUPT, Flight, GRANT_ANNOTATION, Grant, MIG_CONFIG_LABEL, MIG_RESOURCE_PREFIX, NodeReport,
-    NodeState, REPORT_ANNOTATION, STATE_ANNOTATION, TAINT_KEY, flight, mig_requests, parse_annotation,
+    NodeState, REPORT_ANNOTATION, Reason, STATE_ANNOTATION, TAINT_KEY, flight, mig_requests,
+    parse_annotation,
 };
 
 /// Input the controller could not use.
@@ -32,8 +33,9 @@ pub struct InputProblem {
     pub namespace: String,
     /// Its name.
     pub name: String,
-    /// Event reason and metric label: `InvalidMigRequest`, `MalformedAnnotation`, `UnknownGpuModel`.
-    pub reason: &'static str,
+    /// Event reason and metric label: `InvalidMigRequest`, `MalformedAnnotation`, `UnknownGpuModel`,
+    /// `GpuStateUnknown`, `AgentBackendMismatch`.
+    pub reason: Reason,
     /// What is wrong and what was done about it.
     pub message: String,
 }
@@ -199,7 +201,7 @@ pub fn observe(
                         "Pod",
                         ns,
                         name,
-                        "InvalidMigRequest",
+                        Reason::InvalidMigRequest,
                         format!("{e}; the pod is not planned for"),
                     );
                 }
@@ -270,7 +272,7 @@ pub fn observe(
                         "Node",
                         String::new(),
                         name.clone(),
-                        "MalformedAnnotation",
+                        Reason::MalformedAnnotation,
                         format!("{e}; the node is left alone"),
                     );
                     None
@@ -293,7 +295,7 @@ pub fn observe(
                 "Node",
                 String::new(),
                 name.clone(),
-                "MalformedAnnotation",
+                Reason::MalformedAnnotation,
                 message,
             );
         }
@@ -346,7 +348,7 @@ pub fn observe(
                 "Node",
                 String::new(),
                 name.clone(),
-                "AgentBackendMismatch",
+                Reason::AgentBackendMismatch,
                 format!(
                     "the agent runs --backend {}, the planner plans for {}: the node is left alone until they agree (settings.planner.backend)",
                     mig_protocol::backend_name(b),
@@ -365,7 +367,7 @@ pub fn observe(
                             "Node",
                             String::new(),
                             name.clone(),
-                            "MalformedAnnotation",
+                            Reason::MalformedAnnotation,
                             format!(
                                 "annotation {GRANT_ANNOTATION} on {object}: GPU {}: {e}",
                                 gpu.index
@@ -381,7 +383,7 @@ pub fn observe(
                     "Node",
                     String::new(),
                     name.clone(),
-                    "UnknownGpuModel",
+                    Reason::UnknownGpuModel,
                     format!("GPU {}: {e}; the GPU is left alone", gpu.index),
                 );
             }
@@ -395,7 +397,7 @@ pub fn observe(
                 "Node",
                 String::new(),
                 name.clone(),
-                "GpuStateUnknown",
+                Reason::GpuStateUnknown,
                 format!(
                     "the agent cannot read {}; {}",
                     unknown.join("; "),
@@ -582,7 +584,7 @@ mod tests {
         let o = run(node(Some("nvml")), MigManager);
         assert!(o.snapshot.nodes[0].frozen);
         let p = &o.problems[0];
-        assert_eq!(p.reason, "AgentBackendMismatch");
+        assert_eq!(p.reason, Reason::AgentBackendMismatch);
         assert!(p.message.contains("--backend nvml"), "{}", p.message);
         assert!(p.message.contains("plans for mig-manager"), "{}", p.message);
         for (agent, planner) in [
@@ -613,7 +615,7 @@ mod tests {
             let o = observe_one(node.clone(), backend);
             assert_eq!(o.snapshot.nodes[0].frozen, frozen, "{backend:?}");
             let p = &o.problems[0];
-            assert_eq!(p.reason, "GpuStateUnknown");
+            assert_eq!(p.reason, Reason::GpuStateUnknown);
             assert!(
                 p.message.contains("GPU 1: nvidia-smi mig -lgi -i 1: timed out"),
                 "{}",

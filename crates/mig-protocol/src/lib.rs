@@ -14,10 +14,14 @@
 //! Values are JSON. A value that does not parse is reported (Event, metric) and the node is left
 //! alone; it is never overwritten blindly.
 
+pub mod events;
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::PodSpec;
 use serde::{Deserialize, Serialize};
+
+pub use events::{Emitter, Reason};
 
 /// Prefix of every annotation, label and taint key we own.
 pub const PREFIX: &str = "mig-autoscaler.io/";

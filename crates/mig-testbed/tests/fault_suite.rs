@@ -736,7 +736,9 @@ async fn s7_garbage_in_our_annotations_is_reported_and_left_alone() {
     )
     .await
     .unwrap();
-    eventually(5, "warnings from both agents", || async {
+    // The controller reports them (the agents only count them and do nothing there).
+    let c = controller(&env, fast_settings(Mode::DryRun), "replica-a").await;
+    eventually(10, "warnings for both nodes", || async {
         let ev = events(&env.client, "default").await;
         ["gpu-node-0", "gpu-node-1"].iter().all(|n| {
             ev.iter()
@@ -764,6 +766,7 @@ async fn s7_garbage_in_our_annotations_is_reported_and_left_alone() {
         Some("all-1g.10gb")
     );
     check_invariants(&env, &[], false).await;
+    c.stop().await;
 }
 
 /// A GPU source whose driver disagrees with the catalog while `lying`: it reports 3g.40gb

@@ -10,14 +10,13 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::policy::v1::Eviction;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{DeleteOptions, ObjectMeta, Preconditions};
 use kube::api::PostParams;
-use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use super::{ControlLoop, node_ref, pod_ref};
 use crate::metrics::ResultLabel;
 use crate::observe::NodeView;
-use mig_protocol::{DO_NOT_DISRUPT, Grant, Phase};
+use mig_protocol::{DO_NOT_DISRUPT, Grant, Phase, Reason};
 
 /// How long an eviction this replica posted is remembered (not posted again for the same pod UID
 /// while the cache has yet to show the pod terminating).
@@ -151,8 +150,7 @@ impl ControlLoop {
                 self.shared.record_write(format!("{node}: evicted {key}"));
                 tracing::info!(node, pod = key, "evicted");
                 self.emit(
-                    EventType::Normal,
-                    "Evicted",
+                    Reason::Evicted,
                     format!("evicted to reconfigure node {node}'s GPUs"),
                     "Drain",
                     pod_ref(ns, pod, uid),
@@ -162,8 +160,7 @@ impl ControlLoop {
             Err(kube::Error::Api(s)) if s.code == 429 => {
                 let timeout = "the agent's drain timeout";
                 self.emit(
-                    EventType::Warning,
-                    "EvictionBlockedByPDB",
+                    Reason::EvictionBlockedByPdb,
                     format!(
                         "cannot evict {key} yet: {}; asking again until {timeout}",
                         s.message
