@@ -477,6 +477,9 @@ impl ControlLoop {
             return false;
         }
         self.state.sent.insert(key, now);
+        // With its UID, or `kubectl describe` does not list the Event under the object.
+        let regarding = self.with_uid(regarding);
+        let related = related.map(|r| self.with_uid(r));
         let mut note = note;
         if note.len() > 1000 {
             let mut cut = 1000;
@@ -500,6 +503,30 @@ impl ControlLoop {
             tracing::warn!(%reason, "event queue full; event dropped");
         }
         true
+    }
+
+    /// `r` with the UID of the Pod or Node it names, from the caches, where it has none.
+    fn with_uid(&self, mut r: ObjectReference) -> ObjectReference {
+        if r.uid.is_some() {
+            return r;
+        }
+        let name = r.name.clone().unwrap_or_default();
+        r.uid = match r.kind.as_deref() {
+            Some("Pod") => {
+                let ns = r.namespace.clone().unwrap_or_default();
+                self.caches
+                    .pods
+                    .get(&reflector::ObjectRef::new(&name).within(&ns))
+                    .and_then(|p| p.metadata.uid.clone())
+            }
+            Some("Node") => self
+                .caches
+                .nodes
+                .get(&reflector::ObjectRef::new(&name))
+                .and_then(|n| n.metadata.uid.clone()),
+            _ => None,
+        };
+        r
     }
 
     async fn round(&mut self) {

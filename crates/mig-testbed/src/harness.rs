@@ -11,7 +11,7 @@ use kube_emulator::{Cluster, ClusterSpec, Config, GpuSpec, NodeSpec, Running};
 use mig_controller::settings::{Dur, Mode, Settings};
 use mig_protocol::{
     GRANT_ANNOTATION, Grant, MIG_CONFIG_LABEL, MIG_STATE_LABEL, NodeReport, NodeState, Phase,
-    REPORT_ANNOTATION, STATE_ANNOTATION,
+    REPORT_ANNOTATION, STATE_ANNOTATION, TAINT_KEY,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -429,4 +429,55 @@ pub async fn config_yaml(client: &Client) -> String {
         .get("config.yaml")
         .cloned()
         .unwrap_or_default()
+}
+
+/// What a compromised agent on node `own` tries and must be refused (by the per-node admission
+/// policy), as (what, node, merge patch); `other` is another node. The same list runs against the
+/// emulator (fault suite s14) and the real API server (real tier).
+pub fn agent_attacks(own: &str, other: &str) -> Vec<(&'static str, String, serde_json::Value)> {
+    vec![
+        (
+            "another node's MIG config",
+            other.into(),
+            json!({"metadata": {"labels": {MIG_CONFIG_LABEL: "all-7g.80gb"}}}),
+        ),
+        (
+            "a NoExecute taint (evicts past every PDB)",
+            own.into(),
+            json!({"spec": {"taints": [{"key": "x", "effect": "NoExecute"}]}}),
+        ),
+        (
+            "our taint as NoExecute",
+            own.into(),
+            json!({"spec": {"taints": [{"key": TAINT_KEY, "effect": "NoExecute"}]}}),
+        ),
+        (
+            "a forged grant",
+            own.into(),
+            json!({"metadata": {"annotations": {GRANT_ANNOTATION: "{}"}}}),
+        ),
+        ("a cordon", own.into(), json!({"spec": {"unschedulable": true}})),
+        (
+            "a label it does not own",
+            own.into(),
+            json!({"metadata": {"labels": {"nvidia.com/gpu.product": "x"}}}),
+        ),
+    ]
+}
+
+/// What an agent writes on its own Node `node` (as it is now), which must go through: its labels,
+/// its taint added to the others there, its state.
+pub fn agent_writes(node: &Node) -> Vec<serde_json::Value> {
+    let mut taints: Vec<serde_json::Value> = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .map(|t| t.iter().map(|t| serde_json::to_value(t).unwrap()).collect())
+        .unwrap_or_default();
+    taints.push(json!({"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"}));
+    vec![
+        json!({"metadata": {"labels": {MIG_CONFIG_LABEL: "all-3g.40gb", MIG_STATE_LABEL: "pending"}}}),
+        json!({"spec": {"taints": taints}}),
+        json!({"metadata": {"annotations": {STATE_ANNOTATION: "{}"}}}),
+    ]
 }

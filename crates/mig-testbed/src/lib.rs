@@ -6,12 +6,14 @@
 //! - [`harness`]: the equipment of the end-to-end tests (`tests/e2e.rs`, `tests/fault_suite.rs`)
 //!   and of the CLI's tests: environments, a stand-in agent, clients, pods, plain HTTP, polling.
 //! - [`process`]: for tests that run programs: kill on drop, blocking HTTP, required tools.
+//! - [`real`]: a real control plane (etcd, kube-apiserver) for the real-server tier.
 
 #![allow(clippy::unwrap_used)] // the harness fails tests loudly
 
 pub mod gpus;
 pub mod harness;
 pub mod process;
+pub mod real;
 pub mod system;
 
 pub use gpus::{EmulatedGpus, emulated_gpus};

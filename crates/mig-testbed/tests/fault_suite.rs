@@ -17,8 +17,7 @@ use mig_agent::{AgentSettings, FailurePolicy};
 use mig_controller::settings::{Amount, Mode};
 use mig_planner::snapshot::Backend;
 use mig_protocol::{
-    DEVICE_PLUGIN_DEPLOY_LABEL, GRANT_ANNOTATION, Grant, MIG_CONFIG_LABEL, MIG_STATE_LABEL, NodeState, Phase,
-    STATE_ANNOTATION, TAINT_KEY,
+    DEVICE_PLUGIN_DEPLOY_LABEL, GRANT_ANNOTATION, Grant, NodeState, Phase, STATE_ANNOTATION, TAINT_KEY,
 };
 use mig_testbed::EmulatedGpus;
 use mig_testbed::harness::*;
@@ -1274,36 +1273,9 @@ async fn s14_a_compromised_agent_can_change_only_what_its_own_agent_would() {
     let env = bare_env(spec.clone()).await;
     let rogue: Api<Node> = Api::all(agent_client(&env.server, "gpu-node-0"));
     let pp = PatchParams::default();
-    let denied = [
-        (
-            "another node's MIG config",
-            "gpu-node-1",
-            json!({"metadata": {"labels": {MIG_CONFIG_LABEL: "all-7g.80gb"}}}),
-        ),
-        (
-            "a NoExecute taint (evicts past every PDB)",
-            "gpu-node-0",
-            json!({"spec": {"taints": [{"key": "x", "effect": "NoExecute"}]}}),
-        ),
-        (
-            "our taint as NoExecute",
-            "gpu-node-0",
-            json!({"spec": {"taints": [{"key": TAINT_KEY, "effect": "NoExecute"}]}}),
-        ),
-        (
-            "a forged grant",
-            "gpu-node-0",
-            json!({"metadata": {"annotations": {GRANT_ANNOTATION: "{}"}}}),
-        ),
-        ("a cordon", "gpu-node-0", json!({"spec": {"unschedulable": true}})),
-        (
-            "a label it does not own",
-            "gpu-node-0",
-            json!({"metadata": {"labels": {"nvidia.com/gpu.product": "x"}}}),
-        ),
-    ];
+    let denied = agent_attacks("gpu-node-0", "gpu-node-1");
     for (what, node, patch) in denied {
-        match rogue.patch(node, &pp, &Patch::Merge(patch)).await {
+        match rogue.patch(&node, &pp, &Patch::Merge(patch)).await {
             Err(kube::Error::Api(s)) if s.code == 403 => {
                 assert!(
                     s.message.contains("mig-autoscaler agent"),
@@ -1326,11 +1298,7 @@ async fn s14_a_compromised_agent_can_change_only_what_its_own_agent_would() {
     );
     assert_eq!(pod_phase(&env, "tenant").await.as_deref(), Some("Running"));
     // What its own agent writes still goes through.
-    for patch in [
-        json!({"metadata": {"labels": {MIG_CONFIG_LABEL: "all-3g.40gb", MIG_STATE_LABEL: "pending"}}}),
-        json!({"spec": {"taints": [{"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"}]}}),
-        json!({"metadata": {"annotations": {STATE_ANNOTATION: "{}"}}}),
-    ] {
+    for patch in agent_writes(&node_of(&env, "gpu-node-0").await) {
         rogue
             .patch("gpu-node-0", &pp, &Patch::Merge(patch.clone()))
             .await

@@ -1,0 +1,427 @@
+//! The real-server tier: the chart, its RBAC and its admission policy on a real etcd +
+//! kube-apiserver (built by scripts/control-plane), not on our emulator.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::authorization::v1::SelfSubjectRulesReview;
+use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use mig_testbed::harness::{agent_attacks, agent_writes};
+use mig_testbed::real::{ControlPlane, binaries};
+use serde_json::json;
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/helm/mig-autoscaler");
+const NAMESPACE: &str = "mig-autoscaler";
+
+/// A control plane with the chart installed by helm (defaults), or `None` to skip (not in CI).
+fn installed() -> Option<ControlPlane> {
+    let plane = ControlPlane::start(&binaries()?);
+    plane.kubectl(&["create", "namespace", "gpu-operator"]).unwrap();
+    plane
+        .helm(&[
+            "install",
+            "mig-autoscaler",
+            CHART,
+            "--namespace",
+            NAMESPACE,
+            "--create-namespace",
+        ])
+        .unwrap();
+    Some(plane)
+}
+
+/// A client acting as service account `sa` of our namespace (user and groups as its token would
+/// authenticate).
+fn as_service_account(plane: &ControlPlane, sa: &str) -> Client {
+    plane.client_as(
+        &format!("system:serviceaccount:{NAMESPACE}:{sa}"),
+        &[
+            "system:serviceaccounts",
+            &format!("system:serviceaccounts:{NAMESPACE}"),
+            "system:authenticated",
+        ],
+    )
+}
+
+/// Every (apiGroup/resource, verb, resourceName) `client`'s user may do in `namespace`, from the
+/// API server's own rules review.
+async fn rules(client: &Client, namespace: &str) -> BTreeSet<String> {
+    let review: SelfSubjectRulesReview =
+        serde_json::from_value(json!({"spec": {"namespace": namespace}})).unwrap();
+    let got = Api::<SelfSubjectRulesReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap();
+    let status = got.status.unwrap();
+    let mut out = BTreeSet::new();
+    for r in status.resource_rules {
+        let names = r.resource_names.unwrap_or_default();
+        for g in r.api_groups.unwrap_or_default() {
+            for res in r.resources.clone().unwrap_or_default() {
+                for v in &r.verbs {
+                    let target = if g.is_empty() {
+                        res.clone()
+                    } else {
+                        format!("{g}/{res}")
+                    };
+                    if names.is_empty() {
+                        out.insert(format!("{v} {target}"));
+                    }
+                    for n in &names {
+                        out.insert(format!("{v} {target}/{n}"));
+                    }
+                }
+            }
+        }
+    }
+    for r in status.non_resource_rules {
+        for u in r.non_resource_urls.unwrap_or_default() {
+            for v in &r.verbs {
+                out.insert(format!("{v} url {u}"));
+            }
+        }
+    }
+    out
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// What the chart grants each identity beyond what every authenticated user has, per namespace:
+/// docs/install.md ("Permissions, and why") in the API server's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_installs_the_chart_and_each_identity_has_exactly_the_documented_permissions() {
+    let Some(plane) = installed() else { return };
+    // Lint and the Kubernetes-version guard, by the real helm.
+    plane.helm(&["lint", "--strict", CHART]).unwrap();
+    for version in ["1.30.0", "1.33.0", "1.37.0"] {
+        plane
+            .helm(&["template", "x", CHART, "--kube-version", version])
+            .unwrap_or_else(|e| panic!("{version}: {e}"));
+    }
+    let old = plane
+        .helm(&["template", "x", CHART, "--kube-version", "1.29.0"])
+        .unwrap_err();
+    assert!(
+        old.contains("perNodeAdmissionPolicy needs Kubernetes >= 1.30"),
+        "{old}"
+    );
+
+    let everyone_default = rules(&as_service_account(&plane, "nobody"), "default").await;
+    let everyone_ours = rules(&as_service_account(&plane, "nobody"), NAMESPACE).await;
+    let everyone_operator = rules(&as_service_account(&plane, "nobody"), "gpu-operator").await;
+    let granted = |all: BTreeSet<String>, base: &BTreeSet<String>| -> BTreeSet<String> {
+        all.difference(base).cloned().collect()
+    };
+    let controller = as_service_account(&plane, "mig-autoscaler-controller");
+    let cluster_wide = set(&[
+        "get nodes",
+        "list nodes",
+        "watch nodes",
+        "patch nodes",
+        "get pods",
+        "list pods",
+        "watch pods",
+        "create pods/eviction",
+        "get policy/poddisruptionbudgets",
+        "list policy/poddisruptionbudgets",
+        "watch policy/poddisruptionbudgets",
+        "create events.k8s.io/events",
+        "patch events.k8s.io/events",
+        "create authentication.k8s.io/tokenreviews",
+        "create authorization.k8s.io/subjectaccessreviews",
+    ]);
+    assert_eq!(
+        granted(rules(&controller, "default").await, &everyone_default),
+        cluster_wide,
+        "controller, cluster-wide"
+    );
+    let mut in_ours = cluster_wide.clone();
+    in_ours.extend(set(&[
+        "create coordination.k8s.io/leases",
+        "get coordination.k8s.io/leases/mig-autoscaler",
+        "update coordination.k8s.io/leases/mig-autoscaler",
+        "patch coordination.k8s.io/leases/mig-autoscaler",
+    ]));
+    assert_eq!(
+        granted(rules(&controller, NAMESPACE).await, &everyone_ours),
+        in_ours,
+        "controller, in its namespace"
+    );
+    let mut in_operator = cluster_wide.clone();
+    in_operator.extend(set(&[
+        "get configmaps/mig-autoscaler-mig-parted-config",
+        "list configmaps/mig-autoscaler-mig-parted-config",
+        "watch configmaps/mig-autoscaler-mig-parted-config",
+        "update configmaps/mig-autoscaler-mig-parted-config",
+    ]));
+    assert_eq!(
+        granted(rules(&controller, "gpu-operator").await, &everyone_operator),
+        in_operator,
+        "controller, in the GPU operator's namespace"
+    );
+    let agent = as_service_account(&plane, "mig-autoscaler-agent");
+    let agent_all = set(&[
+        "get nodes",
+        "list nodes",
+        "patch nodes",
+        "get pods",
+        "list pods",
+        "create events.k8s.io/events",
+        "patch events.k8s.io/events",
+    ]);
+    for (ns, base) in [
+        ("default", &everyone_default),
+        (NAMESPACE, &everyone_ours),
+        ("gpu-operator", &everyone_operator),
+    ] {
+        assert_eq!(granted(rules(&agent, ns).await, base), agent_all, "agent in {ns}");
+    }
+}
+
+/// Node `name`, as the GPU operator leaves a MIG node (no kubelet runs it here).
+fn node(name: &str) -> Node {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"nvidia.com/mig.config": "all-1g.10gb"}},
+    }))
+    .unwrap()
+}
+
+/// The token of the agent pod on `node`: bound to the pod, so it names the node.
+async fn agent_token(admin: &Client, node: &str) -> String {
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NAMESPACE);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": format!("agent-{node}")},
+        "spec": {
+            "serviceAccountName": "mig-autoscaler-agent",
+            "nodeName": node,
+            "containers": [{"name": "agent", "image": "mig-autoscaler"}],
+        },
+    }))
+    .unwrap();
+    let pod = pods.create(&PostParams::default(), &pod).await.unwrap();
+    let request: TokenRequest = serde_json::from_value(json!({
+        "spec": {
+            "audiences": [],
+            "expirationSeconds": 3600,
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.metadata.name, "uid": pod.metadata.uid},
+        },
+    }))
+    .unwrap();
+    let sa: Api<ServiceAccount> = Api::namespaced(admin.clone(), NAMESPACE);
+    let issued = sa
+        .create_token_request("mig-autoscaler-agent", &PostParams::default(), &request)
+        .await
+        .unwrap();
+    issued.status.unwrap().token.unwrap()
+}
+
+/// The chart's per-node admission policy, type-checked and enforced by the real API server: an
+/// agent's own token (bound to its pod, naming its node) is refused what fault-suite s14 shows the
+/// emulator refusing, and allowed what an agent writes; it cannot evict at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_confines_an_agent_to_its_own_node() {
+    let Some(plane) = installed() else { return };
+    let admin = plane.admin();
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for n in ["gpu-a", "gpu-b"] {
+        nodes.create(&PostParams::default(), &node(n)).await.unwrap();
+    }
+    // The policy compiled cleanly (no type-checking warnings on it).
+    let policy = plane
+        .kubectl(&[
+            "get",
+            "validatingadmissionpolicy",
+            "mig-autoscaler-agent-own-node",
+            "-o",
+            "jsonpath={.status.typeChecking}",
+        ])
+        .unwrap();
+    assert!(!policy.contains("warning"), "type checking: {policy}");
+
+    let token = agent_token(&admin, "gpu-a").await;
+    let rogue: Api<Node> = Api::all(plane.client_with_token(&token));
+    let pp = PatchParams::default();
+    // A new policy takes effect once the API server has loaded it (within seconds): wait for it
+    // with a dry run of the first attack (admission runs on dry runs; nothing is written).
+    let attacks = agent_attacks("gpu-a", "gpu-b");
+    let started = std::time::Instant::now();
+    let dry = PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    while rogue
+        .patch(&attacks[0].1, &dry, &Patch::Merge(&attacks[0].2))
+        .await
+        .is_ok()
+    {
+        assert!(started.elapsed().as_secs() < 30, "the policy never took effect");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "the admission policy took effect {:?} after helm install returned",
+        started.elapsed()
+    );
+    for (what, node, patch) in attacks {
+        match rogue.patch(&node, &pp, &Patch::Merge(&patch)).await {
+            Err(kube::Error::Api(s)) if s.code == 403 => assert!(
+                s.message.contains("mig-autoscaler agent"),
+                "{what}: refused, but not by our policy: {}",
+                s.message
+            ),
+            other => panic!("{what} was not refused: {other:?}"),
+        }
+    }
+    for patch in agent_writes(&nodes.get("gpu-a").await.unwrap()) {
+        rogue
+            .patch("gpu-a", &pp, &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("{patch}: {e}"));
+    }
+    // No eviction at all (RBAC).
+    let eviction = json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "agent-gpu-a", "namespace": NAMESPACE}});
+    let evicted = Api::<Pod>::namespaced(plane.client_with_token(&token), NAMESPACE)
+        .create_subresource::<_, serde_json::Value>(
+            "eviction",
+            "agent-gpu-a",
+            &PostParams::default(),
+            &eviction,
+        )
+        .await;
+    assert!(
+        matches!(&evicted, Err(kube::Error::Api(s)) if s.code == 403),
+        "an agent evicted a pod: {evicted:?}"
+    );
+}
+
+/// The controller's identity as the chart's ServiceAccount token would authenticate it.
+fn controller_identity(plane: &ControlPlane) -> Client {
+    as_service_account(plane, "mig-autoscaler-controller")
+}
+
+/// The controller, with only the chart's permissions, on the real server: its reflectors sync,
+/// it takes the Lease, plans a pending 3g pod onto a node of seven 1g slices (as an agent's
+/// report describes it), explains it with an Event `kubectl describe` shows, and in dry-run
+/// writes nothing to the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_plans_in_dry_run_with_only_the_charts_permissions() {
+    use mig_controller::settings::Mode;
+    use mig_planner::snapshot::Gpu;
+    use mig_protocol::{NodeReport, REPORT_ANNOTATION};
+    use mig_testbed::harness::{H100, SEVEN_1G, fast_settings, get_json, mig_pod};
+
+    let Some(plane) = installed() else { return };
+    let admin = plane.admin();
+    // The chart's mig-parted ConfigMap (a copy of the GPU operator's), and the default
+    // ServiceAccount pods get (no controller-manager runs here to make it).
+    let mut config_map: k8s_openapi::api::core::v1::ConfigMap =
+        serde_json::from_value(kube_emulator::fleet::default_mig_parted_config_map()).unwrap();
+    config_map.metadata.name = Some("mig-autoscaler-mig-parted-config".into());
+    let default_sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
+    Api::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &default_sa)
+        .await
+        .unwrap();
+    Api::namespaced(admin.clone(), "gpu-operator")
+        .create(&PostParams::default(), &config_map)
+        .await
+        .unwrap();
+    // A node as its agent reports it: one H100 as seven 1g.10gb.
+    let catalog = mig_catalog::Catalog::embedded();
+    let model = catalog.lookup(H100).unwrap();
+    let report = NodeReport {
+        observed_at: jiff::Timestamp::now().to_string(),
+        gpus: vec![Gpu::from_layout(
+            model,
+            H100,
+            0,
+            &model.parse_layout(SEVEN_1G).unwrap(),
+            |_| vec![],
+        )],
+        backend: None,
+    };
+    let mut n = node("gpu-a");
+    n.metadata.annotations = Some(
+        [(
+            REPORT_ANNOTATION.to_string(),
+            serde_json::to_string(&report).unwrap(),
+        )]
+        .into(),
+    );
+    let nodes: Api<Node> = Api::all(admin.clone());
+    nodes.create(&PostParams::default(), &n).await.unwrap();
+    // A new Node gets node.kubernetes.io/not-ready until a kubelet reports it Ready (none runs
+    // here; the planner rightly places nothing on it): as if it had.
+    nodes
+        .patch(
+            "gpu-a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"taints": null}})),
+        )
+        .await
+        .unwrap();
+    let before = nodes.get("gpu-a").await.unwrap().metadata.resource_version;
+    Api::<Pod>::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &mig_pod("wants-3g", "3g.40gb", "1"))
+        .await
+        .unwrap();
+
+    let mut settings = fast_settings(Mode::DryRun);
+    settings.mig_parted_config_map = "gpu-operator/mig-autoscaler-mig-parted-config".into();
+    let c = mig_controller::start(controller_identity(&plane), settings, "replica-a".into())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let plan = loop {
+        let (status, plan) = get_json(c.addr, "/api/v1/plan").await;
+        if status == 200 && plan["decisions"]["gpu-a"] == "dry-run" {
+            break plan;
+        }
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "no dry-run plan for gpu-a: {status} {plan}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(plan["leader"].as_bool().unwrap(), "{plan}");
+    let lease = plane
+        .kubectl(&[
+            "get",
+            "lease",
+            "mig-autoscaler",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .unwrap();
+    assert_eq!(lease, "replica-a");
+    // The Event as users read it.
+    let started = std::time::Instant::now();
+    loop {
+        let described = plane
+            .kubectl(&["describe", "pod", "wants-3g", "-n", "default"])
+            .unwrap();
+        if described.contains("WaitingForRepartition") && described.contains("gpu-a") {
+            break;
+        }
+        assert!(
+            started.elapsed().as_secs() < 20,
+            "no Event in kubectl describe: {described}\nevents: {:?}",
+            plane.kubectl(&["get", "events.events.k8s.io", "-A", "-o", "yaml"])
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Dry-run: the node is as it was.
+    assert_eq!(
+        nodes.get("gpu-a").await.unwrap().metadata.resource_version,
+        before
+    );
+    c.stop().await;
+}
