@@ -104,11 +104,13 @@ pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client> {
 
 /// Run until the first SIGTERM/Ctrl-C (graceful: lease released); a second one exits at once.
 pub fn run(args: ControllerArgs) -> Result<ExitCode> {
-    let settings = settings(&args)?;
+    let mut settings = settings(&args)?;
     if args.print_settings {
         print!("{}", serde_yaml::to_string(&settings)?);
         return Ok(ExitCode::SUCCESS);
     }
+    // What-if plans run in a child of this same binary, killed when their request ends.
+    settings.http.what_if_program = Some(std::env::current_exe().context("cannot find this program's path")?);
     init_logging(args.log_format);
     let identity = args.identity.clone().unwrap_or_else(|| {
         std::env::var("HOSTNAME").unwrap_or_else(|_| format!("mig-autoscaler-{}", std::process::id()))

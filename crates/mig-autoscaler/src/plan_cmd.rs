@@ -12,7 +12,7 @@ use mig_planner::{Policy, Snapshot};
 /// Arguments of `plan`.
 #[derive(Args)]
 pub struct PlanArgs {
-    /// Cluster snapshot (JSON; schema in docs/snapshot.schema.json).
+    /// Cluster snapshot (JSON; schema in docs/snapshot.schema.json); `-` reads standard input.
     #[arg(long, required_unless_present = "print_schema")]
     snapshot: Option<PathBuf>,
     /// Policy (JSON); replaces the snapshot's own `policy`.
@@ -39,8 +39,12 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
     let Some(path) = &args.snapshot else {
         anyhow::bail!("--snapshot FILE is required")
     };
-    let snapshot =
-        Snapshot::from_json(&read(path)?).with_context(|| format!("snapshot {}", path.display()))?;
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the snapshot from standard input")?
+    } else {
+        read(path)?
+    };
+    let snapshot = Snapshot::from_json(&text).with_context(|| format!("snapshot {}", path.display()))?;
     let policy = match &args.policy {
         Some(p) => Policy::from_json(&read(p)?).with_context(|| format!("policy {}", p.display()))?,
         None => snapshot.policy.clone(),

@@ -187,3 +187,120 @@ fn the_agent_reports_what_nvidia_smi_says_and_stops_on_sigterm() {
     assert!(status.success());
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// POST `body` to `path` over plain HTTP/1.1 and read the answer: (status, body).
+fn post(addr: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    mig_testbed::harness::response(&out)
+}
+
+/// The children of process `pid` whose command line has `word`.
+fn children_with(pid: u32, word: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+            let cmdline = std::fs::read_to_string(format!("/proc/{child}/cmdline")).unwrap_or_default();
+            if cmdline.split('\0').any(|a| a == word) {
+                out.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// A what-if plan runs in a child process that is killed when its request ends: an abandoned plan
+/// holds neither a CPU nor the what-if slot (in-process, it ran on to its time limit and every
+/// other what-if got 429 meanwhile).
+#[cfg(target_os = "linux")]
+#[test]
+fn an_abandoned_what_if_plan_is_killed_and_frees_its_slot() {
+    let d = dir("controller-what-if");
+    let (_emulator, kubeconfig) = emulator(&d, 1);
+    let addr = common::free_addr();
+    let config = d.join("settings.yaml");
+    std::fs::write(
+        &config,
+        "http:\n  requestTimeout: 1s\nplanner:\n  solver:\n    timeLimitMs: 120000\n",
+    )
+    .unwrap();
+    let controller = Killed(
+        Command::new(BIN)
+            .args(["controller", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", &addr, "--lease-namespace", "default"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    common::wait_for(&addr, "/readyz", 30);
+    // 100 GPUs on 13 nodes (the exact per-node model) with twice as many pods as fit, for the
+    // pure-Rust solver: it runs to its time limit (docs/performance.md), far past the request's.
+    let mut snapshot = mig_planner::synthetic::fleet(&mig_planner::synthetic::FleetSpec {
+        gpus: 100,
+        pending: 400,
+        busy_gpu_share: 0.6,
+        seed: 7,
+    });
+    snapshot.policy.solver.kind = mig_planner::SolverKind::Microlp;
+    snapshot.policy.solver.time_limit_ms = 120_000;
+    let body = serde_json::to_vec(&snapshot).unwrap();
+    let pid = controller.0.id();
+    let watcher = std::thread::spawn(move || {
+        // The planner's child, seen while the request runs.
+        let started = Instant::now();
+        loop {
+            let found = children_with(pid, "plan");
+            if !found.is_empty() || started.elapsed() > Duration::from_secs(5) {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let (status, answer) = post(&addr, "/api/v1/plan", &body);
+    assert_eq!(
+        status, 408,
+        "the plan should outlast the 1 s request timeout: {answer}"
+    );
+    let planners = watcher.join().unwrap();
+    assert_eq!(planners.len(), 1, "one planner child while the request ran");
+    // Killed once the request ended, and the slot free: a small what-if is planned at once.
+    let started = Instant::now();
+    while !children_with(pid, "plan").is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the planner outlived its request"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let small = serde_json::to_vec(&mig_planner::synthetic::fleet(
+        &mig_planner::synthetic::FleetSpec {
+            gpus: 8,
+            pending: 2,
+            busy_gpu_share: 0.5,
+            seed: 1,
+        },
+    ))
+    .unwrap();
+    let (status, answer) = post(&addr, "/api/v1/plan", &small);
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("\"solver\""), "{answer}");
+    drop(controller);
+    let _ = std::fs::remove_dir_all(d);
+}

@@ -149,6 +149,14 @@ async fn post_plan(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Res
     if solver.mip_gap.is_nan() || solver.mip_gap < own.mip_gap {
         solver.mip_gap = own.mip_gap;
     }
+    if let Some(program) = s.settings.http.what_if_program.clone() {
+        // The slot goes with this future: when the request ends, the child is killed and the slot
+        // is free at once.
+        let _slot = slot;
+        return plan_in_child(&program, &snapshot)
+            .await
+            .map(|plan| Json(plan).into_response());
+    }
     let plan = tokio::task::spawn_blocking(move || {
         let _slot = slot;
         mig_planner::plan(&snapshot, &snapshot.policy)
@@ -162,6 +170,43 @@ async fn post_plan(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Res
         )
     })?;
     Ok(Json(plan).into_response())
+}
+
+/// Plan `snapshot` in a child process, `PROGRAM plan --snapshot - --json`, killed if this future
+/// is dropped (the request timed out or its client went away).
+async fn plan_in_child(
+    program: &std::path::Path,
+    snapshot: &Snapshot,
+) -> Result<serde_json::Value, ApiError> {
+    use tokio::io::AsyncWriteExt;
+    let failed = |what: String| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("planner failed: {what}"),
+            None,
+        )
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(["plan", "--snapshot", "-", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| failed(format!("cannot start {}: {e}", program.display())))?;
+    let input = serde_json::to_vec(snapshot).map_err(|e| failed(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(&input).await.map_err(|e| failed(e.to_string()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(failed(format!("{}: {}", out.status, stderr.trim())));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| failed(format!("its output is not a plan: {e}")))
 }
 
 #[derive(Serialize)]

@@ -273,6 +273,12 @@ pub struct HttpSettings {
     pub header_read_timeout: Dur,
     /// Who may call the API (probes are always open).
     pub auth: HttpAuth,
+    /// Not a setting: the program what-if plans run in (`PROGRAM plan --snapshot - --json`, a
+    /// child process killed when its request ends, by timeout or disconnect), which the CLI sets
+    /// to itself. `None` (library use): they run in this process, to the end of the planner's
+    /// time limit even when nobody waits for them.
+    #[serde(skip)]
+    pub what_if_program: Option<std::path::PathBuf>,
 }
 
 /// How the HTTP API authenticates and authorises callers.
@@ -324,6 +330,7 @@ impl Default for HttpSettings {
             max_connections_per_client: 64,
             header_read_timeout: Dur::secs(10),
             auth: HttpAuth::Auto,
+            what_if_program: None,
         }
     }
 }
