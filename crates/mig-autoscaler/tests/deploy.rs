@@ -469,15 +469,32 @@ fn the_agent_admission_policy_is_on_and_names_the_keys_the_code_allows() {
     );
 }
 
-/// The controller's API is reachable only from its namespace and namespaces that opt in, on by
-/// default, in the chart and the manifests alike.
+/// The controller's API and the agents' metrics are reachable only from the release's namespace
+/// and namespaces that opt in, on by default, in the chart and the manifests alike.
 #[test]
-fn a_network_policy_fences_the_controller_api() {
+fn a_network_policy_fences_the_controller_api_and_the_agents_metrics() {
     assert_eq!(
         values()["networkPolicy"]["enabled"],
         serde_yaml::Value::Bool(true)
     );
-    let np = find(&manifests(), "NetworkPolicy", "mig-autoscaler-controller").clone();
+    for (component, port) in [("controller", "http"), ("agent", "metrics")] {
+        fenced(component, port);
+    }
+    let chart = read("deploy/helm/mig-autoscaler/templates/extras.yaml");
+    assert!(
+        chart.contains("kind: NetworkPolicy") && chart.contains("mig-autoscaler.io/api-access: \"true\"")
+    );
+}
+
+/// The manifests' NetworkPolicy for `component` admits connections to `port` only from its
+/// namespace and opted-in ones.
+fn fenced(component: &str, port: &str) {
+    let np = find(
+        &manifests(),
+        "NetworkPolicy",
+        &format!("mig-autoscaler-{component}"),
+    )
+    .clone();
     let np: NetworkPolicy = serde_json::from_value(np).unwrap();
     let spec = np.spec.unwrap();
     assert_eq!(
@@ -487,9 +504,13 @@ fn a_network_policy_fences_the_controller_api() {
             .unwrap()
             .get("app.kubernetes.io/component")
             .map(String::as_str),
-        Some("controller")
+        Some(component)
     );
     let ingress = spec.ingress.unwrap();
+    assert_eq!(
+        serde_json::to_value(&ingress[0].ports.as_ref().unwrap()[0].port).unwrap(),
+        serde_json::json!(port)
+    );
     let from = ingress[0].from.as_ref().unwrap();
     assert_eq!(from.len(), 2);
     let opt_in = from[1]
@@ -502,9 +523,5 @@ fn a_network_policy_fences_the_controller_api() {
     assert_eq!(
         opt_in.get("mig-autoscaler.io/api-access").map(String::as_str),
         Some("true")
-    );
-    let chart = read("deploy/helm/mig-autoscaler/templates/extras.yaml");
-    assert!(
-        chart.contains("kind: NetworkPolicy") && chart.contains("mig-autoscaler.io/api-access: \"true\"")
     );
 }

@@ -88,6 +88,40 @@ async fn rules(client: &Client, namespace: &str) -> BTreeSet<String> {
     out
 }
 
+/// The objects of a multi-document YAML, by kind and name, without helm's bookkeeping.
+fn objects(yaml: &str) -> std::collections::BTreeMap<(String, String), serde_json::Value> {
+    let mut out = std::collections::BTreeMap::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let mut v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v.is_null() {
+            continue;
+        }
+        for path in ["/metadata/labels", "/spec/template/metadata/labels"] {
+            if let Some(l) = v.pointer_mut(path).and_then(|l| l.as_object_mut()) {
+                for helm_own in [
+                    "app.kubernetes.io/managed-by",
+                    "helm.sh/chart",
+                    "app.kubernetes.io/version",
+                ] {
+                    l.remove(helm_own);
+                }
+            }
+        }
+        if let Some(m) = v
+            .pointer_mut("/spec/template/metadata")
+            .and_then(|m| m.as_object_mut())
+        {
+            m.remove("annotations");
+        }
+        let key = (
+            v["kind"].as_str().unwrap().to_string(),
+            v["metadata"]["name"].as_str().unwrap().to_string(),
+        );
+        out.insert(key, v);
+    }
+    out
+}
+
 fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
@@ -111,6 +145,17 @@ async fn helm_installs_the_chart_and_each_identity_has_exactly_the_documented_pe
         old.contains("perNodeAdmissionPolicy needs Kubernetes >= 1.30"),
         "{old}"
     );
+    // deploy/manifests is the chart with its defaults, as helm renders it (but for helm's own
+    // labels and the settings checksum).
+    let rendered = plane
+        .helm(&["template", "mig-autoscaler", CHART, "--namespace", NAMESPACE])
+        .unwrap();
+    let manifests = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/manifests/mig-autoscaler.yaml"
+    ))
+    .unwrap();
+    assert_eq!(objects(&rendered), objects(&manifests));
 
     let everyone_default = rules(&as_service_account(&plane, "nobody"), "default").await;
     let everyone_ours = rules(&as_service_account(&plane, "nobody"), NAMESPACE).await;
