@@ -1187,11 +1187,7 @@ impl ControlLoop {
             if let Some(v) = n.labels().get(mig_protocol::MIG_CONFIG_LABEL) {
                 referenced.insert(v.clone());
             }
-            if let Some(Some(g)) =
-                mig_protocol::parse_annotation::<Grant>(n.metadata.annotations.as_ref(), GRANT_ANNOTATION, "")
-                    .ok()
-                && let Some(c) = g.mig_config
-            {
+            if let Some(c) = annotation::<Grant>(&n, GRANT_ANNOTATION).and_then(|g| g.mig_config) {
                 referenced.insert(c);
             }
         }

@@ -88,11 +88,17 @@ pub fn tool(name: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !present {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{name} is required in CI (scripts/test installs it)"
-        );
-        eprintln!("skipped: no {name} on this machine (scripts/test installs it)");
+        absent(name, "scripts/test installs it");
     }
     present
+}
+
+/// `what` a test needs is not here: a failure in CI, a loud skip elsewhere (`how` says how to get
+/// it).
+pub fn absent(what: &str, how: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{what} is required in CI ({how})"
+    );
+    eprintln!("skipped: no {what} on this machine ({how})");
 }

@@ -158,11 +158,10 @@ impl ControlLoop {
                 );
             }
             Err(kube::Error::Api(s)) if s.code == 429 => {
-                let timeout = "the agent's drain timeout";
                 self.emit(
                     Reason::EvictionBlockedByPdb,
                     format!(
-                        "cannot evict {key} yet: {}; asking again until {timeout}",
+                        "cannot evict {key} yet: {}; asking again until the agent's drain timeout",
                         s.message
                     ),
                     "Drain",
