@@ -212,23 +212,161 @@ fn node_admits(pod: &Value, node: &Value) -> bool {
     selector_ok && affinity_ok && taints_ok
 }
 
+/// A cluster spec the emulator cannot build (the caller fixes the spec).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpecError {
+    /// A GPU product the catalog does not know.
+    #[error("node {node}: {source}")]
+    Model {
+        /// The node.
+        node: String,
+        /// Why.
+        source: mig_catalog::CatalogError,
+    },
+    /// A layout that does not parse.
+    #[error("node {node}: {source}")]
+    Layout {
+        /// The node.
+        node: String,
+        /// Why.
+        source: mig_catalog::ParseLayoutError,
+    },
+    /// A layout that breaks a MIG rule.
+    #[error("node {node}: {source}")]
+    Invalid {
+        /// The node.
+        node: String,
+        /// Why.
+        source: mig_catalog::InvalidLayout,
+    },
+    /// The Node could not be stored (it exists already).
+    #[error("node {node}: {source}")]
+    Store {
+        /// The node.
+        node: String,
+        /// Why.
+        source: ApiError,
+    },
+}
+
+/// Why the emulated GPUs refuse an instance change, as NVML would. Nothing after the refused step
+/// is done; what came before stays done (NVML calls are one by one).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeError {
+    /// No such node.
+    #[error("no node {0}")]
+    NoNode(String),
+    /// No such GPU on the node.
+    #[error("node {node} has no GPU {gpu}")]
+    NoGpu {
+        /// The node.
+        node: String,
+        /// GPU index.
+        gpu: u32,
+    },
+    /// A profile the GPU's model does not have.
+    #[error("{model} has no profile {profile}")]
+    NoProfile {
+        /// Model key.
+        model: String,
+        /// The profile.
+        profile: String,
+    },
+    /// No instance at that placement.
+    #[error("GPU {gpu} has no instance {profile}@{start}")]
+    NoInstance {
+        /// GPU index.
+        gpu: u32,
+        /// The profile.
+        profile: String,
+        /// Placement start.
+        start: u8,
+    },
+    /// The instance is in use by a pod.
+    #[error("GPU {gpu} instance {profile}@{start} is in use by {pod}")]
+    InUse {
+        /// GPU index.
+        gpu: u32,
+        /// The profile.
+        profile: String,
+        /// Placement start.
+        start: u8,
+        /// The pod.
+        pod: String,
+    },
+    /// The placement is taken or not valid.
+    #[error(
+        "GPU {gpu}: cannot create {profile}@{start} on {layout} (insufficient resources at that placement)"
+    )]
+    NoRoom {
+        /// GPU index.
+        gpu: u32,
+        /// The profile.
+        profile: String,
+        /// Placement start.
+        start: u8,
+        /// The GPU's layout.
+        layout: String,
+    },
+    /// [`Cluster::fail_next_applies`].
+    #[error("injected failure: cannot create instances")]
+    Injected,
+}
+
+/// Why the emulated mig-manager could not apply a config (it sets `failed`, as mig-manager does).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The mig-parted ConfigMap is missing.
+    #[error("ConfigMap {namespace}/{name} with config.yaml not found")]
+    NoConfigMap {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// The ConfigMap's `config.yaml` does not parse.
+    #[error("{0}")]
+    BadConfigMap(String),
+    /// The config cannot apply to a GPU.
+    #[error(transparent)]
+    Config(#[from] mig_catalog::ConfigError),
+    /// The config turns MIG off.
+    #[error("MIG disable is not simulated")]
+    MigDisable,
+    /// A GPU to rebuild is in use.
+    #[error("GPU {gpu} is in use by {pod}")]
+    InUse {
+        /// GPU index.
+        gpu: u32,
+        /// A pod using it.
+        pod: String,
+    },
+    /// The counts have no valid arrangement.
+    #[error(transparent)]
+    Arrange(#[from] mig_catalog::ArrangeError),
+    /// [`Cluster::fail_next_applies`].
+    #[error("injected failure")]
+    Injected,
+}
+
 impl Cluster {
     /// Create the nodes of `spec` in the store and return the actors (not yet running).
-    pub fn new(state: Arc<Shared>, spec: &ClusterSpec) -> Result<Arc<Cluster>, String> {
+    pub fn new(state: Arc<Shared>, spec: &ClusterSpec) -> Result<Arc<Cluster>, SpecError> {
         let catalog = Catalog::embedded();
         let mut nodes = BTreeMap::new();
         for n in &spec.nodes {
             let mut gpus = Vec::new();
             for (i, g) in n.gpus.iter().enumerate() {
+                let node = || n.name.clone();
                 let model = catalog
                     .lookup(&g.product)
-                    .map_err(|e| format!("node {}: {e}", n.name))?;
+                    .map_err(|source| SpecError::Model { node: node(), source })?;
                 let layout = model
                     .parse_layout(&g.layout)
-                    .map_err(|e| format!("node {}: {e}", n.name))?;
+                    .map_err(|source| SpecError::Layout { node: node(), source })?;
                 model
                     .validate(&layout)
-                    .map_err(|e| format!("node {}: {e}", n.name))?;
+                    .map_err(|source| SpecError::Invalid { node: node(), source })?;
                 gpus.push(SimGpu {
                     index: i as u32,
                     model,
@@ -280,7 +418,10 @@ impl Cluster {
                 let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n.name, "labels": labels}, "spec": {}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
                 store
                     .create(res("", "v1", "nodes"), "", node)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|source| SpecError::Store {
+                        node: n.name.clone(),
+                        source,
+                    })?;
             }
         }
         cluster.step();
@@ -331,44 +472,61 @@ impl Cluster {
         gpu: u32,
         destroy: &[(String, u8)],
         create: &[(String, u8)],
-    ) -> Result<(), String> {
+    ) -> Result<(), ChangeError> {
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        let n = nodes.get_mut(node).ok_or_else(|| format!("no node {node}"))?;
+        let n = nodes
+            .get_mut(node)
+            .ok_or_else(|| ChangeError::NoNode(node.to_string()))?;
         let g = n
             .gpus
             .iter_mut()
             .find(|g| g.index == gpu)
-            .ok_or_else(|| format!("node {node} has no GPU {gpu}"))?;
+            .ok_or_else(|| ChangeError::NoGpu {
+                node: node.to_string(),
+                gpu,
+            })?;
         let model = g.model;
         let instance = |(p, start): &(String, u8)| {
             model
                 .profile_by_name(p)
                 .map(|idx| Instance::new(idx, *start))
-                .ok_or_else(|| format!("{} has no profile {p}", model.key))
+                .ok_or_else(|| ChangeError::NoProfile {
+                    model: model.key.clone(),
+                    profile: p.clone(),
+                })
         };
         for d in destroy {
             let i = instance(d)?;
             if !g.layout.contains(&i) {
-                return Err(format!("GPU {gpu} has no instance {}@{}", d.0, d.1));
+                return Err(ChangeError::NoInstance {
+                    gpu,
+                    profile: d.0.clone(),
+                    start: d.1,
+                });
             }
             if let Some(pod) = g.used.get(&i) {
-                return Err(format!("GPU {gpu} instance {}@{} is in use by {pod}", d.0, d.1));
+                return Err(ChangeError::InUse {
+                    gpu,
+                    profile: d.0.clone(),
+                    start: d.1,
+                    pod: pod.clone(),
+                });
             }
             g.layout = Layout::new(g.layout.instances().iter().copied().filter(|x| *x != i));
             n.plugin_stale = true;
         }
         if !create.is_empty() && self.take_injected_failure() {
-            return Err("injected failure: cannot create instances".into());
+            return Err(ChangeError::Injected);
         }
         for c in create {
             let i = instance(c)?;
             if !model.can_add(&g.layout, &i) {
-                return Err(format!(
-                    "GPU {gpu}: cannot create {}@{} on {} (insufficient resources at that placement)",
-                    c.0,
-                    c.1,
-                    model.format_layout(&g.layout)
-                ));
+                return Err(ChangeError::NoRoom {
+                    gpu,
+                    profile: c.0.clone(),
+                    start: c.1,
+                    layout: model.format_layout(&g.layout),
+                });
             }
             g.layout = g.layout.with(i);
             n.plugin_stale = true;
@@ -469,12 +627,12 @@ impl Cluster {
             n.applied = Some(wanted.clone());
             n.plugin_stale = false; // mig-manager restarts the device plugin
             let outcome = match &config {
-                None => Err(format!(
-                    "ConfigMap {}/{} with config.yaml not found",
-                    self.config_map.0, self.config_map.1
-                )),
-                Some(Err(e)) => Err(e.to_string()),
-                Some(Ok(_)) if self.take_injected_failure() => Err("injected failure".to_string()),
+                None => Err(ApplyError::NoConfigMap {
+                    namespace: self.config_map.0.clone(),
+                    name: self.config_map.1.clone(),
+                }),
+                Some(Err(e)) => Err(ApplyError::BadConfigMap(e.to_string())),
+                Some(Ok(_)) if self.take_injected_failure() => Err(ApplyError::Injected),
                 Some(Ok(cfg)) => apply(cfg, &wanted, &mut n.gpus),
             };
             // Like the real mig-manager, the reason goes to the log; the label only says `failed`.
@@ -684,24 +842,23 @@ fn set_label(
 
 /// mig-parted apply: every GPU whose count vector changes is rebuilt whole; that fails when a pod
 /// still holds one of its instances. All or nothing, like a failed apply leaves `failed`.
-fn apply(config: &MigPartedConfig, name: &str, gpus: &mut [SimGpu]) -> Result<(), String> {
+fn apply(config: &MigPartedConfig, name: &str, gpus: &mut [SimGpu]) -> Result<(), ApplyError> {
     let mut targets: HashMap<u32, Layout> = HashMap::new();
     for g in gpus.iter() {
         let counts = config.counts_for_gpu(name, g.model, g.index)?;
         let Some(counts) = counts else {
-            return Err("MIG disable is not simulated".into());
+            return Err(ApplyError::MigDisable);
         };
         if counts == g.model.counts(&g.layout) {
             continue;
         }
         if !g.used.is_empty() {
-            return Err(format!(
-                "GPU {} is in use by {}",
-                g.index,
-                g.used.values().next().cloned().unwrap_or_default()
-            ));
+            return Err(ApplyError::InUse {
+                gpu: g.index,
+                pod: g.used.values().next().cloned().unwrap_or_default(),
+            });
         }
-        targets.insert(g.index, g.model.arrange(&counts).map_err(|e| e.to_string())?);
+        targets.insert(g.index, g.model.arrange(&counts)?);
     }
     for g in gpus.iter_mut() {
         if let Some(l) = targets.remove(&g.index) {

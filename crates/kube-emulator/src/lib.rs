@@ -20,5 +20,5 @@ pub mod server;
 pub mod status;
 pub mod store;
 
-pub use cluster::{Cluster, ClusterSpec, GpuSpec, NodeSpec, SimGpu};
-pub use server::{Admission, AdmissionRequest, Config, Faults, Running, UserInfo};
+pub use cluster::{ApplyError, ChangeError, Cluster, ClusterSpec, GpuSpec, NodeSpec, SimGpu, SpecError};
+pub use server::{Admission, AdmissionRequest, Config, Denied, Faults, Running, UserInfo};

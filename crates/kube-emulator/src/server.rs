@@ -67,8 +67,13 @@ pub struct AdmissionRequest<'a> {
     pub new: &'a Value,
 }
 
-/// A validating admission policy: `Err(message)` denies the request with 403.
-pub type Admission = Arc<dyn Fn(&AdmissionRequest<'_>) -> Result<(), String> + Send + Sync>;
+/// A validating admission policy: `Err` denies the request with 403 and the denial's message.
+pub type Admission = Arc<dyn Fn(&AdmissionRequest<'_>) -> Result<(), Denied> + Send + Sync>;
+
+/// An admission policy's denial: the message the client sees.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Denied(pub String);
 
 /// Server configuration.
 #[derive(Clone, Debug)]
@@ -212,7 +217,7 @@ impl Shared {
         };
         let policies = self.admission.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for policy in policies {
-            policy(&request).map_err(|m| ApiError::forbidden(&m))?;
+            policy(&request).map_err(|d| ApiError::forbidden(&d.0))?;
         }
         Ok(())
     }

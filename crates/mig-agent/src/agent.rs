@@ -29,6 +29,7 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::error::{GpuError, ScrapeError};
 use crate::sequence::{self, Action, Observation, PodFact, SequencePolicy};
 use crate::source::GpuSource;
 
@@ -390,7 +391,7 @@ struct Worker {
     /// When the state was last written.
     last_persist: Instant,
     /// Why our annotations did not parse at the last tick (logged when it changes).
-    unreadable: Option<String>,
+    unreadable: Option<mig_protocol::MalformedAnnotation>,
     /// The Node's resourceVersion as read this tick: taint changes are made against it (a 409
     /// means another writer changed the taints; the next tick reads them again).
     node_version: std::sync::Mutex<Option<String>>,
@@ -404,7 +405,7 @@ enum TickError {
     Api(&'static str, kube::Error),
     /// The GPU source failed.
     #[error("observing GPUs: {0}")]
-    Source(String),
+    Source(#[from] crate::error::GpuError),
 }
 
 impl Worker {
@@ -604,10 +605,8 @@ impl Worker {
         }
 
         let object = format!("node/{name}");
-        let grant: Result<Option<Grant>, String> =
-            parse_annotation(Some(&annotations), GRANT_ANNOTATION, &object).map_err(|e| e.to_string());
-        let state: Result<Option<NodeState>, String> =
-            parse_annotation(Some(&annotations), STATE_ANNOTATION, &object).map_err(|e| e.to_string());
+        let grant = parse_annotation::<Grant>(Some(&annotations), GRANT_ANNOTATION, &object);
+        let state = parse_annotation::<NodeState>(Some(&annotations), STATE_ANNOTATION, &object);
         let taints = node
             .spec
             .as_ref()
@@ -856,23 +855,23 @@ impl Worker {
         }
     }
 
-    async fn scrape(&self, url: &str) -> Result<String, String> {
+    async fn scrape(&self, url: &str) -> Result<String, ScrapeError> {
         use http_body_util::BodyExt;
         const LIMIT: usize = 16 << 20;
-        let uri: http::Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
+        let uri: http::Uri = url.parse()?;
         let within = Duration::from_secs(2);
         let response = tokio::time::timeout(within, self.http.get(uri))
             .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| ScrapeError::TimedOut)?
+            .map_err(|e| ScrapeError::Transport(e.to_string()))?;
         if !response.status().is_success() {
-            return Err(format!("HTTP {}", response.status()));
+            return Err(ScrapeError::Status(response.status()));
         }
         let body = http_body_util::Limited::new(response.into_body(), LIMIT);
         let bytes = tokio::time::timeout(within, body.collect())
             .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?
+            .map_err(|_| ScrapeError::TimedOut)?
+            .map_err(|e| ScrapeError::Transport(e.to_string()))?
             .to_bytes();
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
@@ -881,11 +880,11 @@ impl Worker {
 /// Run blocking GPU-source work (external commands) on the blocking pool, so that a slow driver
 /// never stalls the runtime's timers, probes or shutdown.
 async fn off_runtime<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
+    f: impl FnOnce() -> Result<T, GpuError> + Send + 'static,
+) -> Result<T, GpuError> {
     tokio::task::spawn_blocking(f)
         .await
-        .unwrap_or_else(|e| Err(format!("GPU source task failed: {e}")))
+        .unwrap_or_else(|e| Err(GpuError::Task(e.to_string())))
 }
 
 impl Worker {

@@ -10,10 +10,12 @@
 
 pub mod agent;
 pub mod dcgm;
+pub mod error;
 pub mod sequence;
 pub mod source;
 
 pub use agent::{AgentSettings, Running, start};
+pub use error::{GpuError, LayoutError};
 pub use sequence::{Action, FailurePolicy, InstanceChange, Observation, SequencePolicy, Step, step};
 pub use source::{GpuSource, NvidiaSmiGpus, observed_from_catalog};
 

@@ -28,7 +28,9 @@ use std::collections::BTreeMap;
 use jiff::{SignedDuration, Timestamp};
 use mig_catalog::{Catalog, GpuModel, Instance, Layout};
 use mig_planner::snapshot::{Backend, Gpu, GpuInstance};
-use mig_protocol::{DEVICE_PLUGIN_PAUSED, Grant, NodeState, Phase, Reason};
+use mig_protocol::{DEVICE_PLUGIN_PAUSED, Grant, MalformedAnnotation, NodeState, Phase, Reason};
+
+use crate::error::LayoutError;
 
 /// A pod on this node, as the sequence needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,9 +47,9 @@ pub struct PodFact {
 #[derive(Clone, Debug)]
 pub struct Observation {
     /// The grant (`Err`: it does not parse).
-    pub grant: Result<Option<Grant>, String>,
+    pub grant: Result<Option<Grant>, MalformedAnnotation>,
     /// Our state (`Err`: it does not parse).
-    pub state: Result<Option<NodeState>, String>,
+    pub state: Result<Option<NodeState>, MalformedAnnotation>,
     /// Whether our taint is on the node.
     pub tainted: bool,
     /// `nvidia.com/mig.config`.
@@ -151,10 +153,8 @@ pub struct InstanceChange {
 }
 
 /// A reported GPU's model and layout (its profile names resolved by the catalog).
-fn reported_layout(gpu: &Gpu) -> Result<(&'static GpuModel, Layout), String> {
-    let model = Catalog::embedded()
-        .lookup(&gpu.product)
-        .map_err(|e| e.to_string())?;
+fn reported_layout(gpu: &Gpu) -> Result<(&'static GpuModel, Layout), LayoutError> {
+    let model = Catalog::embedded().lookup(&gpu.product)?;
     let instances = gpu
         .instances
         .iter()
@@ -162,28 +162,26 @@ fn reported_layout(gpu: &Gpu) -> Result<(&'static GpuModel, Layout), String> {
             model
                 .profile_by_name(&i.profile)
                 .map(|p| Instance::new(p, i.start))
-                .ok_or_else(|| format!("GPU {}: unknown profile {:?}", gpu.index, i.profile))
+                .ok_or_else(|| LayoutError::UnknownProfile {
+                    gpu: gpu.index,
+                    profile: i.profile.clone(),
+                })
         })
-        .collect::<Result<Vec<_>, String>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     Ok((model, Layout::new(instances)))
 }
 
 /// The canonical layout text of a reported GPU (`empty` when it has no instances).
-pub fn layout_text(gpu: &Gpu) -> Result<String, String> {
+pub fn layout_text(gpu: &Gpu) -> Result<String, LayoutError> {
     let (model, layout) = reported_layout(gpu)?;
     Ok(model.format_layout(&layout))
 }
 
 /// What must change on `gpu` to reach the (valid) layout `target`.
-fn gpu_change(gpu: &Gpu, target: &str) -> Result<InstanceChange, String> {
+fn gpu_change(gpu: &Gpu, target: &str) -> Result<InstanceChange, LayoutError> {
     let index = gpu.index;
     let (model, have) = reported_layout(gpu)?;
-    let want = model
-        .parse_layout(target)
-        .map_err(|e| format!("GPU {index}: target {target:?}: {e}"))?;
-    model
-        .validate(&want)
-        .map_err(|e| format!("GPU {index}: target {target:?} is not a valid layout: {e}"))?;
+    let want = target_layout(model, index, target)?;
     let named = |i: &Instance| (model.profile_name(i.profile), i.start);
     Ok(InstanceChange {
         gpu: index,
@@ -197,16 +195,10 @@ fn gpu_change(gpu: &Gpu, target: &str) -> Result<InstanceChange, String> {
 pub fn instance_changes(
     targets: &BTreeMap<u32, String>,
     gpus: &[Gpu],
-) -> Result<Vec<InstanceChange>, String> {
+) -> Result<Vec<InstanceChange>, LayoutError> {
     let mut out = Vec::new();
     for (index, target) in targets {
-        let gpu = gpus
-            .iter()
-            .find(|g| g.index == *index)
-            .ok_or_else(|| format!("GPU {index} is not reported"))?;
-        if let Some(why) = &gpu.unknown {
-            return Err(format!("GPU {index}'s instances are unknown: {why}"));
-        }
+        let gpu = known_gpu(*index, gpus)?;
         let change = gpu_change(gpu, target)?;
         if !change.destroy.is_empty() || !change.create.is_empty() {
             out.push(change);
@@ -217,16 +209,39 @@ pub fn instance_changes(
 
 /// The first of `indices` whose instances the source could not read (or that is not reported),
 /// with why. Unknown is never empty: no step acts on such a GPU.
-fn unknown_gpu<'a>(indices: impl IntoIterator<Item = &'a u32>, gpus: &[Gpu]) -> Option<String> {
+fn unknown_gpu<'a>(indices: impl IntoIterator<Item = &'a u32>, gpus: &[Gpu]) -> Option<LayoutError> {
     indices
         .into_iter()
-        .find_map(|index| match gpus.iter().find(|g| g.index == *index) {
-            None => Some(format!("GPU {index} is not reported")),
-            Some(g) => g
-                .unknown
-                .as_ref()
-                .map(|why| format!("GPU {index}'s instances are unknown ({why})")),
-        })
+        .find_map(|index| known_gpu(*index, gpus).err())
+}
+
+/// GPU `index` as reported, if its instances could be read.
+fn known_gpu(index: u32, gpus: &[Gpu]) -> Result<&Gpu, LayoutError> {
+    let gpu = gpus
+        .iter()
+        .find(|g| g.index == index)
+        .ok_or(LayoutError::NotReported { gpu: index })?;
+    match &gpu.unknown {
+        Some(why) => Err(LayoutError::Unknown {
+            gpu: index,
+            why: why.clone(),
+        }),
+        None => Ok(gpu),
+    }
+}
+
+/// A grant's target for GPU `index` as a valid layout of `model`.
+fn target_layout(model: &GpuModel, index: u32, target: &str) -> Result<Layout, LayoutError> {
+    let bad = |why: String| LayoutError::BadTarget {
+        gpu: index,
+        target: target.to_string(),
+        why,
+    };
+    let want = model.parse_layout(target).map_err(|e| bad(e.to_string()))?;
+    model
+        .validate(&want)
+        .map_err(|e| bad(format!("not a valid layout: {e}")))?;
+    Ok(want)
 }
 
 /// An instance `changes` would destroy that the report shows in use, as words: such a change is
@@ -300,7 +315,7 @@ fn untouched(state: &NodeState, gpus: &[Gpu]) -> bool {
 }
 
 /// What the device plugin should advertise for these GPUs: instances per resource name.
-fn expected_advertising(gpus: &[Gpu]) -> Result<BTreeMap<String, u64>, String> {
+fn expected_advertising(gpus: &[Gpu]) -> Result<BTreeMap<String, u64>, LayoutError> {
     let mut out: BTreeMap<String, u64> = BTreeMap::new();
     for g in gpus {
         let (model, layout) = reported_layout(g)?;
@@ -316,28 +331,33 @@ fn expected_advertising(gpus: &[Gpu]) -> Result<BTreeMap<String, u64>, String> {
 
 /// nvml backend: the grant's GPUs at their exact target placements, and the device plugin
 /// advertising what the GPUs have.
-pub fn verify_exact(grant: &Grant, gpus: &[Gpu], advertised: &BTreeMap<String, u64>) -> Result<(), String> {
+pub fn verify_exact(
+    grant: &Grant,
+    gpus: &[Gpu],
+    advertised: &BTreeMap<String, u64>,
+) -> Result<(), LayoutError> {
     if let Some(c) = instance_changes(&grant.targets, gpus)?.first() {
-        let target = grant.targets.get(&c.gpu).map_or("?", String::as_str);
-        return Err(format!(
-            "GPU {} differs from its target {target}: {} to destroy, {} to create",
-            c.gpu,
-            c.destroy.len(),
-            c.create.len()
-        ));
+        return Err(LayoutError::Differs {
+            gpu: c.gpu,
+            target: grant.targets.get(&c.gpu).cloned().unwrap_or_default(),
+            destroy: c.destroy.len(),
+            create: c.create.len(),
+        });
     }
     advertising_matches(gpus, advertised)
 }
 
 /// Whether the device plugin advertises exactly the instances the GPUs have.
-fn advertising_matches(gpus: &[Gpu], advertised: &BTreeMap<String, u64>) -> Result<(), String> {
+fn advertising_matches(gpus: &[Gpu], advertised: &BTreeMap<String, u64>) -> Result<(), LayoutError> {
     let want = expected_advertising(gpus)?;
     for (resource, n) in &want {
         let have = advertised.get(resource).copied().unwrap_or(0);
         if have != *n {
-            return Err(format!(
-                "the device plugin advertises {have} {resource}, the GPUs have {n}"
-            ));
+            return Err(LayoutError::Advertising {
+                resource: resource.clone(),
+                have,
+                want: *n,
+            });
         }
     }
     Ok(())
@@ -389,17 +409,15 @@ fn enter(now: Timestamp, from: &NodeState, phase: Phase, message: impl Into<Stri
 
 /// Whether the reported GPUs match the grant's targets (same instances per profile on each GPU; the
 /// mig-manager backend cannot choose placements, mig-parted does).
-pub fn verify(grant: &Grant, gpus: &[Gpu]) -> Result<(), String> {
+pub fn verify(grant: &Grant, gpus: &[Gpu]) -> Result<(), LayoutError> {
     let catalog = Catalog::embedded();
     for (index, target) in &grant.targets {
         let gpu = gpus
             .iter()
             .find(|g| g.index == *index)
-            .ok_or_else(|| format!("GPU {index} is not reported"))?;
-        let model = catalog.lookup(&gpu.product).map_err(|e| e.to_string())?;
-        let want = model
-            .parse_layout(target)
-            .map_err(|e| format!("GPU {index}: target {target:?}: {e}"))?;
+            .ok_or(LayoutError::NotReported { gpu: *index })?;
+        let model = catalog.lookup(&gpu.product)?;
+        let want = target_layout(model, *index, target)?;
         let mut have: BTreeMap<&str, usize> = BTreeMap::new();
         for i in &gpu.instances {
             *have.entry(i.profile.as_str()).or_default() += 1;
@@ -416,10 +434,11 @@ pub fn verify(grant: &Grant, gpus: &[Gpu]) -> Result<(), String> {
                 .iter()
                 .map(|i| format!("{}@{}", i.profile, i.start))
                 .collect();
-            return Err(format!(
-                "GPU {index} has [{}], expected {target}",
-                actual.join(",")
-            ));
+            return Err(LayoutError::Counts {
+                gpu: *index,
+                actual: actual.join(","),
+                target: target.clone(),
+            });
         }
     }
     Ok(())
@@ -442,7 +461,8 @@ fn timed_out(state: &NodeState, now: Timestamp, limit: SignedDuration) -> bool {
 }
 
 /// The failure transition from `state` (the phase that failed) under `policy`.
-fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: String) -> Step {
+fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: impl std::fmt::Display) -> Step {
+    let why = why.to_string();
     let changed_gpus = match state.phase {
         Phase::AwaitingMigManager | Phase::Verifying | Phase::Untainting => true,
         // The nvml backend may have destroyed or created some instances already.
@@ -601,12 +621,9 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
     let Some(grant) = grant else {
         return match state {
             // A sequence was running and its grant disappeared: treat it as a failure.
-            Some(s) if !s.phase.is_terminal() => fail(
-                o,
-                s,
-                policy,
-                "the grant was removed while the sequence ran".into(),
-            ),
+            Some(s) if !s.phase.is_terminal() => {
+                fail(o, s, policy, "the grant was removed while the sequence ran")
+            }
             // Our taint (or our pause of the device plugin) with nothing in flight: undo it.
             _ => Step::act(
                 o.tainted
@@ -760,7 +777,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                 o,
                 current,
                 policy,
-                "the grant has no mig-parted config: the controller plans for the nvml backend (planner.backend: nvml) but this agent runs --backend mig-manager".into(),
+                "the grant has no mig-parted config: the controller plans for the nvml backend (planner.backend: nvml) but this agent runs --backend mig-manager",
             ),
             // Already relabeled (a crash after the action): on to mig-manager.
             Some(c) if o.mig_config.as_ref() == Some(c) => Step {
@@ -777,7 +794,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
             o,
             current,
             policy,
-            "the sequence was applying GPU instances with NVML, but this agent now runs --backend mig-manager".into(),
+            "the sequence was applying GPU instances with NVML, but this agent now runs --backend mig-manager",
         ),
         Phase::Applying => {
             if let Some(s) = unplanned_pods(o, grant, current, policy, policy.phase_timeout) {
@@ -817,7 +834,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
         }
         Phase::AwaitingMigManager => {
             let Some(c) = &grant.mig_config else {
-                return fail(o, current, policy, "the grant has no mig-parted config".into());
+                return fail(o, current, policy, "the grant has no mig-parted config");
             };
             if o.mig_config.as_ref() != Some(c) {
                 return Step::act(vec![Action::Relabel(c.clone())]);
@@ -843,12 +860,14 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
             }
         }
         // The device plugin we paused is gone: start it again (it then advertises the instances).
-        Phase::Verifying if policy.backend == Backend::Nvml && plugin_paused(o) && o.device_plugin_pods == 0 => {
+        Phase::Verifying
+            if policy.backend == Backend::Nvml && plugin_paused(o) && o.device_plugin_pods == 0 =>
+        {
             Step::act(vec![Action::ResumeDevicePlugin])
         }
         Phase::Verifying => match match policy.backend {
             Backend::MigManager => verify(grant, &o.gpus),
-            Backend::Nvml if plugin_paused(o) => Err("the device plugin is stopping".into()),
+            Backend::Nvml if plugin_paused(o) => Err(LayoutError::PluginStopping),
             Backend::Nvml => verify_exact(grant, &o.gpus, &o.advertised),
         } {
             Ok(()) => Step {
@@ -888,13 +907,13 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
             };
             if let Some(why) = unknown_gpu(current.previous_layouts.keys(), &o.gpus) {
                 return if timed_out(current, o.now, policy.phase_timeout) {
-                    failed(why)
+                    failed(why.to_string())
                 } else {
                     Step::nothing()
                 };
             }
             match instance_changes(&current.previous_layouts, &o.gpus) {
-                Err(e) => failed(e),
+                Err(e) => failed(e.to_string()),
                 // Back. Recreated instances have new device IDs, so the device plugin is
                 // restarted whatever the counts: paused (once), gone, started again, advertising.
                 Ok(c) if c.is_empty() && plugin_paused(o) => {
@@ -915,7 +934,7 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                 },
                 Ok(c) if c.is_empty() => match advertising_matches(&o.gpus, &o.advertised) {
                     Ok(()) => rolled_back(o, current),
-                    Err(e) if timed_out(current, o.now, policy.phase_timeout) => failed(e),
+                    Err(e) if timed_out(current, o.now, policy.phase_timeout) => failed(e.to_string()),
                     Err(_) => Step::nothing(),
                 },
                 Ok(c) => match destroys_in_use(&c, &o.gpus) {
@@ -1329,10 +1348,15 @@ mod tests {
             step(&o, &SequencePolicy::default()).actions,
             vec![Action::Untaint]
         );
-        o.grant = Err("annotation mig-autoscaler.io/grant on node/n: expected value".into());
+        let malformed = |key| MalformedAnnotation {
+            key,
+            object: "node/n".into(),
+            message: "expected value".into(),
+        };
+        o.grant = Err(malformed(mig_protocol::GRANT_ANNOTATION));
         assert_eq!(step(&o, &SequencePolicy::default()), Step::nothing());
         o.grant = Ok(None);
-        o.state = Err("annotation mig-autoscaler.io/state on node/n: expected value".into());
+        o.state = Err(malformed(mig_protocol::STATE_ANNOTATION));
         assert_eq!(step(&o, &SequencePolicy::default()), Step::nothing());
     }
 
@@ -1421,7 +1445,7 @@ mod tests {
             &o.advertised,
         )
         .unwrap_err();
-        assert!(e.contains("device plugin advertises"), "{e}");
+        assert!(matches!(e, LayoutError::Advertising { .. }), "{e}");
         o.advertised = expected_advertising(&o.gpus).unwrap();
         assert_eq!(step(&o, &nvml()).next.unwrap().phase, Phase::Untainting);
         // A wrong placement is not the target, even with the right counts.
@@ -1557,8 +1581,11 @@ mod tests {
         let g = grant();
         assert!(verify(&g, &[gpu(&[("3g.40gb", 0), ("3g.40gb", 4)])]).is_ok());
         let e = verify(&g, &[gpu(&[("3g.40gb", 0)])]).unwrap_err();
-        assert!(e.contains("expected 3g.40gb@0,3g.40gb@4"), "{e}");
-        assert!(verify(&g, &[]).is_err());
+        assert!(
+            matches!(&e, LayoutError::Counts { target, .. } if target == "3g.40gb@0,3g.40gb@4"),
+            "{e}"
+        );
+        assert_eq!(verify(&g, &[]), Err(LayoutError::NotReported { gpu: 0 }));
     }
 
     fn unreadable(o: &mut Observation) {

@@ -12,16 +12,17 @@ use mig_catalog::nvml::{ObservedGpu, ObservedPlacement, ObservedProfile};
 use mig_catalog::{Catalog, GpuModel};
 use mig_planner::snapshot::{Gpu, GpuInstance};
 
+use crate::error::GpuError;
 use crate::sequence::InstanceChange;
 
 /// A source of the node's GPUs.
 pub trait GpuSource: Send + Sync {
     /// Every GPU with its GPU instances at their placements, and the pods using each where known.
-    fn gpus(&self) -> Result<Vec<Gpu>, String>;
+    fn gpus(&self) -> Result<Vec<Gpu>, GpuError>;
 
     /// The MIG profiles and possible placements the driver reports for GPU `gpu` (checked against
     /// the catalog before the agent acts); `None` where the source cannot tell.
-    fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, String> {
+    fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, GpuError> {
         let _ = gpu;
         Ok(None)
     }
@@ -42,9 +43,9 @@ pub trait GpuSource: Send + Sync {
 
     /// nvml backend: destroy `change.destroy`, then create `change.create` at exactly their
     /// placements, on GPU `change.gpu`. Must refuse to destroy an instance in use.
-    fn apply(&self, change: &InstanceChange) -> Result<(), String> {
+    fn apply(&self, change: &InstanceChange) -> Result<(), GpuError> {
         let _ = change;
-        Err("this GPU source cannot create or destroy instances (nvml backend unsupported)".into())
+        Err(GpuError::Unsupported)
     }
 }
 
@@ -140,12 +141,12 @@ impl NvidiaSmiGpus {
         }
     }
 
-    fn run(&self, args: &[&str]) -> Result<String, String> {
+    fn run(&self, args: &[&str]) -> Result<String, GpuError> {
         run(&self.command, args, self.timeout)
     }
 
     /// `nvidia-smi mig -lgi [-i N]`; a GPU in MIG mode without instances is a valid, empty answer.
-    fn lgi(&self, gpu: Option<u32>) -> Result<Vec<LgiRow>, String> {
+    fn lgi(&self, gpu: Option<u32>) -> Result<Vec<LgiRow>, GpuError> {
         let index = gpu.map(|i| i.to_string());
         let mut args = vec!["mig", "-lgi"];
         if let Some(i) = &index {
@@ -153,7 +154,7 @@ impl NvidiaSmiGpus {
         }
         match self.run(&args) {
             Ok(text) => lgi_rows(&text),
-            Err(e) if e.contains("No GPU instances found") => Ok(Vec::new()),
+            Err(GpuError::Failed { words, .. }) if words.contains("No GPU instances found") => Ok(Vec::new()),
             Err(e) => Err(e),
         }
     }
@@ -167,7 +168,7 @@ impl Default for NvidiaSmiGpus {
 
 /// Run `command args`, killing it (and whatever it started) after `timeout`. Blocking: call it off
 /// the async runtime. The error carries the command's words (stdout and stderr).
-pub fn run(command: &str, args: &[&str], timeout: Duration) -> Result<String, String> {
+pub fn run(command: &str, args: &[&str], timeout: Duration) -> Result<String, GpuError> {
     use std::io::Read;
     use std::os::unix::process::CommandExt;
     use std::process::Stdio;
@@ -179,7 +180,10 @@ pub fn run(command: &str, args: &[&str], timeout: Duration) -> Result<String, St
         .stderr(Stdio::piped())
         .process_group(0)
         .spawn()
-        .map_err(|e| format!("cannot run {command}: {e}"))?;
+        .map_err(|source| GpuError::Spawn {
+            command: command.to_string(),
+            source,
+        })?;
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
             let mut out = Vec::new();
@@ -204,12 +208,17 @@ pub fn run(command: &str, args: &[&str], timeout: Duration) -> Result<String, St
                 let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "{shown}: timed out after {} s and was killed",
-                    timeout.as_secs_f64()
-                ));
+                return Err(GpuError::TimedOut {
+                    command: shown,
+                    timeout,
+                });
             }
-            Err(e) => return Err(format!("{shown}: {e}")),
+            Err(source) => {
+                return Err(GpuError::Wait {
+                    command: shown,
+                    source,
+                });
+            }
         }
     };
     let out = stdout.join().unwrap_or_default();
@@ -220,7 +229,11 @@ pub fn run(command: &str, args: &[&str], timeout: Duration) -> Result<String, St
             .filter(|w| !w.is_empty())
             .collect::<Vec<_>>()
             .join("; ");
-        return Err(format!("{shown}: {status}: {words}"));
+        return Err(GpuError::Failed {
+            command: shown,
+            status,
+            words,
+        });
     }
     Ok(out)
 }
@@ -240,7 +253,8 @@ pub struct LgiRow {
 
 /// Parse `nvidia-smi mig -lgi`: rows like `|   0  MIG 3g.40gb   9   2   4:4   |` (GPU, name, profile
 /// ID, instance ID, placement start:size); other lines are ignored.
-pub fn lgi_rows(lgi: &str) -> Result<Vec<LgiRow>, String> {
+pub fn lgi_rows(lgi: &str) -> Result<Vec<LgiRow>, GpuError> {
+    let bad = |what: String| GpuError::Output(format!("-lgi: {what}"));
     let mut rows = Vec::new();
     for line in lgi.lines() {
         let cells: Vec<&str> = line
@@ -256,17 +270,17 @@ pub fn lgi_rows(lgi: &str) -> Result<Vec<LgiRow>, String> {
         };
         let gpu = gpu
             .parse::<u32>()
-            .map_err(|_| format!("-lgi: GPU index {gpu:?} in {line:?}"))?;
+            .map_err(|_| bad(format!("GPU index {gpu:?} in {line:?}")))?;
         let start = placement
             .split_once(':')
             .and_then(|(s, _)| s.parse::<u8>().ok())
-            .ok_or_else(|| format!("-lgi: placement {placement:?} in {line:?}"))?;
+            .ok_or_else(|| bad(format!("placement {placement:?} in {line:?}")))?;
         let gi_id = cells
             .len()
             .checked_sub(2)
             .and_then(|i| cells.get(i))
             .and_then(|c| c.parse::<u32>().ok())
-            .ok_or_else(|| format!("-lgi: no instance ID in {line:?}"))?;
+            .ok_or_else(|| bad(format!("no instance ID in {line:?}")))?;
         rows.push(LgiRow {
             gpu,
             profile: profile.to_string(),
@@ -280,23 +294,23 @@ pub fn lgi_rows(lgi: &str) -> Result<Vec<LgiRow>, String> {
 /// Parse `nvidia-smi --query-gpu=index,name,mig.mode.current --format=csv,noheader` and
 /// `nvidia-smi mig -lgi` into GPUs. The NVML name (`NVIDIA H100 80GB HBM3`) is the product; the
 /// catalog resolves NVML names.
-pub fn parse_nvidia_smi(query: &str, lgi: &str) -> Result<Vec<Gpu>, String> {
+pub fn parse_nvidia_smi(query: &str, lgi: &str) -> Result<Vec<Gpu>, GpuError> {
     let mut gpus = parse_query(query)?;
     place_rows(&mut gpus, lgi_rows(lgi)?)?;
     Ok(gpus)
 }
 
 /// Put `-lgi` rows on their GPUs (which must be in MIG mode), sorted by placement.
-fn place_rows(gpus: &mut [Gpu], rows: Vec<LgiRow>) -> Result<(), String> {
+fn place_rows(gpus: &mut [Gpu], rows: Vec<LgiRow>) -> Result<(), GpuError> {
     for row in rows {
         let g = gpus
             .iter_mut()
             .find(|g| g.index == row.gpu && g.mig_enabled)
             .ok_or_else(|| {
-                format!(
+                GpuError::Output(format!(
                     "-lgi lists GPU {}, which --query-gpu did not (in MIG mode)",
                     row.gpu
-                )
+                ))
             })?;
         g.instances.push(GpuInstance {
             profile: row.profile,
@@ -312,20 +326,20 @@ fn place_rows(gpus: &mut [Gpu], rows: Vec<LgiRow>) -> Result<(), String> {
 }
 
 /// Parse `nvidia-smi --query-gpu=index,name,mig.mode.current --format=csv,noheader` (no instances).
-pub fn parse_query(query: &str) -> Result<Vec<Gpu>, String> {
+pub fn parse_query(query: &str) -> Result<Vec<Gpu>, GpuError> {
     let mut gpus = Vec::new();
     for (n, line) in query.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
         let [index, name, mode] = fields.as_slice() else {
-            return Err(format!(
+            return Err(GpuError::Output(format!(
                 "--query-gpu line {}: expected index, name, mig.mode.current: {line:?}",
                 n + 1
-            ));
+            )));
         };
         gpus.push(Gpu {
             index: index
                 .parse()
-                .map_err(|_| format!("--query-gpu line {}: GPU index {index:?}", n + 1))?,
+                .map_err(|_| GpuError::Output(format!("--query-gpu line {}: GPU index {index:?}", n + 1)))?,
             product: name.to_string(),
             mig_enabled: mode.eq_ignore_ascii_case("enabled"),
             unknown: None,
@@ -338,7 +352,7 @@ pub fn parse_query(query: &str) -> Result<Vec<Gpu>, String> {
 impl GpuSource for NvidiaSmiGpus {
     /// One `-lgi` for every GPU; if that fails or does not fit, one per GPU in MIG mode, so that a
     /// GPU the driver cannot read is reported unknown and the others are still served.
-    fn gpus(&self) -> Result<Vec<Gpu>, String> {
+    fn gpus(&self) -> Result<Vec<Gpu>, GpuError> {
         let query = self.run(&["--query-gpu=index,name,mig.mode.current", "--format=csv,noheader"])?;
         let mut gpus = parse_query(&query)?;
         let mut ids = BTreeMap::new();
@@ -367,7 +381,7 @@ impl GpuSource for NvidiaSmiGpus {
                                 *g = placed;
                                 ids.extend(rows.iter().map(|r| ((r.gpu, r.gi_id), r.start)));
                             }
-                            Err(e) => g.unknown = Some(e),
+                            Err(e) => g.unknown = Some(e.to_string()),
                         }
                     }
                 }
@@ -386,18 +400,16 @@ impl GpuSource for NvidiaSmiGpus {
     /// create: explicit placements, so the driver never picks the slot. The driver refuses to
     /// destroy an instance a process uses; the planner and the sequence never ask for one a pod
     /// holds. Profile IDs come from the catalog, which was checked against this driver at start.
-    fn apply(&self, change: &InstanceChange) -> Result<(), String> {
+    fn apply(&self, change: &InstanceChange) -> Result<(), GpuError> {
         let index = change.gpu.to_string();
         let product = self.run(&["--query-gpu=name", "--format=csv,noheader", "-i", &index])?;
-        let model = Catalog::embedded()
-            .lookup(product.trim())
-            .map_err(|e| e.to_string())?;
+        let model = Catalog::embedded().lookup(product.trim())?;
         let profile_id = |name: &str| {
             model
                 .profile_by_name(name)
                 .and_then(|p| model.profile(p))
                 .map(|p| p.profile_id)
-                .ok_or_else(|| format!("{} has no profile {name}", model.key))
+                .ok_or_else(|| GpuError::Refused(format!("{} has no profile {name}", model.key)))
         };
         if !change.destroy.is_empty() {
             let rows = self.lgi(Some(change.gpu))?;
@@ -414,7 +426,9 @@ impl GpuSource for NvidiaSmiGpus {
                                 .map(|p| p.profile_id)
                                 == Some(id)
                     })
-                    .ok_or_else(|| format!("GPU {index} has no instance {name}@{start}"))?;
+                    .ok_or_else(|| {
+                        GpuError::Refused(format!("GPU {index} has no instance {name}@{start}"))
+                    })?;
                 let gi = row.gi_id.to_string();
                 // Compute instances first; with none left this fails harmlessly.
                 let _ = self.run(&["mig", "-i", &index, "-gi", &gi, "-dci"]);
@@ -429,18 +443,15 @@ impl GpuSource for NvidiaSmiGpus {
     }
 
     /// `nvidia-smi mig -lgip -i N` and `-lgipp -i N` (read-only), parsed by the catalog.
-    fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, String> {
+    fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, GpuError> {
         if !gpu.mig_enabled {
             return Ok(None); // no MIG profiles are listed with MIG off
         }
         let index = gpu.index.to_string();
         let lgip = self.run(&["mig", "-lgip", "-i", &index])?;
         let lgipp = self.run(&["mig", "-lgipp", "-i", &index])?;
-        ObservedGpu::from_nvidia_smi(&gpu.product, gpu.index, &lgip, &lgipp)
-            .map(|mut o| {
-                o.origin = "nvidia-smi".into();
-                Some(o)
-            })
-            .map_err(|e| e.to_string())
+        let mut observed = ObservedGpu::from_nvidia_smi(&gpu.product, gpu.index, &lgip, &lgipp)?;
+        observed.origin = "nvidia-smi".into();
+        Ok(Some(observed))
     }
 }

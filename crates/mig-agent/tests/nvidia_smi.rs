@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use mig_agent::GpuError;
 use mig_agent::source::parse_nvidia_smi;
 use mig_catalog::Catalog;
 
@@ -50,13 +51,16 @@ fn malformed_output_is_an_error_not_a_panic() {
         "|   3  MIG 1g.10gb   19   9   0:1 |\n",
     )
     .unwrap_err();
-    assert!(e.contains("GPU 3"), "{e}");
+    assert!(matches!(&e, GpuError::Output(w) if w.contains("GPU 3")), "{e}");
     let e = parse_nvidia_smi(
         "0, NVIDIA H100 80GB HBM3, Enabled\n",
         "|   0  MIG 1g.10gb   19   9   x:1 |\n",
     )
     .unwrap_err();
-    assert!(e.contains("placement"), "{e}");
+    assert!(
+        matches!(&e, GpuError::Output(w) if w.contains("placement")),
+        "{e}"
+    );
     assert!(parse_nvidia_smi("", "").unwrap().is_empty());
 }
 
@@ -83,7 +87,10 @@ fn profiles_are_read_with_lgip_and_lgipp_and_agree_with_the_catalog() {
     // MIG off: nothing to check. GPU 1's rows are not recorded: the command fails, an error.
     assert!(source.profiles(&gpus[2]).unwrap().is_none());
     let e = source.profiles(&gpus[1]).unwrap_err();
-    assert!(e.contains("unexpected"), "{e}");
+    assert!(
+        matches!(&e, GpuError::Failed { words, .. } if words.contains("unexpected")),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -147,7 +154,10 @@ fn nvml_backend_destroys_by_instance_id_and_creates_at_explicit_placements() {
             create: vec![("1g.10gb".into(), 0)],
         })
         .unwrap_err();
-    assert!(e.contains("In use by another client"), "{e}");
+    assert!(
+        matches!(&e, GpuError::Failed { words, .. } if words.contains("In use by another client")),
+        "{e}"
+    );
     assert!(!std::fs::read_to_string(&log).unwrap().contains("-cgi"));
     // No such instance.
     let e = source
@@ -157,7 +167,10 @@ fn nvml_backend_destroys_by_instance_id_and_creates_at_explicit_placements() {
             create: vec![],
         })
         .unwrap_err();
-    assert!(e.contains("no instance 2g.20gb@2"), "{e}");
+    assert!(
+        matches!(&e, GpuError::Refused(w) if w.contains("no instance 2g.20gb@2")),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

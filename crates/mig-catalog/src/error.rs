@@ -71,3 +71,49 @@ pub struct ArrangeError {
     /// Why.
     pub reason: String,
 }
+
+/// Why a mig-parted config cannot apply to a GPU. Permanent for the config: the caller reports it
+/// (mig-manager would leave `failed`), retrying does not help.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// No config of that name.
+    #[error("no config named {name:?}")]
+    NoConfig {
+        /// The name asked for.
+        name: String,
+    },
+    /// The config has no entry whose devices and device filter select this GPU.
+    #[error("config {name:?} has no entry for GPU {gpu} ({model})")]
+    NoEntry {
+        /// Config name.
+        name: String,
+        /// GPU index.
+        gpu: u32,
+        /// Model key.
+        model: String,
+    },
+    /// A compute-instance key (`1c.3g.40gb`): only whole GPU instances are planned.
+    #[error("{key:?} is a compute-instance profile; mig-autoscaler plans whole GPU instances only")]
+    ComputeInstance {
+        /// The key.
+        key: String,
+    },
+    /// A profile the model does not have.
+    #[error("profile {profile:?} does not exist on {model} (it has {})", known.join(", "))]
+    UnknownProfile {
+        /// The profile key.
+        profile: String,
+        /// Model key.
+        model: String,
+        /// The model's profiles.
+        known: Vec<String>,
+    },
+    /// A count that does not fit.
+    #[error("count {count} of {profile} is out of range")]
+    CountOutOfRange {
+        /// The profile key.
+        profile: String,
+        /// The count.
+        count: u32,
+    },
+}

@@ -20,6 +20,6 @@ pub mod migparted;
 pub mod model;
 pub mod nvml;
 
-pub use error::{ArrangeError, CatalogError, InvalidLayout, ParseLayoutError};
+pub use error::{ArrangeError, CatalogError, ConfigError, InvalidLayout, ParseLayoutError};
 pub use layout::{Counts, Instance, Layout, Violation};
 pub use model::{Catalog, Confidence, GpuModel, ProductLabel, Profile, ProfileIdx, Sku};

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::error::InvalidLayout;
+use crate::error::{ConfigError, InvalidLayout};
 use crate::layout::{Counts, Layout};
 use crate::model::{GpuModel, parse_pci_device_id};
 
@@ -48,14 +48,17 @@ enum DevicesRepr {
     List(Vec<u32>),
 }
 
+/// A `devices` word other than `all`.
+#[derive(Debug, thiserror::Error)]
+#[error("devices must be \"all\" or a list of GPU indices, not {0:?}")]
+pub struct BadDevices(String);
+
 impl TryFrom<DevicesRepr> for Devices {
-    type Error = String;
-    fn try_from(r: DevicesRepr) -> Result<Self, String> {
+    type Error = BadDevices;
+    fn try_from(r: DevicesRepr) -> Result<Self, BadDevices> {
         match r {
             DevicesRepr::Word(w) if w == "all" => Ok(Devices::All),
-            DevicesRepr::Word(w) => Err(format!(
-                "devices must be \"all\" or a list of GPU indices, not {w:?}"
-            )),
+            DevicesRepr::Word(w) => Err(BadDevices(w)),
             DevicesRepr::List(l) => Ok(Devices::List(l)),
         }
     }
@@ -190,26 +193,26 @@ impl DeviceConfig {
 
     /// The count vector this entry asks of a GPU of `model`: `Ok(None)` for MIG off, an error naming
     /// the first key the model cannot honour.
-    pub fn counts_on(&self, model: &GpuModel) -> Result<Option<Counts>, String> {
+    pub fn counts_on(&self, model: &GpuModel) -> Result<Option<Counts>, ConfigError> {
         if !self.mig_enabled {
             return Ok(None);
         }
         let mut counts = Counts::zero(model.profiles.len());
         for (name, n) in self.mig_devices.iter().flatten() {
             if is_compute_instance_key(name) {
-                return Err(format!(
-                    "{name:?} is a compute-instance profile; mig-autoscaler plans whole GPU instances only"
-                ));
+                return Err(ConfigError::ComputeInstance { key: name.clone() });
             }
-            let idx = model.profile_by_name(name).ok_or_else(|| {
-                let known: Vec<&str> = model.profiles.iter().map(|p| p.name.as_str()).collect();
-                format!(
-                    "profile {name:?} does not exist on {} (it has {})",
-                    model.key,
-                    known.join(", ")
-                )
+            let idx = model
+                .profile_by_name(name)
+                .ok_or_else(|| ConfigError::UnknownProfile {
+                    profile: name.clone(),
+                    model: model.key.clone(),
+                    known: model.profiles.iter().map(|p| p.name.clone()).collect(),
+                })?;
+            let n = u8::try_from(*n).map_err(|_| ConfigError::CountOutOfRange {
+                profile: name.clone(),
+                count: *n,
             })?;
-            let n = u8::try_from(*n).map_err(|_| format!("count {n} of {name} is out of range"))?;
             let slot = &mut counts.0[usize::from(idx.0)];
             *slot = slot.saturating_add(n);
         }
@@ -319,15 +322,23 @@ impl MigPartedConfig {
 
     /// What config `name` asks of GPU `index` of `model`: `Ok(None)` = MIG off; errors say why the
     /// config cannot apply (unknown name, no entry for this GPU, unknown profile).
-    pub fn counts_for_gpu(&self, name: &str, model: &GpuModel, index: u32) -> Result<Option<Counts>, String> {
-        let entries = self
-            .mig_configs
-            .get(name)
-            .ok_or_else(|| format!("no config named {name:?}"))?;
+    pub fn counts_for_gpu(
+        &self,
+        name: &str,
+        model: &GpuModel,
+        index: u32,
+    ) -> Result<Option<Counts>, ConfigError> {
+        let entries = self.mig_configs.get(name).ok_or_else(|| ConfigError::NoConfig {
+            name: name.to_string(),
+        })?;
         let entry = entries
             .iter()
             .find(|e| e.applies_to(model, index))
-            .ok_or_else(|| format!("config {name:?} has no entry for GPU {index} ({})", model.key))?;
+            .ok_or_else(|| ConfigError::NoEntry {
+                name: name.to_string(),
+                gpu: index,
+                model: model.key.clone(),
+            })?;
         entry.counts_on(model)
     }
 
@@ -344,10 +355,13 @@ impl MigPartedConfig {
                     let mut layouts = Vec::new();
                     let mut reasons = Vec::new();
                     for e in applicable {
-                        match e.counts_on(model).and_then(|c| match c {
-                            None => Ok(None),
-                            Some(c) => model.arrange(&c).map(Some).map_err(|e| e.reason),
-                        }) {
+                        match e
+                            .counts_on(model)
+                            .map_err(|e| e.to_string())
+                            .and_then(|c| match c {
+                                None => Ok(None),
+                                Some(c) => model.arrange(&c).map(Some).map_err(|e| e.reason),
+                            }) {
                             Ok(layout) => layouts.push((e.devices.clone(), layout)),
                             Err(r) => reasons.push(r),
                         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -15,26 +15,7 @@ use serde_json::json;
 
 use crate::controller::Shared;
 
-/// An error response.
-pub struct ApiError(StatusCode, String, Option<String>);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut body = json!({"error": self.1});
-        if let Some(path) = self.2 {
-            body["path"] = json!(path);
-        }
-        (self.0, Json(body)).into_response()
-    }
-}
-
-fn no_plan_yet() -> ApiError {
-    ApiError(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "no plan yet: the caches are still syncing or the first batch has not been planned".into(),
-        None,
-    )
-}
+use crate::error::ApiError;
 
 /// The router.
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -48,17 +29,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .fallback(|| async {
-            ApiError(
-                StatusCode::NOT_FOUND,
-                "no such endpoint; see docs/controller.md".into(),
-                None,
-            )
-        })
+        .fallback(|| async { ApiError::NotFound("no such endpoint; see docs/controller.md".into()) })
         .layer(axum::middleware::from_fn_with_state(shared.clone(), authorize))
         .layer(DefaultBodyLimit::max(http.max_body_bytes))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
+            ApiError::TimedOut.status(),
             http.request_timeout.0,
         ))
         .with_state(shared)
@@ -90,12 +65,12 @@ async fn authorize(
         .and_then(|v| v.to_str().ok());
     match reviewer.check(authorization, verb, &path).await {
         Ok(()) => next.run(request).await,
-        Err((status, why)) => ApiError(status, why, None).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
 async fn get_plan(State(s): State<Arc<Shared>>) -> Result<Response, ApiError> {
-    let p = s.latest().ok_or_else(no_plan_yet)?;
+    let p = s.latest().ok_or(ApiError::NoPlanYet)?;
     Ok(Json(&*p).into_response())
 }
 
@@ -109,32 +84,26 @@ async fn post_plan(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Res
     // Taken before the body is parsed: parsing a large snapshot costs too.
     let Ok(slot) = s.what_if.clone().try_acquire_owned() else {
         refused("concurrency");
-        return Err(ApiError(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "{} what-if plan(s) already running (http.maxConcurrentPlans); try again later",
-                s.settings.http.max_concurrent_plans
-            ),
-            None,
-        ));
+        return Err(ApiError::Busy {
+            running: s.settings.http.max_concurrent_plans,
+        });
     };
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "body is not UTF-8 JSON".into(), None))?;
-    let mut snapshot = Snapshot::from_json(text)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.message.clone(), Some(e.path.clone())))?;
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError::NotUtf8)?;
+    let mut snapshot = Snapshot::from_json(text).map_err(|e| ApiError::BadSnapshot {
+        message: e.message.clone(),
+        path: e.path.clone(),
+    })?;
     let http = &s.settings.http;
     let gpus: usize = snapshot.nodes.iter().map(|n| n.gpus.len()).sum();
     let pods = snapshot.pending_pods.len() + snapshot.running_pods.len();
     if gpus > http.max_snapshot_gpus || pods > http.max_snapshot_pods {
         refused("size");
-        return Err(ApiError(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the snapshot has {gpus} GPUs and {pods} pods; at most {} and {} are planned here (http.maxSnapshotGpus, http.maxSnapshotPods)",
-                http.max_snapshot_gpus, http.max_snapshot_pods
-            ),
-            None,
-        ));
+        return Err(ApiError::TooLarge {
+            gpus,
+            pods,
+            max_gpus: http.max_snapshot_gpus,
+            max_pods: http.max_snapshot_pods,
+        });
     }
     // A snapshot without a policy is planned under the controller's.
     let value: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
@@ -162,13 +131,7 @@ async fn post_plan(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Res
         mig_planner::plan(&snapshot, &snapshot.policy)
     })
     .await
-    .map_err(|e| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("planner failed: {e}"),
-            None,
-        )
-    })?;
+    .map_err(|e| ApiError::Planner(e.to_string()))?;
     Ok(Json(plan).into_response())
 }
 
@@ -179,13 +142,7 @@ async fn plan_in_child(
     snapshot: &Snapshot,
 ) -> Result<serde_json::Value, ApiError> {
     use tokio::io::AsyncWriteExt;
-    let failed = |what: String| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("planner failed: {what}"),
-            None,
-        )
-    };
+    let failed = ApiError::Planner;
     let mut child = tokio::process::Command::new(program)
         .args(["plan", "--snapshot", "-", "--json"])
         .stdin(std::process::Stdio::piped())
@@ -268,7 +225,7 @@ async fn actions(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn layouts(State(s): State<Arc<Shared>>) -> Result<Response, ApiError> {
-    let p = s.latest().ok_or_else(no_plan_yet)?;
+    let p = s.latest().ok_or(ApiError::NoPlanYet)?;
     let rows: Vec<LayoutRow> = p
         .plan
         .gpus
@@ -301,7 +258,7 @@ async fn explain(
     State(s): State<Arc<Shared>>,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let p = s.latest().ok_or_else(no_plan_yet)?;
+    let p = s.latest().ok_or(ApiError::NoPlanYet)?;
     let object = format!("Pod/{namespace}/{name}");
     if let Some(problem) = p.problems.iter().find(|x| x.object == object) {
         return Ok(Json(json!({
@@ -316,14 +273,10 @@ async fn explain(
         .iter()
         .find(|x| x.namespace == namespace && x.name == name)
         .ok_or_else(|| {
-            ApiError(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "pod {namespace}/{name} is not a pending pod with MIG requests in plan {} (computed {})",
-                    p.plan.id, p.computed_at
-                ),
-                None,
-            )
+            ApiError::NotFound(format!(
+                "pod {namespace}/{name} is not a pending pod with MIG requests in plan {} (computed {})",
+                p.plan.id, p.computed_at
+            ))
         })?;
     let explanation = match &pod.outcome {
         PodOutcome::Waits { reason } => format!("waits: {reason}"),
@@ -376,11 +329,6 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     if s.ready.load(Ordering::SeqCst) {
         "ready".into_response()
     } else {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "caches not synced yet".into(),
-            None,
-        )
-        .into_response()
+        ApiError::NotReady.into_response()
     }
 }

@@ -8,7 +8,6 @@ use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::authorization::v1::{
     NonResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
@@ -21,11 +20,10 @@ pub const TTL: Duration = Duration::from_secs(30);
 /// Most cached answers (the cache is emptied when full).
 const MAX_CACHED: usize = 10_000;
 
-/// Why a call is refused: the status and the words.
-pub type Refusal = (StatusCode, String);
+use crate::error::ApiError;
 
 /// A cached answer and when it was given.
-type Cached = (Instant, Result<(), Refusal>);
+type Cached = (Instant, Result<(), ApiError>);
 
 /// Checks callers against the API server.
 pub struct Reviewer {
@@ -43,17 +41,13 @@ impl Reviewer {
     }
 
     /// Whether the holder of `authorization` (the header's value) may `verb` on `path`.
-    pub async fn check(&self, authorization: Option<&str>, verb: &str, path: &str) -> Result<(), Refusal> {
+    pub async fn check(&self, authorization: Option<&str>, verb: &str, path: &str) -> Result<(), ApiError> {
         let Some(token) = authorization
             .and_then(|a| a.strip_prefix("Bearer "))
             .map(str::trim)
             .filter(|t| !t.is_empty())
         else {
-            return Err((
-                StatusCode::UNAUTHORIZED,
-                "a bearer token is required (a service-account token; see docs/install.md, API access)"
-                    .into(),
-            ));
+            return Err(ApiError::NoToken);
         };
         let key = {
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -67,11 +61,7 @@ impl Reviewer {
         }
         let answer = self.review(token, verb, path).await;
         // An API server error is not an answer about the caller: not cached.
-        if answer
-            .as_ref()
-            .err()
-            .is_none_or(|(s, _)| *s != StatusCode::SERVICE_UNAVAILABLE)
-        {
+        if answer.as_ref().err().is_none_or(ApiError::about_the_caller) {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             if cache.len() >= MAX_CACHED {
                 cache.clear();
@@ -81,13 +71,10 @@ impl Reviewer {
         answer
     }
 
-    async fn review(&self, token: &str, verb: &str, path: &str) -> Result<(), Refusal> {
+    async fn review(&self, token: &str, verb: &str, path: &str) -> Result<(), ApiError> {
         let unavailable = |e: kube::Error| {
             tracing::warn!(error = %e, "cannot review an API caller");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "cannot check the caller with the API server now".to_string(),
-            )
+            ApiError::ReviewUnavailable
         };
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -102,7 +89,7 @@ impl Reviewer {
             .map_err(unavailable)?;
         let status = answered.status.unwrap_or_default();
         let Some(user) = status.user.filter(|_| status.authenticated == Some(true)) else {
-            return Err((StatusCode::UNAUTHORIZED, "the bearer token is not valid".into()));
+            return Err(ApiError::BadToken);
         };
         let access = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
@@ -125,13 +112,11 @@ impl Reviewer {
         if answered.status.is_some_and(|s| s.allowed) {
             Ok(())
         } else {
-            Err((
-                StatusCode::FORBIDDEN,
-                format!(
-                    "{} may not {verb} {path} (a ClusterRole with nonResourceURLs grants it; see docs/install.md, API access)",
-                    user.username.unwrap_or_default()
-                ),
-            ))
+            Err(ApiError::Forbidden {
+                user: user.username.unwrap_or_default(),
+                verb: verb.to_string(),
+                path: path.to_string(),
+            })
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod budget;
 pub mod controller;
+pub mod error;
 pub mod lease;
 pub mod listener;
 pub mod metrics;

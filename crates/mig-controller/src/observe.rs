@@ -463,10 +463,22 @@ fn typed<T: serde::de::DeserializeOwned>(
         .ok()
 }
 
+/// A grant's target that cannot be read for a reported GPU: the annotation is malformed, and the
+/// node is reported (`MalformedAnnotation`) and planned as reported.
+#[derive(Debug, thiserror::Error)]
+enum TargetError {
+    /// The GPU's model is unknown.
+    #[error(transparent)]
+    Model(#[from] mig_catalog::CatalogError),
+    /// The target does not parse.
+    #[error(transparent)]
+    Layout(#[from] mig_catalog::ParseLayoutError),
+}
+
 /// A GPU's instances once `target` is applied: in-use instances at the same placement keep their pods.
-fn target_instances(catalog: &Catalog, gpu: &Gpu, target: &str) -> Result<Vec<GpuInstance>, String> {
-    let model = catalog.lookup(&gpu.product).map_err(|e| e.to_string())?;
-    let layout = model.parse_layout(target).map_err(|e| e.to_string())?;
+fn target_instances(catalog: &Catalog, gpu: &Gpu, target: &str) -> Result<Vec<GpuInstance>, TargetError> {
+    let model = catalog.lookup(&gpu.product)?;
+    let layout = model.parse_layout(target)?;
     let kept: BTreeMap<(String, u8), &GpuInstance> = gpu
         .instances
         .iter()

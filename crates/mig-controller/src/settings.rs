@@ -19,12 +19,12 @@ pub enum Mode {
 }
 
 impl FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadValue;
+    fn from_str(s: &str) -> Result<Self, BadValue> {
         match s {
             "dry-run" => Ok(Mode::DryRun),
             "auto" => Ok(Mode::Auto),
-            other => Err(format!("unknown mode {other:?}: use dry-run or auto")),
+            other => Err(BadValue(format!("unknown mode {other:?}: use dry-run or auto"))),
         }
     }
 }
@@ -55,14 +55,14 @@ impl Dur {
 }
 
 impl FromStr for Dur {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadValue;
+    fn from_str(s: &str) -> Result<Self, BadValue> {
         let d: jiff::SignedDuration = s
             .parse()
-            .map_err(|e| format!("{s:?} is not a duration (write 10s, 2m, 1h30m): {e}"))?;
+            .map_err(|e| BadValue(format!("{s:?} is not a duration (write 10s, 2m, 1h30m): {e}")))?;
         Duration::try_from(d)
             .map(Dur)
-            .map_err(|_| format!("{s:?}: a duration must not be negative"))
+            .map_err(|_| BadValue(format!("{s:?}: a duration must not be negative")))
     }
 }
 
@@ -106,22 +106,22 @@ impl Amount {
 }
 
 impl FromStr for Amount {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadValue;
+    fn from_str(s: &str) -> Result<Self, BadValue> {
         let s = s.trim();
         if let Some(p) = s.strip_suffix('%') {
             let p: u32 = p
                 .trim()
                 .parse()
-                .map_err(|_| format!("{s:?}: write a count (2) or a percentage (10%)"))?;
+                .map_err(|_| BadValue(format!("{s:?}: write a count (2) or a percentage (10%)")))?;
             if p > 100 {
-                return Err(format!("{s:?}: a percentage must be at most 100%"));
+                return Err(BadValue(format!("{s:?}: a percentage must be at most 100%")));
             }
             Ok(Amount::Percent(p))
         } else {
             s.parse()
                 .map(Amount::Count)
-                .map_err(|_| format!("{s:?}: write a count (2) or a percentage (10%)"))
+                .map_err(|_| BadValue(format!("{s:?}: write a count (2) or a percentage (10%)")))
         }
     }
 }
@@ -381,6 +381,11 @@ impl Default for Settings {
     }
 }
 
+/// A setting's value that does not parse (the input is rejected; the message says what to write).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadValue(pub String);
+
 /// Settings that cannot work, every problem with its path.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid settings:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
@@ -393,7 +398,8 @@ impl Settings {
     /// Read settings from YAML or JSON text; unknown keys are errors with their path.
     pub fn from_yaml(text: &str) -> Result<Settings, InvalidSettings> {
         let de = serde_yaml::Deserializer::from_str(text);
-        let s: Settings = serde_path_to_error_free(de).map_err(|p| InvalidSettings { problems: vec![p] })?;
+        let s: Settings =
+            serde_path_to_error_free(de).map_err(|p| InvalidSettings { problems: vec![p.0] })?;
         s.validate()?;
         Ok(s)
     }
@@ -475,16 +481,16 @@ impl Settings {
 }
 
 /// Deserialize with the error's location in the document.
-fn serde_path_to_error_free<'de, D: Deserializer<'de>>(de: D) -> Result<Settings, String> {
+fn serde_path_to_error_free<'de, D: Deserializer<'de>>(de: D) -> Result<Settings, BadValue> {
     let mut track = serde_path_to_error::Track::new();
     let de = serde_path_to_error::Deserializer::new(de, &mut track);
     Settings::deserialize(de).map_err(|e| {
         let path = track.path().to_string();
-        if path == "." || path.is_empty() {
+        BadValue(if path == "." || path.is_empty() {
             e.to_string()
         } else {
             format!("{path}: {e}")
-        }
+        })
     })
 }
 

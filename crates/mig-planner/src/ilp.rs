@@ -46,7 +46,21 @@ pub(crate) trait ClassSolver {
         p: &Problem<'_>,
         warm: &Decision,
         settings: &SolverSettings,
-    ) -> Result<(Decision, SolveInfo), String>;
+    ) -> Result<(Decision, SolveInfo), SolveError>;
+}
+
+/// Why the ILP gave no answer. The plan then uses greedy and says why (`fallbackReason`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum SolveError {
+    /// The model has no variables.
+    #[error("nothing to decide")]
+    NothingToDecide,
+    /// The model is infeasible: a bug, as keeping every GPU as it is is always feasible.
+    #[error("infeasible (a bug: keeping every GPU is always feasible)")]
+    Infeasible,
+    /// The solver failed (its words).
+    #[error("{0}")]
+    Solver(String),
 }
 
 /// HiGHS, one thread, time limit and gap from the policy.
@@ -310,7 +324,7 @@ fn build(p: &Problem<'_>) -> Model {
 }
 
 /// A good_lp back-end: the model with its variables, objective and constraints in, a solution out.
-fn solve_model<S, F>(p: &Problem<'_>, warm: &Decision, solve: F) -> Result<(Decision, SolveInfo), String>
+fn solve_model<S, F>(p: &Problem<'_>, warm: &Decision, solve: F) -> Result<(Decision, SolveInfo), SolveError>
 where
     S: Solution,
     F: FnOnce(
@@ -325,12 +339,12 @@ where
     let variables = m.vars.len();
     let constraints = m.constraints.len();
     if variables == 0 {
-        return Err("nothing to decide".into());
+        return Err(SolveError::NothingToDecide);
     }
     let initial = warm_start(p, &m, warm);
     let solution = solve(m.vars, m.objective.clone(), m.constraints, initial).map_err(|e| match e {
-        ResolutionError::Infeasible => "infeasible (a bug: keeping every GPU is always feasible)".to_string(),
-        other => other.to_string(),
+        ResolutionError::Infeasible => SolveError::Infeasible,
+        other => SolveError::Solver(other.to_string()),
     })?;
     let status = match solution.status() {
         SolutionStatus::Optimal => "optimal",
@@ -454,7 +468,7 @@ impl ClassSolver for Highs {
         p: &Problem<'_>,
         warm: &Decision,
         settings: &SolverSettings,
-    ) -> Result<(Decision, SolveInfo), String> {
+    ) -> Result<(Decision, SolveInfo), SolveError> {
         solve_model(p, warm, |vars, objective, constraints, initial| {
             let mut model = vars
                 .maximise(objective)
@@ -487,7 +501,7 @@ impl ClassSolver for Microlp {
         p: &Problem<'_>,
         warm: &Decision,
         settings: &SolverSettings,
-    ) -> Result<(Decision, SolveInfo), String> {
+    ) -> Result<(Decision, SolveInfo), SolveError> {
         solve_model(p, warm, |vars, objective, constraints, initial| {
             let model = vars
                 .maximise(objective)

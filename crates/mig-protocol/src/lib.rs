@@ -50,6 +50,35 @@ pub const AGENT_LABELS: [&str; 3] = [MIG_CONFIG_LABEL, MIG_STATE_LABEL, DEVICE_P
 /// Annotations the node agent writes, on its own Node only (never the grant).
 pub const AGENT_ANNOTATIONS: [&str; 2] = [REPORT_ANNOTATION, STATE_ANNOTATION];
 
+/// A Node update an agent may not make ([`agent_may_update_node`]): the request is denied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentNodeWrite {
+    /// Another Node than the agent's own.
+    #[error("the mig-autoscaler agent may only change the Node it runs on ({own}), not {other}")]
+    OtherNode {
+        /// The agent's Node.
+        own: String,
+        /// The Node it tried to change.
+        other: String,
+    },
+    /// A label or annotation not the agent's.
+    #[error("the mig-autoscaler agent may change only the {field} {allowed}, not {key}")]
+    Key {
+        /// `labels` or `annotations`.
+        field: &'static str,
+        /// The keys it may change.
+        allowed: String,
+        /// The key it tried to change.
+        key: String,
+    },
+    /// A taint other than our NoSchedule taint.
+    #[error("the mig-autoscaler agent may add or remove only its own NoSchedule taint {TAINT_KEY}")]
+    Taint,
+    /// `spec.unschedulable`.
+    #[error("the mig-autoscaler agent may not cordon or uncordon a Node")]
+    Cordon,
+}
+
 /// What the chart's admission policy (`<release>-agent-own-node`) lets a node agent change in an
 /// update of a Node, in Rust: the Node it runs on (`agent_node`, from its bound service-account
 /// token), only the labels [`AGENT_LABELS`] and annotations [`AGENT_ANNOTATIONS`], only our own
@@ -60,14 +89,14 @@ pub fn agent_may_update_node(
     agent_node: Option<&str>,
     old: &serde_json::Value,
     new: &serde_json::Value,
-) -> Result<(), String> {
+) -> Result<(), AgentNodeWrite> {
     use serde_json::{Map, Value};
     let name = new["metadata"]["name"].as_str().unwrap_or_default();
     if agent_node != Some(name) {
-        return Err(format!(
-            "the mig-autoscaler agent may only change the Node it runs on ({}), not {name}",
-            agent_node.unwrap_or("unknown")
-        ));
+        return Err(AgentNodeWrite::OtherNode {
+            own: agent_node.unwrap_or("unknown").to_string(),
+            other: name.to_string(),
+        });
     }
     let empty = Map::new();
     for (field, own) in [
@@ -81,10 +110,11 @@ pub fn agent_may_update_node(
             .chain(after.keys())
             .find(|k| !own.contains(&k.as_str()) && before.get(*k) != after.get(*k))
         {
-            return Err(format!(
-                "the mig-autoscaler agent may change only the {field} {}, not {key}",
-                own.join(", ")
-            ));
+            return Err(AgentNodeWrite::Key {
+                field,
+                allowed: own.join(", "),
+                key: key.clone(),
+            });
         }
     }
     let others = |node: &Value| -> Vec<Value> {
@@ -98,13 +128,11 @@ pub fn agent_may_update_node(
             .all(|t| t["key"] != TAINT_KEY || t["effect"] == "NoSchedule")
     });
     if others(old) != others(new) || !ours_ok {
-        return Err(format!(
-            "the mig-autoscaler agent may add or remove only its own NoSchedule taint {TAINT_KEY}"
-        ));
+        return Err(AgentNodeWrite::Taint);
     }
     let cordoned = |node: &Value| node["spec"]["unschedulable"].as_bool().unwrap_or(false);
     if cordoned(old) != cordoned(new) {
-        return Err("the mig-autoscaler agent may not cordon or uncordon a Node".into());
+        return Err(AgentNodeWrite::Cordon);
     }
     Ok(())
 }
@@ -259,7 +287,7 @@ fn one() -> u32 {
 }
 
 /// A value under our prefix that could not be read.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("annotation {key} on {object}: {message}")]
 pub struct MalformedAnnotation {
     /// Annotation key.

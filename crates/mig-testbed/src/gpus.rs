@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kube_emulator::Cluster;
-use mig_agent::{GpuSource, InstanceChange, observed_from_catalog};
+use mig_agent::{GpuError, GpuSource, InstanceChange, observed_from_catalog};
 use mig_catalog::Catalog;
 use mig_catalog::nvml::ObservedGpu;
 use mig_planner::snapshot::Gpu;
@@ -58,20 +58,19 @@ impl GpuSource for EmulatedGpus {
             .collect()
     }
 
-    fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, String> {
-        let model = Catalog::embedded()
-            .lookup(&gpu.product)
-            .map_err(|e| e.to_string())?;
+    fn profiles(&self, gpu: &Gpu) -> Result<Option<ObservedGpu>, GpuError> {
+        let model = Catalog::embedded().lookup(&gpu.product)?;
         Ok(Some(observed_from_catalog(model, "kube-emulator")))
     }
 
-    fn gpus(&self) -> Result<Vec<Gpu>, String> {
+    fn gpus(&self) -> Result<Vec<Gpu>, GpuError> {
         Ok(emulated_gpus(&self.cluster, &self.node))
     }
 
     /// Through the emulator, which checks what NVML would: instance there and free, placement valid.
-    fn apply(&self, change: &InstanceChange) -> Result<(), String> {
+    fn apply(&self, change: &InstanceChange) -> Result<(), GpuError> {
         self.cluster
             .change_instances(&self.node, change.gpu, &change.destroy, &change.create)
+            .map_err(|e| GpuError::Refused(e.to_string()))
     }
 }

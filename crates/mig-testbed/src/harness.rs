@@ -155,11 +155,12 @@ pub async fn bare_env_with(spec_nodes: Vec<NodeSpec>, device_plugin_pods: bool) 
                 return Ok(());
             }
             match (r.resource, r.subresource) {
-                ("pods", Some("eviction")) => Err(format!(
+                ("pods", Some("eviction")) => Err(kube_emulator::Denied(format!(
                     "{AGENT_USER} cannot create resource \"pods/eviction\": the mig-autoscaler agent's ClusterRole grants no evictions"
-                )),
+                ))),
                 ("nodes", _) => {
                     mig_protocol::agent_may_update_node(r.user.node_name.as_deref(), r.old, r.new)
+                        .map_err(|e| kube_emulator::Denied(e.to_string()))
                 }
                 _ => Ok(()),
             }

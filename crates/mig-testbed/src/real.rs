@@ -170,17 +170,18 @@ impl ControlPlane {
         }
     }
 
-    /// `kubectl ARGS` as the admin: its stdout, or its stderr as the error.
-    pub fn kubectl(&self, args: &[&str]) -> Result<String, String> {
+    /// `kubectl ARGS` as the admin: its stdout, or its stderr in the error.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String, ToolError> {
         self.run("kubectl", args)
     }
 
     /// `helm ARGS` as the admin.
-    pub fn helm(&self, args: &[&str]) -> Result<String, String> {
+    pub fn helm(&self, args: &[&str]) -> Result<String, ToolError> {
         self.run("helm", args)
     }
 
-    fn run(&self, tool: &str, args: &[&str]) -> Result<String, String> {
+    fn run(&self, tool: &str, args: &[&str]) -> Result<String, ToolError> {
+        let command = format!("{tool} {}", args.join(" "));
         let out = Command::new(self.bin.join(tool))
             .args(args)
             .env("KUBECONFIG", self.kubeconfig())
@@ -188,15 +189,17 @@ impl ControlPlane {
             .env("HELM_CONFIG_HOME", self.dir.join("helm/config"))
             .env("HELM_DATA_HOME", self.dir.join("helm/data"))
             .output()
-            .map_err(|e| format!("{tool}: {e}"))?;
+            .map_err(|source| ToolError::Start {
+                command: command.clone(),
+                source,
+            })?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
-            Err(format!(
-                "{tool} {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            ))
+            Err(ToolError::Failed {
+                command,
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            })
         }
     }
 
@@ -257,4 +260,25 @@ fn openssl(args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `kubectl` or `helm` could not be started, or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// Not started.
+    #[error("{command}: {source}")]
+    Start {
+        /// The command line.
+        command: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It ran and failed; `stderr` is what it said.
+    #[error("{command}: {stderr}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// Its stderr.
+        stderr: String,
+    },
 }

@@ -783,14 +783,14 @@ impl mig_agent::GpuSource for DriverDisagrees {
     fn knows_pods(&self) -> bool {
         true
     }
-    fn gpus(&self) -> Result<Vec<mig_planner::snapshot::Gpu>, String> {
+    fn gpus(&self) -> Result<Vec<mig_planner::snapshot::Gpu>, mig_agent::GpuError> {
         self.inner.gpus()
     }
 
     fn profiles(
         &self,
         gpu: &mig_planner::snapshot::Gpu,
-    ) -> Result<Option<mig_catalog::nvml::ObservedGpu>, String> {
+    ) -> Result<Option<mig_catalog::nvml::ObservedGpu>, mig_agent::GpuError> {
         use std::sync::atomic::Ordering::SeqCst;
         self.reads.fetch_add(1, SeqCst);
         let mut observed = self.inner.profiles(gpu)?.unwrap();
@@ -967,7 +967,7 @@ async fn s9_a_pod_bound_after_the_plan_is_never_evicted_and_the_next_plan_counts
 struct PodBlind(EmulatedGpus);
 
 impl mig_agent::GpuSource for PodBlind {
-    fn gpus(&self) -> Result<Vec<mig_planner::snapshot::Gpu>, String> {
+    fn gpus(&self) -> Result<Vec<mig_planner::snapshot::Gpu>, mig_agent::GpuError> {
         let mut gpus = self.0.gpus()?;
         for i in gpus.iter_mut().flat_map(|g| g.instances.iter_mut()) {
             i.pods.clear();
@@ -979,7 +979,7 @@ impl mig_agent::GpuSource for PodBlind {
         self.0.instance_ids()
     }
 
-    fn apply(&self, change: &mig_agent::InstanceChange) -> Result<(), String> {
+    fn apply(&self, change: &mig_agent::InstanceChange) -> Result<(), mig_agent::GpuError> {
         self.0.apply(change)
     }
 }
@@ -1485,7 +1485,7 @@ impl mig_agent::GpuSource for FailsAfterFirstChange {
         true
     }
 
-    fn gpus(&self) -> Result<Vec<mig_planner::snapshot::Gpu>, String> {
+    fn gpus(&self) -> Result<Vec<mig_planner::snapshot::Gpu>, mig_agent::GpuError> {
         let mut gpus = self.inner.gpus()?;
         if let Some(bad) = *self.broken.lock().unwrap() {
             for g in gpus.iter_mut().filter(|g| g.index == bad) {
@@ -1502,10 +1502,13 @@ impl mig_agent::GpuSource for FailsAfterFirstChange {
         self.inner.instance_ids()
     }
 
-    fn apply(&self, change: &mig_agent::InstanceChange) -> Result<(), String> {
+    fn apply(&self, change: &mig_agent::InstanceChange) -> Result<(), mig_agent::GpuError> {
         let mut broken = self.broken.lock().unwrap();
         if broken.is_some_and(|b| b == change.gpu) {
-            return Err("nvidia-smi: timed out".into());
+            return Err(mig_agent::GpuError::TimedOut {
+                command: format!("nvidia-smi mig -i {} -cgi", change.gpu),
+                timeout: std::time::Duration::from_secs(20),
+            });
         }
         self.inner.apply(change)?;
         *broken = Some(change.gpu);

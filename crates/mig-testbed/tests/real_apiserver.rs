@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use mig_testbed::harness::{agent_attacks, agent_writes};
-use mig_testbed::real::{ControlPlane, binaries};
+use mig_testbed::real::{ControlPlane, ToolError, binaries};
 use serde_json::json;
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/helm/mig-autoscaler");
@@ -142,7 +142,7 @@ async fn helm_installs_the_chart_and_each_identity_has_exactly_the_documented_pe
         .helm(&["template", "x", CHART, "--kube-version", "1.29.0"])
         .unwrap_err();
     assert!(
-        old.contains("perNodeAdmissionPolicy needs Kubernetes >= 1.30"),
+        matches!(&old, ToolError::Failed { stderr, .. } if stderr.contains("perNodeAdmissionPolicy needs Kubernetes >= 1.30")),
         "{old}"
     );
     // deploy/manifests is the chart with its defaults, as helm renders it (but for helm's own
