@@ -19,7 +19,7 @@ use mig_catalog::Catalog;
 use mig_protocol::{
     DEVICE_PLUGIN_DEPLOY_LABEL, DEVICE_PLUGIN_PAUSED, DO_NOT_DISRUPT, GRANT_ANNOTATION, Grant,
     MIG_CONFIG_LABEL, MIG_STATE_LABEL, NodeReport, NodeState, REPORT_ANNOTATION, Reason, STATE_ANNOTATION,
-    TAINT_KEY, parse_annotation,
+    SharedClock, TAINT_KEY, parse_annotation,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -228,12 +228,15 @@ pub struct Shared {
     ready: AtomicBool,
     /// When the last step finished (successfully or not).
     progress: std::sync::Mutex<Instant>,
+    /// Time.
+    clock: SharedClock,
 }
 
 impl Shared {
     /// Whether a step finished within `stall_after`.
     pub fn is_live(&self) -> bool {
-        self.progress.lock().unwrap_or_else(|e| e.into_inner()).elapsed() < self.settings.stall_after
+        let last = *self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        self.clock.instant().saturating_duration_since(last) < self.settings.stall_after
     }
 
     /// Whether the agent acts on grants (its GPUs are known and agree with the catalog).
@@ -279,11 +282,22 @@ pub async fn start(
     settings: AgentSettings,
     source: Arc<dyn GpuSource>,
 ) -> anyhow::Result<Running> {
+    start_with_clock(client, settings, source, mig_protocol::clock::system()).await
+}
+
+/// [`start`] on `clock` (tests move time by hand with [`mig_protocol::ManualClock`]).
+pub async fn start_with_clock(
+    client: Client,
+    settings: AgentSettings,
+    source: Arc<dyn GpuSource>,
+    clock: SharedClock,
+) -> anyhow::Result<Running> {
     let shared = Arc::new(Shared {
         metrics: Metrics::new(),
         ready: AtomicBool::new(false),
-        progress: std::sync::Mutex::new(Instant::now()),
+        progress: std::sync::Mutex::new(clock.instant()),
         settings: settings.clone(),
+        clock: clock.clone(),
     });
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -305,7 +319,7 @@ pub async fn start(
         catalog_checked: false,
         catalog_next_check: None,
         last_phase: None,
-        last_persist: Instant::now(),
+        last_persist: clock.instant(),
         unreadable: None,
         node_version: std::sync::Mutex::new(None),
     };
@@ -409,12 +423,22 @@ enum TickError {
 }
 
 impl Worker {
+    /// Monotonic time on the injected clock.
+    fn instant(&self) -> Instant {
+        self.shared.clock.instant()
+    }
+
+    /// Wall time on the injected clock.
+    fn now(&self) -> jiff::Timestamp {
+        self.shared.clock.now()
+    }
+
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         loop {
             if let Err(e) = self.tick().await {
                 tracing::warn!(node = %self.shared.settings.node, error = %e, "agent step incomplete; retrying");
             }
-            *self.shared.progress.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            *self.shared.progress.lock().unwrap_or_else(|e| e.into_inner()) = self.instant();
             tokio::select! {
                 _ = tokio::time::sleep(self.shared.settings.tick) => {}
                 _ = shutdown.wait_for(|s| *s) => return,
@@ -439,7 +463,7 @@ impl Worker {
             "{reason} is the controller's"
         );
         let key = format!("{:?}/{:?}|{reason}|{note}", regarding.kind, regarding.name);
-        let now = Instant::now();
+        let now = self.instant();
         let dedupe = self.shared.settings.event_dedupe;
         self.sent.retain(|_, t| now.duration_since(*t) < dedupe);
         if self.sent.insert(key, now).is_some() {
@@ -482,7 +506,7 @@ impl Worker {
         })?;
         let uid = node.metadata.uid.clone();
         *self.node_version.lock().unwrap_or_else(|e| e.into_inner()) = node.metadata.resource_version.clone();
-        let check_due = self.catalog_next_check.is_none_or(|t| Instant::now() >= t);
+        let check_due = self.catalog_next_check.is_none_or(|t| self.instant() >= t);
         if !self.catalog_checked && check_due {
             // Every GPU's model must be known, and what the driver reports of its MIG profiles and
             // placements must agree with the catalog the plans are built from.
@@ -520,7 +544,7 @@ impl Worker {
             }
             let problems: Vec<String> = unknown.into_iter().chain(mismatched).collect();
             if !problems.is_empty() {
-                self.catalog_next_check = Some(Instant::now() + self.shared.settings.catalog_retry);
+                self.catalog_next_check = Some(self.instant() + self.shared.settings.catalog_retry);
                 self.shared
                     .metrics
                     .errors
@@ -579,7 +603,7 @@ impl Worker {
 
         // Report (only when it changed, so an idle node costs no writes).
         let report = NodeReport {
-            observed_at: jiff::Timestamp::now().to_string(),
+            observed_at: self.now().to_string(),
             gpus: gpus.clone(),
             backend: Some(self.shared.settings.sequence.backend),
         };
@@ -647,7 +671,7 @@ impl Worker {
                 .iter()
                 .filter(|p| self.operator_pod(&self.shared.settings.device_plugin_selector, p))
                 .count(),
-            now: jiff::Timestamp::now(),
+            now: self.now(),
         };
         let unreadable = obs.grant.as_ref().err().or(obs.state.as_ref().err()).cloned();
         if unreadable.is_some() {
@@ -682,10 +706,11 @@ impl Worker {
                 if step.next.is_none()
                     && s.grant_id == g.id
                     && !s.phase.is_terminal()
-                    && self.last_persist.elapsed() >= self.shared.settings.heartbeat =>
+                    && self.instant().saturating_duration_since(self.last_persist)
+                        >= self.shared.settings.heartbeat =>
             {
                 Some(NodeState {
-                    heartbeat: Some(jiff::Timestamp::now().to_string()),
+                    heartbeat: Some(self.now().to_string()),
                     ..s.clone()
                 })
             }
@@ -695,7 +720,7 @@ impl Worker {
             let text = serde_json::to_string(&beat).unwrap_or_default();
             self.patch(json!({"metadata": {"annotations": {STATE_ANNOTATION: text}}}))
                 .await?;
-            self.last_persist = Instant::now();
+            self.last_persist = self.instant();
         }
         for action in &step.actions {
             self.act(action, &taints, uid.clone()).await?;
@@ -711,7 +736,7 @@ impl Worker {
                         .get_or_create(&Label { kind: "persist" })
                         .inc();
                 })?;
-            self.last_persist = Instant::now();
+            self.last_persist = self.instant();
             let label = phase_label(next.phase);
             self.shared
                 .metrics
@@ -822,7 +847,7 @@ impl Worker {
     async fn dcgm_series(&mut self, pods: &[Pod]) -> Option<Vec<crate::dcgm::InstanceSeries>> {
         let endpoint = self.shared.settings.dcgm.clone()?;
         if let Some((at, series)) = &self.dcgm_cache
-            && at.elapsed() < self.shared.settings.dcgm_interval
+            && self.instant().saturating_duration_since(*at) < self.shared.settings.dcgm_interval
         {
             return series.clone();
         }
@@ -839,7 +864,7 @@ impl Worker {
         match self.scrape(&url).await {
             Ok(text) => {
                 let series = crate::dcgm::instance_series(&crate::dcgm::parse_exposition(&text));
-                self.dcgm_cache = Some((Instant::now(), Some(series.clone())));
+                self.dcgm_cache = Some((self.instant(), Some(series.clone())));
                 Some(series)
             }
             Err(e) => {
@@ -849,7 +874,7 @@ impl Worker {
                     .get_or_create(&Label { kind: "dcgm" })
                     .inc();
                 tracing::warn!(node = %self.shared.settings.node, %url, error = %e, "cannot read dcgm-exporter; no per-instance utilization until it answers");
-                self.dcgm_cache = Some((Instant::now(), None));
+                self.dcgm_cache = Some((self.instant(), None));
                 None
             }
         }

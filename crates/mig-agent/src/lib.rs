@@ -14,7 +14,7 @@ pub mod error;
 pub mod sequence;
 pub mod source;
 
-pub use agent::{AgentSettings, Running, start};
+pub use agent::{AgentSettings, Running, start, start_with_clock};
 pub use error::{GpuError, LayoutError};
 pub use sequence::{Action, FailurePolicy, InstanceChange, Observation, SequencePolicy, Step, step};
 pub use source::{GpuSource, NvidiaSmiGpus, observed_from_catalog};

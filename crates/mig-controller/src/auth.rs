@@ -28,14 +28,16 @@ type Cached = (Instant, Result<(), ApiError>);
 /// Checks callers against the API server.
 pub struct Reviewer {
     client: Client,
+    clock: mig_protocol::SharedClock,
     cache: Mutex<HashMap<u64, Cached>>,
 }
 
 impl Reviewer {
     /// Reviews through `client` (which needs `create` on tokenreviews and subjectaccessreviews).
-    pub fn new(client: Client) -> Reviewer {
+    pub fn new(client: Client, clock: mig_protocol::SharedClock) -> Reviewer {
         Reviewer {
             client,
+            clock,
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -55,7 +57,7 @@ impl Reviewer {
             h.finish()
         };
         if let Some((at, answer)) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
-            && at.elapsed() < TTL
+            && self.clock.instant().saturating_duration_since(*at) < TTL
         {
             return answer.clone();
         }
@@ -66,7 +68,7 @@ impl Reviewer {
             if cache.len() >= MAX_CACHED {
                 cache.clear();
             }
-            cache.insert(key, (Instant::now(), answer.clone()));
+            cache.insert(key, (self.clock.instant(), answer.clone()));
         }
         answer
     }

@@ -35,7 +35,8 @@ use crate::observe::{InputProblem, Observation, observe};
 use crate::settings::{Mode, Settings};
 use crate::{Metrics, api};
 use mig_protocol::{
-    Emitter, Flight, GRANT_ANNOTATION, Grant, NodeState, Phase, Reason, STATE_ANNOTATION, TAINT_KEY,
+    Emitter, Flight, GRANT_ANNOTATION, Grant, NodeState, Phase, Reason, STATE_ANNOTATION, SharedClock,
+    TAINT_KEY,
 };
 
 /// Name in Events' `reportingController`.
@@ -113,6 +114,8 @@ pub struct Shared {
     pub what_if: Arc<tokio::sync::Semaphore>,
     /// Checks API callers (`None`: `http.auth` lets everyone in, on loopback only).
     pub reviewer: Option<crate::auth::Reviewer>,
+    /// Time, for the loop, the lease, caches and what is written.
+    pub clock: SharedClock,
 }
 
 /// Something the controller did or saw end, for people.
@@ -135,13 +138,13 @@ impl Shared {
         self.writes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((Instant::now(), what));
+            .push((self.clock.instant(), what));
     }
 
     fn note(&self, what: String) {
         let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         r.push_back(RecentAction {
-            at: Timestamp::now().to_string(),
+            at: self.clock.now().to_string(),
             what,
         });
         while r.len() > 100 {
@@ -220,6 +223,16 @@ where
 /// PodDisruptionBudget's refusal of an eviction would hold the control loop in the client's backoff
 /// instead of being reported and asked again next round (every write is retried by the loop).
 pub async fn start(client: Client, settings: Settings, identity: String) -> anyhow::Result<Running> {
+    start_with_clock(client, settings, identity, mig_protocol::clock::system()).await
+}
+
+/// [`start`] on `clock` (tests move time by hand with [`mig_protocol::ManualClock`]).
+pub async fn start_with_clock(
+    client: Client,
+    settings: Settings,
+    identity: String,
+    clock: SharedClock,
+) -> anyhow::Result<Running> {
     settings.validate()?;
     let catalog = Catalog::embedded();
     let mut profiles: BTreeSet<String> = BTreeSet::new();
@@ -228,7 +241,7 @@ pub async fn start(client: Client, settings: Settings, identity: String) -> anyh
     }
     let shared = Arc::new(Shared {
         metrics: Metrics::new(profiles),
-        lease: LeaseHandle::new(identity.clone()),
+        lease: LeaseHandle::with_clock(identity.clone(), clock.clone()),
         ready: AtomicBool::new(false),
         latest: RwLock::new(None),
         writes: std::sync::Mutex::new(Vec::new()),
@@ -237,7 +250,8 @@ pub async fn start(client: Client, settings: Settings, identity: String) -> anyh
         reviewer: settings
             .http
             .authenticates()
-            .then(|| crate::auth::Reviewer::new(client.clone())),
+            .then(|| crate::auth::Reviewer::new(client.clone(), clock.clone())),
+        clock,
         settings: settings.clone(),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -450,6 +464,16 @@ async fn control_loop(mut cl: ControlLoop) {
 }
 
 impl ControlLoop {
+    /// Monotonic time on the injected clock.
+    fn instant(&self) -> Instant {
+        self.shared.clock.instant()
+    }
+
+    /// Wall time on the injected clock.
+    fn now(&self) -> Timestamp {
+        self.shared.clock.now()
+    }
+
     /// Queue an Event; `true` when it was sent (this replica leads and it is not a repeat within
     /// `eventDedupe`).
     fn emit(
@@ -471,7 +495,7 @@ impl ControlLoop {
             regarding.name.as_deref().unwrap_or_default()
         );
         let dedupe = self.shared.settings.event_dedupe.0;
-        let now = Instant::now();
+        let now = self.instant();
         self.state.sent.retain(|_, t| now.duration_since(*t) < dedupe);
         if self.state.sent.contains_key(&key) {
             return false;
@@ -530,7 +554,7 @@ impl ControlLoop {
     }
 
     async fn round(&mut self) {
-        let now = Instant::now();
+        let now = self.instant();
         let pods = self.caches.pods.state();
         let pending: BTreeSet<String> = pods
             .iter()
@@ -556,7 +580,7 @@ impl ControlLoop {
                 && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
                 && let Some(created) = &p.metadata.creation_timestamp
             {
-                let waited = Timestamp::now().duration_since(created.0).as_secs_f64().max(0.0);
+                let waited = self.now().duration_since(created.0).as_secs_f64().max(0.0);
                 self.shared.metrics.time_to_slice.observe(waited);
             }
         }
@@ -607,7 +631,7 @@ impl ControlLoop {
                 return false;
             }
         };
-        let now = Timestamp::now();
+        let now = self.now();
         for n in list.items {
             let Some(g) = annotation::<Grant>(&n, GRANT_ANNOTATION) else {
                 continue;
@@ -636,20 +660,18 @@ impl ControlLoop {
         let mut facts = obs.facts();
         let keep = jiff::SignedDuration::try_from(self.shared.settings.budgets.grant_timeout.0)
             .unwrap_or(jiff::SignedDuration::MAX);
-        self.state
-            .ledger
-            .overlay(&mut facts, Timestamp::now(), keep, |node| {
-                obs.nodes
-                    .get(node)
-                    .map(|v| {
-                        v.grant
-                            .iter()
-                            .map(|g| g.id.clone())
-                            .chain(v.state.iter().map(|s| s.grant_id.clone()))
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            });
+        self.state.ledger.overlay(&mut facts, self.now(), keep, |node| {
+            obs.nodes
+                .get(node)
+                .map(|v| {
+                    v.grant
+                        .iter()
+                        .map(|g| g.id.clone())
+                        .chain(v.state.iter().map(|s| s.grant_id.clone()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
         for f in &mut facts {
             if self.state.agents_gone.contains(&f.name) && matches!(f.flight, Flight::InFlight { .. }) {
                 f.flight = Flight::Stuck;
@@ -674,15 +696,15 @@ impl ControlLoop {
             &s.planner,
             &s.budgets,
             s.demand_window.0,
-            Timestamp::now(),
+            self.now(),
         )
     }
 
     async fn plan_and_act(&mut self) {
         let settings = self.shared.settings.clone();
-        let started = Instant::now();
+        let started = Instant::now(); // the planner's run time, a metric: the machine's clock
         let obs = self.observe_now();
-        let now = Timestamp::now();
+        let now = self.now();
         let facts = self.budget_facts(&obs);
         if !self.state.led && self.shared.lease.is_leader() {
             return; // the Nodes' grants are not read back yet
@@ -979,7 +1001,7 @@ impl ControlLoop {
     async fn grant(&mut self, plan: &Plan, planned: &Observation, c: &Candidate) -> Result<(), GrantError> {
         let settings = self.shared.settings.clone();
         let fresh = self.observe_now();
-        let now = Timestamp::now();
+        let now = self.now();
         let Some(view) = fresh.nodes.get(&c.node) else {
             return Err(GrantError::Invalidated("node is gone".into()));
         };
@@ -1176,12 +1198,11 @@ impl ControlLoop {
         // Entries still referenced: by a node's label, by a grant, this one, and any this replica
         // wrote within `grantTimeout` (the node cache may not show their grants yet).
         let keep_written = self.shared.settings.budgets.grant_timeout.0;
+        let now = self.instant();
         self.state
             .written_configs
-            .retain(|_, at| at.elapsed() < keep_written);
-        self.state
-            .written_configs
-            .insert(name.to_string(), Instant::now());
+            .retain(|_, at| now.saturating_duration_since(*at) < keep_written);
+        self.state.written_configs.insert(name.to_string(), now);
         let mut referenced: BTreeSet<String> = self.state.written_configs.keys().cloned().collect();
         for n in self.caches.nodes.state() {
             if let Some(v) = n.labels().get(mig_protocol::MIG_CONFIG_LABEL) {
@@ -1249,7 +1270,7 @@ impl ControlLoop {
             // node is idle again and the sweep removes the taint.
             let ended = NodeState {
                 phase: Phase::RolledBack,
-                since: Timestamp::now().to_string(),
+                since: self.now().to_string(),
                 message: Some(format!(
                     "released by the controller: the node agent stopped during {}; nothing was changed",
                     phase.as_str()
@@ -1289,7 +1310,7 @@ impl ControlLoop {
     /// remove our taint from nodes with nothing in flight.
     async fn housekeeping(&mut self) {
         let obs = self.observe_now();
-        let now = Timestamp::now();
+        let now = self.now();
         let timeout = jiff::SignedDuration::try_from(self.shared.settings.budgets.grant_timeout.0)
             .unwrap_or(jiff::SignedDuration::MAX);
         let first_round = self.state.flights.is_empty();
@@ -1318,7 +1339,7 @@ impl ControlLoop {
                 if let Some(grant) = &current.0 {
                     self.state
                         .ended_seen
-                        .insert(name.clone(), (grant.clone(), Timestamp::now()));
+                        .insert(name.clone(), (grant.clone(), self.now()));
                 }
                 // The agent found the plan stale before changing anything: plan afresh now rather
                 // than at the next batch or resync (each retry costs a taint and two agent ticks,
@@ -1337,7 +1358,7 @@ impl ControlLoop {
                 (&view.flight, &view.state, &view.grant)
             {
                 let seen = serde_json::to_string(state).unwrap_or_default();
-                let at = Instant::now();
+                let at = self.instant();
                 let entry = self
                     .state
                     .agent_seen

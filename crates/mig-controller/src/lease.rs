@@ -21,6 +21,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Api;
 use kube::api::PostParams;
+use mig_protocol::SharedClock;
 use tokio::sync::watch;
 
 /// Shared view of this replica's leadership.
@@ -31,17 +32,24 @@ pub struct LeaseHandle {
 
 struct Inner {
     identity: String,
+    clock: SharedClock,
     valid_until: Mutex<Option<Instant>>,
     /// Leadership terms: (start, end) where end is `None` while ongoing.
     terms: Mutex<Vec<(Instant, Option<Instant>)>>,
 }
 
 impl LeaseHandle {
-    /// A handle for `identity`, not leading.
+    /// A handle for `identity`, not leading, on the machine's clock.
     pub fn new(identity: impl Into<String>) -> LeaseHandle {
+        LeaseHandle::with_clock(identity, mig_protocol::clock::system())
+    }
+
+    /// A handle for `identity`, not leading, on `clock`.
+    pub fn with_clock(identity: impl Into<String>, clock: SharedClock) -> LeaseHandle {
         LeaseHandle {
             inner: Arc::new(Inner {
                 identity: identity.into(),
+                clock,
                 valid_until: Mutex::new(None),
                 terms: Mutex::new(Vec::new()),
             }),
@@ -51,7 +59,15 @@ impl LeaseHandle {
     /// Whether this replica may act now. Check right before every write.
     pub fn is_leader(&self) -> bool {
         let until = *self.inner.valid_until.lock().unwrap_or_else(|e| e.into_inner());
-        until.is_some_and(|u| Instant::now() < u)
+        until.is_some_and(|u| self.instant() < u)
+    }
+
+    fn instant(&self) -> Instant {
+        self.inner.clock.instant()
+    }
+
+    fn micro_time(&self) -> MicroTime {
+        MicroTime(self.inner.clock.now())
     }
 
     /// This replica's identity (its pod name).
@@ -75,21 +91,22 @@ impl LeaseHandle {
     fn granted(&self, until: Instant) {
         let mut v = self.inner.valid_until.lock().unwrap_or_else(|e| e.into_inner());
         let mut terms = self.inner.terms.lock().unwrap_or_else(|e| e.into_inner());
-        let continuing = v.is_some_and(|u| Instant::now() < u);
+        let now = self.instant();
+        let continuing = v.is_some_and(|u| now < u);
         if !continuing {
             if let Some(last) = terms.last_mut()
                 && last.1.is_none()
             {
                 last.1 = *v;
             }
-            terms.push((Instant::now(), None));
+            terms.push((now, None));
         }
         *v = Some(until);
     }
 
     fn lost(&self) {
         let mut v = self.inner.valid_until.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
+        let now = self.instant();
         let end = v.map(|u| u.min(now));
         if let Some(last) = self
             .inner
@@ -122,8 +139,8 @@ pub async fn run(
 ) {
     let mut observed: Option<Observed> = None;
     loop {
-        let started = Instant::now();
-        match try_acquire_or_renew(&api, &name, duration, handle.identity(), &mut observed).await {
+        let started = handle.instant();
+        match try_acquire_or_renew(&api, &name, duration, &handle, &mut observed).await {
             Ok(true) => handle.granted(started + duration * 2 / 3),
             Ok(false) => handle.lost(),
             Err(e) => {
@@ -141,14 +158,10 @@ pub async fn run(
     }
     if handle.is_leader() {
         handle.lost();
-        if let Err(e) = release(&api, &name, handle.identity()).await {
+        if let Err(e) = release(&api, &name, &handle).await {
             tracing::warn!(error = %e, lease = %name, "lease release failed; a follower takes over after the lease duration");
         }
     }
-}
-
-fn now() -> MicroTime {
-    MicroTime(jiff::Timestamp::now())
 }
 
 /// One round: `Ok(true)` when we hold the lease now.
@@ -156,9 +169,11 @@ async fn try_acquire_or_renew(
     api: &Api<Lease>,
     name: &str,
     duration: Duration,
-    me: &str,
+    handle: &LeaseHandle,
     observed: &mut Option<Observed>,
 ) -> Result<bool, kube::Error> {
+    let me = handle.identity();
+    let now = || handle.micro_time();
     let secs = duration.as_secs().max(1) as i32;
     let current = match api.get_opt(name).await? {
         Some(l) => l,
@@ -193,14 +208,14 @@ async fn try_acquire_or_renew(
         let their_duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(secs).max(1) as u64);
         match observed {
             Some(o) if o.resource_version == rv => {
-                if o.at.elapsed() <= their_duration {
+                if handle.instant().saturating_duration_since(o.at) <= their_duration {
                     return Ok(false);
                 }
             }
             _ => {
                 *observed = Some(Observed {
                     resource_version: rv,
-                    at: Instant::now(),
+                    at: handle.instant(),
                 });
                 return Ok(false);
             }
@@ -224,7 +239,7 @@ async fn try_acquire_or_renew(
         Ok(l) => {
             *observed = Some(Observed {
                 resource_version: l.metadata.resource_version.unwrap_or_default(),
-                at: Instant::now(),
+                at: handle.instant(),
             });
             Ok(true)
         }
@@ -234,7 +249,8 @@ async fn try_acquire_or_renew(
 }
 
 /// Give the lease up: empty holder, so a follower takes it at its next try.
-async fn release(api: &Api<Lease>, name: &str, me: &str) -> Result<(), kube::Error> {
+async fn release(api: &Api<Lease>, name: &str, handle: &LeaseHandle) -> Result<(), kube::Error> {
+    let me = handle.identity();
     let Some(mut lease) = api.get_opt(name).await? else {
         return Ok(());
     };
@@ -245,10 +261,34 @@ async fn release(api: &Api<Lease>, name: &str, me: &str) -> Result<(), kube::Err
         return Ok(());
     }
     spec.holder_identity = None;
-    spec.renew_time = Some(now());
+    spec.renew_time = Some(handle.micro_time());
     match api.replace(name, &PostParams::default(), &lease).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mig_protocol::{Clock, ManualClock};
+
+    #[test]
+    fn the_right_to_act_runs_out_by_itself_on_the_clock() {
+        let clock = ManualClock::new();
+        let handle = LeaseHandle::with_clock("a", clock.clone());
+        assert!(!handle.is_leader());
+        let start = clock.instant();
+        handle.granted(start + Duration::from_secs(10));
+        clock.advance(Duration::from_secs(9));
+        assert!(handle.is_leader());
+        // A renewal that hangs: nothing renews, and the right ends at its deadline.
+        clock.advance(Duration::from_secs(2));
+        assert!(!handle.is_leader());
+        // A term ends where its right ran out, not when the loss was noticed.
+        clock.advance(Duration::from_secs(30));
+        handle.lost();
+        assert_eq!(handle.terms(), vec![(start, start + Duration::from_secs(10))]);
     }
 }

@@ -14,6 +14,7 @@
 //! Values are JSON. A value that does not parse is reported (Event, metric) and the node is left
 //! alone; it is never overwritten blindly.
 
+pub mod clock;
 pub mod events;
 
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::PodSpec;
 use serde::{Deserialize, Serialize};
 
+pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use events::{Emitter, Reason};
 
 /// Prefix of every annotation, label and taint key we own.

@@ -307,6 +307,18 @@ pub async fn controller(env: &Env, settings: Settings, identity: &str) -> mig_co
         .unwrap()
 }
 
+/// Start a controller on `env` as replica `identity`, on `clock`.
+pub async fn controller_with_clock(
+    env: &Env,
+    settings: Settings,
+    identity: &str,
+    clock: mig_protocol::SharedClock,
+) -> mig_controller::Running {
+    mig_controller::controller::start_with_clock(client_for(&env.server), settings, identity.into(), clock)
+        .await
+        .unwrap()
+}
+
 /// A pod in `default` asking for `count` instances of `profile` (`3g.40gb`).
 pub fn mig_pod(name: &str, profile: &str, count: &str) -> Pod {
     serde_json::from_value(json!({

@@ -629,6 +629,80 @@ async fn the_sweep_removes_stale_taints_and_withdraws_grants_no_agent_started() 
     c.stop().await;
 }
 
+/// The controller's timeouts run on its clock, not on the machine's: with production-sized
+/// timeouts, a grant no agent starts is withdrawn when the controller's clock passes
+/// `grantTimeout`, and not a moment of its clock before; the test waits for no timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_withdraws_a_grant_when_its_clock_passes_the_grant_timeout() {
+    use mig_protocol::{Clock, ManualClock};
+    let env = bare_env(nodes(1, 1, "7g.80gb@0")).await;
+    let clock = ManualClock::new();
+    let api: Api<Node> = Api::all(env.client.clone());
+    let grant = Grant {
+        id: "never-started".into(),
+        plan_id: "p".into(),
+        granted_at: clock.now().to_string(),
+        granted_by: "replica-a".into(),
+        ..Default::default()
+    };
+    api.patch(
+        "gpu-node-0",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"annotations": {GRANT_ANNOTATION: serde_json::to_string(&grant).unwrap()}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let mut s = fast_settings(Mode::Auto);
+    s.budgets.grant_timeout = mig_controller::settings::Dur::secs(600);
+    s.batching.resync = mig_controller::settings::Dur::secs(60);
+    // The lease outlives every step of the clock: the replica leads throughout.
+    s.lease.duration = mig_controller::settings::Dur::secs(3600);
+    let c = controller_with_clock(&env, s, "replica-a", clock.clone()).await;
+    let planned_at = |at: jiff::Timestamp| {
+        let shared = c.shared.clone();
+        move || {
+            let shared = shared.clone();
+            async move {
+                shared.lease.is_leader()
+                    && shared
+                        .latest()
+                        .and_then(|p| p.computed_at.parse::<jiff::Timestamp>().ok())
+                        .is_some_and(|t| t >= at)
+            }
+        }
+    };
+    let granted = || async {
+        api.get("gpu-node-0")
+            .await
+            .unwrap()
+            .annotations()
+            .contains_key(GRANT_ANNOTATION)
+    };
+    // Nine minutes on the controller's clock (a plan at that time proves its rounds saw it).
+    clock.advance(Duration::from_secs(540));
+    eventually(10, "a plan at +9 min", planned_at(clock.now())).await;
+    assert!(
+        granted().await,
+        "withdrawn before grantTimeout on the controller's clock"
+    );
+    // Eleven: withdrawn, with its Event.
+    clock.advance(Duration::from_secs(120));
+    eventually(10, "the grant withdrawn at +11 min", || async {
+        !granted().await
+    })
+    .await;
+    eventually(5, "a GrantWithdrawn Event", || async {
+        events(&env.client, "default")
+            .await
+            .iter()
+            .any(|(w, r, _, _)| w == "gpu-node-0" && r == "GrantWithdrawn")
+    })
+    .await;
+    c.stop().await;
+}
+
 /// A connection from `ip` (another loopback address than the test's own 127.0.0.1).
 async fn connect_from(ip: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();

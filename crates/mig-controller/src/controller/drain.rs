@@ -4,7 +4,7 @@
 //! only on the node the grant is for, only once that node's agent has tainted it and reports
 //! `Draining` for that very grant.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::policy::v1::Eviction;
@@ -96,7 +96,7 @@ impl ControlLoop {
     /// it. A PDB that refuses (429) is reported and asked again next round, until the agent's drain
     /// timeout rolls the sequence back.
     pub(super) async fn drain(&mut self, name: &str, view: &NodeView, g: &Grant) {
-        let now = Instant::now();
+        let now = self.instant();
         self.state
             .evicted
             .retain(|_, at| now.duration_since(*at) < REMEMBER);
@@ -145,7 +145,7 @@ impl ControlLoop {
         match sent {
             Ok(_) => {
                 if let Some(u) = uid.clone() {
-                    self.state.evicted.insert(u, Instant::now());
+                    self.state.evicted.insert(u, self.instant());
                 }
                 self.shared.record_write(format!("{node}: evicted {key}"));
                 tracing::info!(node, pod = key, "evicted");
