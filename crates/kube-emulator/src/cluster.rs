@@ -18,6 +18,7 @@ use crate::resources::{Resource, find};
 use crate::selectors::expression_holds;
 use crate::server::Shared;
 use crate::status::ApiError;
+use crate::store::Store;
 
 /// Label mig-manager reads.
 pub const MIG_CONFIG_LABEL: &str = "nvidia.com/mig.config";
@@ -556,37 +557,23 @@ impl Cluster {
         });
     }
 
-    /// One round of every actor.
+    /// One round of every actor: kubelet, mig-manager, device plugin, scheduler.
     pub fn step(&self) {
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         let mut store = self.state.store();
-        let pods_r = res("", "v1", "pods");
-        let nodes_r = res("", "v1", "nodes");
-
-        // Kubelet: terminating pods go when their grace period is over.
-        let now = jiff::Timestamp::now();
-        delete_pods_where(&mut store, |p| {
-            let due = p["metadata"]["deletionTimestamp"]
-                .as_str()
-                .and_then(|t| t.parse::<jiff::Timestamp>().ok());
-            due.is_some_and(|d| d <= now)
-        });
-        // Kubelet: instances of pods that are gone are free again.
-        let live: std::collections::BTreeSet<String> = store
-            .list(pods_r, None)
-            .iter()
-            .map(|p| {
-                let (ns, name) = ns_name(p);
-                format!("{ns}/{name}")
-            })
-            .collect();
-        for n in nodes.values_mut() {
-            for g in &mut n.gpus {
-                g.used.retain(|_, pod| live.contains(pod));
-            }
+        kubelet(&mut store, &mut nodes);
+        self.mig_manager(&mut store, &mut nodes);
+        if self.device_plugin_pods {
+            device_plugin_pods(&mut store, &mut nodes);
         }
+        self.advertise(&mut store, &nodes);
+        self.schedule(&mut store, &mut nodes);
+    }
 
-        // mig-manager.
+    /// mig-manager: applies a node's `nvidia.com/mig.config` after the delay (`pending`, then
+    /// `success` or `failed`).
+    fn mig_manager(&self, store: &mut Store, nodes: &mut BTreeMap<String, NodeState>) {
+        let nodes_r = res("", "v1", "nodes");
         let config = store
             .get(
                 res("", "v1", "configmaps"),
@@ -617,7 +604,7 @@ impl Cluster {
             match n.pending_since {
                 None => {
                     n.pending_since = Some(Instant::now());
-                    let _ = set_label(&mut store, nodes_r, name, MIG_STATE_LABEL, "pending");
+                    let _ = set_label(store, nodes_r, name, MIG_STATE_LABEL, "pending");
                     continue;
                 }
                 Some(t) if t.elapsed() < self.delay => continue,
@@ -643,39 +630,14 @@ impl Cluster {
                     "failed"
                 }
             };
-            let _ = set_label(&mut store, nodes_r, name, MIG_STATE_LABEL, state);
+            let _ = set_label(store, nodes_r, name, MIG_STATE_LABEL, state);
         }
+    }
 
-        // Device plugin pods: one per node, started again when gone (and then up to date).
-        if self.device_plugin_pods {
-            let (key, value) = DEVICE_PLUGIN_LABEL;
-            for (name, n) in nodes.iter_mut() {
-                let pod_name = format!("nvidia-device-plugin-{name}");
-                let deployed = store.get(nodes_r, "", name).is_ok_and(|node| {
-                    node["metadata"]["labels"][DEVICE_PLUGIN_DEPLOY_LABEL]
-                        .as_str()
-                        .is_none_or(|v| v == "true")
-                });
-                let exists = store.get(pods_r, "gpu-operator", &pod_name).is_ok();
-                if !deployed && exists {
-                    let _ = store.delete(pods_r, "gpu-operator", &pod_name);
-                }
-                if !deployed || exists {
-                    continue;
-                }
-                let pod = json!({"apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": pod_name, "namespace": "gpu-operator", "labels": {key: value},
-                                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": value,
-                                                      "uid": "emulated-device-plugin", "controller": true}]},
-                    "spec": {"nodeName": name, "terminationGracePeriodSeconds": 1, "containers": [{"name": "nvidia-device-plugin", "image": "nvcr.io/nvidia/k8s-device-plugin"}],
-                             "tolerations": [{"operator": "Exists"}]},
-                    "status": {"phase": "Running"}});
-                if store.create(pods_r, "gpu-operator", pod).is_ok() {
-                    n.plugin_stale = false;
-                }
-            }
-        }
-
+    /// The device plugin: allocatable per MIG profile from the actual layouts (a stale plugin
+    /// advertises what it saw when it started).
+    fn advertise(&self, store: &mut Store, nodes: &BTreeMap<String, NodeState>) {
+        let nodes_r = res("", "v1", "nodes");
         // Device plugin: allocatable per MIG profile from the actual layouts.
         for (name, n) in nodes.iter() {
             if n.plugin_stale && self.device_plugin_pods {
@@ -711,7 +673,13 @@ impl Cluster {
                 let _ = store.replace(nodes_r, "", name, node);
             }
         }
+    }
 
+    /// The scheduler: binds pending pods in creation order where their MIG instances (and CPU and
+    /// memory) are free.
+    fn schedule(&self, store: &mut Store, nodes: &mut BTreeMap<String, NodeState>) {
+        let pods_r = res("", "v1", "pods");
+        let nodes_r = res("", "v1", "nodes");
         // Scheduler: bind pending pods in creation order where their MIG instances are free.
         let mut pending: Vec<Value> = store
             .list(pods_r, None)
@@ -804,6 +772,66 @@ impl Cluster {
                 waiting["status"]["phase"] = json!("Pending");
                 let _ = store.replace(pods_r, &ns, &pod_name, waiting);
             }
+        }
+    }
+}
+
+/// The kubelet: terminating pods go when their grace period is over, and the instances of pods
+/// that are gone are free again.
+fn kubelet(store: &mut Store, nodes: &mut BTreeMap<String, NodeState>) {
+    let pods_r = res("", "v1", "pods");
+    // Kubelet: terminating pods go when their grace period is over.
+    let now = jiff::Timestamp::now();
+    delete_pods_where(store, |p| {
+        let due = p["metadata"]["deletionTimestamp"]
+            .as_str()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+        due.is_some_and(|d| d <= now)
+    });
+    // Kubelet: instances of pods that are gone are free again.
+    let live: std::collections::BTreeSet<String> = store
+        .list(pods_r, None)
+        .iter()
+        .map(|p| {
+            let (ns, name) = ns_name(p);
+            format!("{ns}/{name}")
+        })
+        .collect();
+    for n in nodes.values_mut() {
+        for g in &mut n.gpus {
+            g.used.retain(|_, pod| live.contains(pod));
+        }
+    }
+}
+
+/// Device-plugin pods: one per node while deployed, started again when gone (and then up to date).
+fn device_plugin_pods(store: &mut Store, nodes: &mut BTreeMap<String, NodeState>) {
+    let pods_r = res("", "v1", "pods");
+    let nodes_r = res("", "v1", "nodes");
+    let (key, value) = DEVICE_PLUGIN_LABEL;
+    for (name, n) in nodes.iter_mut() {
+        let pod_name = format!("nvidia-device-plugin-{name}");
+        let deployed = store.get(nodes_r, "", name).is_ok_and(|node| {
+            node["metadata"]["labels"][DEVICE_PLUGIN_DEPLOY_LABEL]
+                .as_str()
+                .is_none_or(|v| v == "true")
+        });
+        let exists = store.get(pods_r, "gpu-operator", &pod_name).is_ok();
+        if !deployed && exists {
+            let _ = store.delete(pods_r, "gpu-operator", &pod_name);
+        }
+        if !deployed || exists {
+            continue;
+        }
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod_name, "namespace": "gpu-operator", "labels": {key: value},
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": value,
+                                          "uid": "emulated-device-plugin", "controller": true}]},
+        "spec": {"nodeName": name, "terminationGracePeriodSeconds": 1, "containers": [{"name": "nvidia-device-plugin", "image": "nvcr.io/nvidia/k8s-device-plugin"}],
+                 "tolerations": [{"operator": "Exists"}]},
+        "status": {"phase": "Running"}});
+        if store.create(pods_r, "gpu-operator", pod).is_ok() {
+            n.plugin_stale = false;
         }
     }
 }

@@ -810,36 +810,7 @@ fn watch_stream(state: Arc<Shared>, t: &Target, query: &HashMap<String, String>)
             && labels.matches(&e.object)
             && fields.matches(&e.object)
     };
-
-    // Subscribe and read the backlog under one lock, so that no change falls between them.
-    let (backlog, mut rx, gone) = {
-        let store = state.store();
-        let from: Option<u64> = query
-            .get("resourceVersion")
-            .and_then(|r| r.parse().ok())
-            .filter(|r| *r > 0);
-        let oldest = store.oldest_watchable();
-        let gone = match from {
-            _ if state.take_forced_gone() => Some(ApiError::gone(from.unwrap_or(0), oldest)),
-            Some(rv) if rv < oldest => Some(ApiError::gone(rv, oldest)),
-            _ => None,
-        };
-        // Without a resourceVersion a watch starts with ADDED for every existing object.
-        let backlog: Vec<Event> = match from {
-            Some(rv) => store.since(rv),
-            None => store
-                .list(resource, t.namespace.as_deref())
-                .into_iter()
-                .map(|o| Event {
-                    rv: 0,
-                    resource: resource.plural,
-                    change: Change::Added,
-                    object: o,
-                })
-                .collect(),
-        };
-        (backlog, store.subscribe(), gone)
-    };
+    let (backlog, mut rx, gone) = subscribe(&state, t, query);
     let interval = state.config.bookmark_interval;
     let kind = resource.kind;
     let api_version = resource.api_version();
@@ -849,70 +820,31 @@ fn watch_stream(state: Arc<Shared>, t: &Target, query: &HashMap<String, String>)
             return;
         }
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut sent = 0usize;
-        let mut last_rv = 0u64;
-        let limit = faults.drop_watch_after.unwrap_or(usize::MAX);
-        for e in backlog.iter().filter(|e| wants(e)) {
-            if sent >= limit || tx.send(watch_line(e.change.as_str(), &e.object)).await.is_err() {
+        let mut out = WatchOut {
+            tx,
+            wants,
+            sent: 0,
+            last_rv: 0,
+            limit: faults.drop_watch_after.unwrap_or(usize::MAX),
+        };
+        for e in backlog.iter().filter(|e| (out.wants)(e)) {
+            if out.sent >= out.limit
+                || out
+                    .tx
+                    .send(watch_line(e.change.as_str(), &e.object))
+                    .await
+                    .is_err()
+            {
                 return;
             }
-            sent += 1;
-            last_rv = last_rv.max(e.rv);
+            out.sent += 1;
+            out.last_rv = out.last_rv.max(e.rv);
         }
-        let delay = if faults.watch_delay > Duration::ZERO
+        let delayed = faults.watch_delay > Duration::ZERO
             && (faults.watch_delay_resources.is_empty()
-                || faults.watch_delay_resources.iter().any(|r| r == resource.plural))
-        {
-            Some(faults.watch_delay)
-        } else {
-            None
-        };
-        if let Some(delay) = delay {
-            // A forwarder stamps each change when it happens; it is sent `delay` later, in order.
-            let (lag_tx, mut lagged) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(async move {
-                loop {
-                    let msg = rx.recv().await;
-                    let end = matches!(msg, Err(RecvError::Closed));
-                    if lag_tx.send((tokio::time::Instant::now() + delay, msg)).is_err() || end {
-                        return;
-                    }
-                }
-            });
-            loop {
-                let next = tokio::select! {
-                    _ = tokio::time::sleep_until(deadline) => return,
-                    m = lagged.recv() => m,
-                };
-                let Some((due, msg)) = next else { return };
-                tokio::select! {
-                    _ = tokio::time::sleep_until(deadline) => return,
-                    _ = tokio::time::sleep_until(due) => {}
-                }
-                match msg {
-                    Ok(e) => {
-                        if e.rv <= last_rv || !wants(&e) {
-                            continue;
-                        }
-                        if sent >= limit {
-                            return;
-                        }
-                        if tx.send(watch_line(e.change.as_str(), &e.object)).await.is_err() {
-                            return;
-                        }
-                        sent += 1;
-                        last_rv = e.rv;
-                    }
-                    Err(RecvError::Lagged(_)) => {
-                        let oldest = state.store().oldest_watchable();
-                        let _ = tx
-                            .send(watch_line("ERROR", &ApiError::gone(last_rv, oldest).body()))
-                            .await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => return,
-                }
-            }
+                || faults.watch_delay_resources.iter().any(|r| r == resource.plural));
+        if delayed {
+            return out.delayed(&state, rx, faults.watch_delay, deadline).await;
         }
         let mut ticker = tokio::time::interval(interval);
         loop {
@@ -921,24 +853,9 @@ fn watch_stream(state: Arc<Shared>, t: &Target, query: &HashMap<String, String>)
                 _ = ticker.tick(), if bookmarks => {
                     let rv = state.store().resource_version();
                     let mark = json!({"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": rv.to_string()}});
-                    if tx.send(watch_line("BOOKMARK", &mark)).await.is_err() { return; }
+                    if out.tx.send(watch_line("BOOKMARK", &mark)).await.is_err() { return; }
                 }
-                msg = rx.recv() => match msg {
-                    Ok(e) => {
-                        if e.rv <= last_rv || !wants(&e) { continue; }
-                        if sent >= limit { return; }
-                        if tx.send(watch_line(e.change.as_str(), &e.object)).await.is_err() { return; }
-                        sent += 1;
-                        last_rv = e.rv;
-                    }
-                    // Fell behind the broadcast: the client must relist, as after a real 410.
-                    Err(RecvError::Lagged(_)) => {
-                        let oldest = state.store().oldest_watchable();
-                        let _ = tx.send(watch_line("ERROR", &ApiError::gone(last_rv, oldest).body())).await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => return,
-                }
+                msg = rx.recv() => if !out.receive(&state, msg).await { return },
             }
         }
     });
@@ -947,6 +864,124 @@ fn watch_stream(state: Arc<Shared>, t: &Target, query: &HashMap<String, String>)
         .header("content-type", "application/json")
         .body(Body::from_stream(stream.map(Ok::<Bytes, Infallible>)))
         .unwrap_or_else(|_| ApiError::internal("response").into_response())
+}
+
+/// Subscribe and read the backlog under one lock, so that no change falls between them: the
+/// changes since the asked resourceVersion (or, without one, ADDED for every existing object), the
+/// subscription, and a 410 when that version is too old (or one is forced).
+fn subscribe(
+    state: &Shared,
+    t: &Target,
+    query: &HashMap<String, String>,
+) -> (
+    Vec<Event>,
+    tokio::sync::broadcast::Receiver<Event>,
+    Option<ApiError>,
+) {
+    let store = state.store();
+    let from: Option<u64> = query
+        .get("resourceVersion")
+        .and_then(|r| r.parse().ok())
+        .filter(|r| *r > 0);
+    let oldest = store.oldest_watchable();
+    let gone = match from {
+        _ if state.take_forced_gone() => Some(ApiError::gone(from.unwrap_or(0), oldest)),
+        Some(rv) if rv < oldest => Some(ApiError::gone(rv, oldest)),
+        _ => None,
+    };
+    let backlog: Vec<Event> = match from {
+        Some(rv) => store.since(rv),
+        None => store
+            .list(t.resource, t.namespace.as_deref())
+            .into_iter()
+            .map(|o| Event {
+                rv: 0,
+                resource: t.resource.plural,
+                change: Change::Added,
+                object: o,
+            })
+            .collect(),
+    };
+    (backlog, store.subscribe(), gone)
+}
+
+/// One watch's sending end: what it wants, what it has sent, and how much it may send (a fault).
+struct WatchOut<W> {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    wants: W,
+    sent: usize,
+    last_rv: u64,
+    limit: usize,
+}
+
+impl<W: Fn(&Event) -> bool> WatchOut<W> {
+    /// Handle one message of the subscription; `false` when the watch ends (the client went away,
+    /// the fault's limit, or the subscription fell behind: then a 410, as a real server would).
+    async fn receive(&mut self, state: &Shared, msg: Result<Event, RecvError>) -> bool {
+        match msg {
+            Ok(e) => {
+                if e.rv <= self.last_rv || !(self.wants)(&e) {
+                    return true;
+                }
+                if self.sent >= self.limit
+                    || self
+                        .tx
+                        .send(watch_line(e.change.as_str(), &e.object))
+                        .await
+                        .is_err()
+                {
+                    return false;
+                }
+                self.sent += 1;
+                self.last_rv = e.rv;
+                true
+            }
+            Err(RecvError::Lagged(_)) => {
+                let oldest = state.store().oldest_watchable();
+                let _ = self
+                    .tx
+                    .send(watch_line("ERROR", &ApiError::gone(self.last_rv, oldest).body()))
+                    .await;
+                false
+            }
+            Err(RecvError::Closed) => false,
+        }
+    }
+
+    /// A lagging watch cache (a fault): a forwarder stamps each change when it happens; it is sent
+    /// `delay` later, in order.
+    async fn delayed(
+        mut self,
+        state: &Shared,
+        mut rx: tokio::sync::broadcast::Receiver<Event>,
+        delay: Duration,
+        deadline: tokio::time::Instant,
+    ) {
+        let (lag_tx, mut lagged) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let msg = rx.recv().await;
+                let end = matches!(msg, Err(RecvError::Closed));
+                if lag_tx.send((tokio::time::Instant::now() + delay, msg)).is_err() || end {
+                    return;
+                }
+            }
+        });
+        loop {
+            let next = tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return,
+                m = lagged.recv() => m,
+            };
+            let Some((due, msg)) = next else { return };
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = tokio::time::sleep_until(due) => {}
+            }
+            if !self.receive(state, msg).await {
+                return;
+            }
+        }
+    }
 }
 
 /// A stream fed by a spawned task through a channel.

@@ -30,8 +30,9 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::error::{GpuError, ScrapeError};
-use crate::sequence::{self, Action, Observation, PodFact, SequencePolicy};
+use crate::sequence::{self, Effect, Observation, PodFact, SequencePolicy};
 use crate::source::GpuSource;
+use mig_planner::snapshot::Gpu;
 
 /// Field manager of the agent's writes.
 pub const FIELD_MANAGER: &str = "mig-autoscaler-agent";
@@ -134,19 +135,12 @@ pub struct Metrics {
     ready: Gauge,
 }
 
-const PHASES: [&str; 11] = [
-    "idle",
-    "tainting",
-    "draining",
-    "relabeling",
-    "applying",
-    "awaiting-mig-manager",
-    "verifying",
-    "untainting",
-    "rolling-back",
-    "done",
-    "failed",
-];
+/// The phase gauge's values: no sequence, or its phase by name.
+const IDLE: &str = "Idle";
+
+fn phases() -> impl Iterator<Item = &'static str> {
+    std::iter::once(IDLE).chain(mig_protocol::Phase::ALL.map(mig_protocol::Phase::as_str))
+}
 
 impl Metrics {
     fn new() -> Metrics {
@@ -174,7 +168,7 @@ impl Metrics {
             "1 once the GPUs are observed and match the catalog",
             m.ready.clone(),
         );
-        for p in PHASES {
+        for p in phases() {
             let _ = m.phase.get_or_create(&Label { kind: p });
             let _ = m.transitions.get_or_create(&Label { kind: p });
         }
@@ -193,7 +187,7 @@ impl Metrics {
     }
 
     fn set_phase(&self, phase: &'static str) {
-        for p in PHASES {
+        for p in phases() {
             self.phase
                 .get_or_create(&Label { kind: p })
                 .set(i64::from(p == phase));
@@ -256,7 +250,7 @@ pub struct Running {
 }
 
 impl Running {
-    /// Graceful stop: the current step finishes (never stopped between an action and its persist).
+    /// Graceful stop: the current step finishes (never stopped between an effect and its persist).
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         if let Some(main) = self.tasks.first_mut() {
@@ -488,167 +482,169 @@ impl Worker {
     async fn tick(&mut self) -> Result<(), TickError> {
         let name = self.shared.settings.node.clone();
         let node = self.nodes.get(&name).await.map_err(|e| {
-            self.shared
-                .metrics
-                .errors
-                .get_or_create(&Label { kind: "observe" })
-                .inc();
+            self.count_error("observe");
             TickError::Api("get node", e)
         })?;
         let source = self.source.clone();
         let gpus = off_runtime(move || source.gpus()).await.map_err(|e| {
-            self.shared
-                .metrics
-                .errors
-                .get_or_create(&Label { kind: "observe" })
-                .inc();
+            self.count_error("observe");
             TickError::Source(e)
         })?;
         let uid = node.metadata.uid.clone();
         *self.node_version.lock().unwrap_or_else(|e| e.into_inner()) = node.metadata.resource_version.clone();
         let check_due = self.catalog_next_check.is_none_or(|t| self.instant() >= t);
         if !self.catalog_checked && check_due {
-            // Every GPU's model must be known, and what the driver reports of its MIG profiles and
-            // placements must agree with the catalog the plans are built from.
-            let mut unknown = Vec::new();
-            let mut mismatched = Vec::new();
-            for g in &gpus {
-                let model = match Catalog::embedded().lookup(&g.product) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        unknown.push(format!("GPU {}: {e}", g.index));
-                        continue;
-                    }
-                };
-                let (source, gpu) = (self.source.clone(), g.clone());
-                match off_runtime(move || source.profiles(&gpu)).await {
-                    Ok(Some(observed)) => {
-                        let blocking: Vec<String> = mig_catalog::nvml::compare(model, &observed)
-                            .into_iter()
-                            .filter(mig_catalog::nvml::Mismatch::is_blocking)
-                            .map(|m| m.to_string())
-                            .collect();
-                        if !blocking.is_empty() {
-                            mismatched.push(format!(
-                                "GPU {} ({} per {}): {}",
-                                g.index,
-                                model.key,
-                                observed.origin,
-                                blocking.join("; ")
-                            ));
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => mismatched.push(format!("GPU {}: cannot read MIG profiles: {e}", g.index)),
-                }
-            }
-            let problems: Vec<String> = unknown.into_iter().chain(mismatched).collect();
-            if !problems.is_empty() {
-                self.catalog_next_check = Some(self.instant() + self.shared.settings.catalog_retry);
-                self.shared
-                    .metrics
-                    .errors
-                    .get_or_create(&Label { kind: "catalog" })
-                    .inc();
-                let note = format!(
-                    "{}; the agent reports but will not reconfigure this node",
-                    problems.join("; ")
-                );
-                self.event(Reason::CatalogMismatch, note, self.node_ref(uid.clone()))
-                    .await;
-            } else {
-                self.catalog_checked = true;
-                self.shared.ready.store(true, Ordering::SeqCst);
-                self.shared.metrics.ready.set(1);
-            }
+            self.check_catalog(&gpus, uid.clone()).await;
         }
-
         let pods = self
             .pods
             .list(&ListParams::default().fields(&format!("spec.nodeName={name}")))
             .await
             .map_err(|e| TickError::Api("list pods", e))?;
-        let live = |p: &&Pod| {
-            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            phase != Some("Succeeded") && phase != Some("Failed")
-        };
-        let mut gpus = gpus;
-        let key = |p: &Pod| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
-        // Where the source cannot tell which pod uses which instance: the pods on this node holding
-        // (or about to hold) MIG instances, with their requests (none where it can).
-        let mig_pods: std::collections::BTreeMap<String, std::collections::BTreeMap<String, i64>> =
-            if self.source.knows_pods() {
-                Default::default()
-            } else {
-                pods.items
-                    .iter()
-                    .filter(live)
-                    .filter_map(|p| {
-                        let r = mig_protocol::mig_requests(p.spec.as_ref()?).ok()?;
-                        (!r.is_empty()).then(|| (key(p), r))
-                    })
-                    .collect()
-            };
-        // Utilization (and those pods, where it can say) per instance from dcgm-exporter.
-        let mut placed = std::collections::BTreeSet::new();
-        if let Some(series) = self.dcgm_series(&pods.items).await {
-            placed = crate::dcgm::apply(&mut gpus, &self.source.instance_ids(), &series, &mig_pods);
-        }
-        // The pods still unplaced, by profile (safe: every instance they may use counts as used).
-        let unplaced: Vec<(String, std::collections::BTreeMap<String, i64>)> = mig_pods
-            .into_iter()
-            .filter(|(k, _)| !placed.contains(k))
-            .collect();
-        crate::source::attribute_by_profile(&mut gpus, &unplaced);
-
-        // Report (only when it changed, so an idle node costs no writes).
-        let report = NodeReport {
-            observed_at: self.now().to_string(),
-            gpus: gpus.clone(),
-            backend: Some(self.shared.settings.sequence.backend),
-        };
-        let annotations = node.annotations().clone();
-        let same = annotations
-            .get(REPORT_ANNOTATION)
-            .and_then(|r| serde_json::from_str::<NodeReport>(r).ok())
-            .is_some_and(|r| r.gpus == report.gpus && r.backend == report.backend);
-        if !same {
-            let text = serde_json::to_string(&report).unwrap_or_default();
-            self.patch(json!({"metadata": {"annotations": {REPORT_ANNOTATION: text}}}))
-                .await
-                .inspect_err(|_| {
-                    self.shared
-                        .metrics
-                        .errors
-                        .get_or_create(&Label { kind: "report" })
-                        .inc();
-                })?;
-        }
+        let gpus = self.attribute_pods(gpus, &pods.items).await;
+        self.publish_report(&node, &gpus).await?;
         if !self.catalog_checked {
             return Ok(()); // refuse to act on GPUs the catalog does not know
         }
-
-        let object = format!("node/{name}");
-        let grant = parse_annotation::<Grant>(Some(&annotations), GRANT_ANNOTATION, &object);
-        let state = parse_annotation::<NodeState>(Some(&annotations), STATE_ANNOTATION, &object);
+        let obs = self.observation(&node, &pods.items, gpus);
+        self.note_unreadable(&obs);
         let taints = node
             .spec
             .as_ref()
             .and_then(|s| s.taints.clone())
             .unwrap_or_default();
+        self.run_step(&obs, &taints, uid).await
+    }
+
+    fn count_error(&self, kind: &'static str) {
+        self.shared.metrics.errors.get_or_create(&Label { kind }).inc();
+    }
+
+    /// Every GPU's model must be known, and what the driver reports of its MIG profiles and
+    /// placements must agree with the catalog the plans are built from; until then the agent
+    /// reports but does not act (a Warning says why; checked again after `catalog_retry`).
+    async fn check_catalog(&mut self, gpus: &[Gpu], uid: Option<String>) {
+        let mut unknown = Vec::new();
+        let mut mismatched = Vec::new();
+        for g in gpus {
+            let model = match Catalog::embedded().lookup(&g.product) {
+                Ok(m) => m,
+                Err(e) => {
+                    unknown.push(format!("GPU {}: {e}", g.index));
+                    continue;
+                }
+            };
+            let (source, gpu) = (self.source.clone(), g.clone());
+            match off_runtime(move || source.profiles(&gpu)).await {
+                Ok(Some(observed)) => {
+                    let blocking: Vec<String> = mig_catalog::nvml::compare(model, &observed)
+                        .into_iter()
+                        .filter(mig_catalog::nvml::Mismatch::is_blocking)
+                        .map(|m| m.to_string())
+                        .collect();
+                    if !blocking.is_empty() {
+                        mismatched.push(format!(
+                            "GPU {} ({} per {}): {}",
+                            g.index,
+                            model.key,
+                            observed.origin,
+                            blocking.join("; ")
+                        ));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => mismatched.push(format!("GPU {}: cannot read MIG profiles: {e}", g.index)),
+            }
+        }
+        let problems: Vec<String> = unknown.into_iter().chain(mismatched).collect();
+        if !problems.is_empty() {
+            self.catalog_next_check = Some(self.instant() + self.shared.settings.catalog_retry);
+            self.count_error("catalog");
+            let note = format!(
+                "{}; the agent reports but will not reconfigure this node",
+                problems.join("; ")
+            );
+            self.event(Reason::CatalogMismatch, note, self.node_ref(uid.clone()))
+                .await;
+        } else {
+            self.catalog_checked = true;
+            self.shared.ready.store(true, Ordering::SeqCst);
+            self.shared.metrics.ready.set(1);
+        }
+    }
+
+    /// Which pods use which instances, where the source cannot say: from dcgm-exporter where it
+    /// can, and the rest by profile (safe: every instance they may use counts as used); and
+    /// utilization per instance.
+    async fn attribute_pods(&mut self, mut gpus: Vec<Gpu>, pods: &[Pod]) -> Vec<Gpu> {
+        // The pods on this node holding (or about to hold) MIG instances, with their requests
+        // (none where the source knows the pods).
+        let mig_pods: std::collections::BTreeMap<String, std::collections::BTreeMap<String, i64>> =
+            if self.source.knows_pods() {
+                Default::default()
+            } else {
+                pods.iter()
+                    .filter(|p| live(p))
+                    .filter_map(|p| {
+                        let r = mig_protocol::mig_requests(p.spec.as_ref()?).ok()?;
+                        (!r.is_empty()).then(|| (pod_key(p), r))
+                    })
+                    .collect()
+            };
+        let mut placed = std::collections::BTreeSet::new();
+        if let Some(series) = self.dcgm_series(pods).await {
+            placed = crate::dcgm::apply(&mut gpus, &self.source.instance_ids(), &series, &mig_pods);
+        }
+        let unplaced: Vec<(String, std::collections::BTreeMap<String, i64>)> = mig_pods
+            .into_iter()
+            .filter(|(k, _)| !placed.contains(k))
+            .collect();
+        crate::source::attribute_by_profile(&mut gpus, &unplaced);
+        gpus
+    }
+
+    /// The report on the Node, written only when it changed (an idle node costs no writes).
+    async fn publish_report(&self, node: &Node, gpus: &[Gpu]) -> Result<(), TickError> {
+        let report = NodeReport {
+            observed_at: self.now().to_string(),
+            gpus: gpus.to_vec(),
+            backend: Some(self.shared.settings.sequence.backend),
+        };
+        let same = node
+            .annotations()
+            .get(REPORT_ANNOTATION)
+            .and_then(|r| serde_json::from_str::<NodeReport>(r).ok())
+            .is_some_and(|r| r.gpus == report.gpus && r.backend == report.backend);
+        if same {
+            return Ok(());
+        }
+        let text = serde_json::to_string(&report).unwrap_or_default();
+        self.patch(json!({"metadata": {"annotations": {REPORT_ANNOTATION: text}}}))
+            .await
+            .inspect_err(|_| self.count_error("report"))
+    }
+
+    /// What the sequence sees now.
+    fn observation(&self, node: &Node, pods: &[Pod], gpus: Vec<Gpu>) -> Observation {
+        let name = &self.shared.settings.node;
+        let object = format!("node/{name}");
+        let annotations = node.annotations();
         let labels = node.labels();
-        let obs = Observation {
-            grant,
-            state,
-            tainted: taints.iter().any(|t| t.key == TAINT_KEY),
+        Observation {
+            grant: parse_annotation::<Grant>(Some(annotations), GRANT_ANNOTATION, &object),
+            state: parse_annotation::<NodeState>(Some(annotations), STATE_ANNOTATION, &object),
+            tainted: node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|t| t.iter().any(|t| t.key == TAINT_KEY)),
             mig_config: labels.get(MIG_CONFIG_LABEL).cloned(),
             mig_state: labels.get(MIG_STATE_LABEL).cloned(),
             pods: pods
-                .items
                 .iter()
-                .filter(live)
+                .filter(|p| live(p))
                 .map(|p| PodFact {
-                    key: key(p),
+                    key: pod_key(p),
                     terminating: p.metadata.deletion_timestamp.is_some(),
                     do_not_disrupt: p.annotations().get(DO_NOT_DISRUPT).is_some_and(|v| v == "true"),
                 })
@@ -667,26 +663,35 @@ impl Worker {
                 .unwrap_or_default(),
             device_plugin_label: labels.get(DEVICE_PLUGIN_DEPLOY_LABEL).cloned(),
             device_plugin_pods: pods
-                .items
                 .iter()
                 .filter(|p| self.operator_pod(&self.shared.settings.device_plugin_selector, p))
                 .count(),
             now: self.now(),
-        };
+        }
+    }
+
+    /// Annotations that do not parse: counted every tick, logged when it changes.
+    fn note_unreadable(&mut self, obs: &Observation) {
         let unreadable = obs.grant.as_ref().err().or(obs.state.as_ref().err()).cloned();
         if unreadable.is_some() {
-            self.shared
-                .metrics
-                .errors
-                .get_or_create(&Label { kind: "annotation" })
-                .inc();
+            self.count_error("annotation");
         }
         if unreadable != self.unreadable {
             if let Some(e) = &unreadable {
-                tracing::warn!(node = %name, error = %e, "our annotations do not parse; nothing is done on this node until they are fixed");
+                tracing::warn!(node = %self.shared.settings.node, error = %e, "our annotations do not parse; nothing is done on this node until they are fixed");
             }
             self.unreadable = unreadable;
         }
+    }
+
+    /// One step of the sequence: the heartbeat (first: an effect that keeps failing, a PDB's 429,
+    /// ends the tick), the effects in order, then the next state.
+    async fn run_step(
+        &mut self,
+        obs: &Observation,
+        taints: &[Taint],
+        uid: Option<String>,
+    ) -> Result<(), TickError> {
         let phase_now = match &obs.state {
             Ok(Some(s))
                 if obs
@@ -694,13 +699,12 @@ impl Worker {
                     .as_ref()
                     .is_ok_and(|g| g.as_ref().is_some_and(|g| g.id == s.grant_id)) =>
             {
-                phase_label(s.phase)
+                s.phase.as_str()
             }
-            _ => "idle",
+            _ => IDLE,
         };
         self.shared.metrics.set_phase(phase_now);
-        let step = sequence::step(&obs, &self.shared.settings.sequence);
-        // The heartbeat goes first: an action that keeps failing (a PDB's 429) ends the tick.
+        let step = sequence::step(obs, &self.shared.settings.sequence);
         let beat = match (&obs.state, &obs.grant) {
             (Ok(Some(s)), Ok(Some(g)))
                 if step.next.is_none()
@@ -722,33 +726,28 @@ impl Worker {
                 .await?;
             self.last_persist = self.instant();
         }
-        for action in &step.actions {
-            self.act(action, &taints, uid.clone()).await?;
+        for effect in &step.effects {
+            self.perform(effect, taints, uid.clone()).await?;
         }
-        if let Some(next) = step.next {
-            let text = serde_json::to_string(&next).unwrap_or_default();
-            self.patch(json!({"metadata": {"annotations": {STATE_ANNOTATION: text}}}))
-                .await
-                .inspect_err(|_| {
-                    self.shared
-                        .metrics
-                        .errors
-                        .get_or_create(&Label { kind: "persist" })
-                        .inc();
-                })?;
-            self.last_persist = self.instant();
-            let label = phase_label(next.phase);
-            self.shared
-                .metrics
-                .transitions
-                .get_or_create(&Label { kind: label })
-                .inc();
-            self.shared.metrics.set_phase(label);
-            if self.last_phase != Some(label) {
-                tracing::info!(node = %name, grant_id = %next.grant_id, phase = label, message = next.message.as_deref().unwrap_or(""), "phase");
-            }
-            self.last_phase = Some(label);
+        let Some(next) = step.next else {
+            return Ok(());
+        };
+        let text = serde_json::to_string(&next).unwrap_or_default();
+        self.patch(json!({"metadata": {"annotations": {STATE_ANNOTATION: text}}}))
+            .await
+            .inspect_err(|_| self.count_error("persist"))?;
+        self.last_persist = self.instant();
+        let label = next.phase.as_str();
+        self.shared
+            .metrics
+            .transitions
+            .get_or_create(&Label { kind: label })
+            .inc();
+        self.shared.metrics.set_phase(label);
+        if self.last_phase != Some(label) {
+            tracing::info!(node = %self.shared.settings.node, grant_id = %next.grant_id, phase = label, message = next.message.as_deref().unwrap_or(""), "phase");
         }
+        self.last_phase = Some(label);
         Ok(())
     }
 
@@ -774,9 +773,14 @@ impl Worker {
             .clone()
     }
 
-    async fn act(&mut self, action: &Action, taints: &[Taint], uid: Option<String>) -> Result<(), TickError> {
-        let result = match action {
-            Action::Taint => {
+    async fn perform(
+        &mut self,
+        effect: &Effect,
+        taints: &[Taint],
+        uid: Option<String>,
+    ) -> Result<(), TickError> {
+        let result = match effect {
+            Effect::Taint => {
                 if taints.iter().any(|t| t.key == TAINT_KEY) {
                     return Ok(());
                 }
@@ -791,7 +795,7 @@ impl Worker {
                 self.patch(json!({"metadata": {"resourceVersion": rv}, "spec": {"taints": all}}))
                     .await
             }
-            Action::Untaint => {
+            Effect::Untaint => {
                 if !taints.iter().any(|t| t.key == TAINT_KEY) {
                     return Ok(());
                 }
@@ -800,30 +804,30 @@ impl Worker {
                 self.patch(json!({"metadata": {"resourceVersion": rv}, "spec": {"taints": kept}}))
                     .await
             }
-            Action::Relabel(config) => {
+            Effect::Relabel(config) => {
                 self.patch(
                     json!({"metadata": {"labels": {MIG_CONFIG_LABEL: config, MIG_STATE_LABEL: "pending"}}}),
                 )
                 .await
             }
-            Action::Apply(change) => {
+            Effect::Apply(change) => {
                 let (source, c) = (self.source.clone(), change.clone());
                 off_runtime(move || source.apply(&c)).await.map_err(|e| {
                     tracing::warn!(node = %self.shared.settings.node, gpu = change.gpu, error = %e, "changing GPU instances failed; retrying until the phase times out");
                     TickError::Source(e)
                 })
             }
-            Action::PauseDevicePlugin => {
+            Effect::PauseDevicePlugin => {
                 self.patch(
                     json!({"metadata": {"labels": {DEVICE_PLUGIN_DEPLOY_LABEL: DEVICE_PLUGIN_PAUSED}}}),
                 )
                 .await
             }
-            Action::ResumeDevicePlugin => {
+            Effect::ResumeDevicePlugin => {
                 self.patch(json!({"metadata": {"labels": {DEVICE_PLUGIN_DEPLOY_LABEL: "true"}}}))
                     .await
             }
-            Action::Event { reason, note } => {
+            Effect::Event { reason, note } => {
                 self.event(*reason, note.clone(), self.node_ref(uid)).await;
                 Ok(())
             }
@@ -902,6 +906,17 @@ impl Worker {
     }
 }
 
+/// A pod still holding what it was given (not succeeded or failed).
+fn live(p: &Pod) -> bool {
+    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+    phase != Some("Succeeded") && phase != Some("Failed")
+}
+
+/// `namespace/name`.
+fn pod_key(p: &Pod) -> String {
+    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
+}
+
 /// Run blocking GPU-source work (external commands) on the blocking pool, so that a slow driver
 /// never stalls the runtime's timers, probes or shutdown.
 async fn off_runtime<T: Send + 'static>(
@@ -933,13 +948,4 @@ fn selects(selector: &str, labels: &std::collections::BTreeMap<String, String>) 
         .map(|(k, v)| (k.trim(), v.trim()))
         .collect();
     !pairs.is_empty() && pairs.iter().all(|(k, v)| labels.get(*k).is_some_and(|l| l == v))
-}
-
-fn phase_label(p: mig_protocol::Phase) -> &'static str {
-    use mig_protocol::Phase::*;
-    match p {
-        Done | RolledBack | Superseded => "done",
-        Failed => "failed",
-        other => other.as_str(),
-    }
 }

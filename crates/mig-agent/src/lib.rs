@@ -16,7 +16,7 @@ pub mod source;
 
 pub use agent::{AgentSettings, Running, start, start_with_clock};
 pub use error::{GpuError, LayoutError};
-pub use sequence::{Action, FailurePolicy, InstanceChange, Observation, SequencePolicy, Step, step};
+pub use sequence::{Effect, FailurePolicy, InstanceChange, Observation, SequencePolicy, Step, step};
 pub use source::{GpuSource, NvidiaSmiGpus, observed_from_catalog};
 
 /// Helpers shared by the unit tests.

@@ -1,10 +1,10 @@
-//! The node sequence as data: `step(observation, policy) -> Step { actions, next }`. Pure.
+//! The node sequence as data: `step(observation, policy) -> Step { effects, next }`. Pure.
 //!
 //! The state lives on the Node (the grant and the agent's state annotation), so the observation
 //! carries it, and a restarted agent resumes exactly where the Node says it was. The runtime
-//! performs `actions` in order (each one idempotent), and only when all succeeded persists `next`:
+//! performs `effects` in order (each one idempotent), and only when all succeeded persists `next`:
 //! so every phase is on the Node before the next one begins, and a crash anywhere repeats at most
-//! an idempotent action.
+//! an idempotent effect.
 //!
 //! ```text
 //! (grant) ─▶ Tainting ─▶ Draining ─▶ Relabeling ─▶ AwaitingMigManager ─▶ Verifying ─▶ Untainting ─▶ Done
@@ -114,7 +114,7 @@ impl Default for SequencePolicy {
 
 /// A side effect, idempotent.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
+pub enum Effect {
     /// Add our NoSchedule taint (if absent).
     Taint,
     /// Remove our taint (if present).
@@ -368,28 +368,28 @@ fn plugin_paused(o: &Observation) -> bool {
 }
 
 /// nvml backend, at the end of any sequence: a device plugin we paused is started again.
-fn resume_plugin(o: &Observation, policy: &SequencePolicy) -> Option<Action> {
-    (policy.backend == Backend::Nvml && plugin_paused(o)).then_some(Action::ResumeDevicePlugin)
+fn resume_plugin(o: &Observation, policy: &SequencePolicy) -> Option<Effect> {
+    (policy.backend == Backend::Nvml && plugin_paused(o)).then_some(Effect::ResumeDevicePlugin)
 }
 
 /// One step's outcome.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Step {
     /// Do these, in order.
-    pub actions: Vec<Action>,
-    /// Then persist this state (if all actions succeeded).
+    pub effects: Vec<Effect>,
+    /// Then persist this state (if all effects succeeded).
     pub next: Option<NodeState>,
 }
 
 impl Step {
     fn nothing() -> Step {
         Step {
-            actions: Vec::new(),
+            effects: Vec::new(),
             next: None,
         }
     }
-    fn act(actions: Vec<Action>) -> Step {
-        Step { actions, next: None }
+    fn effect(effects: Vec<Effect>) -> Step {
+        Step { effects, next: None }
     }
 }
 
@@ -469,10 +469,10 @@ fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: impl s
         Phase::Applying => !untouched(state, &o.gpus),
         _ => false,
     };
-    let warn = |reason, note: String| Action::Event { reason, note };
+    let warn = |reason, note: String| Effect::Event { reason, note };
     match policy.on_failure {
         FailurePolicy::StayTainted => Step {
-            actions: vec![warn(
+            effects: vec![warn(
                 Reason::ReconfigurationFailed,
                 format!(
                     "grant {}: {why}; the node stays tainted for a person to look at (failure policy stay-tainted)",
@@ -483,8 +483,8 @@ fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: impl s
         },
         FailurePolicy::Rollback if !changed_gpus => Step {
             // Nothing was relabeled: the GPUs are as they were. Untaint and finish.
-            actions: vec![
-                Action::Untaint,
+            effects: vec![
+                Effect::Untaint,
                 warn(
                     Reason::ReconfigurationRolledBack,
                     format!(
@@ -497,7 +497,7 @@ fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: impl s
         },
         FailurePolicy::Rollback if policy.backend == Backend::Nvml && !state.previous_layouts.is_empty() => {
             Step {
-                actions: vec![warn(
+                effects: vec![warn(
                     Reason::ReconfigurationRollingBack,
                     format!(
                         "grant {}: {why}; returning the GPUs to {}",
@@ -510,17 +510,17 @@ fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: impl s
         }
         FailurePolicy::Rollback => match &state.previous_config {
             Some(prev) if policy.backend == Backend::MigManager => Step {
-                actions: vec![
+                effects: vec![
                     warn(
                         Reason::ReconfigurationRollingBack,
                         format!("grant {}: {why}; returning to config {prev}", state.grant_id),
                     ),
-                    Action::Relabel(prev.clone()),
+                    Effect::Relabel(prev.clone()),
                 ],
                 next: Some(enter(o.now, state, Phase::RollingBack, why)),
             },
             _ => Step {
-                actions: vec![warn(
+                effects: vec![warn(
                     Reason::ReconfigurationFailed,
                     format!(
                         "grant {}: {why}; there is no previous config to roll back to, so the node stays tainted",
@@ -564,9 +564,9 @@ fn unplanned_pods(
                         "pod {key} started on GPU {gpu} after the plan was made (it is not among the grant's evictions); nothing was changed, the next plan counts it"
                     );
                     return Some(Step {
-                        actions: vec![
-                            Action::Untaint,
-                            Action::Event {
+                        effects: vec![
+                            Effect::Untaint,
+                            Effect::Event {
                                 reason: Reason::ReconfigurationSuperseded,
                                 note: format!("grant {}: {why}", current.grant_id),
                             },
@@ -596,9 +596,9 @@ fn unplanned_pods(
 fn rolled_back(o: &Observation, current: &NodeState) -> Step {
     let why = current.message.clone().unwrap_or_else(|| "rolled back".into());
     Step {
-        actions: vec![
-            Action::Untaint,
-            Action::Event {
+        effects: vec![
+            Effect::Untaint,
+            Effect::Event {
                 reason: Reason::ReconfigurationRolledBack,
                 note: format!(
                     "grant {}: {why}; the GPUs are back as they were, the node is untainted",
@@ -625,9 +625,9 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
                 fail(o, s, policy, "the grant was removed while the sequence ran")
             }
             // Our taint (or our pause of the device plugin) with nothing in flight: undo it.
-            _ => Step::act(
+            _ => Step::effect(
                 o.tainted
-                    .then_some(Action::Untaint)
+                    .then_some(Effect::Untaint)
                     .into_iter()
                     .chain(resume_plugin(o, policy))
                     .collect(),
@@ -636,69 +636,8 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
     };
     let current = match state {
         Some(s) if s.grant_id == grant.id => s,
-        _ => {
-            if let Some(why) = refused(grant, o, policy) {
-                return Step::act(vec![Action::Event {
-                    reason: Reason::GrantRefused,
-                    note: format!("grant {}: not started: {why}", grant.id),
-                }]);
-            }
-            if let Some(why) = unknown_gpu(grant.targets.keys(), &o.gpus) {
-                // Changed nothing: ends like a stale plan (no cooldown), the next plan sees it.
-                let why = format!("{why}; nothing was changed");
-                return Step {
-                    actions: vec![Action::Event {
-                        reason: Reason::ReconfigurationSuperseded,
-                        note: format!("grant {}: {why}", grant.id),
-                    }],
-                    next: Some(NodeState {
-                        grant_id: grant.id.clone(),
-                        phase: Phase::Superseded,
-                        since: o.now.to_string(),
-                        attempt: 1,
-                        message: Some(why),
-                        previous_config: o.mig_config.clone(),
-                        previous_layouts: BTreeMap::new(),
-                        restarting_device_plugin: false,
-                        heartbeat: None,
-                    }),
-                };
-            }
-            // A new grant: taint at once (every moment untainted lets the scheduler bind a pod the
-            // plan did not see), remember the config to return to, and begin.
-            return Step {
-                actions: vec![
-                    Action::Event {
-                        reason: Reason::ReconfigurationStarted,
-                        note: format!(
-                            "grant {}: {} GPU(s) to change, {} pod(s) to evict",
-                            grant.plan_id,
-                            grant.targets.len(),
-                            grant.evictions.len()
-                        ),
-                    },
-                    Action::Taint,
-                ],
-                next: Some(NodeState {
-                    grant_id: grant.id.clone(),
-                    phase: Phase::Tainting,
-                    since: o.now.to_string(),
-                    attempt: state.map_or(1, |s| if s.grant_id == grant.id { s.attempt + 1 } else { 1 }),
-                    message: None,
-                    previous_config: o.mig_config.clone(),
-                    previous_layouts: o
-                        .gpus
-                        .iter()
-                        .filter(|g| grant.targets.contains_key(&g.index))
-                        .filter_map(|g| Some((g.index, layout_text(g).ok()?)))
-                        .collect(),
-                    restarting_device_plugin: false,
-                    heartbeat: None,
-                }),
-            };
-        }
+        _ => return begin(o, grant, state, policy),
     };
-    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
     // A GPU to change that cannot be read now: nothing is done on the node until it can, and the
     // phase's timeout applies as ever (a rollback, too, acts only on GPUs it can read).
     let acting = matches!(
@@ -718,282 +657,398 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
         };
     }
     match current.phase {
-        Phase::Tainting => {
-            if o.tainted {
-                Step {
-                    actions: vec![],
-                    next: next(Phase::Draining, "tainted"),
-                }
-            } else {
-                Step::act(vec![Action::Taint])
-            }
-        }
-        Phase::Draining => {
-            let remaining: Vec<&PodFact> = o
-                .pods
-                .iter()
-                .filter(|p| grant.evictions.contains(&p.key))
-                .collect();
-            if let Some(p) = remaining.iter().find(|p| p.do_not_disrupt && !p.terminating) {
-                return fail(
-                    o,
-                    current,
-                    policy,
-                    format!("pod {} is marked do-not-disrupt", p.key),
-                );
-            }
-            if remaining.is_empty() {
-                let phase = match policy.backend {
-                    Backend::MigManager => Phase::Relabeling,
-                    Backend::Nvml => Phase::Applying,
-                };
-                return unplanned_pods(o, grant, current, policy, policy.drain_timeout).unwrap_or(Step {
-                    actions: vec![],
-                    next: next(phase, "drained"),
-                });
-            }
-            if timed_out(current, o.now, policy.drain_timeout) {
-                let left: Vec<&str> = remaining.iter().map(|p| p.key.as_str()).collect();
-                return fail(
-                    o,
-                    current,
-                    policy,
-                    format!(
-                        "draining timed out with {} still running (the controller evicts them: see its EvictionBlockedByPDB Events, and that a replica leads in auto mode)",
-                        left.join(", ")
-                    ),
-                );
-            }
-            // The controller posts the evictions (agents hold no eviction permission): wait.
-            Step::nothing()
-        }
-        // An agent switched to the nvml backend mid-sequence (nothing relabeled yet).
-        Phase::Relabeling if policy.backend == Backend::Nvml => Step {
-            actions: vec![],
-            next: next(Phase::Applying, "drained"),
-        },
-        Phase::Relabeling => match &grant.mig_config {
-            None => fail(
-                o,
-                current,
-                policy,
-                "the grant has no mig-parted config: the controller plans for the nvml backend (planner.backend: nvml) but this agent runs --backend mig-manager",
-            ),
-            // Already relabeled (a crash after the action): on to mig-manager.
-            Some(c) if o.mig_config.as_ref() == Some(c) => Step {
-                actions: vec![],
-                next: next(Phase::AwaitingMigManager, "relabeled"),
-            },
-            // The last look before the GPUs change.
-            Some(c) => unplanned_pods(o, grant, current, policy, policy.phase_timeout).unwrap_or(Step {
-                actions: vec![Action::Relabel(c.clone())],
-                next: next(Phase::AwaitingMigManager, "relabeled"),
-            }),
-        },
-        Phase::Applying if policy.backend != Backend::Nvml => fail(
-            o,
-            current,
-            policy,
-            "the sequence was applying GPU instances with NVML, but this agent now runs --backend mig-manager",
-        ),
-        Phase::Applying => {
-            if let Some(s) = unplanned_pods(o, grant, current, policy, policy.phase_timeout) {
-                return s;
-            }
-            match instance_changes(&grant.targets, &o.gpus) {
-                Err(e) => fail(o, current, policy, e),
-                Ok(c) if c.is_empty() => Step {
-                    actions: vec![Action::PauseDevicePlugin],
-                    next: next(
-                        Phase::Verifying,
-                        "instances at their target placements; restarting the device plugin",
-                    ),
-                },
-                Ok(c) if timed_out(current, o.now, policy.phase_timeout) => fail(
-                    o,
-                    current,
-                    policy,
-                    format!(
-                        "GPU {} did not reach its target in time ({} instance(s) to destroy, {} to create; the agent's log has NVML's answers)",
-                        c[0].gpu,
-                        c[0].destroy.len(),
-                        c[0].create.len()
-                    ),
-                ),
-                Ok(c) => match destroys_in_use(&c, &o.gpus) {
-                    Some(busy) if timed_out(current, o.now, policy.phase_timeout) => fail(
-                        o,
-                        current,
-                        policy,
-                        format!("{busy}; an instance in use is never destroyed"),
-                    ),
-                    Some(_) => Step::nothing(),
-                    None => Step::act(c.into_iter().map(Action::Apply).collect()),
-                },
-            }
-        }
-        Phase::AwaitingMigManager => {
-            let Some(c) = &grant.mig_config else {
-                return fail(o, current, policy, "the grant has no mig-parted config");
-            };
-            if o.mig_config.as_ref() != Some(c) {
-                return Step::act(vec![Action::Relabel(c.clone())]);
-            }
-            match o.mig_state.as_deref() {
-                Some("success") => Step {
-                    actions: vec![],
-                    next: next(Phase::Verifying, "mig-manager applied the config"),
-                },
-                Some("failed") => fail(
-                    o,
-                    current,
-                    policy,
-                    format!("mig-manager reported failed for config {c}"),
-                ),
-                _ if timed_out(current, o.now, policy.mig_manager_timeout) => fail(
-                    o,
-                    current,
-                    policy,
-                    format!("mig-manager did not apply config {c} in time"),
-                ),
-                _ => Step::nothing(),
-            }
-        }
-        // The device plugin we paused is gone: start it again (it then advertises the instances).
-        Phase::Verifying
-            if policy.backend == Backend::Nvml && plugin_paused(o) && o.device_plugin_pods == 0 =>
-        {
-            Step::act(vec![Action::ResumeDevicePlugin])
-        }
-        Phase::Verifying => match match policy.backend {
-            Backend::MigManager => verify(grant, &o.gpus),
-            Backend::Nvml if plugin_paused(o) => Err(LayoutError::PluginStopping),
-            Backend::Nvml => verify_exact(grant, &o.gpus, &o.advertised),
-        } {
-            Ok(()) => Step {
-                actions: vec![],
-                next: next(Phase::Untainting, "verified: actual layouts match the targets"),
-            },
-            Err(e) if timed_out(current, o.now, policy.phase_timeout) => {
-                fail(o, current, policy, format!("verification failed: {e}"))
-            }
-            // The report may lag mig-manager's label by a moment.
-            Err(_) => Step::nothing(),
-        },
-        Phase::Untainting => Step {
-            actions: vec![
-                Action::Untaint,
-                Action::Event {
-                    reason: Reason::ReconfigurationSucceeded,
-                    note: format!(
-                        "grant {}: the GPUs match their targets; the node is schedulable again",
-                        current.grant_id
-                    ),
-                },
-            ],
-            next: next(Phase::Done, "reconfigured"),
-        },
-        Phase::RollingBack if policy.backend == Backend::Nvml => {
-            let failed = |why: String| Step {
-                actions: vec![Action::Event {
-                    reason: Reason::ReconfigurationFailed,
-                    note: format!(
-                        "grant {}: rollback to {} failed: {why}; the node stays tainted",
-                        current.grant_id,
-                        describe(&current.previous_layouts)
-                    ),
-                }],
-                next: next(Phase::Failed, &format!("rollback failed: {why}")),
-            };
-            if let Some(why) = unknown_gpu(current.previous_layouts.keys(), &o.gpus) {
-                return if timed_out(current, o.now, policy.phase_timeout) {
-                    failed(why.to_string())
-                } else {
-                    Step::nothing()
-                };
-            }
-            match instance_changes(&current.previous_layouts, &o.gpus) {
-                Err(e) => failed(e.to_string()),
-                // Back. Recreated instances have new device IDs, so the device plugin is
-                // restarted whatever the counts: paused (once), gone, started again, advertising.
-                Ok(c) if c.is_empty() && plugin_paused(o) => {
-                    if o.device_plugin_pods == 0 {
-                        Step::act(vec![Action::ResumeDevicePlugin])
-                    } else if timed_out(current, o.now, policy.phase_timeout) {
-                        failed("the device plugin did not stop".into())
-                    } else {
-                        Step::nothing()
-                    }
-                }
-                Ok(c) if c.is_empty() && !current.restarting_device_plugin => Step {
-                    actions: vec![Action::PauseDevicePlugin],
-                    next: Some(NodeState {
-                        restarting_device_plugin: true,
-                        ..current.clone()
-                    }),
-                },
-                Ok(c) if c.is_empty() => match advertising_matches(&o.gpus, &o.advertised) {
-                    Ok(()) => rolled_back(o, current),
-                    Err(e) if timed_out(current, o.now, policy.phase_timeout) => failed(e.to_string()),
-                    Err(_) => Step::nothing(),
-                },
-                Ok(c) => match destroys_in_use(&c, &o.gpus) {
-                    // A rollback checks pods per instance as a forward change does.
-                    Some(busy) if timed_out(current, o.now, policy.phase_timeout) => {
-                        failed(format!("{busy}; an instance in use is never destroyed"))
-                    }
-                    Some(_) => Step::nothing(),
-                    None if timed_out(current, o.now, policy.phase_timeout) => {
-                        failed("the GPUs did not return to their layouts in time".into())
-                    }
-                    None => Step::act(c.into_iter().map(Action::Apply).collect()),
-                },
-            }
-        }
-        Phase::RollingBack => {
-            let Some(prev) = &current.previous_config else {
-                return Step {
-                    actions: vec![Action::Event {
-                        reason: Reason::ReconfigurationFailed,
-                        note: format!(
-                            "grant {}: no previous config to roll back to; the node stays tainted",
-                            current.grant_id
-                        ),
-                    }],
-                    next: next(Phase::Failed, "no previous config"),
-                };
-            };
-            if o.mig_config.as_ref() != Some(prev) {
-                return Step::act(vec![Action::Relabel(prev.clone())]);
-            }
-            let failed = |why: String| Step {
-                actions: vec![Action::Event {
-                    reason: Reason::ReconfigurationFailed,
-                    note: format!(
-                        "grant {}: rollback to {prev} failed: {why}; the node stays tainted",
-                        current.grant_id
-                    ),
-                }],
-                next: next(Phase::Failed, &format!("rollback failed: {why}")),
-            };
-            match o.mig_state.as_deref() {
-                Some("success") => rolled_back(o, current),
-                Some("failed") => failed("mig-manager reported failed".into()),
-                _ if timed_out(current, o.now, policy.mig_manager_timeout) => {
-                    failed("mig-manager did not answer in time".into())
-                }
-                _ => Step::nothing(),
-            }
-        }
-        Phase::Done | Phase::RolledBack | Phase::Superseded => Step::act(
+        Phase::Tainting => tainting(o, current),
+        Phase::Draining => draining(o, grant, current, policy),
+        Phase::Relabeling => relabeling(o, grant, current, policy),
+        Phase::Applying => applying(o, grant, current, policy),
+        Phase::AwaitingMigManager => awaiting_mig_manager(o, grant, current, policy),
+        Phase::Verifying => verifying(o, grant, current, policy),
+        Phase::Untainting => untainting(o, current),
+        Phase::RollingBack if policy.backend == Backend::Nvml => rolling_back_nvml(o, current, policy),
+        Phase::RollingBack => rolling_back_mig_manager(o, current, policy),
+        Phase::Done | Phase::RolledBack | Phase::Superseded => Step::effect(
             o.tainted
-                .then_some(Action::Untaint)
+                .then_some(Effect::Untaint)
                 .into_iter()
                 .chain(resume_plugin(o, policy))
                 .collect(),
         ),
         // The taint stays for a person; the device plugin runs whatever happened.
-        Phase::Failed => Step::act(resume_plugin(o, policy).into_iter().collect()),
+        Phase::Failed => Step::effect(resume_plugin(o, policy).into_iter().collect()),
+    }
+}
+
+/// A grant this node has not started: refused (not ours, or too old), ended at once (a GPU to change
+/// cannot be read), or begun (taint at once, remember what to return to).
+fn begin(o: &Observation, grant: &Grant, state: Option<&NodeState>, policy: &SequencePolicy) -> Step {
+    if let Some(why) = refused(grant, o, policy) {
+        return Step::effect(vec![Effect::Event {
+            reason: Reason::GrantRefused,
+            note: format!("grant {}: not started: {why}", grant.id),
+        }]);
+    }
+    if let Some(why) = unknown_gpu(grant.targets.keys(), &o.gpus) {
+        // Changed nothing: ends like a stale plan (no cooldown), the next plan sees it.
+        let why = format!("{why}; nothing was changed");
+        return Step {
+            effects: vec![Effect::Event {
+                reason: Reason::ReconfigurationSuperseded,
+                note: format!("grant {}: {why}", grant.id),
+            }],
+            next: Some(NodeState {
+                grant_id: grant.id.clone(),
+                phase: Phase::Superseded,
+                since: o.now.to_string(),
+                attempt: 1,
+                message: Some(why),
+                previous_config: o.mig_config.clone(),
+                previous_layouts: BTreeMap::new(),
+                restarting_device_plugin: false,
+                heartbeat: None,
+            }),
+        };
+    }
+    // A new grant: taint at once (every moment untainted lets the scheduler bind a pod the
+    // plan did not see), remember the config to return to, and begin.
+    Step {
+        effects: vec![
+            Effect::Event {
+                reason: Reason::ReconfigurationStarted,
+                note: format!(
+                    "grant {}: {} GPU(s) to change, {} pod(s) to evict",
+                    grant.plan_id,
+                    grant.targets.len(),
+                    grant.evictions.len()
+                ),
+            },
+            Effect::Taint,
+        ],
+        next: Some(NodeState {
+            grant_id: grant.id.clone(),
+            phase: Phase::Tainting,
+            since: o.now.to_string(),
+            attempt: state.map_or(1, |s| if s.grant_id == grant.id { s.attempt + 1 } else { 1 }),
+            message: None,
+            previous_config: o.mig_config.clone(),
+            previous_layouts: o
+                .gpus
+                .iter()
+                .filter(|g| grant.targets.contains_key(&g.index))
+                .filter_map(|g| Some((g.index, layout_text(g).ok()?)))
+                .collect(),
+            restarting_device_plugin: false,
+            heartbeat: None,
+        }),
+    }
+}
+
+/// Our taint on, then on to draining.
+fn tainting(o: &Observation, current: &NodeState) -> Step {
+    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
+    if o.tainted {
+        Step {
+            effects: vec![],
+            next: next(Phase::Draining, "tainted"),
+        }
+    } else {
+        Step::effect(vec![Effect::Taint])
+    }
+}
+
+/// The controller evicts the grant's pods; the agent waits for them to go (or for its timeout, or a
+/// pod marked do-not-disrupt).
+fn draining(o: &Observation, grant: &Grant, current: &NodeState, policy: &SequencePolicy) -> Step {
+    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
+    let remaining: Vec<&PodFact> = o
+        .pods
+        .iter()
+        .filter(|p| grant.evictions.contains(&p.key))
+        .collect();
+    if let Some(p) = remaining.iter().find(|p| p.do_not_disrupt && !p.terminating) {
+        return fail(
+            o,
+            current,
+            policy,
+            format!("pod {} is marked do-not-disrupt", p.key),
+        );
+    }
+    if remaining.is_empty() {
+        let phase = match policy.backend {
+            Backend::MigManager => Phase::Relabeling,
+            Backend::Nvml => Phase::Applying,
+        };
+        return unplanned_pods(o, grant, current, policy, policy.drain_timeout).unwrap_or(Step {
+            effects: vec![],
+            next: next(phase, "drained"),
+        });
+    }
+    if timed_out(current, o.now, policy.drain_timeout) {
+        let left: Vec<&str> = remaining.iter().map(|p| p.key.as_str()).collect();
+        return fail(
+            o,
+            current,
+            policy,
+            format!(
+                "draining timed out with {} still running (the controller evicts them: see its EvictionBlockedByPDB Events, and that a replica leads in auto mode)",
+                left.join(", ")
+            ),
+        );
+    }
+    // The controller posts the evictions (agents hold no eviction permission): wait.
+    Step::nothing()
+}
+
+/// mig-manager backend: set `nvidia.com/mig.config` (an agent switched to nvml mid-sequence goes to
+/// `Applying` instead: nothing was relabeled yet).
+fn relabeling(o: &Observation, grant: &Grant, current: &NodeState, policy: &SequencePolicy) -> Step {
+    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
+    if policy.backend == Backend::Nvml {
+        return Step {
+            effects: vec![],
+            next: next(Phase::Applying, "drained"),
+        };
+    }
+    match &grant.mig_config {
+        None => fail(
+            o,
+            current,
+            policy,
+            "the grant has no mig-parted config: the controller plans for the nvml backend (planner.backend: nvml) but this agent runs --backend mig-manager",
+        ),
+        // Already relabeled (a crash after the effect): on to mig-manager.
+        Some(c) if o.mig_config.as_ref() == Some(c) => Step {
+            effects: vec![],
+            next: next(Phase::AwaitingMigManager, "relabeled"),
+        },
+        // The last look before the GPUs change.
+        Some(c) => unplanned_pods(o, grant, current, policy, policy.phase_timeout).unwrap_or(Step {
+            effects: vec![Effect::Relabel(c.clone())],
+            next: next(Phase::AwaitingMigManager, "relabeled"),
+        }),
+    }
+}
+
+/// nvml backend: destroy and create instances at their target placements, never one in use; then
+/// pause the device plugin so it advertises them once started again.
+fn applying(o: &Observation, grant: &Grant, current: &NodeState, policy: &SequencePolicy) -> Step {
+    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
+    if policy.backend != Backend::Nvml {
+        return fail(
+            o,
+            current,
+            policy,
+            "the sequence was applying GPU instances with NVML, but this agent now runs --backend mig-manager",
+        );
+    }
+    if let Some(s) = unplanned_pods(o, grant, current, policy, policy.phase_timeout) {
+        return s;
+    }
+    match instance_changes(&grant.targets, &o.gpus) {
+        Err(e) => fail(o, current, policy, e),
+        Ok(c) if c.is_empty() => Step {
+            effects: vec![Effect::PauseDevicePlugin],
+            next: next(
+                Phase::Verifying,
+                "instances at their target placements; restarting the device plugin",
+            ),
+        },
+        Ok(c) if timed_out(current, o.now, policy.phase_timeout) => fail(
+            o,
+            current,
+            policy,
+            format!(
+                "GPU {} did not reach its target in time ({} instance(s) to destroy, {} to create; the agent's log has NVML's answers)",
+                c[0].gpu,
+                c[0].destroy.len(),
+                c[0].create.len()
+            ),
+        ),
+        Ok(c) => match destroys_in_use(&c, &o.gpus) {
+            Some(busy) if timed_out(current, o.now, policy.phase_timeout) => fail(
+                o,
+                current,
+                policy,
+                format!("{busy}; an instance in use is never destroyed"),
+            ),
+            Some(_) => Step::nothing(),
+            None => Step::effect(c.into_iter().map(Effect::Apply).collect()),
+        },
+    }
+}
+
+/// mig-manager backend: wait for `nvidia.com/mig.config.state` to say success (or failed).
+fn awaiting_mig_manager(
+    o: &Observation,
+    grant: &Grant,
+    current: &NodeState,
+    policy: &SequencePolicy,
+) -> Step {
+    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
+    let Some(c) = &grant.mig_config else {
+        return fail(o, current, policy, "the grant has no mig-parted config");
+    };
+    if o.mig_config.as_ref() != Some(c) {
+        return Step::effect(vec![Effect::Relabel(c.clone())]);
+    }
+    match o.mig_state.as_deref() {
+        Some("success") => Step {
+            effects: vec![],
+            next: next(Phase::Verifying, "mig-manager applied the config"),
+        },
+        Some("failed") => fail(
+            o,
+            current,
+            policy,
+            format!("mig-manager reported failed for config {c}"),
+        ),
+        _ if timed_out(current, o.now, policy.mig_manager_timeout) => fail(
+            o,
+            current,
+            policy,
+            format!("mig-manager did not apply config {c} in time"),
+        ),
+        _ => Step::nothing(),
+    }
+}
+
+/// Actual layouts against the targets (nvml: placements exactly, and what the device plugin
+/// advertises, once the device plugin we paused has started again).
+fn verifying(o: &Observation, grant: &Grant, current: &NodeState, policy: &SequencePolicy) -> Step {
+    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
+    if policy.backend == Backend::Nvml && plugin_paused(o) && o.device_plugin_pods == 0 {
+        return Step::effect(vec![Effect::ResumeDevicePlugin]);
+    }
+    match match policy.backend {
+        Backend::MigManager => verify(grant, &o.gpus),
+        Backend::Nvml if plugin_paused(o) => Err(LayoutError::PluginStopping),
+        Backend::Nvml => verify_exact(grant, &o.gpus, &o.advertised),
+    } {
+        Ok(()) => Step {
+            effects: vec![],
+            next: next(Phase::Untainting, "verified: actual layouts match the targets"),
+        },
+        Err(e) if timed_out(current, o.now, policy.phase_timeout) => {
+            fail(o, current, policy, format!("verification failed: {e}"))
+        }
+        // The report may lag mig-manager's label by a moment.
+        Err(_) => Step::nothing(),
+    }
+}
+
+/// Our taint off, success announced, `Done`.
+fn untainting(o: &Observation, current: &NodeState) -> Step {
+    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
+    Step {
+        effects: vec![
+            Effect::Untaint,
+            Effect::Event {
+                reason: Reason::ReconfigurationSucceeded,
+                note: format!(
+                    "grant {}: the GPUs match their targets; the node is schedulable again",
+                    current.grant_id
+                ),
+            },
+        ],
+        next: next(Phase::Done, "reconfigured"),
+    }
+}
+
+/// nvml backend: return the GPUs to the layouts recorded when the sequence began (never destroying
+/// an instance in use), restart the device plugin, then `RolledBack`.
+fn rolling_back_nvml(o: &Observation, current: &NodeState, policy: &SequencePolicy) -> Step {
+    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
+    let failed = |why: String| Step {
+        effects: vec![Effect::Event {
+            reason: Reason::ReconfigurationFailed,
+            note: format!(
+                "grant {}: rollback to {} failed: {why}; the node stays tainted",
+                current.grant_id,
+                describe(&current.previous_layouts)
+            ),
+        }],
+        next: next(Phase::Failed, &format!("rollback failed: {why}")),
+    };
+    if let Some(why) = unknown_gpu(current.previous_layouts.keys(), &o.gpus) {
+        return if timed_out(current, o.now, policy.phase_timeout) {
+            failed(why.to_string())
+        } else {
+            Step::nothing()
+        };
+    }
+    match instance_changes(&current.previous_layouts, &o.gpus) {
+        Err(e) => failed(e.to_string()),
+        // Back. Recreated instances have new device IDs, so the device plugin is
+        // restarted whatever the counts: paused (once), gone, started again, advertising.
+        Ok(c) if c.is_empty() && plugin_paused(o) => {
+            if o.device_plugin_pods == 0 {
+                Step::effect(vec![Effect::ResumeDevicePlugin])
+            } else if timed_out(current, o.now, policy.phase_timeout) {
+                failed("the device plugin did not stop".into())
+            } else {
+                Step::nothing()
+            }
+        }
+        Ok(c) if c.is_empty() && !current.restarting_device_plugin => Step {
+            effects: vec![Effect::PauseDevicePlugin],
+            next: Some(NodeState {
+                restarting_device_plugin: true,
+                ..current.clone()
+            }),
+        },
+        Ok(c) if c.is_empty() => match advertising_matches(&o.gpus, &o.advertised) {
+            Ok(()) => rolled_back(o, current),
+            Err(e) if timed_out(current, o.now, policy.phase_timeout) => failed(e.to_string()),
+            Err(_) => Step::nothing(),
+        },
+        Ok(c) => match destroys_in_use(&c, &o.gpus) {
+            // A rollback checks pods per instance as a forward change does.
+            Some(busy) if timed_out(current, o.now, policy.phase_timeout) => {
+                failed(format!("{busy}; an instance in use is never destroyed"))
+            }
+            Some(_) => Step::nothing(),
+            None if timed_out(current, o.now, policy.phase_timeout) => {
+                failed("the GPUs did not return to their layouts in time".into())
+            }
+            None => Step::effect(c.into_iter().map(Effect::Apply).collect()),
+        },
+    }
+}
+
+/// mig-manager backend: relabel to the previous config and wait for mig-manager, then `RolledBack`.
+fn rolling_back_mig_manager(o: &Observation, current: &NodeState, policy: &SequencePolicy) -> Step {
+    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
+    let Some(prev) = &current.previous_config else {
+        return Step {
+            effects: vec![Effect::Event {
+                reason: Reason::ReconfigurationFailed,
+                note: format!(
+                    "grant {}: no previous config to roll back to; the node stays tainted",
+                    current.grant_id
+                ),
+            }],
+            next: next(Phase::Failed, "no previous config"),
+        };
+    };
+    if o.mig_config.as_ref() != Some(prev) {
+        return Step::effect(vec![Effect::Relabel(prev.clone())]);
+    }
+    let failed = |why: String| Step {
+        effects: vec![Effect::Event {
+            reason: Reason::ReconfigurationFailed,
+            note: format!(
+                "grant {}: rollback to {prev} failed: {why}; the node stays tainted",
+                current.grant_id
+            ),
+        }],
+        next: next(Phase::Failed, &format!("rollback failed: {why}")),
+    };
+    match o.mig_state.as_deref() {
+        Some("success") => rolled_back(o, current),
+        Some("failed") => failed("mig-manager reported failed".into()),
+        _ if timed_out(current, o.now, policy.mig_manager_timeout) => {
+            failed("mig-manager did not answer in time".into())
+        }
+        _ => Step::nothing(),
     }
 }
 
@@ -1071,23 +1126,23 @@ mod tests {
             };
             if let Some(want) = reason {
                 assert!(
-                    s.actions
+                    s.effects
                         .iter()
-                        .any(|a| matches!(a, Action::Event { reason, .. } if *reason == want)),
+                        .any(|a| matches!(a, Effect::Event { reason, .. } if *reason == want)),
                     "entering {:?} without {want}: {s:?}",
                     n.phase
                 );
             }
         }
-        for a in &s.actions {
+        for a in &s.effects {
             match a {
-                Action::Taint => o.tainted = true,
-                Action::Untaint => o.tainted = false,
-                Action::Relabel(c) => {
+                Effect::Taint => o.tainted = true,
+                Effect::Untaint => o.tainted = false,
+                Effect::Relabel(c) => {
                     o.mig_config = Some(c.clone());
                     o.mig_state = Some("pending".into());
                 }
-                Action::Apply(c) => {
+                Effect::Apply(c) => {
                     let g = o.gpus.iter_mut().find(|g| g.index == c.gpu).unwrap();
                     g.instances
                         .retain(|i| !c.destroy.contains(&(i.profile.clone(), i.start)));
@@ -1101,16 +1156,16 @@ mod tests {
                     }
                 }
                 // The plugin stops at once here; started again, it advertises what the GPUs have.
-                Action::PauseDevicePlugin => {
+                Effect::PauseDevicePlugin => {
                     o.device_plugin_label = Some(DEVICE_PLUGIN_PAUSED.into());
                     o.device_plugin_pods = 0;
                 }
-                Action::ResumeDevicePlugin => {
+                Effect::ResumeDevicePlugin => {
                     o.device_plugin_label = Some("true".into());
                     o.device_plugin_pods = 1;
                     o.advertised = expected_advertising(&o.gpus).unwrap();
                 }
-                Action::Event { .. } => {}
+                Effect::Event { .. } => {}
             }
         }
         if let Some(n) = &s.next {
@@ -1179,37 +1234,37 @@ mod tests {
         o.tainted = true;
         o.pods.clear();
         let s = step(&o, &SequencePolicy::default());
-        assert_eq!(s.actions, vec![Action::Relabel("mig-autoscaler-abc".into())]);
+        assert_eq!(s.effects, vec![Effect::Relabel("mig-autoscaler-abc".into())]);
         apply(&mut o, &s);
         assert_eq!(phase(&o), Some(Phase::AwaitingMigManager));
         assert_eq!(step(&o, &SequencePolicy::default()), Step::nothing());
     }
 
     #[test]
-    fn a_crash_at_any_point_repeats_only_idempotent_actions() {
-        // Replaying the step without having persisted `next` (a crash after the actions) must give
-        // the same actions or none, never a different destructive one.
+    fn a_crash_at_any_point_repeats_only_idempotent_effects() {
+        // Replaying the step without having persisted `next` (a crash after the effects) must give
+        // the same effects or none, never a different destructive one.
         let mut o = obs();
         let p = SequencePolicy::default();
         for _ in 0..20 {
             let s = step(&o, &p);
             let mut crashed = o.clone();
-            for a in &s.actions {
+            for a in &s.effects {
                 // Actions done, state not persisted.
                 apply(
                     &mut crashed,
                     &Step {
-                        actions: vec![a.clone()],
+                        effects: vec![a.clone()],
                         next: None,
                     },
                 );
             }
             let again = step(&crashed, &p);
-            for a in &again.actions {
+            for a in &again.effects {
                 assert!(
-                    s.actions.contains(a) || matches!(a, Action::Event { .. }),
+                    s.effects.contains(a) || matches!(a, Effect::Event { .. }),
                     "after a crash the agent did {a:?}, not one of {:?}",
-                    s.actions
+                    s.effects
                 );
             }
             apply(&mut o, &s);
@@ -1236,9 +1291,9 @@ mod tests {
             for _ in 0..20 {
                 let s = step(&o, &p);
                 warned |= s
-                    .actions
+                    .effects
                     .iter()
-                    .any(|a| matches!(a, Action::Event { reason, .. } if reason.is_warning()));
+                    .any(|a| matches!(a, Effect::Event { reason, .. } if reason.is_warning()));
                 apply(&mut o, &s);
                 if o.mig_state.as_deref() == Some("pending") {
                     // Fails the new config; succeeds going back.
@@ -1279,8 +1334,8 @@ mod tests {
             Some("all-1g.10gb"),
         )));
         let s = step(&o, &SequencePolicy::default());
-        assert!(s.actions.contains(&Action::Untaint));
-        assert!(!s.actions.iter().any(|a| matches!(a, Action::Relabel(_))));
+        assert!(s.effects.contains(&Effect::Untaint));
+        assert!(!s.effects.iter().any(|a| matches!(a, Effect::Relabel(_))));
         assert_eq!(s.next.unwrap().phase, Phase::RolledBack);
     }
 
@@ -1309,10 +1364,10 @@ mod tests {
             o.state = Ok(Some(at(phase, "2026-06-01T12:00:05Z", Some("all-1g.10gb"))));
             let s = step(&o, &SequencePolicy::default());
             assert!(
-                !s.actions.iter().any(|a| matches!(a, Action::Relabel(_))),
+                !s.effects.iter().any(|a| matches!(a, Effect::Relabel(_))),
                 "{phase:?}: {s:?}"
             );
-            assert!(s.actions.contains(&Action::Untaint), "{phase:?}: {s:?}");
+            assert!(s.effects.contains(&Effect::Untaint), "{phase:?}: {s:?}");
             let next = s.next.unwrap();
             assert_eq!(next.phase, Phase::Superseded, "{phase:?}");
             assert!(next.message.unwrap().contains("ml/new started on GPU 0"));
@@ -1334,8 +1389,8 @@ mod tests {
         o.gpus.push(other);
         o.state = Ok(Some(at(Phase::Relabeling, "2026-06-01T12:00:05Z", None)));
         assert_eq!(
-            step(&o, &SequencePolicy::default()).actions,
-            vec![Action::Relabel("mig-autoscaler-abc".into())]
+            step(&o, &SequencePolicy::default()).effects,
+            vec![Effect::Relabel("mig-autoscaler-abc".into())]
         );
     }
 
@@ -1345,8 +1400,8 @@ mod tests {
         o.grant = Ok(None);
         o.tainted = true;
         assert_eq!(
-            step(&o, &SequencePolicy::default()).actions,
-            vec![Action::Untaint]
+            step(&o, &SequencePolicy::default()).effects,
+            vec![Effect::Untaint]
         );
         let malformed = |key| MalformedAnnotation {
             key,
@@ -1395,10 +1450,10 @@ mod tests {
         let mut applied = vec![];
         for _ in 0..20 {
             let s = step(&o, &p);
-            for a in &s.actions {
+            for a in &s.effects {
                 match a {
-                    Action::Apply(c) => applied.push(c.clone()),
-                    Action::Relabel(_) => panic!("nvml backend did {a:?}"),
+                    Effect::Apply(c) => applied.push(c.clone()),
+                    Effect::Relabel(_) => panic!("nvml backend did {a:?}"),
                     _ => {}
                 }
             }
@@ -1469,7 +1524,7 @@ mod tests {
         state.previous_layouts = [(0, "1g.10gb@0,1g.10gb@1,2g.20gb@2".to_string())].into();
         o.state = Ok(Some(state.clone()));
         let s = step(&o, &nvml());
-        assert!(!s.actions.iter().any(|a| matches!(a, Action::Apply(_))), "{s:?}");
+        assert!(!s.effects.iter().any(|a| matches!(a, Effect::Apply(_))), "{s:?}");
         assert_eq!(s.next.unwrap().phase, Phase::Superseded);
         // Once something changed, the same pod is waited for instead (then the failure policy
         // returns the GPU to its layout), never destroyed under it.
@@ -1483,7 +1538,7 @@ mod tests {
         let mut o = nvml_obs();
         o.tainted = true;
         o.state = Ok(Some(state));
-        assert!(matches!(step(&o, &nvml()).actions.as_slice(), [Action::Apply(_)]));
+        assert!(matches!(step(&o, &nvml()).effects.as_slice(), [Effect::Apply(_)]));
     }
 
     #[test]
@@ -1499,13 +1554,13 @@ mod tests {
             o.now = t;
             let mut s = step(&o, &p);
             warned |= s
-                .actions
+                .effects
                 .iter()
-                .any(|a| matches!(a, Action::Event { reason, .. } if reason.is_warning()));
-            paused |= s.actions.contains(&Action::PauseDevicePlugin);
+                .any(|a| matches!(a, Effect::Event { reason, .. } if reason.is_warning()));
+            paused |= s.effects.contains(&Effect::PauseDevicePlugin);
             if phase(&o) == Some(Phase::Applying) {
-                for a in &mut s.actions {
-                    if let Action::Apply(c) = a {
+                for a in &mut s.effects {
+                    if let Effect::Apply(c) = a {
                         c.create.clear(); // destroys happen, creates fail
                     }
                 }
@@ -1534,39 +1589,39 @@ mod tests {
             Some("all-1g.10gb"),
         )));
         let s = step(&o, &SequencePolicy::default());
-        assert!(s.actions.contains(&Action::Untaint));
+        assert!(s.effects.contains(&Effect::Untaint));
         let next = s.next.unwrap();
         assert_eq!(next.phase, Phase::RolledBack);
         assert!(next.message.unwrap().contains("--backend"));
     }
 
     #[test]
-    fn nvml_crash_at_any_point_repeats_only_idempotent_actions() {
+    fn nvml_crash_at_any_point_repeats_only_idempotent_effects() {
         let mut o = nvml_obs();
         let p = nvml();
         for _ in 0..20 {
             let s = step(&o, &p);
             let mut crashed = o.clone();
-            for a in &s.actions {
+            for a in &s.effects {
                 apply(
                     &mut crashed,
                     &Step {
-                        actions: vec![a.clone()],
+                        effects: vec![a.clone()],
                         next: None,
                     },
                 );
             }
-            // After its actions and before the persist: the same step again may only repeat a
-            // harmless action (the instance changes are recomputed from the GPUs, so none is left).
-            for a in &step(&crashed, &p).actions {
+            // After its effects and before the persist: the same step again may only repeat a
+            // harmless effect (the instance changes are recomputed from the GPUs, so none is left).
+            for a in &step(&crashed, &p).effects {
                 assert!(
                     matches!(
                         a,
-                        Action::Event { .. }
-                            | Action::PauseDevicePlugin
-                            | Action::ResumeDevicePlugin
-                            | Action::Taint
-                            | Action::Untaint
+                        Effect::Event { .. }
+                            | Effect::PauseDevicePlugin
+                            | Effect::ResumeDevicePlugin
+                            | Effect::Taint
+                            | Effect::Untaint
                     ),
                     "after a crash the agent did {a:?}"
                 );
@@ -1594,10 +1649,10 @@ mod tests {
     }
 
     fn applies(s: &Step) -> Vec<&InstanceChange> {
-        s.actions
+        s.effects
             .iter()
             .filter_map(|a| match a {
-                Action::Apply(c) => Some(c),
+                Effect::Apply(c) => Some(c),
                 _ => None,
             })
             .collect()
@@ -1609,7 +1664,7 @@ mod tests {
         let mut o = nvml_obs();
         unreadable(&mut o);
         let s = step(&o, &nvml());
-        assert!(!s.actions.contains(&Action::Taint), "{s:?}");
+        assert!(!s.effects.contains(&Effect::Taint), "{s:?}");
         let next = s.next.unwrap();
         assert_eq!(next.phase, Phase::Superseded);
         assert!(next.message.unwrap().contains("GPU 0's instances are unknown"));
@@ -1678,9 +1733,9 @@ mod tests {
         let refused = |o: &Observation| {
             let s = step(o, &SequencePolicy::default());
             assert!(s.next.is_none(), "{s:?}");
-            match s.actions.as_slice() {
+            match s.effects.as_slice() {
                 [
-                    Action::Event {
+                    Effect::Event {
                         reason: Reason::GrantRefused,
                         note,
                     },
@@ -1700,8 +1755,8 @@ mod tests {
         // Ours and fresh: started.
         assert!(
             step(&obs(), &SequencePolicy::default())
-                .actions
-                .contains(&Action::Taint)
+                .effects
+                .contains(&Effect::Taint)
         );
     }
 }

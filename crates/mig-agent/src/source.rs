@@ -173,17 +173,31 @@ pub fn run(command: &str, args: &[&str], timeout: Duration) -> Result<String, Gp
     use std::os::unix::process::CommandExt;
     use std::process::Stdio;
     let shown = format!("{command} {}", args.join(" "));
-    let mut child = std::process::Command::new(command)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|source| GpuError::Spawn {
-            command: command.to_string(),
-            source,
-        })?;
+    let spawn = || {
+        std::process::Command::new(command)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+    };
+    // A binary being replaced (or, in tests, just written while another thread forks) is briefly
+    // "text file busy": try again a few times before calling it a failure.
+    let mut spawned = spawn();
+    for _ in 0..5 {
+        match &spawned {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(20));
+                spawned = spawn();
+            }
+            _ => break,
+        }
+    }
+    let mut child = spawned.map_err(|source| GpuError::Spawn {
+        command: command.to_string(),
+        source,
+    })?;
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
             let mut out = Vec::new();

@@ -280,9 +280,9 @@ async fn summary(client: &Client, metrics: &str) -> String {
         "summary: {} pods now ({running} running, {} pending); reconfigurations done {}, rolled back {}, superseded {}; grants {}",
         pods.len(),
         pods.len() - running,
-        value("mig_autoscaler_reconfigurations_total{result=\"done\"}"),
-        value("mig_autoscaler_reconfigurations_total{result=\"rolled-back\"}"),
-        value("mig_autoscaler_reconfigurations_total{result=\"superseded\"}"),
+        value("mig_autoscaler_reconfigurations_total{result=\"Done\"}"),
+        value("mig_autoscaler_reconfigurations_total{result=\"RolledBack\"}"),
+        value("mig_autoscaler_reconfigurations_total{result=\"Superseded\"}"),
         value("mig_autoscaler_grants_total{result=\"written\"}"),
     )
 }

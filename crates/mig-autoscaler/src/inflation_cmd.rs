@@ -261,24 +261,34 @@ pub fn run(args: InflationArgs) -> Result<ExitCode> {
         }
     }
     if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut csv = String::from("policy,seed,metric");
-        for k in 0..=130 {
-            let _ = write!(csv, ",{k}");
-        }
-        csv.push('\n');
-        for r in &reports {
-            for (metric, curve) in [("requested", &r.requested), ("occupied", &r.occupied)] {
-                let _ = write!(csv, "{},{},{metric}", r.policy, r.seed);
-                for v in curve {
-                    let _ = write!(csv, ",{}", v.map_or(String::new(), |x| format!("{x:.3}")));
-                }
-                csv.push('\n');
-            }
-        }
-        std::fs::write(dir.join("curves.csv"), csv)?;
-        std::fs::write(dir.join("allocation.svg"), svg(&series))?;
-        eprintln!("wrote {}/curves.csv and allocation.svg", dir.display());
+        write_curves(dir, &reports, &series)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `curves.csv` (every run's curves) and `allocation.svg` (the mean curves) in `dir`.
+fn write_curves(
+    dir: &std::path::Path,
+    reports: &[InflationReport],
+    series: &[(String, Vec<Option<f64>>, &str)],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut csv = String::from("policy,seed,metric");
+    for k in 0..=130 {
+        let _ = write!(csv, ",{k}");
+    }
+    csv.push('\n');
+    for r in reports {
+        for (metric, curve) in [("requested", &r.requested), ("occupied", &r.occupied)] {
+            let _ = write!(csv, "{},{},{metric}", r.policy, r.seed);
+            for v in curve {
+                let _ = write!(csv, ",{}", v.map_or(String::new(), |x| format!("{x:.3}")));
+            }
+            csv.push('\n');
+        }
+    }
+    std::fs::write(dir.join("curves.csv"), csv)?;
+    std::fs::write(dir.join("allocation.svg"), svg(series))?;
+    eprintln!("wrote {}/curves.csv and allocation.svg", dir.display());
+    Ok(())
 }

@@ -321,7 +321,7 @@ fn plan_prints_a_table_or_json_and_rejects_bad_snapshots_with_a_path() {
     let json = cli(&["plan", "--snapshot", example.to_str().unwrap(), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["pods"].as_array().unwrap().len(), 4);
-    assert_eq!(v["nodes"][0]["actions"][0]["action"]["kind"], "taint");
+    assert_eq!(v["nodes"][0]["phases"][0]["phase"], "Tainting");
 
     let dir = std::env::temp_dir().join(format!("mig-autoscaler-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

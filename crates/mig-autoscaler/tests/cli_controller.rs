@@ -180,7 +180,7 @@ fn the_agent_reports_what_nvidia_smi_says_and_stops_on_sigterm() {
     assert_eq!(get(&addr, "/readyz").unwrap().0, 200);
     let (_, metrics) = get(&addr, "/metrics").unwrap();
     assert!(
-        metrics.contains("mig_autoscaler_agent_phase{kind=\"idle\"} 1"),
+        metrics.contains("mig_autoscaler_agent_phase{kind=\"Idle\"} 1"),
         "{metrics}"
     );
     let status = terminate(&mut agent);

@@ -1,5 +1,5 @@
 //! The built-in layout view, drawn by a real browser (Debian chromium, headless) against the demo:
-//! every instance the API reports is drawn at its placement, actual and proposed.
+//! every instance the API reports is drawn at its placement, actual and target.
 
 #![allow(clippy::unwrap_used)]
 
@@ -122,7 +122,7 @@ fn the_layout_view_draws_what_the_api_reports() {
 
     let mut want = BTreeSet::new();
     for g in layouts["gpus"].as_array().unwrap() {
-        for (which, key) in [("actual", "actualInstances"), ("proposed", "proposedInstances")] {
+        for (which, key) in [("actual", "actualInstances"), ("target", "targetInstances")] {
             for i in g[key].as_array().unwrap() {
                 want.insert((
                     g["node"].as_str().unwrap().to_string(),

@@ -175,9 +175,9 @@ struct LayoutRow {
     /// Memory slices of the GPU (the width of a drawing).
     slices: u8,
     actual: String,
-    proposed: String,
+    target: String,
     actual_instances: Vec<Slot>,
-    proposed_instances: Vec<Slot>,
+    target_instances: Vec<Slot>,
     changed: bool,
     decision: Option<String>,
 }
@@ -232,16 +232,16 @@ async fn layouts(State(s): State<Arc<Shared>>) -> Result<Response, ApiError> {
         .iter()
         .map(|g| {
             let (slices, actual_instances) = slots(&g.model, &g.actual);
-            let (_, proposed_instances) = slots(&g.model, &g.target);
+            let (_, target_instances) = slots(&g.model, &g.target);
             LayoutRow {
                 node: g.node.clone(),
                 gpu: g.index,
                 model: g.model.clone(),
                 slices,
                 actual: g.actual.clone(),
-                proposed: g.target.clone(),
+                target: g.target.clone(),
                 actual_instances,
-                proposed_instances,
+                target_instances,
                 changed: g.changed,
                 decision: if g.changed {
                     p.decisions.get(&g.node).cloned()

@@ -31,7 +31,7 @@ use crate::metrics::{
     BudgetLabel, DecisionLabel, InstanceLabels, OutcomeLabel, ProfileLabel, ReasonLabel, ResultLabel,
     SolverLabels,
 };
-use crate::observe::{InputProblem, Observation, observe};
+use crate::observe::{ClusterView, InputProblem, observe};
 use crate::settings::{Mode, Settings};
 use crate::{Metrics, api};
 use mig_protocol::{
@@ -656,7 +656,7 @@ impl ControlLoop {
     }
 
     /// What the budgets see: the cache's nodes, plus the ledger's grants the cache does not show.
-    fn budget_facts(&mut self, obs: &Observation) -> Vec<NodeFacts> {
+    fn budget_facts(&mut self, obs: &ClusterView) -> Vec<NodeFacts> {
         let mut facts = obs.facts();
         let keep = jiff::SignedDuration::try_from(self.shared.settings.budgets.grant_timeout.0)
             .unwrap_or(jiff::SignedDuration::MAX);
@@ -687,7 +687,7 @@ impl ControlLoop {
         facts
     }
 
-    fn observe_now(&self) -> Observation {
+    fn observe_now(&self) -> ClusterView {
         let s = &self.shared.settings;
         observe(
             &self.caches.nodes.state(),
@@ -736,66 +736,7 @@ impl ControlLoop {
             self.report_problem(p);
         }
 
-        // Decisions per changed node.
-        let candidates: Vec<Candidate> = plan
-            .nodes
-            .iter()
-            .map(|n| Candidate {
-                node: n.node.clone(),
-                evictions: plan.evictions.iter().filter(|e| e.node == n.node).count() as u32,
-            })
-            .collect();
-        let (verdicts, _) = budget::decide(&settings.budgets, now, obs.managed, &facts, &candidates);
-        let mut decisions = BTreeMap::new();
-        let leader = self.shared.lease.is_leader();
-        for (c, verdict) in verdicts {
-            let decision = match (&verdict, settings.mode) {
-                (Err(d), _) => {
-                    let words = d.describe(&settings.budgets);
-                    self.emit(
-                        Reason::ReconfigurationDeferred,
-                        format!("plan {}: {words}", plan.id),
-                        "Plan",
-                        node_ref(&c.node, None),
-                        None,
-                    );
-                    decisions.insert(c.node.clone(), format!("deferred: {words}"));
-                    d.reason()
-                }
-                (Ok(()), Mode::DryRun) => {
-                    decisions.insert(c.node.clone(), "dry-run".into());
-                    "dry-run"
-                }
-                (Ok(()), Mode::Auto) if !leader => {
-                    decisions.insert(c.node.clone(), "follower: the leader decides".into());
-                    continue;
-                }
-                (Ok(()), Mode::Auto) => match self.grant(&plan, &obs, &c).await {
-                    Ok(()) => {
-                        decisions.insert(c.node.clone(), "granted".into());
-                        "granted"
-                    }
-                    Err(GrantError::Invalidated(why)) => {
-                        decisions.insert(c.node.clone(), format!("invalidated: {why}"));
-                        "invalidated"
-                    }
-                    Err(GrantError::Write(result, why)) => {
-                        self.shared
-                            .metrics
-                            .grants
-                            .get_or_create(&ResultLabel { result })
-                            .inc();
-                        decisions.insert(c.node.clone(), format!("not written ({result}): {why}"));
-                        continue;
-                    }
-                },
-            };
-            self.shared
-                .metrics
-                .decisions
-                .get_or_create(&DecisionLabel { decision })
-                .inc();
-        }
+        let (decisions, leader) = self.decide(&plan, &obs, &facts, now).await;
         self.explain_to_pods_and_nodes(&plan, &decisions, settings.mode);
 
         let published = Published {
@@ -828,7 +769,79 @@ impl ControlLoop {
         *self.shared.latest.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(published));
     }
 
-    fn record_plan_metrics(&self, obs: &Observation, plan: &Plan, room: Headroom) {
+    /// Per changed node of `plan`: deferred by a budget, dry-run, left to the leader, or granted
+    /// (or why not). The decisions by node, and whether this replica led when deciding.
+    async fn decide(
+        &mut self,
+        plan: &Plan,
+        obs: &ClusterView,
+        facts: &[NodeFacts],
+        now: Timestamp,
+    ) -> (BTreeMap<String, String>, bool) {
+        let settings = self.shared.settings.clone();
+        let candidates: Vec<Candidate> = plan
+            .nodes
+            .iter()
+            .map(|n| Candidate {
+                node: n.node.clone(),
+                evictions: plan.evictions.iter().filter(|e| e.node == n.node).count() as u32,
+            })
+            .collect();
+        let (verdicts, _) = budget::decide(&settings.budgets, now, obs.managed, facts, &candidates);
+        let mut decisions = BTreeMap::new();
+        let leader = self.shared.lease.is_leader();
+        for (c, verdict) in verdicts {
+            let decision = match (&verdict, settings.mode) {
+                (Err(d), _) => {
+                    let words = d.describe(&settings.budgets);
+                    self.emit(
+                        Reason::ReconfigurationDeferred,
+                        format!("plan {}: {words}", plan.id),
+                        "Plan",
+                        node_ref(&c.node, None),
+                        None,
+                    );
+                    decisions.insert(c.node.clone(), format!("deferred: {words}"));
+                    d.reason()
+                }
+                (Ok(()), Mode::DryRun) => {
+                    decisions.insert(c.node.clone(), "dry-run".into());
+                    "dry-run"
+                }
+                (Ok(()), Mode::Auto) if !leader => {
+                    decisions.insert(c.node.clone(), "follower: the leader decides".into());
+                    continue;
+                }
+                (Ok(()), Mode::Auto) => match self.grant(plan, obs, &c).await {
+                    Ok(()) => {
+                        decisions.insert(c.node.clone(), "granted".into());
+                        "granted"
+                    }
+                    Err(GrantError::Invalidated(why)) => {
+                        decisions.insert(c.node.clone(), format!("invalidated: {why}"));
+                        "invalidated"
+                    }
+                    Err(GrantError::Write(result, why)) => {
+                        self.shared
+                            .metrics
+                            .grants
+                            .get_or_create(&ResultLabel { result })
+                            .inc();
+                        decisions.insert(c.node.clone(), format!("not written ({result}): {why}"));
+                        continue;
+                    }
+                },
+            };
+            self.shared
+                .metrics
+                .decisions
+                .get_or_create(&DecisionLabel { decision })
+                .inc();
+        }
+        (decisions, leader)
+    }
+
+    fn record_plan_metrics(&self, obs: &ClusterView, plan: &Plan, room: Headroom) {
         let m = &self.shared.metrics;
         let mut by_profile: BTreeMap<String, i64> = BTreeMap::new();
         for p in &obs.snapshot.pending_pods {
@@ -863,7 +876,7 @@ impl ControlLoop {
             let Ok(model) = catalog.lookup(&g.model) else {
                 continue;
             };
-            for (layout, text) in [("actual", &g.actual), ("proposed", &g.target)] {
+            for (side, text) in [("actual", &g.actual), ("target", &g.target)] {
                 let Ok(l) = model.parse_layout(text) else { continue };
                 let mut counts: BTreeMap<String, i64> =
                     model.profiles.iter().map(|p| (p.name.clone(), 0)).collect();
@@ -878,7 +891,7 @@ impl ControlLoop {
                             node: g.node.clone(),
                             gpu: g.index.to_string(),
                             profile,
-                            layout,
+                            side,
                         })
                         .set(n);
                 }
@@ -998,50 +1011,11 @@ impl ControlLoop {
     }
 
     /// Re-check a candidate against fresh state, then write the ConfigMap entry and the grant.
-    async fn grant(&mut self, plan: &Plan, planned: &Observation, c: &Candidate) -> Result<(), GrantError> {
+    async fn grant(&mut self, plan: &Plan, planned: &ClusterView, c: &Candidate) -> Result<(), GrantError> {
         let settings = self.shared.settings.clone();
         let fresh = self.observe_now();
         let now = self.now();
-        let Some(view) = fresh.nodes.get(&c.node) else {
-            return Err(GrantError::Invalidated("node is gone".into()));
-        };
-        let Some(old) = planned.nodes.get(&c.node) else {
-            return Err(GrantError::Invalidated("node was not observed".into()));
-        };
-        if view.report_raw != old.report_raw {
-            return Err(GrantError::Invalidated(
-                "the node's GPUs changed since planning".into(),
-            ));
-        }
-        let facts = self.budget_facts(&fresh);
-        let (verdicts, _) = budget::decide(
-            &settings.budgets,
-            now,
-            fresh.managed,
-            &facts,
-            std::slice::from_ref(c),
-        );
-        if let Some((_, Err(d))) = verdicts.first() {
-            return Err(GrantError::Invalidated(d.describe(&settings.budgets)));
-        }
-        let evictions: Vec<String> = plan
-            .evictions
-            .iter()
-            .filter(|e| e.node == c.node)
-            .map(|e| e.pod.clone())
-            .collect();
-        for pod in &evictions {
-            let gone_or_protected = !fresh
-                .snapshot
-                .running_pods
-                .iter()
-                .any(|r| format!("{}/{}", r.namespace, r.name) == *pod && !r.do_not_disrupt);
-            if gone_or_protected {
-                return Err(GrantError::Invalidated(format!(
-                    "pod {pod} to evict is gone or now do-not-disrupt"
-                )));
-            }
-        }
+        let (view, evictions) = self.still_valid(plan, planned, &fresh, c, now)?;
         let Some(node_plan) = plan.nodes.iter().find(|n| n.node == c.node) else {
             return Err(GrantError::Invalidated("not in the plan".into()));
         };
@@ -1076,6 +1050,80 @@ impl ControlLoop {
             granted_by: self.shared.lease.identity().to_string(),
             recent_evictions: recent,
         };
+        let written = budget::Written {
+            grant_id: grant.id.clone(),
+            at: now,
+            evictions: vec![now; evictions.len()],
+        };
+        self.write_grant(plan, c, &grant, written).await
+    }
+
+    /// Whether candidate `c` of `plan` still holds on `fresh` state: the node and its GPUs as
+    /// planned, within the budgets, the pods to evict still there and evictable. Its view and the
+    /// evictions, or why not.
+    fn still_valid<'v>(
+        &mut self,
+        plan: &Plan,
+        planned: &ClusterView,
+        fresh: &'v ClusterView,
+        c: &Candidate,
+        now: Timestamp,
+    ) -> Result<(&'v crate::observe::NodeView, Vec<String>), GrantError> {
+        let shared = self.shared.clone();
+        let settings = &shared.settings;
+        let Some(view) = fresh.nodes.get(&c.node) else {
+            return Err(GrantError::Invalidated("node is gone".into()));
+        };
+        let Some(old) = planned.nodes.get(&c.node) else {
+            return Err(GrantError::Invalidated("node was not observed".into()));
+        };
+        if view.report_raw != old.report_raw {
+            return Err(GrantError::Invalidated(
+                "the node's GPUs changed since planning".into(),
+            ));
+        }
+        let facts = self.budget_facts(fresh);
+        let (verdicts, _) = budget::decide(
+            &settings.budgets,
+            now,
+            fresh.managed,
+            &facts,
+            std::slice::from_ref(c),
+        );
+        if let Some((_, Err(d))) = verdicts.first() {
+            return Err(GrantError::Invalidated(d.describe(&settings.budgets)));
+        }
+        let evictions: Vec<String> = plan
+            .evictions
+            .iter()
+            .filter(|e| e.node == c.node)
+            .map(|e| e.pod.clone())
+            .collect();
+        for pod in &evictions {
+            let gone_or_protected = !fresh
+                .snapshot
+                .running_pods
+                .iter()
+                .any(|r| format!("{}/{}", r.namespace, r.name) == *pod && !r.do_not_disrupt);
+            if gone_or_protected {
+                return Err(GrantError::Invalidated(format!(
+                    "pod {pod} to evict is gone or now do-not-disrupt"
+                )));
+            }
+        }
+        Ok((view, evictions))
+    }
+
+    /// Write `grant` on the node (optimistic: a changed node is a conflict, retried next round),
+    /// recording it in the ledger when it landed, even if the answer was lost.
+    async fn write_grant(
+        &mut self,
+        plan: &Plan,
+        c: &Candidate,
+        grant: &Grant,
+        written: budget::Written,
+    ) -> Result<(), GrantError> {
+        let evictions = &grant.evictions;
         let node = self
             .caches
             .nodes
@@ -1085,16 +1133,11 @@ impl ControlLoop {
             .ok_or_else(|| GrantError::Invalidated("node is gone".into()))?;
         let patch = json!({"metadata": {
             "resourceVersion": node.resource_version(),
-            "annotations": {GRANT_ANNOTATION: serde_json::to_string(&grant).unwrap_or_default()},
+            "annotations": {GRANT_ANNOTATION: serde_json::to_string(grant).unwrap_or_default()},
         }});
         if !self.shared.lease.is_leader() {
             return Err(GrantError::Invalidated("no longer the leader".into()));
         }
-        let written = budget::Written {
-            grant_id: grant.id.clone(),
-            at: now,
-            evictions: vec![now; evictions.len()],
-        };
         let nodes: Api<Node> = Api::all(self.client.clone());
         match nodes
             .patch(&c.node, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))

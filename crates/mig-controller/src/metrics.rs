@@ -27,8 +27,8 @@ pub struct InstanceLabels {
     pub gpu: String,
     /// MIG profile.
     pub profile: String,
-    /// `actual` or `proposed`.
-    pub layout: &'static str,
+    /// Which layout: `actual` or `target`.
+    pub side: &'static str,
 }
 
 /// `{solver, status}`.
@@ -80,7 +80,7 @@ pub const DECISIONS: [&str; 8] = [
 /// Results of grant writes.
 pub const GRANT_RESULTS: [&str; 3] = ["written", "conflict", "error"];
 /// Results of reconfigurations (the agent's terminal phases).
-pub const RECONFIGURATION_RESULTS: [&str; 3] = ["done", "rolled-back", "failed"];
+pub const RECONFIGURATION_RESULTS: [&str; 4] = ["Done", "RolledBack", "Failed", "Superseded"];
 /// Results of the evictions the controller posts.
 pub const EVICTION_RESULTS: [&str; 4] = ["evicted", "blocked", "gone", "error"];
 /// Input problem reasons.
@@ -104,7 +104,7 @@ pub struct Metrics {
     pub caches_synced: Gauge,
     /// Pending pods per requested profile.
     pub pending_pods: Family<ProfileLabel, Gauge>,
-    /// Instances per node, GPU, profile, actual or proposed.
+    /// Instances per node, GPU, profile, actual or target.
     pub gpu_instances: Family<InstanceLabels, Gauge>,
     /// Planning time.
     pub plan_duration: Histogram,
@@ -167,143 +167,8 @@ impl Metrics {
             connections_refused: Family::default(),
             registry: Registry::default(),
         };
-        let info: Family<Vec<(String, String)>, Gauge> = Family::default();
-        info.get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
-            .set(1);
-        registry.register("build_info", "Build information (value 1)", info);
-        registry.register(
-            "leader",
-            "1 while this replica holds the leader lease",
-            m.leader.clone(),
-        );
-        registry.register(
-            "caches_synced",
-            "1 once the node, pod, PDB and ConfigMap caches have listed",
-            m.caches_synced.clone(),
-        );
-        registry.register(
-            "pending_pods",
-            "Pending pods requesting each MIG profile",
-            m.pending_pods.clone(),
-        );
-        registry.register(
-            "gpu_instances",
-            "MIG instances per node, GPU and profile, actual or proposed",
-            m.gpu_instances.clone(),
-        );
-        registry.register(
-            "plan_duration_seconds",
-            "Time to build the snapshot and plan",
-            m.plan_duration.clone(),
-        );
-        registry.register("plans", "Plans by solver used and status", m.plans.clone());
-        registry.register(
-            "plan_pods",
-            "Pending pods of the last plan that fit or wait",
-            m.plan_pods.clone(),
-        );
-        registry.register(
-            "plan_evictions",
-            "Evictions in the last plan",
-            m.plan_evictions.clone(),
-        );
-        registry.register(
-            "decisions",
-            "Per changed node of a plan: granted, dry-run, invalidated or deferred (and why)",
-            m.decisions.clone(),
-        );
-        registry.register("grants", "Grant writes to nodes by result", m.grants.clone());
-        registry.register(
-            "budget_headroom",
-            "What is left of each disruption budget",
-            m.budget_headroom.clone(),
-        );
-        registry.register(
-            "nodes_reconfiguring",
-            "Nodes reconfiguring now (they hold the node budget)",
-            m.nodes_reconfiguring.clone(),
-        );
-        registry.register(
-            "nodes_stuck",
-            "Nodes left tainted and frozen for a person (a failed reconfiguration, or an agent gone mid-change); they hold no budget",
-            m.nodes_stuck.clone(),
-        );
-        registry.register(
-            "reconfigurations",
-            "Ended node reconfigurations by result",
-            m.reconfigurations.clone(),
-        );
-        registry.register(
-            "evictions_granted",
-            "Pod evictions granted (the controller posts them once the node's agent has tainted it)",
-            m.evictions_granted.clone(),
-        );
-        registry.register(
-            "evictions",
-            "Evictions the controller posted for draining nodes, by result: evicted, blocked (by a PodDisruptionBudget), gone, error",
-            m.evictions.clone(),
-        );
-        registry.register(
-            "input_problems",
-            "Input the controller could not use, by reason",
-            m.input_problems.clone(),
-        );
-        registry.register(
-            "last_plan_timestamp_seconds",
-            "Unix time of the last plan",
-            m.last_plan_timestamp.clone(),
-        );
-        registry.register(
-            "pod_time_to_slice_seconds",
-            "From a pending MIG pod's creation to its binding to a node (pods the controller saw waiting)",
-            m.time_to_slice.clone(),
-        );
-        registry.register(
-            "http_refused",
-            "HTTP connections closed at once and requests refused, by limit",
-            m.connections_refused.clone(),
-        );
-        for limit in HTTP_LIMITS {
-            let _ = m.connections_refused.get_or_create(&LimitLabel { limit });
-        }
-        for profile in profiles {
-            let _ = m.pending_pods.get_or_create(&ProfileLabel { profile });
-        }
-        for decision in DECISIONS {
-            let _ = m.decisions.get_or_create(&DecisionLabel { decision });
-        }
-        for result in GRANT_RESULTS {
-            let _ = m.grants.get_or_create(&ResultLabel { result });
-        }
-        for result in RECONFIGURATION_RESULTS {
-            let _ = m.reconfigurations.get_or_create(&ResultLabel { result });
-        }
-        for result in EVICTION_RESULTS {
-            let _ = m.evictions.get_or_create(&ResultLabel { result });
-        }
-        for budget in ["nodes", "evictions"] {
-            let _ = m.budget_headroom.get_or_create(&BudgetLabel { budget });
-        }
-        for reason in INPUT_PROBLEMS {
-            let _ = m.input_problems.get_or_create(&ReasonLabel {
-                reason: reason.as_str(),
-            });
-        }
-        for outcome in ["fits", "waits"] {
-            let _ = m.plan_pods.get_or_create(&OutcomeLabel { outcome });
-        }
-        for (solver, status) in [
-            ("highs", "optimal"),
-            ("highs", "time-limit"),
-            ("highs", "gap-limit"),
-            ("greedy", "greedy"),
-            ("greedy", "trivial"),
-        ] {
-            let _ = m.plans.get_or_create(&SolverLabels {
-                solver: solver.into(),
-                status: status.into(),
-            });
-        }
+        register(&m, &mut registry);
+        initialise_labels(&m, profiles);
         Metrics { registry, ..m }
     }
 
@@ -351,6 +216,151 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Register every metric with its help text.
+fn register(m: &Metrics, registry: &mut Registry) {
+    let info: Family<Vec<(String, String)>, Gauge> = Family::default();
+    info.get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
+        .set(1);
+    registry.register("build_info", "Build information (value 1)", info);
+    registry.register(
+        "leader",
+        "1 while this replica holds the leader lease",
+        m.leader.clone(),
+    );
+    registry.register(
+        "caches_synced",
+        "1 once the node, pod, PDB and ConfigMap caches have listed",
+        m.caches_synced.clone(),
+    );
+    registry.register(
+        "pending_pods",
+        "Pending pods requesting each MIG profile",
+        m.pending_pods.clone(),
+    );
+    registry.register(
+        "gpu_instances",
+        "MIG instances per node, GPU and profile, actual or target",
+        m.gpu_instances.clone(),
+    );
+    registry.register(
+        "plan_duration_seconds",
+        "Time to build the snapshot and plan",
+        m.plan_duration.clone(),
+    );
+    registry.register("plans", "Plans by solver used and status", m.plans.clone());
+    registry.register(
+        "plan_pods",
+        "Pending pods of the last plan that fit or wait",
+        m.plan_pods.clone(),
+    );
+    registry.register(
+        "plan_evictions",
+        "Evictions in the last plan",
+        m.plan_evictions.clone(),
+    );
+    registry.register(
+        "decisions",
+        "Per changed node of a plan: granted, dry-run, invalidated or deferred (and why)",
+        m.decisions.clone(),
+    );
+    registry.register("grants", "Grant writes to nodes by result", m.grants.clone());
+    registry.register(
+        "budget_headroom",
+        "What is left of each disruption budget",
+        m.budget_headroom.clone(),
+    );
+    registry.register(
+        "nodes_reconfiguring",
+        "Nodes reconfiguring now (they hold the node budget)",
+        m.nodes_reconfiguring.clone(),
+    );
+    registry.register(
+        "nodes_stuck",
+        "Nodes left tainted and frozen for a person (a failed reconfiguration, or an agent gone mid-change); they hold no budget",
+        m.nodes_stuck.clone(),
+    );
+    registry.register(
+        "reconfigurations",
+        "Ended node reconfigurations by result",
+        m.reconfigurations.clone(),
+    );
+    registry.register(
+        "evictions_granted",
+        "Pod evictions granted (the controller posts them once the node's agent has tainted it)",
+        m.evictions_granted.clone(),
+    );
+    registry.register(
+        "evictions",
+        "Evictions the controller posted for draining nodes, by result: evicted, blocked (by a PodDisruptionBudget), gone, error",
+        m.evictions.clone(),
+    );
+    registry.register(
+        "input_problems",
+        "Input the controller could not use, by reason",
+        m.input_problems.clone(),
+    );
+    registry.register(
+        "last_plan_timestamp_seconds",
+        "Unix time of the last plan",
+        m.last_plan_timestamp.clone(),
+    );
+    registry.register(
+        "pod_time_to_slice_seconds",
+        "From a pending MIG pod's creation to its binding to a node (pods the controller saw waiting)",
+        m.time_to_slice.clone(),
+    );
+    registry.register(
+        "http_refused",
+        "HTTP connections closed at once and requests refused, by limit",
+        m.connections_refused.clone(),
+    );
+}
+
+/// Create the known label values, so that every series exists (at 0) from the start.
+fn initialise_labels(m: &Metrics, profiles: impl IntoIterator<Item = String>) {
+    for limit in HTTP_LIMITS {
+        let _ = m.connections_refused.get_or_create(&LimitLabel { limit });
+    }
+    for profile in profiles {
+        let _ = m.pending_pods.get_or_create(&ProfileLabel { profile });
+    }
+    for decision in DECISIONS {
+        let _ = m.decisions.get_or_create(&DecisionLabel { decision });
+    }
+    for result in GRANT_RESULTS {
+        let _ = m.grants.get_or_create(&ResultLabel { result });
+    }
+    for result in RECONFIGURATION_RESULTS {
+        let _ = m.reconfigurations.get_or_create(&ResultLabel { result });
+    }
+    for result in EVICTION_RESULTS {
+        let _ = m.evictions.get_or_create(&ResultLabel { result });
+    }
+    for budget in ["nodes", "evictions"] {
+        let _ = m.budget_headroom.get_or_create(&BudgetLabel { budget });
+    }
+    for reason in INPUT_PROBLEMS {
+        let _ = m.input_problems.get_or_create(&ReasonLabel {
+            reason: reason.as_str(),
+        });
+    }
+    for outcome in ["fits", "waits"] {
+        let _ = m.plan_pods.get_or_create(&OutcomeLabel { outcome });
+    }
+    for (solver, status) in [
+        ("highs", "optimal"),
+        ("highs", "time-limit"),
+        ("highs", "gap-limit"),
+        ("greedy", "greedy"),
+        ("greedy", "trivial"),
+    ] {
+        let _ = m.plans.get_or_create(&SolverLabels {
+            solver: solver.into(),
+            status: status.into(),
+        });
+    }
 }
 
 #[cfg(test)]

@@ -65,7 +65,7 @@ pub struct NodeView {
 
 /// The cluster as the planner and the budgets see it.
 #[derive(Clone, Debug, Default)]
-pub struct Observation {
+pub struct ClusterView {
     /// The planner's input (policy included).
     pub snapshot: Snapshot,
     /// Per node.
@@ -76,7 +76,7 @@ pub struct Observation {
     pub managed: usize,
 }
 
-impl Observation {
+impl ClusterView {
     /// Budget facts per node.
     pub fn facts(&self) -> Vec<NodeFacts> {
         self.nodes
@@ -169,266 +169,28 @@ pub fn observe(
     budgets: &DisruptionBudgets,
     demand_window: std::time::Duration,
     now: Timestamp,
-) -> Observation {
-    let catalog = Catalog::embedded();
-    let mut obs = Observation::default();
-    let mut problem = |kind, namespace: String, name: String, reason, message: String| {
-        obs.problems.push(InputProblem {
-            kind,
-            namespace,
-            name,
-            reason,
-            message,
-        })
-    };
-
-    // Pods.
-    let mut pending = Vec::new();
-    let mut running = Vec::new();
-    let demand_since = jiff::SignedDuration::try_from(demand_window)
-        .ok()
-        .and_then(|w| now.checked_sub(w).ok())
-        .unwrap_or(Timestamp::MIN);
-    let mut recent_demand: BTreeMap<String, u32> = BTreeMap::new();
-    for pod in pods {
-        let Some(spec) = &pod.spec else { continue };
-        let (ns, name) = key(pod);
-        let requests = match mig_requests(spec) {
-            Ok(r) => r,
-            Err(e) => {
-                if is_pending(pod) {
-                    problem(
-                        "Pod",
-                        ns,
-                        name,
-                        Reason::InvalidMigRequest,
-                        format!("{e}; the pod is not planned for"),
-                    );
-                }
-                continue;
-            }
-        };
-        if requests.is_empty() {
-            continue;
-        }
-        if !demand_window.is_zero()
-            && pod
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .is_some_and(|t| t.0 >= demand_since)
-        {
-            for (resource, count) in &requests {
-                if let Some(profile) = resource.strip_prefix(MIG_RESOURCE_PREFIX) {
-                    let e = recent_demand.entry(profile.to_string()).or_default();
-                    *e = e.saturating_add(u32::try_from(*count).unwrap_or(u32::MAX));
-                }
-            }
-        }
-        if is_pending(pod) {
-            pending.push(pending_pod(pod, requests));
-        } else if spec.node_name.is_some() {
-            let labels = pod.metadata.labels.clone().unwrap_or_default();
-            let member_of = pdbs
-                .iter()
-                .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
-                .filter(|p| {
-                    p.spec
-                        .as_ref()
-                        .and_then(|s| s.selector.clone())
-                        .and_then(|s| Selector::try_from(s).ok())
-                        .is_some_and(|s| !s.selects_all() && s.matches(&labels))
-                })
-                .map(|p| format!("{ns}/{}", p.metadata.name.clone().unwrap_or_default()))
-                .collect();
-            running.push(RunningPod {
-                namespace: ns,
-                name,
-                priority: spec.priority.unwrap_or(0),
-                do_not_disrupt: pod
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(DO_NOT_DISRUPT))
-                    .is_some_and(|v| v == "true"),
-                pdbs: member_of,
-            });
-        }
-    }
-
-    // Nodes.
+) -> ClusterView {
+    let mut obs = ClusterView::default();
+    let demand_since = (!demand_window.is_zero()).then(|| {
+        jiff::SignedDuration::try_from(demand_window)
+            .ok()
+            .and_then(|w| now.checked_sub(w).ok())
+            .unwrap_or(Timestamp::MIN)
+    });
+    let pods = observe_pods(pods, pdbs, demand_since, &mut obs.problems);
     let mut snap_nodes = Vec::new();
     for node in nodes {
-        let name = node.metadata.name.clone().unwrap_or_default();
-        let object = format!("node/{name}");
-        let annotations = node.metadata.annotations.as_ref();
-        let mut malformed = false;
-        let mut read = |k: &'static str| -> Option<serde_json::Value> {
-            match parse_annotation::<serde_json::Value>(annotations, k, &object) {
-                Ok(v) => v,
-                Err(e) => {
-                    malformed = true;
-                    problem(
-                        "Node",
-                        String::new(),
-                        name.clone(),
-                        Reason::MalformedAnnotation,
-                        format!("{e}; the node is left alone"),
-                    );
-                    None
-                }
-            }
-        };
-        let raw = [
-            read(REPORT_ANNOTATION),
-            read(GRANT_ANNOTATION),
-            read(STATE_ANNOTATION),
-        ];
-        let mut typed_errors = Vec::new();
-        let [report, grant, state] = raw;
-        let report: Option<NodeReport> = typed(report, REPORT_ANNOTATION, &object, &mut typed_errors);
-        let grant: Option<Grant> = typed(grant, GRANT_ANNOTATION, &object, &mut typed_errors);
-        let state: Option<NodeState> = typed(state, STATE_ANNOTATION, &object, &mut typed_errors);
-        for message in typed_errors {
-            malformed = true;
-            problem(
-                "Node",
-                String::new(),
-                name.clone(),
-                Reason::MalformedAnnotation,
-                message,
-            );
-        }
-        let spec = node.spec.clone().unwrap_or_default();
-        let taints: Vec<Taint> = spec
-            .taints
-            .unwrap_or_default()
-            .into_iter()
-            .map(|t| Taint {
-                key: t.key,
-                value: t.value.unwrap_or_default(),
-                effect: t.effect,
-            })
-            .collect();
-        let labels = node.metadata.labels.clone().unwrap_or_default();
-        let fl = match (&grant, &state) {
-            // No readable grant while the agent reports a phase in progress: count it in flight.
-            (None, Some(s)) if !s.phase.is_terminal() => Flight::InFlight { phase: Some(s.phase) },
-            _ => flight(grant.as_ref(), state.as_ref()),
-        };
-        let recent_evictions = grant
-            .as_ref()
-            .map(|g| g.recent_evictions.iter().filter_map(|t| t.parse().ok()).collect())
-            .unwrap_or_default();
-        let view = NodeView {
-            report_raw: annotations.and_then(|a| a.get(REPORT_ANNOTATION)).cloned(),
-            grant: grant.clone(),
-            state,
-            flight: fl.clone(),
-            tainted: taints.iter().any(|t| t.key == TAINT_KEY),
-            mig_config: labels.get(MIG_CONFIG_LABEL).cloned(),
-            malformed,
-            reported: report.is_some(),
-            recent_evictions,
-        };
-        let managed = policy
-            .managed_node_selector
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v));
-        let facts = NodeFacts {
-            name: name.clone(),
-            flight: view.flight.clone(),
-            recent_evictions: view.recent_evictions.clone(),
-        };
-        let blocked = budget::node_blocked(budgets, now, &facts, budget::window_open(budgets, now)).is_some();
-        let agent_backend = report.as_ref().and_then(|r| r.backend);
-        let wrong_backend = agent_backend.filter(|b| *b != policy.backend);
-        if let Some(b) = wrong_backend {
-            problem(
-                "Node",
-                String::new(),
-                name.clone(),
-                Reason::AgentBackendMismatch,
-                format!(
-                    "the agent runs --backend {}, the planner plans for {}: the node is left alone until they agree (settings.planner.backend)",
-                    mig_protocol::backend_name(b),
-                    mig_protocol::backend_name(policy.backend)
-                ),
-            );
-        }
-        let mut gpus = report.map(|r| r.gpus).unwrap_or_default();
-        if let (Some(g), Flight::InFlight { .. } | Flight::Stuck) = (&grant, &view.flight) {
-            // Plan around the target the node is moving to.
-            for gpu in &mut gpus {
-                if let Some(target) = g.targets.get(&gpu.index) {
-                    match target_instances(catalog, gpu, target) {
-                        Ok(instances) => gpu.instances = instances,
-                        Err(e) => problem(
-                            "Node",
-                            String::new(),
-                            name.clone(),
-                            Reason::MalformedAnnotation,
-                            format!(
-                                "annotation {GRANT_ANNOTATION} on {object}: GPU {}: {e}",
-                                gpu.index
-                            ),
-                        ),
-                    }
-                }
-            }
-        }
-        for gpu in &gpus {
-            if let Err(e) = catalog.lookup(&gpu.product) {
-                problem(
-                    "Node",
-                    String::new(),
-                    name.clone(),
-                    Reason::UnknownGpuModel,
-                    format!("GPU {}: {e}; the GPU is left alone", gpu.index),
-                );
-            }
-        }
-        let unknown: Vec<String> = gpus
-            .iter()
-            .filter_map(|g| Some(format!("GPU {}: {}", g.index, g.unknown.as_ref()?)))
-            .collect();
-        if !unknown.is_empty() {
-            problem(
-                "Node",
-                String::new(),
-                name.clone(),
-                Reason::GpuStateUnknown,
-                format!(
-                    "the agent cannot read {}; {}",
-                    unknown.join("; "),
-                    match policy.backend {
-                        // mig-manager applies a config to the whole node.
-                        mig_planner::snapshot::Backend::MigManager => "the node is left alone until it can",
-                        mig_planner::snapshot::Backend::Nvml => "those GPUs are left alone until it can",
-                    }
-                ),
-            );
-        }
-        let unknown_freezes =
-            !unknown.is_empty() && policy.backend == mig_planner::snapshot::Backend::MigManager;
-        if view.reported && managed && !malformed {
+        let (view, snap, managed) = observe_node(node, policy, budgets, now, &mut obs.problems);
+        if managed {
             obs.managed += 1;
         }
-        snap_nodes.push(snapshot::Node {
-            name: name.clone(),
-            labels,
-            taints,
-            schedulable: !spec.unschedulable.unwrap_or(false),
-            frozen: malformed || blocked || wrong_backend.is_some() || unknown_freezes,
-            gpus: if malformed { Vec::new() } else { gpus },
-        });
-        obs.nodes.insert(name, view);
+        obs.nodes.insert(snap.name.clone(), view);
+        snap_nodes.push(snap);
     }
-
     obs.snapshot = Snapshot {
         nodes: snap_nodes,
-        pending_pods: pending,
-        running_pods: running,
+        pending_pods: pods.pending,
+        running_pods: pods.running,
         pdbs: pdbs
             .iter()
             .map(|p| Pdb {
@@ -442,9 +204,315 @@ pub fn observe(
             })
             .collect(),
         policy: policy.clone(),
-        recent_demand,
+        recent_demand: pods.recent_demand,
     };
     obs
+}
+
+/// Record a problem with an object.
+fn problem(
+    problems: &mut Vec<InputProblem>,
+    kind: &'static str,
+    (namespace, name): (String, String),
+    reason: Reason,
+    message: String,
+) {
+    problems.push(InputProblem {
+        kind,
+        namespace,
+        name,
+        reason,
+        message,
+    })
+}
+
+/// The pods as the planner sees them.
+struct ObservedPods {
+    pending: Vec<PendingPod>,
+    running: Vec<RunningPod>,
+    recent_demand: BTreeMap<String, u32>,
+}
+
+/// Pending and running pods with MIG requests, and MIG demand since `demand_since` (`None`: not
+/// counted). A pending pod whose requests cannot be read is a problem, never planned.
+fn observe_pods(
+    pods: &[Arc<Pod>],
+    pdbs: &[Arc<PodDisruptionBudget>],
+    demand_since: Option<Timestamp>,
+    problems: &mut Vec<InputProblem>,
+) -> ObservedPods {
+    let mut out = ObservedPods {
+        pending: Vec::new(),
+        running: Vec::new(),
+        recent_demand: BTreeMap::new(),
+    };
+    for pod in pods {
+        let Some(spec) = &pod.spec else { continue };
+        let requests = match mig_requests(spec) {
+            Ok(r) => r,
+            Err(e) => {
+                if is_pending(pod) {
+                    let why = format!("{e}; the pod is not planned for");
+                    problem(problems, "Pod", key(pod), Reason::InvalidMigRequest, why);
+                }
+                continue;
+            }
+        };
+        if requests.is_empty() {
+            continue;
+        }
+        if let Some(since) = demand_since
+            && pod
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .is_some_and(|t| t.0 >= since)
+        {
+            for (resource, count) in &requests {
+                if let Some(profile) = resource.strip_prefix(MIG_RESOURCE_PREFIX) {
+                    let e = out.recent_demand.entry(profile.to_string()).or_default();
+                    *e = e.saturating_add(u32::try_from(*count).unwrap_or(u32::MAX));
+                }
+            }
+        }
+        if is_pending(pod) {
+            out.pending.push(pending_pod(pod, requests));
+        } else if spec.node_name.is_some() {
+            out.running.push(running_pod(pod, spec, pdbs));
+        }
+    }
+    out
+}
+
+/// A running pod with the PDBs of its namespace that select it.
+fn running_pod(
+    pod: &Pod,
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+    pdbs: &[Arc<PodDisruptionBudget>],
+) -> RunningPod {
+    let (ns, name) = key(pod);
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let member_of = pdbs
+        .iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
+        .filter(|p| {
+            p.spec
+                .as_ref()
+                .and_then(|s| s.selector.clone())
+                .and_then(|s| Selector::try_from(s).ok())
+                .is_some_and(|s| !s.selects_all() && s.matches(&labels))
+        })
+        .map(|p| format!("{ns}/{}", p.metadata.name.clone().unwrap_or_default()))
+        .collect();
+    RunningPod {
+        namespace: ns,
+        name,
+        priority: spec.priority.unwrap_or(0),
+        do_not_disrupt: pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DO_NOT_DISRUPT))
+            .is_some_and(|v| v == "true"),
+        pdbs: member_of,
+    }
+}
+
+/// Our three annotations on a node, typed; `malformed` when any does not parse (each a problem).
+struct NodeAnnotations {
+    report: Option<NodeReport>,
+    grant: Option<Grant>,
+    state: Option<NodeState>,
+    malformed: bool,
+}
+
+fn read_annotations(node: &Node, name: &str, problems: &mut Vec<InputProblem>) -> NodeAnnotations {
+    let object = format!("node/{name}");
+    let annotations = node.metadata.annotations.as_ref();
+    let mut messages = Vec::new();
+    let mut read = |k: &'static str| -> Option<serde_json::Value> {
+        match parse_annotation::<serde_json::Value>(annotations, k, &object) {
+            Ok(v) => v,
+            Err(e) => {
+                messages.push(format!("{e}; the node is left alone"));
+                None
+            }
+        }
+    };
+    let [report, grant, state] = [
+        read(REPORT_ANNOTATION),
+        read(GRANT_ANNOTATION),
+        read(STATE_ANNOTATION),
+    ];
+    let report: Option<NodeReport> = typed(report, REPORT_ANNOTATION, &object, &mut messages);
+    let grant: Option<Grant> = typed(grant, GRANT_ANNOTATION, &object, &mut messages);
+    let state: Option<NodeState> = typed(state, STATE_ANNOTATION, &object, &mut messages);
+    let malformed = !messages.is_empty();
+    for message in messages {
+        problem(
+            problems,
+            "Node",
+            (String::new(), name.to_string()),
+            Reason::MalformedAnnotation,
+            message,
+        );
+    }
+    NodeAnnotations {
+        report,
+        grant,
+        state,
+        malformed,
+    }
+}
+
+/// One node: the controller's view of it, the planner's, and whether it counts as managed (an
+/// agent reports, the managed selector selects it, its annotations parse).
+fn observe_node(
+    node: &Node,
+    policy: &mig_planner::Policy,
+    budgets: &DisruptionBudgets,
+    now: Timestamp,
+    problems: &mut Vec<InputProblem>,
+) -> (NodeView, snapshot::Node, bool) {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let NodeAnnotations {
+        report,
+        grant,
+        state,
+        malformed,
+    } = read_annotations(node, &name, problems);
+    let spec = node.spec.clone().unwrap_or_default();
+    let taints: Vec<Taint> = spec
+        .taints
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| Taint {
+            key: t.key,
+            value: t.value.unwrap_or_default(),
+            effect: t.effect,
+        })
+        .collect();
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let fl = match (&grant, &state) {
+        // No readable grant while the agent reports a phase in progress: count it in flight.
+        (None, Some(s)) if !s.phase.is_terminal() => Flight::InFlight { phase: Some(s.phase) },
+        _ => flight(grant.as_ref(), state.as_ref()),
+    };
+    let recent_evictions = grant
+        .as_ref()
+        .map(|g| g.recent_evictions.iter().filter_map(|t| t.parse().ok()).collect())
+        .unwrap_or_default();
+    let view = NodeView {
+        report_raw: node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REPORT_ANNOTATION))
+            .cloned(),
+        grant: grant.clone(),
+        state,
+        flight: fl,
+        tainted: taints.iter().any(|t| t.key == TAINT_KEY),
+        mig_config: labels.get(MIG_CONFIG_LABEL).cloned(),
+        malformed,
+        reported: report.is_some(),
+        recent_evictions,
+    };
+    let managed = policy
+        .managed_node_selector
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let facts = NodeFacts {
+        name: name.clone(),
+        flight: view.flight.clone(),
+        recent_evictions: view.recent_evictions.clone(),
+    };
+    let blocked = budget::node_blocked(budgets, now, &facts, budget::window_open(budgets, now)).is_some();
+    let agent_backend = report.as_ref().and_then(|r| r.backend);
+    let wrong_backend = agent_backend.filter(|b| *b != policy.backend);
+    let node_problem = |problems: &mut Vec<InputProblem>, reason, message| {
+        problem(problems, "Node", (String::new(), name.clone()), reason, message)
+    };
+    if let Some(b) = wrong_backend {
+        node_problem(
+            problems,
+            Reason::AgentBackendMismatch,
+            format!(
+                "the agent runs --backend {}, the planner plans for {}: the node is left alone until they agree (settings.planner.backend)",
+                mig_protocol::backend_name(b),
+                mig_protocol::backend_name(policy.backend)
+            ),
+        );
+    }
+    let mut gpus = report.map(|r| r.gpus).unwrap_or_default();
+    if let (Some(g), Flight::InFlight { .. } | Flight::Stuck) = (&grant, &view.flight) {
+        // Plan around the target the node is moving to.
+        for gpu in &mut gpus {
+            if let Some(target) = g.targets.get(&gpu.index) {
+                match target_instances(Catalog::embedded(), gpu, target) {
+                    Ok(instances) => gpu.instances = instances,
+                    Err(e) => node_problem(
+                        problems,
+                        Reason::MalformedAnnotation,
+                        format!(
+                            "annotation {GRANT_ANNOTATION} on node/{name}: GPU {}: {e}",
+                            gpu.index
+                        ),
+                    ),
+                }
+            }
+        }
+    }
+    let unknown = gpu_problems(&gpus, policy, &mut |reason, message| {
+        node_problem(problems, reason, message)
+    });
+    let unknown_freezes = unknown && policy.backend == mig_planner::snapshot::Backend::MigManager;
+    let counts = view.reported && managed && !malformed;
+    let snap = snapshot::Node {
+        name,
+        labels,
+        taints,
+        schedulable: !spec.unschedulable.unwrap_or(false),
+        frozen: malformed || blocked || wrong_backend.is_some() || unknown_freezes,
+        gpus: if malformed { Vec::new() } else { gpus },
+    };
+    (view, snap, counts)
+}
+
+/// Problems with a node's reported GPUs (unknown models, instances that cannot be read); `true`
+/// when some GPU's instances are unknown.
+fn gpu_problems(
+    gpus: &[mig_planner::snapshot::Gpu],
+    policy: &mig_planner::Policy,
+    problem: &mut dyn FnMut(Reason, String),
+) -> bool {
+    for gpu in gpus {
+        if let Err(e) = Catalog::embedded().lookup(&gpu.product) {
+            problem(
+                Reason::UnknownGpuModel,
+                format!("GPU {}: {e}; the GPU is left alone", gpu.index),
+            );
+        }
+    }
+    let unknown: Vec<String> = gpus
+        .iter()
+        .filter_map(|g| Some(format!("GPU {}: {}", g.index, g.unknown.as_ref()?)))
+        .collect();
+    if !unknown.is_empty() {
+        problem(
+            Reason::GpuStateUnknown,
+            format!(
+                "the agent cannot read {}; {}",
+                unknown.join("; "),
+                match policy.backend {
+                    // mig-manager applies a config to the whole node.
+                    mig_planner::snapshot::Backend::MigManager => "the node is left alone until it can",
+                    mig_planner::snapshot::Backend::Nvml => "those GPUs are left alone until it can",
+                }
+            ),
+        );
+    }
+    !unknown.is_empty()
 }
 
 /// A JSON value as one of our annotation types; a mismatch is recorded, never a panic.
@@ -561,7 +629,7 @@ mod tests {
     }
 
     /// One node observed under a planner for `backend`.
-    fn observe_one(n: Arc<Node>, backend: mig_planner::snapshot::Backend) -> Observation {
+    fn observe_one(n: Arc<Node>, backend: mig_planner::snapshot::Backend) -> ClusterView {
         let policy = mig_planner::Policy {
             backend,
             ..Default::default()

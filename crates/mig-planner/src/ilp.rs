@@ -90,236 +90,256 @@ struct Model {
 }
 
 fn build(p: &Problem<'_>) -> Model {
-    let mut vars = ProblemVariables::new();
-    let mut constraints = Vec::new();
-    let mut objective = Expression::from(0.0);
+    let mut m = Model {
+        vars: ProblemVariables::new(),
+        n: Vec::new(),
+        pod_classes: Vec::new(),
+        y: HashMap::new(),
+        u: BTreeMap::new(),
+        constraints: Vec::new(),
+        objective: Expression::from(0.0),
+    };
+    m.gpu_classes(p);
+    m.pod_classes(p);
+    m.evicted_pods(p);
+    m.capacity(p);
+    m.budgets(p);
+    m
+}
 
-    // GPU classes.
-    let mut n: Vec<ClassVars> = Vec::new();
-    for class in &p.classes {
-        let size = class.gpus.len() as f64;
-        let opts = &p.gpus[class.gpus[0]].options;
-        let mut by_actual: BTreeMap<Vec<u16>, Vec<usize>> = BTreeMap::new();
-        for g in &class.gpus {
-            by_actual
-                .entry(p.gpus[*g].options[0].free.clone())
-                .or_default()
-                .push(*g);
+impl Model {
+    /// GPU classes: how many members keep their layout (by actual layout) and how many take each
+    /// shared change option; every change costs.
+    fn gpu_classes(&mut self, p: &Problem<'_>) {
+        for class in &p.classes {
+            let size = class.gpus.len() as f64;
+            let opts = &p.gpus[class.gpus[0]].options;
+            let mut by_actual: BTreeMap<Vec<u16>, Vec<usize>> = BTreeMap::new();
+            for g in &class.gpus {
+                by_actual
+                    .entry(p.gpus[*g].options[0].free.clone())
+                    .or_default()
+                    .push(*g);
+            }
+            let keep: Vec<(Vec<usize>, Variable)> = by_actual
+                .into_values()
+                .map(|members| {
+                    let v = self
+                        .vars
+                        .add(variable().integer().min(0).max(members.len() as f64));
+                    (members, v)
+                })
+                .collect();
+            let change: Vec<Variable> = opts[1..]
+                .iter()
+                .map(|_| self.vars.add(variable().integer().min(0).max(size)))
+                .collect();
+            let all: Expression = keep
+                .iter()
+                .map(|(_, v)| Expression::from(*v))
+                .chain(change.iter().map(|v| Expression::from(*v)))
+                .sum();
+            self.constraints.push(constraint!(all == size));
+            for (v, o) in change.iter().zip(&opts[1..]) {
+                self.objective -= o.cost * *v;
+            }
+            self.n.push(ClassVars { keep, change });
         }
-        let keep: Vec<(Vec<usize>, Variable)> = by_actual
-            .into_values()
-            .map(|members| {
-                let v = vars.add(variable().integer().min(0).max(members.len() as f64));
-                (members, v)
-            })
-            .collect();
-        let change: Vec<Variable> = opts[1..]
-            .iter()
-            .map(|_| vars.add(variable().integer().min(0).max(size)))
-            .collect();
-        let all: Expression = keep
-            .iter()
-            .map(|(_, v)| Expression::from(*v))
-            .chain(change.iter().map(|v| Expression::from(*v)))
-            .sum();
-        constraints.push(constraint!(all == size));
-        for (v, o) in change.iter().zip(&opts[1..]) {
-            objective -= o.cost * *v;
-        }
-        n.push(ClassVars { keep, change });
     }
-    let drain_of = |g: usize| -> Expression {
+
+    /// How many GPUs of `g`'s class are drained (0 when `g` is in no class).
+    fn drain_of(&self, p: &Problem<'_>, g: usize) -> Expression {
         let ci = p.classes.iter().position(|c| c.gpus.contains(&g));
         match ci {
             Some(ci) => p.gpus[g].options[1..]
                 .iter()
-                .zip(&n[ci].change)
+                .zip(&self.n[ci].change)
                 .filter(|(o, _)| o.drain)
                 .map(|(_, v)| Expression::from(*v))
                 .sum(),
             None => Expression::from(0.0),
         }
-    };
-
-    // Pod classes: same request, groups and weight.
-    let mut by_key: BTreeMap<PodKey, Vec<usize>> = BTreeMap::new();
-    for (d, dm) in p.demands.iter().enumerate() {
-        if dm.evicted_from.is_none() && !dm.groups.is_empty() {
-            by_key
-                .entry((dm.req.clone(), dm.groups.clone(), dm.weight as i64))
-                .or_default()
-                .push(d);
-        }
-    }
-    let mut pod_classes = Vec::new();
-    for ((_, groups, weight), members) in by_key {
-        let size = members.len() as f64;
-        let zs: Vec<(usize, Variable)> = groups
-            .iter()
-            .map(|s| {
-                let z = variable().min(0).max(size);
-                (*s, vars.add(if p.exact { z.integer() } else { z }))
-            })
-            .collect();
-        constraints.push(constraint!(
-            zs.iter().map(|(_, z)| *z).sum::<Expression>() <= size
-        ));
-        for (_, z) in &zs {
-            objective += weight as f64 * *z;
-        }
-        pod_classes.push((members, zs));
     }
 
-    // Evicted pods.
-    let mut y = HashMap::new();
-    for (d, dm) in p.demands.iter().enumerate() {
-        if let Some(g) = dm.evicted_from {
-            let v = vars.add(variable().binary());
-            constraints.push(constraint!(v <= drain_of(g)));
-            objective += dm.weight * v;
-            objective -= dm.weight * drain_of(g);
-            y.insert(d, v);
-        }
-    }
-
-    // Capacity per group and profile.
-    let wanted: Vec<usize> = {
-        let mut w: Vec<usize> = p
-            .demands
-            .iter()
-            .flat_map(|d| d.req.iter().map(|(q, _)| *q))
-            .collect();
-        w.sort_unstable();
-        w.dedup();
-        w
-    };
-    let shaped: Vec<usize> = p.recent_demand.iter().map(|(q, _)| *q).collect();
-    let mut spare: BTreeMap<usize, Vec<Variable>> = BTreeMap::new();
-    for s in 0..p.groups.len() {
-        for &q in wanted.iter().chain(shaped.iter().filter(|q| !wanted.contains(q))) {
-            let mut supply = Expression::from(0.0);
-            let mut demand = Expression::from(0.0);
-            let mut any_demand = false;
-            for g in p.gpus.iter().filter(|g| g.group == s && g.options.len() == 1) {
-                supply += f64::from(g.options[0].free[q]);
-            }
-            for (ci, class) in p.classes.iter().enumerate() {
-                if p.gpus[class.gpus[0]].group == s {
-                    for (members, v) in &n[ci].keep {
-                        supply += f64::from(p.gpus[members[0]].options[0].free[q]) * *v;
-                    }
-                    for (v, o) in n[ci].change.iter().zip(&p.gpus[class.gpus[0]].options[1..]) {
-                        supply += f64::from(o.free[q]) * *v;
-                    }
-                }
-            }
-            for (members, zs) in &pod_classes {
-                let need = p.demands[members[0]]
-                    .req
-                    .iter()
-                    .find(|(r, _)| *r == q)
-                    .map_or(0, |(_, c)| *c);
-                if need > 0
-                    && let Some((_, z)) = zs.iter().find(|(g, _)| *g == s)
-                {
-                    demand += f64::from(need) * *z;
-                    any_demand = true;
-                }
-            }
-            for (d, v) in &y {
-                let dm = &p.demands[*d];
-                let need = dm.req.iter().find(|(r, _)| *r == q).map_or(0, |(_, c)| *c);
-                if need > 0 && dm.groups.contains(&s) {
-                    demand += f64::from(need) * *v;
-                    any_demand = true;
-                }
-            }
-            if let Some((_, target)) = p.recent_demand.iter().find(|(r, _)| *r == q) {
-                // Spare instances of a recently demanded profile, counted up to the demand.
-                let v = vars.add(variable().min(0).max(f64::from(*target)));
-                constraints.push(constraint!(v + demand <= supply));
-                objective += weights::SPARE * v;
-                spare.entry(q).or_default().push(v);
-            } else if any_demand {
-                constraints.push(constraint!(demand <= supply));
+    /// Pod classes (same request, groups and weight): how many are placed in each group.
+    fn pod_classes(&mut self, p: &Problem<'_>) {
+        let mut by_key: BTreeMap<PodKey, Vec<usize>> = BTreeMap::new();
+        for (d, dm) in p.demands.iter().enumerate() {
+            if dm.evicted_from.is_none() && !dm.groups.is_empty() {
+                by_key
+                    .entry((dm.req.clone(), dm.groups.clone(), dm.weight as i64))
+                    .or_default()
+                    .push(d);
             }
         }
-    }
-    for (q, target) in &p.recent_demand {
-        if let Some(vs) = spare.get(q) {
-            constraints.push(constraint!(
-                vs.iter().copied().sum::<Expression>() <= f64::from(*target)
-            ));
-        }
-    }
-
-    // Node changes and budgets.
-    let mut u = BTreeMap::new();
-    let changed_in = |ci: usize| -> Expression { n[ci].change.iter().map(|v| Expression::from(*v)).sum() };
-    if p.exact {
-        for (node, info) in p.nodes.iter().enumerate() {
-            let classes: Vec<usize> = (0..p.classes.len())
-                .filter(|ci| p.gpus[p.classes[*ci].gpus[0]].node == node)
+        for ((_, groups, weight), members) in by_key {
+            let size = members.len() as f64;
+            let zs: Vec<(usize, Variable)> = groups
+                .iter()
+                .map(|s| {
+                    let z = variable().min(0).max(size);
+                    (*s, self.vars.add(if p.exact { z.integer() } else { z }))
+                })
                 .collect();
-            if classes.is_empty() {
-                continue;
+            self.constraints.push(constraint!(
+                zs.iter().map(|(_, z)| *z).sum::<Expression>() <= size
+            ));
+            for (_, z) in &zs {
+                self.objective += weight as f64 * *z;
             }
-            let un = vars.add(variable().binary());
-            let changed: Expression = classes.iter().map(|ci| changed_in(*ci)).sum();
-            constraints.push(constraint!(changed <= info.gpus.len() as f64 * un));
-            objective -= weights::CHANGE_NODE * un;
-            u.insert(node, un);
+            self.pod_classes.push((members, zs));
         }
-        if let Some(b) = p.policy.budgets.max_nodes_changed {
-            constraints.push(constraint!(
-                u.values().copied().sum::<Expression>() <= f64::from(b)
-            ));
+    }
+
+    /// Pods a drain would evict: placed again only if their GPU is drained; each eviction costs.
+    fn evicted_pods(&mut self, p: &Problem<'_>) {
+        for (d, dm) in p.demands.iter().enumerate() {
+            if let Some(g) = dm.evicted_from {
+                let v = self.vars.add(variable().binary());
+                let drained = self.drain_of(p, g);
+                self.constraints.push(constraint!(v <= drained.clone()));
+                self.objective += dm.weight * v;
+                self.objective -= dm.weight * drained;
+                self.y.insert(d, v);
+            }
         }
-    } else if let Some(b) = p.policy.budgets.max_nodes_changed {
-        // Relaxation; `assign::realise` enforces the exact node budget.
-        let per_node = p.nodes.iter().map(|n| n.gpus.len()).max().unwrap_or(0) as f64;
-        let all: Expression = (0..p.classes.len()).map(changed_in).sum();
-        constraints.push(constraint!(all <= f64::from(b) * per_node));
     }
-    let drains: Vec<(usize, Expression)> = (0..p.gpus.len())
-        .filter(|g| p.gpus[*g].options.iter().any(|o| o.drain))
-        .map(|g| (g, drain_of(g)))
-        .collect();
-    if let Some(max) = p.policy.budgets.max_evictions
-        && !drains.is_empty()
-    {
-        let evicted: Expression = drains
-            .iter()
-            .map(|(g, e)| p.gpus[*g].pods.len() as f64 * e.clone())
-            .sum();
-        constraints.push(constraint!(evicted <= f64::from(max)));
+
+    /// Capacity per group and profile: placed demand (and spare for recent demand) within supply.
+    fn capacity(&mut self, p: &Problem<'_>) {
+        let wanted: Vec<usize> = {
+            let mut w: Vec<usize> = p
+                .demands
+                .iter()
+                .flat_map(|d| d.req.iter().map(|(q, _)| *q))
+                .collect();
+            w.sort_unstable();
+            w.dedup();
+            w
+        };
+        let shaped: Vec<usize> = p.recent_demand.iter().map(|(q, _)| *q).collect();
+        let mut spare: BTreeMap<usize, Vec<Variable>> = BTreeMap::new();
+        for s in 0..p.groups.len() {
+            for &q in wanted.iter().chain(shaped.iter().filter(|q| !wanted.contains(q))) {
+                let mut supply = Expression::from(0.0);
+                let mut demand = Expression::from(0.0);
+                let mut any_demand = false;
+                for g in p.gpus.iter().filter(|g| g.group == s && g.options.len() == 1) {
+                    supply += f64::from(g.options[0].free[q]);
+                }
+                for (ci, class) in p.classes.iter().enumerate() {
+                    if p.gpus[class.gpus[0]].group == s {
+                        for (members, v) in &self.n[ci].keep {
+                            supply += f64::from(p.gpus[members[0]].options[0].free[q]) * *v;
+                        }
+                        for (v, o) in self.n[ci].change.iter().zip(&p.gpus[class.gpus[0]].options[1..]) {
+                            supply += f64::from(o.free[q]) * *v;
+                        }
+                    }
+                }
+                for (members, zs) in &self.pod_classes {
+                    let need = p.demands[members[0]]
+                        .req
+                        .iter()
+                        .find(|(r, _)| *r == q)
+                        .map_or(0, |(_, c)| *c);
+                    if need > 0
+                        && let Some((_, z)) = zs.iter().find(|(g, _)| *g == s)
+                    {
+                        demand += f64::from(need) * *z;
+                        any_demand = true;
+                    }
+                }
+                for (d, v) in &self.y {
+                    let dm = &p.demands[*d];
+                    let need = dm.req.iter().find(|(r, _)| *r == q).map_or(0, |(_, c)| *c);
+                    if need > 0 && dm.groups.contains(&s) {
+                        demand += f64::from(need) * *v;
+                        any_demand = true;
+                    }
+                }
+                if let Some((_, target)) = p.recent_demand.iter().find(|(r, _)| *r == q) {
+                    // Spare instances of a recently demanded profile, counted up to the demand.
+                    let v = self.vars.add(variable().min(0).max(f64::from(*target)));
+                    self.constraints.push(constraint!(v + demand <= supply));
+                    self.objective += weights::SPARE * v;
+                    spare.entry(q).or_default().push(v);
+                } else if any_demand {
+                    self.constraints.push(constraint!(demand <= supply));
+                }
+            }
+        }
+        for (q, target) in &p.recent_demand {
+            if let Some(vs) = spare.get(q) {
+                self.constraints.push(constraint!(
+                    vs.iter().copied().sum::<Expression>() <= f64::from(*target)
+                ));
+            }
+        }
     }
-    for (pdb, allowed) in &p.pdb_allowed {
-        let covered: Vec<Expression> = drains
-            .iter()
-            .map(|(g, e)| {
-                let k = p.gpus[*g]
-                    .pods
-                    .iter()
-                    .filter(|pod| p.pod_pdbs.get(*pod).is_some_and(|v| v.contains(pdb)))
-                    .count();
-                k as f64 * e.clone()
-            })
+
+    /// Node changes (exact: one binary per node) and the node, eviction and PDB budgets.
+    fn budgets(&mut self, p: &Problem<'_>) {
+        let n = &self.n;
+        let changed_in =
+            |ci: usize| -> Expression { n[ci].change.iter().map(|v| Expression::from(*v)).sum() };
+        if p.exact {
+            for (node, info) in p.nodes.iter().enumerate() {
+                let classes: Vec<usize> = (0..p.classes.len())
+                    .filter(|ci| p.gpus[p.classes[*ci].gpus[0]].node == node)
+                    .collect();
+                if classes.is_empty() {
+                    continue;
+                }
+                let un = self.vars.add(variable().binary());
+                let changed: Expression = classes.iter().map(|ci| changed_in(*ci)).sum();
+                self.constraints
+                    .push(constraint!(changed <= info.gpus.len() as f64 * un));
+                self.objective -= weights::CHANGE_NODE * un;
+                self.u.insert(node, un);
+            }
+            if let Some(b) = p.policy.budgets.max_nodes_changed {
+                self.constraints.push(constraint!(
+                    self.u.values().copied().sum::<Expression>() <= f64::from(b)
+                ));
+            }
+        } else if let Some(b) = p.policy.budgets.max_nodes_changed {
+            // Relaxation; `assign::realise` enforces the exact node budget.
+            let per_node = p.nodes.iter().map(|n| n.gpus.len()).max().unwrap_or(0) as f64;
+            let all: Expression = (0..p.classes.len()).map(changed_in).sum();
+            self.constraints.push(constraint!(all <= f64::from(b) * per_node));
+        }
+        let drains: Vec<(usize, Expression)> = (0..p.gpus.len())
+            .filter(|g| p.gpus[*g].options.iter().any(|o| o.drain))
+            .map(|g| (g, self.drain_of(p, g)))
             .collect();
-        if !covered.is_empty() {
-            constraints.push(constraint!(
-                covered.into_iter().sum::<Expression>() <= f64::from(*allowed)
-            ));
+        if let Some(max) = p.policy.budgets.max_evictions
+            && !drains.is_empty()
+        {
+            let evicted: Expression = drains
+                .iter()
+                .map(|(g, e)| p.gpus[*g].pods.len() as f64 * e.clone())
+                .sum();
+            self.constraints.push(constraint!(evicted <= f64::from(max)));
         }
-    }
-    Model {
-        vars,
-        n,
-        pod_classes,
-        y,
-        u,
-        constraints,
-        objective,
+        for (pdb, allowed) in &p.pdb_allowed {
+            let covered: Vec<Expression> = drains
+                .iter()
+                .map(|(g, e)| {
+                    let k = p.gpus[*g]
+                        .pods
+                        .iter()
+                        .filter(|pod| p.pod_pdbs.get(*pod).is_some_and(|v| v.contains(pdb)))
+                        .count();
+                    k as f64 * e.clone()
+                })
+                .collect();
+            if !covered.is_empty() {
+                self.constraints.push(constraint!(
+                    covered.into_iter().sum::<Expression>() <= f64::from(*allowed)
+                ));
+            }
+        }
     }
 }
 

@@ -31,7 +31,7 @@ use std::time::Instant;
 use mig_catalog::Catalog;
 
 pub use plan::{
-    Action, ActionStep, Disruption, Eviction, GpuPlan, NodePlan, PlacedInstance, Plan, PodOutcome, PodPlan,
+    Disruption, Eviction, GpuPlan, NodePlan, PlacedInstance, Plan, PlannedPhase, PodOutcome, PodPlan,
     RECONFIGURING_TAINT, SolverReport, Spare, Warning,
 };
 pub use snapshot::{Backend, DrainPolicy, InputError, Policy, Snapshot, SolverKind};

@@ -5,8 +5,6 @@ use std::fmt::Write as _;
 
 use mig_catalog::migparted::{GpuTarget, render_node_config};
 use mig_catalog::{Instance, Layout};
-use petgraph::algo::toposort;
-use petgraph::graph::DiGraph;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -32,7 +30,7 @@ pub struct Plan {
     pub pods: Vec<PodPlan>,
     /// Pods to evict.
     pub evictions: Vec<Eviction>,
-    /// Per changed node, the ordered actions.
+    /// Per changed node, the phases its agent will run.
     pub nodes: Vec<NodePlan>,
     /// Totals.
     pub disruption: Disruption,
@@ -181,7 +179,9 @@ pub struct Eviction {
     pub reason: String,
 }
 
-/// Actions for one node.
+/// What the node's agent will do for this node: the phases of its sequence, in order, as the
+/// agent names them (mig-protocol's `Phase`; a test there keeps the names equal). The plan shows
+/// exactly the sequence that runs; nothing else executes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodePlan {
@@ -190,56 +190,63 @@ pub struct NodePlan {
     /// mig-parted config name to set as `nvidia.com/mig.config` (mig-manager backend).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mig_config: Option<String>,
-    /// Actions in a topological order; `after` lists prerequisites by index.
-    pub actions: Vec<ActionStep>,
+    /// The agent's phases, in order.
+    pub phases: Vec<PlannedPhase>,
 }
 
-/// One action and what must finish before it.
+/// One phase of a node's reconfiguration, with what it acts on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ActionStep {
-    /// What to do.
-    pub action: Action,
-    /// Indices of prerequisite steps.
-    pub after: Vec<usize>,
-}
-
-/// Node-level actions.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Action {
-    /// Add our NoSchedule taint.
-    Taint {
+#[serde(tag = "phase")]
+pub enum PlannedPhase {
+    /// Our NoSchedule taint goes on (`taint` is its key).
+    Tainting {
         /// Taint key.
-        key: String,
+        taint: String,
     },
-    /// Evict one pod through the Eviction API.
-    Evict {
-        /// `namespace/name`.
-        pod: String,
+    /// The controller evicts these pods through the Eviction API; the agent waits for them to go.
+    Draining {
+        /// `namespace/name`, possibly none.
+        evict: Vec<String>,
     },
-    /// Set `nvidia.com/mig.config`.
-    Relabel {
-        /// Label value (mig-parted config name).
+    /// `nvidia.com/mig.config` is set to `config` (mig-manager backend).
+    Relabeling {
+        /// mig-parted config name.
         config: String,
     },
-    /// Wait for `nvidia.com/mig.config.state=success`.
-    AwaitMigManager,
-    /// Create and destroy instances with NVML (nvml backend).
-    ApplyNvml {
+    /// mig-manager applies it (`nvidia.com/mig.config.state=success`).
+    AwaitingMigManager,
+    /// The agent destroys and creates instances on these GPUs at exactly their target placements,
+    /// then restarts the device plugin (nvml backend).
+    Applying {
         /// GPU indices.
         gpus: Vec<u32>,
     },
-    /// Check actual == target for every GPU.
-    Verify {
+    /// Actual layouts are checked against these targets.
+    Verifying {
         /// GPU index → target layout.
         #[serde(deserialize_with = "u32_keys")]
         targets: BTreeMap<u32, String>,
     },
-    /// Remove our taint.
-    Untaint {
+    /// Our taint comes off.
+    Untainting {
         /// Taint key.
-        key: String,
+        taint: String,
     },
+}
+
+impl PlannedPhase {
+    /// The phase's name, as the agent writes it on the Node.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PlannedPhase::Tainting { .. } => "Tainting",
+            PlannedPhase::Draining { .. } => "Draining",
+            PlannedPhase::Relabeling { .. } => "Relabeling",
+            PlannedPhase::AwaitingMigManager => "AwaitingMigManager",
+            PlannedPhase::Applying { .. } => "Applying",
+            PlannedPhase::Verifying { .. } => "Verifying",
+            PlannedPhase::Untainting { .. } => "Untainting",
+        }
+    }
 }
 
 /// A map with GPU-index keys. JSON keys are strings, and serde's internally tagged enums cannot turn
@@ -343,7 +350,12 @@ pub(crate) struct Context<'a, 'c> {
     pub report: SolverReport,
 }
 
+/// Where each placed demand goes: its node and the concrete instances it takes, handed out per GPU
+/// from the target's instances not kept busy, by start.
+type Placements = Vec<Option<(usize, Vec<PlacedInstance>)>>;
+
 impl Plan {
+    /// The plan of outcome `cx.outcome`, in named parts.
     pub(crate) fn build(cx: Context<'_, '_>) -> Plan {
         let Context {
             p,
@@ -353,241 +365,13 @@ impl Plan {
         } = cx;
         let mut warnings = p.warnings.clone();
         let targets = targets(p, o, &mut warnings);
-        let option = o.option.clone();
-
-        // Hand out concrete instances: per GPU, the target's instances not kept busy, by start.
-        let mut free: Vec<Vec<Instance>> = (0..p.gpus.len())
-            .map(|g| {
-                let drained = p.gpus[g].options[option[g]].drain;
-                targets[g]
-                    .instances()
-                    .iter()
-                    .filter(|i| drained || !p.gpus[g].busy.contains(i))
-                    .copied()
-                    .collect()
-            })
-            .collect();
-        let mut placements: Vec<Option<(usize, Vec<PlacedInstance>)>> = vec![None; p.demands.len()];
-        for (d, pl) in o.placed.iter().enumerate() {
-            let Some((node, taken)) = pl else { continue };
-            let mut got = Vec::new();
-            for (g, q, n) in taken {
-                let model = p.gpus[*g].model;
-                for _ in 0..*n {
-                    if let Some(pos) = free[*g]
-                        .iter()
-                        .position(|i| model.profile_name(i.profile) == p.profiles[*q])
-                    {
-                        let inst = free[*g].remove(pos);
-                        got.push(PlacedInstance {
-                            gpu: p.gpus[*g].index,
-                            profile: p.profiles[*q].clone(),
-                            start: inst.start,
-                        });
-                    }
-                }
-            }
-            placements[d] = Some((*node, got));
-        }
-
-        // GPUs.
-        let mut reasons: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
-        for (d, pl) in placements.iter().enumerate() {
-            let Some((node, got)) = pl else { continue };
-            for i in got {
-                let on_node = p.nodes[*node]
-                    .gpus
-                    .iter()
-                    .copied()
-                    .find(|g| p.gpus[*g].index == i.gpu);
-                if let Some(g) = on_node
-                    && p.gpus[g].options[option[g]].changed
-                {
-                    reasons.entry(g).or_default().insert(p.demands[d].key.clone());
-                }
-            }
-        }
-        let gpus: Vec<GpuPlan> = p
-            .gpus
-            .iter()
-            .enumerate()
-            .map(|(g, gs)| {
-                let opt = &gs.options[option[g]];
-                GpuPlan {
-                    node: p.nodes[gs.node].name.clone(),
-                    index: gs.index,
-                    model: gs.model.key.clone(),
-                    actual: gs.model.format_layout(&gs.actual),
-                    target: gs.model.format_layout(&targets[g]),
-                    changed: opt.changed,
-                    drained: opt.drain,
-                    reason: opt.changed.then(|| {
-                        let pods: Vec<String> = reasons
-                            .get(&g)
-                            .map(|s| s.iter().cloned().collect())
-                            .unwrap_or_default();
-                        format!(
-                            "makes room for {}",
-                            if pods.is_empty() {
-                                "pending pods".to_string()
-                            } else {
-                                pods.join(", ")
-                            }
-                        )
-                    }),
-                }
-            })
-            .collect();
-
-        // Evictions.
-        let mut evictions = Vec::new();
-        for (d, dm) in p.demands.iter().enumerate() {
-            if let Some(g) = dm.evicted_from
-                && p.gpus[g].options[option[g]].drain
-            {
-                evictions.push(Eviction {
-                    pod: dm.key.clone(),
-                    node: p.nodes[p.gpus[g].node].name.clone(),
-                    gpu: p.gpus[g].index,
-                    replaced_on: placements[d].as_ref().map(|(n, _)| p.nodes[*n].name.clone()),
-                    reason: format!("GPU {} is rebuilt as {}", p.gpus[g].index, gpus[g].target),
-                });
-            }
-        }
-
-        // Pods.
-        let dis = disruption(
-            p,
-            &Outcome {
-                option: option.clone(),
-                placed: o.placed.clone(),
-                budget_reverted: o.budget_reverted.clone(),
-            },
-        );
-        let mut pods = Vec::new();
-        for (pi, pod) in snapshot.pending_pods.iter().enumerate() {
-            let outcome = if let Some((_, why)) = p.rejected.iter().find(|(i, _)| *i == pi) {
-                PodOutcome::Waits { reason: why.clone() }
-            } else {
-                let d = p
-                    .demands
-                    .iter()
-                    .position(|dm| dm.pending == Some(pi))
-                    .unwrap_or(usize::MAX);
-                match placements.get(d).cloned().flatten() {
-                    Some((node, instances)) => PodOutcome::Fits {
-                        node: p.nodes[node].name.clone(),
-                        needs_repartition: instances.iter().any(|i| {
-                            p.gpus.iter().enumerate().any(|(g, gs)| {
-                                gs.node == node && gs.index == i.gpu && p.gpus[g].options[option[g]].changed
-                            })
-                        }),
-                        instances,
-                    },
-                    None => PodOutcome::Waits {
-                        reason: explain(p, snapshot, d, &dis, o),
-                    },
-                }
-            };
-            pods.push(PodPlan {
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-                priority: pod.priority,
-                outcome,
-            });
-        }
-
-        // Node actions.
-        let mut nodes = Vec::new();
-        for info in &p.nodes {
-            let changed: Vec<usize> = info
-                .gpus
-                .iter()
-                .copied()
-                .filter(|g| p.gpus[*g].options[option[*g]].changed)
-                .collect();
-            if changed.is_empty() {
-                continue;
-            }
-            let mig_config = if p.policy.backend == Backend::MigManager {
-                let gpus: Vec<(u32, GpuTarget<'_>)> = info
-                    .gpus
-                    .iter()
-                    .map(|g| {
-                        (
-                            p.gpus[*g].index,
-                            GpuTarget::Mig {
-                                model: p.gpus[*g].model,
-                                layout: &targets[*g],
-                            },
-                        )
-                    })
-                    .collect();
-                match render_node_config(&gpus) {
-                    Ok(c) => Some(c.name),
-                    Err(e) => {
-                        warnings.push(Warning {
-                            path: format!("node {}", info.name),
-                            message: format!("internal error: {e}"),
-                        });
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            let evict: Vec<String> = evictions
-                .iter()
-                .filter(|e| e.node == info.name)
-                .map(|e| e.pod.clone())
-                .collect();
-            let verify: BTreeMap<u32, String> = changed
-                .iter()
-                .map(|g| (p.gpus[*g].index, gpus[*g].target.clone()))
-                .collect();
-            let apply = match &mig_config {
-                Some(c) => vec![Action::Relabel { config: c.clone() }, Action::AwaitMigManager],
-                None => vec![Action::ApplyNvml {
-                    gpus: changed.iter().map(|g| p.gpus[*g].index).collect(),
-                }],
-            };
-            nodes.push(NodePlan {
-                node: info.name.clone(),
-                mig_config,
-                actions: action_dag(evict, apply, verify),
-            });
-        }
-
-        report.score = score(
-            p,
-            &Outcome {
-                option,
-                placed: o.placed.clone(),
-                budget_reverted: o.budget_reverted.clone(),
-            },
-        );
-        let spare = p
-            .recent_demand
-            .iter()
-            .map(|(q, demand)| {
-                let supply: u32 = (0..p.gpus.len())
-                    .map(|g| u32::from(p.gpus[g].options[o.option[g]].free[*q]))
-                    .sum();
-                let taken: u32 = o
-                    .placed
-                    .iter()
-                    .flatten()
-                    .flat_map(|(_, taken)| taken.iter())
-                    .filter(|(_, tq, _)| tq == q)
-                    .map(|(_, _, n)| u32::from(*n))
-                    .sum();
-                Spare {
-                    profile: p.profiles[*q].clone(),
-                    free: supply.saturating_sub(taken),
-                    recent_demand: *demand,
-                }
-            })
-            .collect();
+        let placements = hand_out_instances(p, o, &targets);
+        let gpus = gpu_plans(p, o, &targets, &placements);
+        let evictions = evictions(p, o, &placements, &gpus);
+        let dis = disruption(p, o);
+        let pods = pod_plans(p, snapshot, o, &placements, &dis);
+        let nodes = node_plans(p, o, &targets, &gpus, &evictions, &mut warnings);
+        report.score = score(p, o);
         let mut plan = Plan {
             id: String::new(),
             solver: report,
@@ -597,7 +381,7 @@ impl Plan {
             nodes,
             disruption: dis,
             warnings,
-            spare,
+            spare: spare(p, o),
         };
         let decisions = serde_json::to_string(&(&plan.gpus, &plan.pods, &plan.evictions)).unwrap_or_default();
         let digest = Sha256::digest(decisions.as_bytes());
@@ -606,47 +390,264 @@ impl Plan {
     }
 }
 
-/// taint → evict (each pod, in parallel) → apply → verify → untaint, as a DAG in topological order.
-fn action_dag(evict: Vec<String>, apply: Vec<Action>, verify: BTreeMap<u32, String>) -> Vec<ActionStep> {
-    let mut g: DiGraph<Action, ()> = DiGraph::new();
-    let taint = g.add_node(Action::Taint {
-        key: RECONFIGURING_TAINT.into(),
-    });
-    let evicts: Vec<_> = evict
-        .into_iter()
-        .map(|pod| g.add_node(Action::Evict { pod }))
+/// Whether GPU `g` changes under outcome `o`.
+fn changes(p: &Problem<'_>, o: &Outcome, g: usize) -> bool {
+    p.gpus[g].options[o.option[g]].changed
+}
+
+/// Hand out concrete instances: per GPU, the target's instances not kept busy, by start.
+fn hand_out_instances(p: &Problem<'_>, o: &Outcome, targets: &[Layout]) -> Placements {
+    let mut free: Vec<Vec<Instance>> = (0..p.gpus.len())
+        .map(|g| {
+            let drained = p.gpus[g].options[o.option[g]].drain;
+            targets[g]
+                .instances()
+                .iter()
+                .filter(|i| drained || !p.gpus[g].busy.contains(i))
+                .copied()
+                .collect()
+        })
         .collect();
-    for e in &evicts {
-        g.add_edge(taint, *e, ());
-    }
-    let mut last = if evicts.is_empty() { vec![taint] } else { evicts };
-    for a in apply {
-        let n = g.add_node(a);
-        for l in &last {
-            g.add_edge(*l, n, ());
+    let mut placements: Placements = vec![None; p.demands.len()];
+    for (d, pl) in o.placed.iter().enumerate() {
+        let Some((node, taken)) = pl else { continue };
+        let mut got = Vec::new();
+        for (g, q, n) in taken {
+            let model = p.gpus[*g].model;
+            for _ in 0..*n {
+                if let Some(pos) = free[*g]
+                    .iter()
+                    .position(|i| model.profile_name(i.profile) == p.profiles[*q])
+                {
+                    let inst = free[*g].remove(pos);
+                    got.push(PlacedInstance {
+                        gpu: p.gpus[*g].index,
+                        profile: p.profiles[*q].clone(),
+                        start: inst.start,
+                    });
+                }
+            }
         }
-        last = vec![n];
+        placements[d] = Some((*node, got));
     }
-    let v = g.add_node(Action::Verify { targets: verify });
-    let u = g.add_node(Action::Untaint {
-        key: RECONFIGURING_TAINT.into(),
-    });
-    for l in &last {
-        g.add_edge(*l, v, ());
+    placements
+}
+
+/// Per GPU: actual and target, and for a changed one the pods it makes room for.
+fn gpu_plans(p: &Problem<'_>, o: &Outcome, targets: &[Layout], placements: &Placements) -> Vec<GpuPlan> {
+    let mut reasons: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
+    for (d, pl) in placements.iter().enumerate() {
+        let Some((node, got)) = pl else { continue };
+        for i in got {
+            let on_node = p.nodes[*node]
+                .gpus
+                .iter()
+                .copied()
+                .find(|g| p.gpus[*g].index == i.gpu);
+            if let Some(g) = on_node
+                && changes(p, o, g)
+            {
+                reasons.entry(g).or_default().insert(p.demands[d].key.clone());
+            }
+        }
     }
-    g.add_edge(v, u, ());
-    let order = toposort(&g, None).unwrap_or_else(|_| g.node_indices().collect());
-    let pos: BTreeMap<_, _> = order.iter().enumerate().map(|(i, n)| (*n, i)).collect();
-    order
+    p.gpus
         .iter()
-        .map(|n| ActionStep {
-            action: g[*n].clone(),
-            after: g
-                .neighbors_directed(*n, petgraph::Direction::Incoming)
-                .map(|m| pos[&m])
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect(),
+        .enumerate()
+        .map(|(g, gs)| {
+            let opt = &gs.options[o.option[g]];
+            GpuPlan {
+                node: p.nodes[gs.node].name.clone(),
+                index: gs.index,
+                model: gs.model.key.clone(),
+                actual: gs.model.format_layout(&gs.actual),
+                target: gs.model.format_layout(&targets[g]),
+                changed: opt.changed,
+                drained: opt.drain,
+                reason: opt.changed.then(|| {
+                    let pods: Vec<String> = reasons
+                        .get(&g)
+                        .map(|s| s.iter().cloned().collect())
+                        .unwrap_or_default();
+                    format!(
+                        "makes room for {}",
+                        if pods.is_empty() {
+                            "pending pods".to_string()
+                        } else {
+                            pods.join(", ")
+                        }
+                    )
+                }),
+            }
+        })
+        .collect()
+}
+
+/// The pods on drained GPUs, with where they go again.
+fn evictions(p: &Problem<'_>, o: &Outcome, placements: &Placements, gpus: &[GpuPlan]) -> Vec<Eviction> {
+    let mut evictions = Vec::new();
+    for (d, dm) in p.demands.iter().enumerate() {
+        if let Some(g) = dm.evicted_from
+            && p.gpus[g].options[o.option[g]].drain
+        {
+            evictions.push(Eviction {
+                pod: dm.key.clone(),
+                node: p.nodes[p.gpus[g].node].name.clone(),
+                gpu: p.gpus[g].index,
+                replaced_on: placements[d].as_ref().map(|(n, _)| p.nodes[*n].name.clone()),
+                reason: format!("GPU {} is rebuilt as {}", p.gpus[g].index, gpus[g].target),
+            });
+        }
+    }
+    evictions
+}
+
+/// Per pending pod: where it fits (and whether a repartition comes first), or why it waits.
+fn pod_plans(
+    p: &Problem<'_>,
+    snapshot: &Snapshot,
+    o: &Outcome,
+    placements: &Placements,
+    dis: &Disruption,
+) -> Vec<PodPlan> {
+    let mut pods = Vec::new();
+    for (pi, pod) in snapshot.pending_pods.iter().enumerate() {
+        let outcome = if let Some((_, why)) = p.rejected.iter().find(|(i, _)| *i == pi) {
+            PodOutcome::Waits { reason: why.clone() }
+        } else {
+            let d = p
+                .demands
+                .iter()
+                .position(|dm| dm.pending == Some(pi))
+                .unwrap_or(usize::MAX);
+            match placements.get(d).cloned().flatten() {
+                Some((node, instances)) => PodOutcome::Fits {
+                    node: p.nodes[node].name.clone(),
+                    needs_repartition: instances.iter().any(|i| {
+                        p.gpus
+                            .iter()
+                            .enumerate()
+                            .any(|(g, gs)| gs.node == node && gs.index == i.gpu && changes(p, o, g))
+                    }),
+                    instances,
+                },
+                None => PodOutcome::Waits {
+                    reason: explain(p, snapshot, d, dis, o),
+                },
+            }
+        };
+        pods.push(PodPlan {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            priority: pod.priority,
+            outcome,
+        });
+    }
+    pods
+}
+
+/// Per changed node, its agent's phases (and, with mig-manager, the mig-parted config to set).
+fn node_plans(
+    p: &Problem<'_>,
+    o: &Outcome,
+    targets: &[Layout],
+    gpus: &[GpuPlan],
+    evictions: &[Eviction],
+    warnings: &mut Vec<Warning>,
+) -> Vec<NodePlan> {
+    let mut nodes = Vec::new();
+    for info in &p.nodes {
+        let changed: Vec<usize> = info.gpus.iter().copied().filter(|g| changes(p, o, *g)).collect();
+        if changed.is_empty() {
+            continue;
+        }
+        let mig_config = if p.policy.backend == Backend::MigManager {
+            let gpus: Vec<(u32, GpuTarget<'_>)> = info
+                .gpus
+                .iter()
+                .map(|g| {
+                    (
+                        p.gpus[*g].index,
+                        GpuTarget::Mig {
+                            model: p.gpus[*g].model,
+                            layout: &targets[*g],
+                        },
+                    )
+                })
+                .collect();
+            match render_node_config(&gpus) {
+                Ok(c) => Some(c.name),
+                Err(e) => {
+                    warnings.push(Warning {
+                        path: format!("node {}", info.name),
+                        message: format!("internal error: {e}"),
+                    });
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let evict: Vec<String> = evictions
+            .iter()
+            .filter(|e| e.node == info.name)
+            .map(|e| e.pod.clone())
+            .collect();
+        let verify: BTreeMap<u32, String> = changed
+            .iter()
+            .map(|g| (p.gpus[*g].index, gpus[*g].target.clone()))
+            .collect();
+        let change = match &mig_config {
+            Some(c) => vec![
+                PlannedPhase::Relabeling { config: c.clone() },
+                PlannedPhase::AwaitingMigManager,
+            ],
+            None => vec![PlannedPhase::Applying {
+                gpus: changed.iter().map(|g| p.gpus[*g].index).collect(),
+            }],
+        };
+        let taint = || RECONFIGURING_TAINT.to_string();
+        let phases = [
+            PlannedPhase::Tainting { taint: taint() },
+            PlannedPhase::Draining { evict },
+        ]
+        .into_iter()
+        .chain(change)
+        .chain([
+            PlannedPhase::Verifying { targets: verify },
+            PlannedPhase::Untainting { taint: taint() },
+        ])
+        .collect();
+        nodes.push(NodePlan {
+            node: info.name.clone(),
+            mig_config,
+            phases,
+        });
+    }
+    nodes
+}
+
+/// Per profile in `recentDemand`: instances free after the plan, against that demand.
+fn spare(p: &Problem<'_>, o: &Outcome) -> Vec<Spare> {
+    p.recent_demand
+        .iter()
+        .map(|(q, demand)| {
+            let supply: u32 = (0..p.gpus.len())
+                .map(|g| u32::from(p.gpus[g].options[o.option[g]].free[*q]))
+                .sum();
+            let taken: u32 = o
+                .placed
+                .iter()
+                .flatten()
+                .flat_map(|(_, taken)| taken.iter())
+                .filter(|(_, tq, _)| tq == q)
+                .map(|(_, _, n)| u32::from(*n))
+                .sum();
+            Spare {
+                profile: p.profiles[*q].clone(),
+                free: supply.saturating_sub(taken),
+                recent_demand: *demand,
+            }
         })
         .collect()
 }

@@ -183,143 +183,524 @@ pub(crate) fn node_rejects(pod: &PendingPod, node: &Node) -> Option<&'static str
     if untolerated { Some("taints") } else { None }
 }
 
+/// The snapshot's running pods and PDBs, indexed.
+struct Disruptions<'s> {
+    running: HashMap<String, &'s crate::snapshot::RunningPod>,
+    pdb_allowed: BTreeMap<String, u32>,
+}
+
+impl<'s> Disruptions<'s> {
+    fn of(snapshot: &'s Snapshot) -> Disruptions<'s> {
+        Disruptions {
+            running: snapshot
+                .running_pods
+                .iter()
+                .map(|r| (format!("{}/{}", r.namespace, r.name), r))
+                .collect(),
+            pdb_allowed: snapshot
+                .pdbs
+                .iter()
+                .map(|p| (format!("{}/{}", p.namespace, p.name), p.disruptions_allowed))
+                .collect(),
+        }
+    }
+}
+
+/// Stage 1: the nodes and the GPUs the planner can use (known model, MIG on, instances known and a
+/// valid layout), each GPU's busy instances, and the GPUs each pod uses. Every GPU left alone gets
+/// a warning.
+fn read_gpus<'c>(
+    catalog: &'c Catalog,
+    snapshot: &Snapshot,
+    policy: &Policy,
+    warnings: &mut Vec<Warning>,
+) -> (Vec<NodeInfo>, Vec<GpuState<'c>>, HashMap<String, BTreeSet<usize>>) {
+    let mut nodes = Vec::new();
+    let mut gpus: Vec<GpuState<'c>> = Vec::new();
+    let mut pods_per_gpu: HashMap<String, BTreeSet<usize>> = HashMap::new();
+    for (ni, node) in snapshot.nodes.iter().enumerate() {
+        let managed = policy
+            .managed_node_selector
+            .iter()
+            .all(|(k, v)| node.labels.get(k) == Some(v));
+        let mut info = NodeInfo {
+            name: node.name.clone(),
+            managed,
+            schedulable: node.schedulable,
+            frozen: node.frozen,
+            gpus: Vec::new(),
+        };
+        for (gi, gpu) in node.gpus.iter().enumerate() {
+            let path = format!("$.nodes[{ni}].gpus[{gi}]");
+            let Some((model, actual, busy, pods)) = read_gpu(catalog, gpu, &path, warnings) else {
+                continue;
+            };
+            let gpu_id = gpus.len();
+            for p in &pods {
+                pods_per_gpu.entry(p.clone()).or_default().insert(gpu_id);
+            }
+            info.gpus.push(gpu_id);
+            gpus.push(GpuState {
+                node: ni,
+                index: gpu.index,
+                model,
+                actual,
+                busy,
+                pods: pods.into_iter().collect(),
+                options: Vec::new(),
+                drain_blocked: None,
+                group: 0,
+            });
+        }
+        nodes.push(info);
+    }
+    (nodes, gpus, pods_per_gpu)
+}
+
+/// One reported GPU as the planner uses it: model, actual layout, busy instances, pods using it;
+/// `None` (with a warning at `path`) when it must be left alone.
+fn read_gpu<'c>(
+    catalog: &'c Catalog,
+    gpu: &crate::snapshot::Gpu,
+    path: &str,
+    warnings: &mut Vec<Warning>,
+) -> Option<(&'c GpuModel, Layout, Layout, BTreeSet<String>)> {
+    let mut warn = |path: String, message: String| warnings.push(Warning { path, message });
+    let model = match catalog.lookup(&gpu.product) {
+        Ok(m) => m,
+        Err(e) => {
+            warn(format!("{path}.product"), format!("GPU left alone: {e}"));
+            return None;
+        }
+    };
+    if !gpu.mig_enabled {
+        warn(
+            path.to_string(),
+            "GPU left alone: MIG mode is off (the planner does not toggle MIG mode)".into(),
+        );
+        return None;
+    }
+    if let Some(why) = &gpu.unknown {
+        // Unknown is never empty: nothing is placed on it and nothing changes it.
+        warn(
+            format!("{path}.unknown"),
+            format!("GPU left alone: its instances are unknown ({why})"),
+        );
+        return None;
+    }
+    let mut actual = Vec::new();
+    let mut busy = Vec::new();
+    let mut pods = BTreeSet::new();
+    let mut bad = false;
+    for (ii, inst) in gpu.instances.iter().enumerate() {
+        let Some(p) = model.profile_by_name(&inst.profile) else {
+            warn(
+                format!("{path}.instances[{ii}].profile"),
+                format!("GPU left alone: {} has no profile {:?}", model.key, inst.profile),
+            );
+            bad = true;
+            continue;
+        };
+        let i = Instance::new(p, inst.start);
+        actual.push(i);
+        if !inst.pods.is_empty() {
+            busy.push(i);
+            pods.extend(inst.pods.iter().cloned());
+        }
+    }
+    let actual = Layout::new(actual);
+    if let Err(e) = model.validate(&actual) {
+        warn(format!("{path}.instances"), format!("GPU left alone: {e}"));
+        bad = true;
+    }
+    (!bad).then(|| (model, actual, Layout::new(busy), pods))
+}
+
+/// Stage 2: the global profile universe (every profile of every model present, sorted by name) and
+/// each profile's largest memory-slice count.
+fn profile_universe(gpus: &[GpuState<'_>]) -> (Vec<String>, Vec<u32>) {
+    let mut names: BTreeMap<String, u32> = BTreeMap::new();
+    for g in gpus {
+        for p in &g.model.profiles {
+            let e = names.entry(p.name.clone()).or_insert(0);
+            *e = (*e).max(u32::from(p.memory_slices));
+        }
+    }
+    (names.keys().cloned().collect(), names.values().copied().collect())
+}
+
+/// What stage 3 needs to know besides the GPU.
+struct OptionInputs<'a> {
+    snapshot: &'a Snapshot,
+    policy: &'a Policy,
+    profiles: &'a [String],
+    /// Profiles pending pods ask for (to skip `+me` options nobody asked for).
+    wanted: BTreeSet<String>,
+    disruptions: &'a Disruptions<'a>,
+    pods_per_gpu: &'a HashMap<String, BTreeSet<usize>>,
+}
+
+/// Maximal count vectors compatible with a pinned layout, per model and pinned layout.
+type VectorCache = HashMap<(String, String), Vec<Counts>>;
+
+/// Stage 3: each GPU's options: keep (always first), change in place around its busy instances, and
+/// (when the drain policy allows and nothing protects its pods) drain and change.
+fn set_options(gpus: &mut [GpuState<'_>], nodes: &[NodeInfo], input: &OptionInputs<'_>) {
+    let mut cache = VectorCache::new();
+    for gs in gpus.iter_mut() {
+        let node = &nodes[gs.node];
+        let changeable = node.managed && node.schedulable && !node.frozen;
+        // Why its pods may not be drained, asked only where a drain is an option at all.
+        let blocked = (changeable && !gs.busy.is_empty() && input.policy.drain != DrainPolicy::Never)
+            .then(|| drain_blocked(gs, input))
+            .flatten();
+        gs.options = gpu_options(gs, changeable, blocked.is_none(), input, &mut cache);
+        gs.drain_blocked = blocked;
+    }
+}
+
+/// Why `gs`'s pods may not be drained, or `None`.
+fn drain_blocked(gs: &GpuState<'_>, input: &OptionInputs<'_>) -> Option<String> {
+    let policy = input.policy;
+    gs.pods.iter().find_map(|p| {
+        let r = input.disruptions.running.get(p);
+        if input.pods_per_gpu.get(p).is_none_or(|s| s.len() != 1) {
+            return Some(format!("pod {p} uses instances on several GPUs"));
+        }
+        if r.is_some_and(|r| r.do_not_disrupt) {
+            return Some(format!("pod {p} is marked mig-autoscaler.io/do-not-disrupt"));
+        }
+        if let Some(d) = r.and_then(|r| {
+            r.pdbs
+                .iter()
+                .find(|d| input.disruptions.pdb_allowed.get(*d).copied().unwrap_or(u32::MAX) == 0)
+        }) {
+            return Some(format!("pod {p} is protected by PDB {d} (0 disruptions allowed)"));
+        }
+        if policy.drain == DrainPolicy::IdleOrLowPriority {
+            let low = r.is_some_and(|r| r.priority < policy.low_priority_below);
+            let idle = pod_instances(&input.snapshot.nodes[gs.node], p)
+                .all(|i| i.utilization.is_some_and(|u| u <= policy.idle_utilization));
+            if !low && !idle {
+                return Some(format!(
+                    "pod {p} is neither idle nor below priority {}",
+                    policy.low_priority_below
+                ));
+            }
+        }
+        None
+    })
+}
+
+/// The options of one GPU (`changeable`: its node is managed, schedulable and not frozen;
+/// `drainable`: nothing protects its pods).
+fn gpu_options(
+    gs: &GpuState<'_>,
+    changeable: bool,
+    drainable: bool,
+    input: &OptionInputs<'_>,
+    cache: &mut VectorCache,
+) -> Vec<GpuOption> {
+    let model = gs.model;
+    let policy = input.policy;
+    let busy_counts = model.counts(&gs.busy);
+    let to_free = |counts: &Counts, kept: &Counts| -> Vec<u16> {
+        let mut free = vec![0u16; input.profiles.len()];
+        for (idx, _) in model.profiles_indexed() {
+            let n = counts.get(idx).saturating_sub(kept.get(idx));
+            free[global_profile(input.profiles, model, idx)] += u16::from(n);
+        }
+        free
+    };
+    let actual_counts = model.counts(&gs.actual);
+    let mut options = vec![GpuOption {
+        counts: actual_counts.clone(),
+        free: to_free(&actual_counts, &busy_counts),
+        changed: false,
+        drain: false,
+        cost: 0.0,
+    }];
+    if !changeable {
+        return options;
+    }
+    let can_change_in_place = gs.busy.is_empty() || policy.backend == Backend::Nvml;
+    if can_change_in_place {
+        // The GPU's own count vector stays in the list so that identical GPUs share one option
+        // set; choosing it is turned back into "keep" when decisions are made.
+        let cost = weights::CHANGE_GPU
+            + if gs.busy.is_empty() {
+                0.0
+            } else {
+                weights::TOUCH_BUSY_GPU
+            };
+        for c in maximal_vectors(model, &gs.busy, &input.wanted, cache) {
+            options.push(GpuOption {
+                free: to_free(&c, &busy_counts),
+                counts: c,
+                changed: true,
+                drain: false,
+                cost,
+            });
+        }
+    }
+    if !gs.busy.is_empty() && policy.drain != DrainPolicy::Never && drainable {
+        let util: f64 = gs
+            .pods
+            .iter()
+            .map(|p| {
+                pod_instances(&input.snapshot.nodes[gs.node], p)
+                    .filter_map(|i| i.utilization)
+                    .fold(0.0, f64::max)
+            })
+            .sum();
+        let cost = weights::CHANGE_GPU + weights::EVICT * gs.pods.len() as f64 + weights::EVICT * util;
+        let none = Counts::zero(model.profiles.len());
+        for c in maximal_vectors(model, &Layout::empty(), &input.wanted, cache) {
+            options.push(GpuOption {
+                free: to_free(&c, &none),
+                counts: c,
+                changed: true,
+                drain: true,
+                cost,
+            });
+        }
+    }
+    options
+}
+
+/// A model's profile `idx` in the global universe.
+fn global_profile(profiles: &[String], model: &GpuModel, idx: ProfileIdx) -> usize {
+    profiles
+        .binary_search(&model.profiles[usize::from(idx.0)].name)
+        .unwrap_or(0)
+}
+
+/// The maximal count vectors compatible with `pinned` (no vector another one covers). `+me`
+/// instances nobody asked for are never worth creating (they serve only `+me` requests); pinned
+/// ones stay, of course.
+fn maximal_vectors(
+    model: &GpuModel,
+    pinned: &Layout,
+    wanted: &BTreeSet<String>,
+    cache: &mut VectorCache,
+) -> Vec<Counts> {
+    let key = (model.key.clone(), model.format_layout(pinned));
+    if let Some(v) = cache.get(&key) {
+        return v.clone();
+    }
+    let pinned_counts = model.counts(pinned);
+    let adds_unwanted_me = |c: &Counts| {
+        model
+            .profiles_indexed()
+            .any(|(i, p)| p.media_extensions && c.get(i) > pinned_counts.get(i) && !wanted.contains(&p.name))
+    };
+    let mut compatible: Vec<Counts> = model
+        .compatible_layouts(pinned)
+        .map(|l| model.counts(l))
+        .collect();
+    compatible.sort_unstable();
+    compatible.dedup();
+    compatible.retain(|c| !adds_unwanted_me(c));
+    let maximal: Vec<Counts> = compatible
+        .iter()
+        .filter(|c| !compatible.iter().any(|d| d != *c && d.covers(c)))
+        .cloned()
+        .collect();
+    cache.insert(key, maximal.clone());
+    maximal
+}
+
+/// Stage 4: groups of nodes the model treats alike (one per node when `exact`; otherwise by the
+/// labels some pending pod selects on, foreign taints, schedulable and frozen), and each node's group.
+fn group_nodes(snapshot: &Snapshot, exact: bool) -> (Vec<Group>, Vec<usize>) {
+    // Only labels that some pending pod selects on tell nodes apart (not, say, the hostname).
+    let relevant: BTreeSet<&str> = snapshot
+        .pending_pods
+        .iter()
+        .flat_map(|p| {
+            p.node_selector.keys().map(String::as_str).chain(
+                p.node_affinity
+                    .iter()
+                    .flat_map(|t| t.match_expressions.iter().map(|e| e.key.as_str())),
+            )
+        })
+        .collect();
+    let mut groups: Vec<Group> = Vec::new();
+    let mut node_group = vec![0usize; snapshot.nodes.len()];
+    let mut by_sig: BTreeMap<String, usize> = BTreeMap::new();
+    for (ni, node) in snapshot.nodes.iter().enumerate() {
+        let sig = if exact {
+            format!("node:{ni}")
+        } else {
+            let mut taints: Vec<_> = node
+                .taints
+                .iter()
+                .filter(|t| !t.key.starts_with(OWN_TAINT_PREFIX))
+                .cloned()
+                .collect();
+            taints.sort();
+            let labels: Vec<(&String, &String)> = node
+                .labels
+                .iter()
+                .filter(|(k, _)| relevant.contains(k.as_str()))
+                .collect();
+            format!("{labels:?}|{taints:?}|{}|{}", node.schedulable, node.frozen)
+        };
+        let gi = *by_sig.entry(sig).or_insert_with(|| {
+            groups.push(Group { nodes: Vec::new() });
+            groups.len() - 1
+        });
+        groups[gi].nodes.push(ni);
+        node_group[ni] = gi;
+    }
+    (groups, node_group)
+}
+
+/// Stage 5: demands, first the pending pods (or why one cannot be planned), then the pods a drain
+/// would evict, to be placed again in their own group.
+fn demands(
+    snapshot: &Snapshot,
+    profiles: &[String],
+    groups: &[Group],
+    gpus: &[GpuState<'_>],
+    disruptions: &Disruptions<'_>,
+) -> (Vec<Demand>, Vec<(usize, String)>) {
+    let mut demands = Vec::new();
+    let mut rejected = Vec::new();
+    let mut priorities: BTreeSet<i32> = snapshot.pending_pods.iter().map(|p| p.priority).collect();
+    priorities.extend(snapshot.running_pods.iter().map(|p| p.priority));
+    let rank = |prio: i32| priorities.iter().position(|p| *p == prio).unwrap_or(0);
+    for (pi, pod) in snapshot.pending_pods.iter().enumerate() {
+        let req = match pod_request(pod, profiles) {
+            Ok(req) => req,
+            Err(why) => {
+                rejected.push((pi, why));
+                continue;
+            }
+        };
+        let eligible_nodes: BTreeSet<usize> = (0..snapshot.nodes.len())
+            .filter(|n| node_rejects(pod, &snapshot.nodes[*n]).is_none())
+            .collect();
+        let groups_ok: Vec<usize> = (0..groups.len())
+            .filter(|g| groups[*g].nodes.iter().any(|n| eligible_nodes.contains(n)))
+            .collect();
+        demands.push(Demand {
+            key: pod.key(),
+            weight: weights::PLACE * (1 + rank(pod.priority)) as f64,
+            req,
+            groups: groups_ok,
+            evicted_from: None,
+            created: pod.created.clone().unwrap_or_default(),
+            pending: Some(pi),
+        });
+    }
+    for (gi, g) in gpus.iter().enumerate() {
+        if !g.options.iter().any(|o| o.drain) {
+            continue;
+        }
+        for p in &g.pods {
+            let mut counts: BTreeMap<usize, u16> = BTreeMap::new();
+            // A drainable GPU's pods hold instances on that GPU only, so the node's are its.
+            for inst in pod_instances(&snapshot.nodes[g.node], p) {
+                if let Ok(q) = profiles.binary_search(&inst.profile) {
+                    *counts.entry(q).or_default() += 1;
+                }
+            }
+            let prio = disruptions.running.get(p).map_or(0, |r| r.priority);
+            demands.push(Demand {
+                key: p.clone(),
+                weight: weights::PLACE * (1 + rank(prio)) as f64,
+                req: counts.into_iter().collect(),
+                groups: vec![g.group],
+                evicted_from: Some(gi),
+                created: String::new(),
+                pending: None,
+            });
+        }
+    }
+    (demands, rejected)
+}
+
+/// A pending pod's MIG requests as `(global profile, count)`, or why it cannot be planned.
+fn pod_request(pod: &crate::snapshot::PendingPod, profiles: &[String]) -> Result<Vec<(usize, u16)>, String> {
+    let mut req = Vec::new();
+    for (res, count) in &pod.requests {
+        let Some(profile) = res.strip_prefix(RESOURCE_PREFIX) else {
+            continue;
+        };
+        if *count <= 0 || *count > 64 {
+            return Err(format!("request {res}: {count} is not a count between 1 and 64"));
+        }
+        match profiles.binary_search(&profile.to_string()) {
+            Ok(q) => req.push((q, *count as u16)),
+            Err(_) => return Err(format!("no GPU in the cluster offers {profile} (resource {res})")),
+        }
+    }
+    if req.is_empty() {
+        return Err("requests no nvidia.com/mig-* resource".into());
+    }
+    Ok(req)
+}
+
+/// Stage 6: classes, GPUs in one group with identical options and no drain option (GPUs with only
+/// "keep" are constants and in none).
+fn classes(gpus: &[GpuState<'_>], exact: bool) -> Vec<Class> {
+    let mut classes: Vec<Class> = Vec::new();
+    let mut by_key: HashMap<String, usize> = HashMap::new();
+    for (gi, g) in gpus.iter().enumerate() {
+        if g.options.len() == 1 {
+            continue;
+        }
+        let key = if g.options.iter().any(|o| o.drain) {
+            format!("drain:{gi}")
+        } else {
+            let node_key = if exact { g.node.to_string() } else { String::new() };
+            // Members must share options[1..] exactly: the fingerprint makes that structural.
+            let changes: Vec<&Counts> = g.options[1..].iter().map(|o| &o.counts).collect();
+            format!(
+                "{}|{}|{}|{node_key}|{changes:?}",
+                g.group,
+                g.model.key,
+                g.model.format_layout(&g.busy)
+            )
+        };
+        let ci = *by_key.entry(key).or_insert_with(|| {
+            classes.push(Class { gpus: Vec::new() });
+            classes.len() - 1
+        });
+        classes[ci].gpus.push(gi);
+    }
+    classes
+}
+
+/// Stage 7: recent demand by global profile (unknown profiles are warned about and ignored).
+fn recent_demand(snapshot: &Snapshot, profiles: &[String], warnings: &mut Vec<Warning>) -> Vec<(usize, u32)> {
+    let mut out = Vec::new();
+    for (name, count) in &snapshot.recent_demand {
+        match profiles.binary_search(name) {
+            Ok(q) if *count > 0 => out.push((q, *count)),
+            Ok(_) => {}
+            Err(_) => warnings.push(Warning {
+                path: format!("recentDemand.{name}"),
+                message: format!("no GPU in the cluster offers profile {name}; ignored"),
+            }),
+        }
+    }
+    out
+}
+
 impl<'c> Problem<'c> {
+    /// The planning problem of `snapshot` under `policy`, in named stages.
     pub fn build(catalog: &'c Catalog, snapshot: &Snapshot, policy: &Policy) -> Problem<'c> {
         let mut warnings = Vec::new();
-        let warn = |warnings: &mut Vec<Warning>, path: String, message: String| {
-            warnings.push(Warning { path, message })
-        };
-
-        // Running pods and PDBs.
-        let running: HashMap<String, &crate::snapshot::RunningPod> = snapshot
-            .running_pods
+        let disruptions = Disruptions::of(snapshot);
+        let pod_pdbs: HashMap<String, Vec<String>> = disruptions
+            .running
             .iter()
-            .map(|r| (format!("{}/{}", r.namespace, r.name), r))
+            .map(|(k, r)| (k.clone(), r.pdbs.clone()))
             .collect();
-        let pdb_allowed: BTreeMap<String, u32> = snapshot
-            .pdbs
-            .iter()
-            .map(|p| (format!("{}/{}", p.namespace, p.name), p.disruptions_allowed))
-            .collect();
-        let pod_pdbs: HashMap<String, Vec<String>> =
-            running.iter().map(|(k, r)| (k.clone(), r.pdbs.clone())).collect();
-
-        // GPUs: resolve models, parse actual layouts, find busy instances.
-        let mut nodes = Vec::new();
-        let mut gpus: Vec<GpuState<'c>> = Vec::new();
-        let mut pods_per_gpu: HashMap<String, BTreeSet<usize>> = HashMap::new();
-        for (ni, node) in snapshot.nodes.iter().enumerate() {
-            let managed = policy
-                .managed_node_selector
-                .iter()
-                .all(|(k, v)| node.labels.get(k) == Some(v));
-            let mut info = NodeInfo {
-                name: node.name.clone(),
-                managed,
-                schedulable: node.schedulable,
-                frozen: node.frozen,
-                gpus: Vec::new(),
-            };
-            for (gi, gpu) in node.gpus.iter().enumerate() {
-                let path = format!("$.nodes[{ni}].gpus[{gi}]");
-                let model = match catalog.lookup(&gpu.product) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        warn(
-                            &mut warnings,
-                            format!("{path}.product"),
-                            format!("GPU left alone: {e}"),
-                        );
-                        continue;
-                    }
-                };
-                if !gpu.mig_enabled {
-                    warn(
-                        &mut warnings,
-                        path.clone(),
-                        "GPU left alone: MIG mode is off (the planner does not toggle MIG mode)".into(),
-                    );
-                    continue;
-                }
-                if let Some(why) = &gpu.unknown {
-                    // Unknown is never empty: nothing is placed on it and nothing changes it.
-                    warn(
-                        &mut warnings,
-                        format!("{path}.unknown"),
-                        format!("GPU left alone: its instances are unknown ({why})"),
-                    );
-                    continue;
-                }
-                let mut actual = Vec::new();
-                let mut busy = Vec::new();
-                let mut pods = BTreeSet::new();
-                let mut bad = false;
-                for (ii, inst) in gpu.instances.iter().enumerate() {
-                    let Some(p) = model.profile_by_name(&inst.profile) else {
-                        warn(
-                            &mut warnings,
-                            format!("{path}.instances[{ii}].profile"),
-                            format!("GPU left alone: {} has no profile {:?}", model.key, inst.profile),
-                        );
-                        bad = true;
-                        continue;
-                    };
-                    let i = Instance::new(p, inst.start);
-                    actual.push(i);
-                    if !inst.pods.is_empty() {
-                        busy.push(i);
-                        pods.extend(inst.pods.iter().cloned());
-                    }
-                }
-                let actual = Layout::new(actual);
-                if let Err(e) = model.validate(&actual) {
-                    warn(
-                        &mut warnings,
-                        format!("{path}.instances"),
-                        format!("GPU left alone: {e}"),
-                    );
-                    bad = true;
-                }
-                if bad {
-                    continue;
-                }
-                let gpu_id = gpus.len();
-                for p in &pods {
-                    pods_per_gpu.entry(p.clone()).or_default().insert(gpu_id);
-                }
-                info.gpus.push(gpu_id);
-                gpus.push(GpuState {
-                    node: ni,
-                    index: gpu.index,
-                    model,
-                    actual,
-                    busy: Layout::new(busy),
-                    pods: pods.into_iter().collect(),
-                    options: Vec::new(),
-                    drain_blocked: None,
-                    group: 0,
-                });
-            }
-            nodes.push(info);
-        }
-
-        // Global profile universe: every profile of every model present, plus requested names.
-        let mut names: BTreeMap<String, u32> = BTreeMap::new();
-        for g in &gpus {
-            for p in &g.model.profiles {
-                let e = names.entry(p.name.clone()).or_insert(0);
-                *e = (*e).max(u32::from(p.memory_slices));
-            }
-        }
-        let profiles: Vec<String> = names.keys().cloned().collect();
-        let profile_size: Vec<u32> = names.values().copied().collect();
-        let global = |model: &GpuModel, idx: ProfileIdx| -> usize {
-            profiles
-                .binary_search(&model.profiles[usize::from(idx.0)].name)
-                .unwrap_or(0)
-        };
-
-        // Which profiles do pending pods want at all (to skip +me options nobody asked for).
+        let (nodes, mut gpus, pods_per_gpu) = read_gpus(catalog, snapshot, policy, &mut warnings);
+        let (profiles, profile_size) = profile_universe(&gpus);
         let wanted: BTreeSet<String> = snapshot
             .pending_pods
             .iter()
@@ -327,305 +708,23 @@ impl<'c> Problem<'c> {
             .filter_map(|r| r.strip_prefix(RESOURCE_PREFIX))
             .map(str::to_string)
             .collect();
-
-        // Options per GPU.
-        let drain = policy.drain;
-        let mut vector_cache: HashMap<(String, String), Vec<Counts>> = HashMap::new();
-        #[allow(clippy::needless_range_loop)] // reads gpus[g], then writes its options back
-        for g in 0..gpus.len() {
-            let gs = &gpus[g];
-            let model = gs.model;
-            let node = &nodes[gs.node];
-            let changeable = node.managed && node.schedulable && !node.frozen;
-            let busy_counts = model.counts(&gs.busy);
-            let to_free = |counts: &Counts, kept: &Counts| -> Vec<u16> {
-                let mut free = vec![0u16; profiles.len()];
-                for (idx, _) in model.profiles_indexed() {
-                    let n = counts.get(idx).saturating_sub(kept.get(idx));
-                    free[global(model, idx)] += u16::from(n);
-                }
-                free
-            };
-            let actual_counts = model.counts(&gs.actual);
-            let mut options = vec![GpuOption {
-                counts: actual_counts.clone(),
-                free: to_free(&actual_counts, &busy_counts),
-                changed: false,
-                drain: false,
-                cost: 0.0,
-            }];
-            if changeable {
-                // `+me` instances nobody asked for are never worth creating (they serve only `+me`
-                // requests); pinned ones stay, of course.
-                let adds_unwanted_me = |c: &Counts, pinned: &Counts| {
-                    model.profiles_indexed().any(|(i, p)| {
-                        p.media_extensions && c.get(i) > pinned.get(i) && !wanted.contains(&p.name)
-                    })
-                };
-                let mut maximal_vectors = |pinned: &Layout| -> Vec<Counts> {
-                    let key = (model.key.clone(), model.format_layout(pinned));
-                    if let Some(v) = vector_cache.get(&key) {
-                        return v.clone();
-                    }
-                    let pinned_counts = model.counts(pinned);
-                    let mut compatible: Vec<Counts> = model
-                        .compatible_layouts(pinned)
-                        .map(|l| model.counts(l))
-                        .collect();
-                    compatible.sort_unstable();
-                    compatible.dedup();
-                    compatible.retain(|c| !adds_unwanted_me(c, &pinned_counts));
-                    let maximal: Vec<Counts> = compatible
-                        .iter()
-                        .filter(|c| !compatible.iter().any(|d| d != *c && d.covers(c)))
-                        .cloned()
-                        .collect();
-                    vector_cache.insert(key, maximal.clone());
-                    maximal
-                };
-                let can_change_in_place = gs.busy.is_empty() || policy.backend == Backend::Nvml;
-                if can_change_in_place {
-                    // The GPU's own count vector stays in the list so that identical GPUs share one
-                    // option set; choosing it is turned back into "keep" when decisions are made.
-                    for c in maximal_vectors(&gs.busy) {
-                        let cost = weights::CHANGE_GPU
-                            + if gs.busy.is_empty() {
-                                0.0
-                            } else {
-                                weights::TOUCH_BUSY_GPU
-                            };
-                        options.push(GpuOption {
-                            free: to_free(&c, &busy_counts),
-                            counts: c,
-                            changed: true,
-                            drain: false,
-                            cost,
-                        });
-                    }
-                }
-                if !gs.busy.is_empty() && drain != DrainPolicy::Never {
-                    let blocked = gs.pods.iter().find_map(|p| {
-                        let r = running.get(p);
-                        if pods_per_gpu.get(p).is_none_or(|s| s.len() != 1) {
-                            return Some(format!("pod {p} uses instances on several GPUs"));
-                        }
-                        if r.is_some_and(|r| r.do_not_disrupt) {
-                            return Some(format!("pod {p} is marked mig-autoscaler.io/do-not-disrupt"));
-                        }
-                        if let Some(d) = r.and_then(|r| {
-                            r.pdbs
-                                .iter()
-                                .find(|d| pdb_allowed.get(*d).copied().unwrap_or(u32::MAX) == 0)
-                        }) {
-                            return Some(format!("pod {p} is protected by PDB {d} (0 disruptions allowed)"));
-                        }
-                        if drain == DrainPolicy::IdleOrLowPriority {
-                            let low = r.is_some_and(|r| r.priority < policy.low_priority_below);
-                            let idle = pod_instances(&snapshot.nodes[gs.node], p)
-                                .all(|i| i.utilization.is_some_and(|u| u <= policy.idle_utilization));
-                            if !low && !idle {
-                                return Some(format!(
-                                    "pod {p} is neither idle nor below priority {}",
-                                    policy.low_priority_below
-                                ));
-                            }
-                        }
-                        None
-                    });
-                    let drainable = blocked.is_none();
-                    gpus[g].drain_blocked = blocked;
-                    let gs = &gpus[g];
-                    if drainable {
-                        let util: f64 = gs
-                            .pods
-                            .iter()
-                            .map(|p| {
-                                pod_instances(&snapshot.nodes[gs.node], p)
-                                    .filter_map(|i| i.utilization)
-                                    .fold(0.0, f64::max)
-                            })
-                            .sum();
-                        let cost = weights::CHANGE_GPU
-                            + weights::EVICT * gs.pods.len() as f64
-                            + weights::EVICT * util;
-                        let none = Counts::zero(model.profiles.len());
-                        for c in maximal_vectors(&Layout::empty()) {
-                            options.push(GpuOption {
-                                free: to_free(&c, &none),
-                                counts: c,
-                                changed: true,
-                                drain: true,
-                                cost,
-                            });
-                        }
-                    }
-                }
-            }
-            gpus[g].options = options;
-        }
-
-        // Groups.
+        let inputs = OptionInputs {
+            snapshot,
+            policy,
+            profiles: &profiles,
+            wanted,
+            disruptions: &disruptions,
+            pods_per_gpu: &pods_per_gpu,
+        };
+        set_options(&mut gpus, &nodes, &inputs);
         let exact = nodes.len() <= policy.solver.exact_node_limit;
-        // Only labels that some pending pod selects on tell nodes apart (not, say, the hostname).
-        let relevant: BTreeSet<&str> = snapshot
-            .pending_pods
-            .iter()
-            .flat_map(|p| {
-                p.node_selector.keys().map(String::as_str).chain(
-                    p.node_affinity
-                        .iter()
-                        .flat_map(|t| t.match_expressions.iter().map(|e| e.key.as_str())),
-                )
-            })
-            .collect();
-        let mut groups: Vec<Group> = Vec::new();
-        let mut node_group = vec![0usize; nodes.len()];
-        {
-            let mut by_sig: BTreeMap<String, usize> = BTreeMap::new();
-            for (ni, node) in snapshot.nodes.iter().enumerate() {
-                let sig = if exact {
-                    format!("node:{ni}")
-                } else {
-                    let mut taints: Vec<_> = node
-                        .taints
-                        .iter()
-                        .filter(|t| !t.key.starts_with(OWN_TAINT_PREFIX))
-                        .cloned()
-                        .collect();
-                    taints.sort();
-                    let labels: Vec<(&String, &String)> = node
-                        .labels
-                        .iter()
-                        .filter(|(k, _)| relevant.contains(k.as_str()))
-                        .collect();
-                    format!("{labels:?}|{taints:?}|{}|{}", node.schedulable, node.frozen)
-                };
-                let gi = *by_sig.entry(sig).or_insert_with(|| {
-                    groups.push(Group { nodes: Vec::new() });
-                    groups.len() - 1
-                });
-                groups[gi].nodes.push(ni);
-                node_group[ni] = gi;
-            }
-        }
+        let (groups, node_group) = group_nodes(snapshot, exact);
         for g in &mut gpus {
             g.group = node_group[g.node];
         }
-
-        // Demands: pending pods.
-        let mut demands = Vec::new();
-        let mut rejected = Vec::new();
-        let mut priorities: BTreeSet<i32> = snapshot.pending_pods.iter().map(|p| p.priority).collect();
-        priorities.extend(snapshot.running_pods.iter().map(|p| p.priority));
-        let rank = |prio: i32| priorities.iter().position(|p| *p == prio).unwrap_or(0);
-        for (pi, pod) in snapshot.pending_pods.iter().enumerate() {
-            let mut req = Vec::new();
-            let mut problem = None;
-            for (res, count) in &pod.requests {
-                let Some(profile) = res.strip_prefix(RESOURCE_PREFIX) else {
-                    continue;
-                };
-                if *count <= 0 || *count > 64 {
-                    problem = Some(format!("request {res}: {count} is not a count between 1 and 64"));
-                    break;
-                }
-                match profiles.binary_search(&profile.to_string()) {
-                    Ok(q) => req.push((q, *count as u16)),
-                    Err(_) => {
-                        problem = Some(format!("no GPU in the cluster offers {profile} (resource {res})"));
-                        break;
-                    }
-                }
-            }
-            if problem.is_none() && req.is_empty() {
-                problem = Some("requests no nvidia.com/mig-* resource".into());
-            }
-            if let Some(p) = problem {
-                rejected.push((pi, p));
-                continue;
-            }
-            let eligible_nodes: BTreeSet<usize> = (0..nodes.len())
-                .filter(|n| node_rejects(pod, &snapshot.nodes[*n]).is_none())
-                .collect();
-            let groups_ok: Vec<usize> = (0..groups.len())
-                .filter(|g| groups[*g].nodes.iter().any(|n| eligible_nodes.contains(n)))
-                .collect();
-            demands.push(Demand {
-                key: pod.key(),
-                weight: weights::PLACE * (1 + rank(pod.priority)) as f64,
-                req,
-                groups: groups_ok,
-                evicted_from: None,
-                created: pod.created.clone().unwrap_or_default(),
-                pending: Some(pi),
-            });
-        }
-        // Demands: pods that a drain would evict, to be placed again in their own group.
-        for (gi, g) in gpus.iter().enumerate() {
-            if !g.options.iter().any(|o| o.drain) {
-                continue;
-            }
-            for p in &g.pods {
-                let mut counts: BTreeMap<usize, u16> = BTreeMap::new();
-                // A drainable GPU's pods hold instances on that GPU only, so the node's are its.
-                for inst in pod_instances(&snapshot.nodes[g.node], p) {
-                    if let Ok(q) = profiles.binary_search(&inst.profile) {
-                        *counts.entry(q).or_default() += 1;
-                    }
-                }
-                let prio = running.get(p).map_or(0, |r| r.priority);
-                demands.push(Demand {
-                    key: p.clone(),
-                    weight: weights::PLACE * (1 + rank(prio)) as f64,
-                    req: counts.into_iter().collect(),
-                    groups: vec![g.group],
-                    evicted_from: Some(gi),
-                    created: String::new(),
-                    pending: None,
-                });
-            }
-        }
-
-        // Classes: GPUs in one group with identical options and no drain option.
-        let mut classes: Vec<Class> = Vec::new();
-        let mut by_key: HashMap<String, usize> = HashMap::new();
-        for (gi, g) in gpus.iter().enumerate() {
-            if g.options.len() == 1 {
-                continue; // keep only: a constant, no decision
-            }
-            let key = if g.options.iter().any(|o| o.drain) {
-                format!("drain:{gi}")
-            } else {
-                let node_key = if exact { g.node.to_string() } else { String::new() };
-                // Members must share options[1..] exactly: the fingerprint makes that structural.
-                let changes: Vec<&Counts> = g.options[1..].iter().map(|o| &o.counts).collect();
-                format!(
-                    "{}|{}|{}|{node_key}|{changes:?}",
-                    g.group,
-                    g.model.key,
-                    g.model.format_layout(&g.busy)
-                )
-            };
-            let ci = *by_key.entry(key).or_insert_with(|| {
-                classes.push(Class { gpus: Vec::new() });
-                classes.len() - 1
-            });
-            classes[ci].gpus.push(gi);
-        }
-
-        let mut recent_demand = Vec::new();
-        for (name, count) in &snapshot.recent_demand {
-            match profiles.binary_search(name) {
-                Ok(q) if *count > 0 => recent_demand.push((q, *count)),
-                Ok(_) => {}
-                Err(_) => warn(
-                    &mut warnings,
-                    format!("recentDemand.{name}"),
-                    format!("no GPU in the cluster offers profile {name}; ignored"),
-                ),
-            }
-        }
-
+        let (demands, rejected) = demands(snapshot, &profiles, &groups, &gpus, &disruptions);
+        let classes = classes(&gpus, exact);
+        let recent_demand = recent_demand(snapshot, &profiles, &mut warnings);
         Problem {
             policy: policy.clone(),
             nodes,
@@ -637,7 +736,7 @@ impl<'c> Problem<'c> {
             demands,
             rejected,
             warnings,
-            pdb_allowed,
+            pdb_allowed: disruptions.pdb_allowed,
             pod_pdbs,
             exact,
             recent_demand,

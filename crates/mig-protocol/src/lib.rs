@@ -231,21 +231,38 @@ impl Phase {
         )
     }
 
-    /// Label value for metrics.
+    /// Every phase, in sequence order.
+    pub const ALL: [Phase; 12] = [
+        Phase::Tainting,
+        Phase::Draining,
+        Phase::Relabeling,
+        Phase::Applying,
+        Phase::AwaitingMigManager,
+        Phase::Verifying,
+        Phase::Untainting,
+        Phase::RollingBack,
+        Phase::Done,
+        Phase::RolledBack,
+        Phase::Failed,
+        Phase::Superseded,
+    ];
+
+    /// Its one name, as on the Node, in metrics, logs and Events (PascalCase, like Kubernetes'
+    /// pod phases).
     pub fn as_str(self) -> &'static str {
         match self {
-            Phase::Tainting => "tainting",
-            Phase::Draining => "draining",
-            Phase::Relabeling => "relabeling",
-            Phase::Applying => "applying",
-            Phase::AwaitingMigManager => "awaiting-mig-manager",
-            Phase::Verifying => "verifying",
-            Phase::Untainting => "untainting",
-            Phase::RollingBack => "rolling-back",
-            Phase::Done => "done",
-            Phase::RolledBack => "rolled-back",
-            Phase::Failed => "failed",
-            Phase::Superseded => "superseded",
+            Phase::Tainting => "Tainting",
+            Phase::Draining => "Draining",
+            Phase::Relabeling => "Relabeling",
+            Phase::Applying => "Applying",
+            Phase::AwaitingMigManager => "AwaitingMigManager",
+            Phase::Verifying => "Verifying",
+            Phase::Untainting => "Untainting",
+            Phase::RollingBack => "RollingBack",
+            Phase::Done => "Done",
+            Phase::RolledBack => "RolledBack",
+            Phase::Failed => "Failed",
+            Phase::Superseded => "Superseded",
         }
     }
 }
@@ -412,6 +429,36 @@ pub fn mig_requests(spec: &PodSpec) -> Result<BTreeMap<String, i64>, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_plan_names_the_phases_the_agent_writes() {
+        use mig_planner::PlannedPhase as P;
+        for planned in [
+            P::Tainting {
+                taint: TAINT_KEY.into(),
+            },
+            P::Draining { evict: vec![] },
+            P::Relabeling { config: "c".into() },
+            P::AwaitingMigManager,
+            P::Applying { gpus: vec![0] },
+            P::Verifying {
+                targets: Default::default(),
+            },
+            P::Untainting {
+                taint: TAINT_KEY.into(),
+            },
+        ] {
+            assert!(
+                Phase::ALL.iter().any(|p| p.as_str() == planned.name()),
+                "the plan's {} is no agent phase",
+                planned.name()
+            );
+            assert_eq!(serde_json::to_value(&planned).unwrap()["phase"], planned.name());
+        }
+        for p in Phase::ALL {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+        }
+    }
+
     use super::*;
 
     fn grant(id: &str) -> Grant {

@@ -202,43 +202,10 @@ pub enum SimError {
 
 /// Run one policy over a workload.
 pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> Result<Report, SimError> {
-    let catalog = Catalog::embedded();
-    let model = catalog
+    let model = Catalog::embedded()
         .lookup(&config.product)
         .map_err(|e| SimError::Config(e.to_string()))?;
-    let ideal_text;
-    let layout_text = match policy {
-        PolicyKind::Static(l) => l.as_str(),
-        PolicyKind::Ideal => {
-            // One-slice instances at every placement: a pod of size s takes any s of them.
-            ideal_text = slice_pool(model)?;
-            ideal_text.as_str()
-        }
-        _ => config.initial_layout.as_str(),
-    };
-    let initial = model
-        .parse_layout(layout_text)
-        .map_err(|e| SimError::Config(e.to_string()))?;
-    model
-        .validate(&initial)
-        .map_err(|e| SimError::Config(e.to_string()))?;
-    for p in pods {
-        if model.profile_by_name(p.profile).is_none() {
-            return Err(SimError::Config(format!(
-                "{}: profile {} is not on {}",
-                p.name, p.profile, model.key
-            )));
-        }
-    }
-    let mut gpus: Vec<SimGpu> = (0..config.nodes * config.gpus_per_node)
-        .map(|g| SimGpu {
-            node: g / config.gpus_per_node,
-            index: (g % config.gpus_per_node) as u32,
-            layout: initial.clone(),
-            used: BTreeMap::new(),
-            target: None,
-        })
-        .collect();
+    let mut gpus = initial_gpus(config, policy, model, pods)?;
     let total_slices = (gpus.len() as f64) * f64::from(model.compute_slices);
     let slices_of = |p: &TracePod| slices(model, p);
 
@@ -330,38 +297,13 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
             }
         }
         // Schedule: first-fit, arrival order.
-        let mut still = VecDeque::new();
-        // Once a pod of a profile does not fit, no later pod of that profile asking as many or more
-        // instances fits in this round either (binding only takes instances away).
-        let mut blocked: BTreeMap<&str, u32> = BTreeMap::new();
-        while let Some(i) = pending.pop_front() {
-            if blocked.get(pods[i].profile).is_some_and(|c| pods[i].count >= *c) {
-                still.push_back(i);
-                continue;
-            }
-            let taken = match policy {
-                PolicyKind::Ideal => fit_slices(model, &gpus, &pods[i]),
-                _ => fit(model, &gpus, &pods[i]),
-            };
-            match taken {
-                Some(taken) => {
-                    for (g, inst) in &taken {
-                        gpus[*g].used.insert(*inst, i);
-                    }
-                    holding.insert(i, taken);
-                    started[i].get_or_insert(t);
-                    run_start[i] = t;
-                    allocated += slices_of(&pods[i]);
-                    push(&mut heap, t + pods[i].duration, Kind::Departure(i, run[i]));
-                }
-                None => {
-                    let c = blocked.entry(pods[i].profile).or_insert(u32::MAX);
-                    *c = (*c).min(pods[i].count);
-                    still.push_back(i);
-                }
-            }
+        for (i, taken) in first_fit(model, policy, &mut gpus, pods, &mut pending) {
+            holding.insert(i, taken);
+            started[i].get_or_insert(t);
+            run_start[i] = t;
+            allocated += slices_of(&pods[i]);
+            push(&mut heap, t + pods[i].duration, Kind::Departure(i, run[i]));
         }
-        pending = still;
         let plans = matches!(policy, PolicyKind::Greedy | PolicyKind::Ilp);
         if !pending.is_empty() && !tick_scheduled && plans {
             push(&mut heap, t + config.batch, Kind::PlanTick);
@@ -373,6 +315,91 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
     report.demand = demand_area / span / total_slices;
     record_waits(&mut report, pods, &started, config.horizon, last_t);
     Ok(report)
+}
+
+/// The cluster's GPUs at the start: every GPU at the policy's layout (the static layout, the
+/// `ideal` slice pool, or the configured initial layout), checked, and every pod's profile known.
+fn initial_gpus(
+    config: &SimConfig,
+    policy: &PolicyKind,
+    model: &GpuModel,
+    pods: &[TracePod],
+) -> Result<Vec<SimGpu>, SimError> {
+    let ideal_text;
+    let layout_text = match policy {
+        PolicyKind::Static(l) => l.as_str(),
+        PolicyKind::Ideal => {
+            // One-slice instances at every placement: a pod of size s takes any s of them.
+            ideal_text = slice_pool(model)?;
+            ideal_text.as_str()
+        }
+        _ => config.initial_layout.as_str(),
+    };
+    let initial = model
+        .parse_layout(layout_text)
+        .map_err(|e| SimError::Config(e.to_string()))?;
+    model
+        .validate(&initial)
+        .map_err(|e| SimError::Config(e.to_string()))?;
+    for p in pods {
+        if model.profile_by_name(p.profile).is_none() {
+            return Err(SimError::Config(format!(
+                "{}: profile {} is not on {}",
+                p.name, p.profile, model.key
+            )));
+        }
+    }
+    let gpus: Vec<SimGpu> = (0..config.nodes * config.gpus_per_node)
+        .map(|g| SimGpu {
+            node: g / config.gpus_per_node,
+            index: (g % config.gpus_per_node) as u32,
+            layout: initial.clone(),
+            used: BTreeMap::new(),
+            target: None,
+        })
+        .collect();
+    Ok(gpus)
+}
+
+/// Bind pending pods first-fit in arrival order (taking their instances on `gpus`); the pods bound
+/// with what they took, the rest left in `pending`. Once a pod of a profile does not fit, no later
+/// pod of that profile asking as many or more instances fits in this round either (binding only
+/// takes instances away).
+fn first_fit(
+    model: &GpuModel,
+    policy: &PolicyKind,
+    gpus: &mut [SimGpu],
+    pods: &[TracePod],
+    pending: &mut VecDeque<usize>,
+) -> Vec<(usize, Vec<(usize, Instance)>)> {
+    let mut bound = Vec::new();
+    let mut still = VecDeque::new();
+    let mut blocked: BTreeMap<&str, u32> = BTreeMap::new();
+    while let Some(i) = pending.pop_front() {
+        if blocked.get(pods[i].profile).is_some_and(|c| pods[i].count >= *c) {
+            still.push_back(i);
+            continue;
+        }
+        let taken = match policy {
+            PolicyKind::Ideal => fit_slices(model, gpus, &pods[i]),
+            _ => fit(model, gpus, &pods[i]),
+        };
+        match taken {
+            Some(taken) => {
+                for (g, inst) in &taken {
+                    gpus[*g].used.insert(*inst, i);
+                }
+                bound.push((i, taken));
+            }
+            None => {
+                let c = blocked.entry(pods[i].profile).or_insert(u32::MAX);
+                *c = (*c).min(pods[i].count);
+                still.push_back(i);
+            }
+        }
+    }
+    *pending = still;
+    bound
 }
 
 /// Compute slices a pod holds while it runs (all its instances).

@@ -541,9 +541,9 @@ async fn s4_mig_manager_failure_follows_the_policy_visibly() {
                     let (_, scrape) = http(c.addr, "GET", "/metrics", b"").await;
                     sample(
                         &scrape,
-                        "mig_autoscaler_reconfigurations_total{result=\"rolled-back\"}",
+                        "mig_autoscaler_reconfigurations_total{result=\"RolledBack\"}",
                     ) == Some(1.0)
-                        && sample(&scrape, "mig_autoscaler_reconfigurations_total{result=\"done\"}")
+                        && sample(&scrape, "mig_autoscaler_reconfigurations_total{result=\"Done\"}")
                             == Some(1.0)
                 })
                 .await;
@@ -575,7 +575,7 @@ async fn s4_mig_manager_failure_follows_the_policy_visibly() {
                 assert_eq!(
                     sample(
                         &scrape,
-                        "mig_autoscaler_reconfigurations_total{result=\"failed\"}"
+                        "mig_autoscaler_reconfigurations_total{result=\"Failed\"}"
                     ),
                     Some(1.0)
                 );

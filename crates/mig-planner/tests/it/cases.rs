@@ -144,18 +144,24 @@ fn a_pdb_with_no_disruptions_left_is_never_overridden() {
     assert_eq!(plan.evictions.len(), 1, "{}", plan.render_table());
     assert_eq!(plan.evictions[0].pod, "batch/low");
     fits_on(&plan, "urgent");
-    let actions: Vec<String> = plan.nodes[0]
-        .actions
-        .iter()
-        .map(|a| format!("{:?}", a.action))
-        .collect();
-    assert!(
-        actions[0].starts_with("Taint")
-            && actions[1].starts_with("Evict")
-            && actions[2].starts_with("Relabel"),
-        "{actions:?}"
+    let phases: Vec<&str> = plan.nodes[0].phases.iter().map(|p| p.name()).collect();
+    assert_eq!(
+        phases,
+        [
+            "Tainting",
+            "Draining",
+            "Relabeling",
+            "AwaitingMigManager",
+            "Verifying",
+            "Untainting"
+        ]
     );
-    assert!(actions.last().unwrap().starts_with("Untaint"));
+    assert_eq!(
+        plan.nodes[0].phases[1],
+        mig_planner::PlannedPhase::Draining {
+            evict: vec!["batch/low".into()]
+        }
+    );
 }
 
 #[test]
