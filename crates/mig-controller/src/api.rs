@@ -13,7 +13,7 @@ use mig_planner::{PodOutcome, Snapshot};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::controller::Shared;
+use crate::state::Shared;
 
 use crate::error::ApiError;
 

@@ -1,6 +1,7 @@
 //! The control loop: watch (reflectors), batch, plan, decide under budgets, grant, drain, report.
 
 mod drain;
+mod sweep;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -21,7 +22,6 @@ use kube::{Api, Client, ResourceExt};
 use mig_catalog::Catalog;
 use mig_catalog::migparted::{GpuTarget, render_node_config};
 use mig_planner::{Plan, PodOutcome};
-use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -33,6 +33,7 @@ use crate::metrics::{
 };
 use crate::observe::{ClusterView, InputProblem, observe};
 use crate::settings::{Mode, Settings};
+use crate::state::{HeadroomView, ProblemView, Published, Shared};
 use crate::{Metrics, api};
 use mig_protocol::{
     Emitter, Flight, GRANT_ANNOTATION, Grant, NodeState, Phase, Reason, STATE_ANNOTATION, SharedClock,
@@ -45,123 +46,6 @@ pub const CONTROLLER_NAME: &str = "mig-autoscaler.io/controller";
 pub const FIELD_MANAGER: &str = "mig-autoscaler-controller";
 /// Prefix of the mig-parted entries we own.
 pub const CONFIG_PREFIX: &str = "mig-autoscaler-";
-
-/// The latest plan and what the controller made of it.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Published {
-    /// When it was computed.
-    pub computed_at: String,
-    /// Controller mode.
-    pub mode: &'static str,
-    /// Identity of the replica that computed it.
-    pub computed_by: String,
-    /// Whether that replica was the leader.
-    pub leader: bool,
-    /// The plan.
-    pub plan: Plan,
-    /// Per changed node: `granted`, `dry-run`, or why it was deferred.
-    pub decisions: BTreeMap<String, String>,
-    /// Input the controller could not use.
-    pub problems: Vec<ProblemView>,
-    /// Budget headroom when it was planned.
-    pub headroom: HeadroomView,
-}
-
-/// An input problem, for the API.
-#[derive(Clone, Debug, Serialize)]
-pub struct ProblemView {
-    /// `Pod/ns/name` or `Node/name`.
-    pub object: String,
-    /// Reason.
-    pub reason: &'static str,
-    /// Message.
-    pub message: String,
-}
-
-/// Budget headroom, for the API.
-#[derive(Clone, Debug, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct HeadroomView {
-    /// Nodes that may start now.
-    pub nodes: u32,
-    /// Evictions that may be granted now.
-    pub evictions: u32,
-    /// Nodes reconfiguring.
-    pub in_flight: u32,
-    /// Whether a change window is open.
-    pub window_open: bool,
-}
-
-/// State shared by the loop and the HTTP server.
-pub struct Shared {
-    /// Settings.
-    pub settings: Settings,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Leadership.
-    pub lease: LeaseHandle,
-    /// Caches synced.
-    pub ready: AtomicBool,
-    /// Latest plan.
-    pub latest: RwLock<Option<Arc<Published>>>,
-    /// Successful writes to nodes and the ConfigMap (for tests and the fencing proof): when, what.
-    pub writes: std::sync::Mutex<Vec<(Instant, String)>>,
-    /// The last 100 actions (writes, ended reconfigurations), newest last, for the web view.
-    pub recent: std::sync::Mutex<std::collections::VecDeque<RecentAction>>,
-    /// Slots for what-if plans (`POST /api/v1/plan`): a plan holds one until the planner returns,
-    /// even when its request has timed out, so the planner's CPU stays bounded.
-    pub what_if: Arc<tokio::sync::Semaphore>,
-    /// Checks API callers (`None`: `http.auth` lets everyone in, on loopback only).
-    pub reviewer: Option<crate::auth::Reviewer>,
-    /// Time, for the loop, the lease, caches and what is written.
-    pub clock: SharedClock,
-}
-
-/// Something the controller did or saw end, for people.
-#[derive(Clone, Debug, Serialize)]
-pub struct RecentAction {
-    /// When (RFC 3339).
-    pub at: String,
-    /// What.
-    pub what: String,
-}
-
-impl Shared {
-    /// The latest published plan.
-    pub fn latest(&self) -> Option<Arc<Published>> {
-        self.latest.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn record_write(&self, what: String) {
-        self.note(what.clone());
-        self.writes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((self.clock.instant(), what));
-    }
-
-    fn note(&self, what: String) {
-        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        r.push_back(RecentAction {
-            at: self.clock.now().to_string(),
-            what,
-        });
-        while r.len() > 100 {
-            r.pop_front();
-        }
-    }
-
-    /// The recent actions, newest last.
-    pub fn recent_actions(&self) -> Vec<RecentAction> {
-        self.recent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect()
-    }
-}
 
 /// A running controller.
 pub struct Running {
@@ -357,8 +241,6 @@ struct LoopState {
     last_plan: Option<Instant>,
     /// A sequence ended `Superseded` (its plan was stale): plan again at the next round.
     replan: bool,
-    /// Last flight per node, to count ended reconfigurations once.
-    flights: BTreeMap<String, (Option<String>, Option<Phase>)>,
     /// Events sent recently: key → when.
     sent: HashMap<String, Instant>,
     /// mig-parted entries this replica wrote, and when: kept in the ConfigMap for `grantTimeout`
@@ -370,11 +252,8 @@ struct LoopState {
     ledger: budget::Ledger,
     /// Whether this replica led at the last round (to read the Nodes afresh on becoming leader).
     led: bool,
-    /// Per node in flight: its agent's state as last seen, and when (this replica's clock) it
-    /// last changed. A state that stops changing means the agent is gone.
-    agent_seen: BTreeMap<String, (String, Instant)>,
-    /// Nodes whose agent is gone mid-change: stuck (frozen, tainted, holding no budget).
-    agents_gone: BTreeSet<String>,
+    /// What the housekeeping sweep remembers (flights, agents' last states, agents gone).
+    sweep: sweep::SweepMemory,
     /// Per node: the grant whose end this replica saw happen, and when (its own clock). Cooldowns
     /// start at the later of this and the agent's `since`, so a node whose clock runs behind
     /// does not shorten its cooldown.
@@ -673,7 +552,7 @@ impl ControlLoop {
                 .unwrap_or_default()
         });
         for f in &mut facts {
-            if self.state.agents_gone.contains(&f.name) && matches!(f.flight, Flight::InFlight { .. }) {
+            if self.state.sweep.agents_gone.contains(&f.name) && matches!(f.flight, Flight::InFlight { .. }) {
                 f.flight = Flight::Stuck;
             }
             let seen = obs.nodes.get(&f.name).and_then(|v| {
@@ -1305,73 +1184,31 @@ impl ControlLoop {
     /// changed (tainting, draining) the grant is withdrawn, and the sweep then removes the taint;
     /// after, the GPUs may be half-changed: the node stays tainted and frozen for a person, and
     /// stops holding the node budget. Either way a Warning Event says so.
-    async fn agent_gone(&mut self, name: &str, state: &NodeState, g: &Grant) {
-        let timeout = self.shared.settings.budgets.agent_timeout;
-        let phase = state.phase;
-        if matches!(phase, Phase::Tainting | Phase::Draining) {
-            // The sequence ends here, as the agent would have ended it (nothing changed), so the
-            // node is idle again and the sweep removes the taint.
-            let ended = NodeState {
-                phase: Phase::RolledBack,
-                since: self.now().to_string(),
-                message: Some(format!(
-                    "released by the controller: the node agent stopped during {}; nothing was changed",
-                    phase.as_str()
-                )),
-                heartbeat: None,
-                ..state.clone()
-            };
-            let patch = json!({"metadata": {"annotations": {
-                GRANT_ANNOTATION: null,
-                STATE_ANNOTATION: serde_json::to_string(&ended).unwrap_or_default(),
-            }}});
-            if self
-                .sweep_patch(name, &patch, "grant withdrawn (its agent is gone)")
-                .await
-            {
-                self.emit(
-                    Reason::AgentGone,
-                    format!("the node agent stopped during {} of plan {} (no state change for {timeout}); no GPU was changed yet, so the grant is withdrawn and the node untainted", phase.as_str(), g.plan_id),
-                    "Sweep",
-                    node_ref(name, None),
-                    None,
-                );
-            }
-        } else if self.state.agents_gone.insert(name.to_string()) {
-            tracing::warn!(node = %name, phase = phase.as_str(), "node agent gone mid-change; node left tainted and frozen");
-            self.emit(
-                Reason::AgentGone,
-                format!("the node agent stopped during {} of plan {} (no state change for {timeout}); its GPUs may be half-changed, so the node stays tainted and is left alone, and no longer holds the node budget. See docs/install.md, runbook", phase.as_str(), g.plan_id),
-                "Sweep",
-                node_ref(name, None),
-                None,
-            );
+    /// Leader, auto mode, every round: the sweep's commands (see `sweep`), carried out.
+    async fn housekeeping(&mut self) {
+        let obs = self.observe_now();
+        let budgets = &self.shared.settings.budgets;
+        let limits = sweep::Limits {
+            grant_timeout: budgets.grant_timeout.0,
+            agent_timeout: budgets.agent_timeout.0,
+        };
+        let (now, instant) = (self.now(), self.instant());
+        for command in sweep::sweep(&obs, &mut self.state.sweep, now, instant, limits) {
+            self.carry_out(&obs, command).await;
         }
     }
 
-    /// Leader, auto mode, every round: count ended reconfigurations, withdraw grants never started,
-    /// remove our taint from nodes with nothing in flight.
-    async fn housekeeping(&mut self) {
-        let obs = self.observe_now();
-        let now = self.now();
-        let timeout = jiff::SignedDuration::try_from(self.shared.settings.budgets.grant_timeout.0)
-            .unwrap_or(jiff::SignedDuration::MAX);
-        let first_round = self.state.flights.is_empty();
-        for (name, view) in &obs.nodes {
-            if view.malformed {
-                continue;
-            }
-            // Ended reconfigurations, counted once (not those already ended when we started).
-            let current = (
-                view.state.as_ref().map(|s| s.grant_id.clone()),
-                view.state.as_ref().map(|s| s.phase),
-            );
-            let previous = self.state.flights.insert(name.clone(), current.clone());
-            if !first_round
-                && previous.as_ref() != Some(&current)
-                && let (Some(_), Some(phase)) = &current
-                && phase.is_terminal()
-            {
+    /// One command of the sweep.
+    async fn carry_out(&mut self, obs: &ClusterView, command: sweep::Command) {
+        use sweep::Command;
+        let timeout = self.shared.settings.budgets.agent_timeout;
+        match command {
+            Command::Ended {
+                node,
+                grant,
+                phase,
+                message,
+            } => {
                 self.shared
                     .metrics
                     .reconfigurations
@@ -1379,71 +1216,80 @@ impl ControlLoop {
                         result: phase.as_str(),
                     })
                     .inc();
-                if let Some(grant) = &current.0 {
-                    self.state
-                        .ended_seen
-                        .insert(name.clone(), (grant.clone(), self.now()));
-                }
+                self.state
+                    .ended_seen
+                    .insert(node.clone(), (grant.clone(), self.now()));
                 // The agent found the plan stale before changing anything: plan afresh now rather
                 // than at the next batch or resync (each retry costs a taint and two agent ticks,
                 // so this cannot spin).
-                self.state.replan |= *phase == Phase::Superseded;
+                self.state.replan |= phase == Phase::Superseded;
                 // The agent announces the end on the Node (it owns the Reconfiguration* reasons).
-                let msg = view
-                    .state
-                    .as_ref()
-                    .and_then(|s| s.message.as_deref())
-                    .unwrap_or("");
-                tracing::info!(node = %name, grant_id = current.0.as_deref().unwrap_or(""), phase = phase.as_str(), message = msg, "reconfiguration ended");
+                tracing::info!(node = %node, grant_id = %grant, phase = phase.as_str(), message = %message, "reconfiguration ended");
             }
-            // A sequence whose agent stopped writing its state.
-            if let (Flight::InFlight { phase: Some(_) }, Some(state), Some(g)) =
-                (&view.flight, &view.state, &view.grant)
-            {
-                let seen = serde_json::to_string(state).unwrap_or_default();
-                let at = self.instant();
-                let entry = self
-                    .state
-                    .agent_seen
-                    .entry(name.clone())
-                    .or_insert_with(|| (seen.clone(), at));
-                if entry.0 != seen {
-                    *entry = (seen, at);
-                    self.state.agents_gone.remove(name);
-                } else if at.duration_since(entry.1) > self.shared.settings.budgets.agent_timeout.0 {
-                    self.agent_gone(name, state, g).await;
-                }
-            } else {
-                self.state.agent_seen.remove(name);
-                self.state.agents_gone.remove(name);
-            }
-            // A node its agent drains for a grant: the evictions it names (agents cannot evict).
-            if let Some(g) = &view.grant {
-                self.drain(name, view, g).await;
-            }
-            // A grant the agent never started.
-            if let (Flight::InFlight { phase: None }, Some(g)) = (&view.flight, &view.grant)
-                && let Ok(at) = g.granted_at.parse::<Timestamp>()
-                && now.duration_since(at) > timeout
-            {
-                let patch = json!({"metadata": {"annotations": {GRANT_ANNOTATION: null}}});
+            Command::Release { node, state, plan_id } => {
+                let phase = state.phase;
+                let ended = NodeState {
+                    phase: Phase::RolledBack,
+                    since: self.now().to_string(),
+                    message: Some(format!(
+                        "released by the controller: the node agent stopped during {}; nothing was changed",
+                        phase.as_str()
+                    )),
+                    heartbeat: None,
+                    ..state
+                };
+                let patch = json!({"metadata": {"annotations": {
+                    GRANT_ANNOTATION: null,
+                    STATE_ANNOTATION: serde_json::to_string(&ended).unwrap_or_default(),
+                }}});
                 if self
-                    .sweep_patch(name, &patch, "grant withdrawn (the agent never started it)")
+                    .sweep_patch(&node, &patch, "grant withdrawn (its agent is gone)")
                     .await
                 {
-                    self.emit(Reason::GrantWithdrawn, format!("the node agent did not start plan {} within {}; is the agent running on this node?", g.plan_id, self.shared.settings.budgets.grant_timeout), "Sweep", node_ref(name, None), None);
+                    self.emit(
+                        Reason::AgentGone,
+                        format!("the node agent stopped during {} of plan {plan_id} (no state change for {timeout}); no GPU was changed yet, so the grant is withdrawn and the node untainted", phase.as_str()),
+                        "Sweep",
+                        node_ref(&node, None),
+                        None,
+                    );
                 }
             }
-            // Our taint with nothing in flight (a crash between phases, or a removed grant).
-            if view.tainted && matches!(view.flight, Flight::Idle { .. }) {
+            Command::Stuck { node, phase, plan_id } => {
+                tracing::warn!(node = %node, phase = phase.as_str(), "node agent gone mid-change; node left tainted and frozen");
+                self.emit(
+                    Reason::AgentGone,
+                    format!("the node agent stopped during {} of plan {plan_id} (no state change for {timeout}); its GPUs may be half-changed, so the node stays tainted and is left alone, and no longer holds the node budget. See docs/install.md, runbook", phase.as_str()),
+                    "Sweep",
+                    node_ref(&node, None),
+                    None,
+                );
+            }
+            Command::Drain { node } => {
+                if let Some(view) = obs.nodes.get(&node)
+                    && let Some(g) = &view.grant
+                {
+                    self.drain(&node, view, g).await;
+                }
+            }
+            Command::Withdraw { node, plan_id } => {
+                let patch = json!({"metadata": {"annotations": {GRANT_ANNOTATION: null}}});
+                if self
+                    .sweep_patch(&node, &patch, "grant withdrawn (the agent never started it)")
+                    .await
+                {
+                    self.emit(Reason::GrantWithdrawn, format!("the node agent did not start plan {plan_id} within {}; is the agent running on this node?", self.shared.settings.budgets.grant_timeout), "Sweep", node_ref(&node, None), None);
+                }
+            }
+            Command::Untaint { node: name } => {
                 let Some(node) = self
                     .caches
                     .nodes
                     .state()
                     .into_iter()
-                    .find(|n| n.name_any() == *name)
+                    .find(|n| n.name_any() == name)
                 else {
-                    continue;
+                    return;
                 };
                 let taints: Vec<_> = node
                     .spec
@@ -1454,12 +1300,12 @@ impl ControlLoop {
                     .filter(|t| t.key != TAINT_KEY)
                     .collect();
                 let patch = json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": taints}});
-                if self.sweep_patch(name, &patch, "stale taint removed").await {
+                if self.sweep_patch(&name, &patch, "stale taint removed").await {
                     self.emit(
                         Reason::StaleTaintRemoved,
                         format!("removed taint {TAINT_KEY}: no reconfiguration is in flight on this node"),
                         "Sweep",
-                        node_ref(name, None),
+                        node_ref(&name, None),
                         None,
                     );
                 }

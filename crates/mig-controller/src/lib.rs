@@ -17,7 +17,9 @@ pub mod listener;
 pub mod metrics;
 pub mod observe;
 pub mod settings;
+pub mod state;
 
-pub use controller::{Published, Running, Shared, start};
+pub use controller::{Running, start};
 pub use metrics::Metrics;
 pub use settings::{Mode, Settings};
+pub use state::{Published, Shared};
