@@ -466,6 +466,7 @@ async fn dispatch(
             parse_body(&body).map(|o| (StatusCode::CREATED, state.access_review(&o)))
         }
         (&Method::POST, None, _) => parse_body(&body).and_then(|o| {
+            validate(target.resource, &o)?;
             let ns = target
                 .namespace
                 .clone()
@@ -982,6 +983,23 @@ impl<W: Fn(&Event) -> bool> WatchOut<W> {
             }
         }
     }
+}
+
+/// The real server's validation where the project's clients could break it: an
+/// `events.k8s.io` Event's note is at most 1 kB (a longer one is refused, and the Event lost).
+fn validate(r: &Resource, o: &Value) -> Result<(), ApiError> {
+    if r.group == "events.k8s.io"
+        && r.plural == "events"
+        && o["note"].as_str().is_some_and(|n| n.len() > 1024)
+    {
+        let name = o["metadata"]["name"].as_str().unwrap_or_default();
+        return Err(ApiError::invalid(
+            r,
+            name,
+            "note: Too long: may not be more than 1024 bytes",
+        ));
+    }
+    Ok(())
 }
 
 /// A stream fed by a spawned task through a channel.

@@ -1,6 +1,5 @@
 //! The agent's runtime: observe the Node, its pods and GPUs; report; step; act; persist.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -309,7 +308,7 @@ pub async fn start_with_clock(
         source,
         http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
         dcgm_cache: None,
-        sent: HashMap::new(),
+        events: mig_protocol::EventGate::new(settings.event_dedupe),
         catalog_checked: false,
         catalog_next_check: None,
         last_phase: None,
@@ -391,7 +390,8 @@ struct Worker {
     >,
     /// The last dcgm-exporter read (`None`: it failed) and when it was made.
     dcgm_cache: Option<(Instant, Option<Vec<crate::dcgm::InstanceSeries>>)>,
-    sent: HashMap<String, Instant>,
+    /// Events sent recently (not sent again within `event_dedupe`).
+    events: mig_protocol::EventGate,
     catalog_checked: bool,
     /// When the catalog check may run again after a failure (None: at once).
     catalog_next_check: Option<Instant>,
@@ -456,11 +456,13 @@ impl Worker {
             mig_protocol::Emitter::Agent,
             "{reason} is the controller's"
         );
-        let key = format!("{:?}/{:?}|{reason}|{note}", regarding.kind, regarding.name);
+        let object = format!(
+            "{}//{}",
+            regarding.kind.as_deref().unwrap_or_default(),
+            regarding.name.as_deref().unwrap_or_default()
+        );
         let now = self.instant();
-        let dedupe = self.shared.settings.event_dedupe;
-        self.sent.retain(|_, t| now.duration_since(*t) < dedupe);
-        if self.sent.insert(key, now).is_some() {
+        if !self.events.admit(&object, reason, &note, now) {
             return;
         }
         let ev = Event {
@@ -470,7 +472,7 @@ impl Worker {
                 EventType::Normal
             },
             reason: reason.as_str().into(),
-            note: Some(note),
+            note: Some(mig_protocol::clip_note(note)),
             action: "Reconfigure".into(),
             secondary: None,
         };

@@ -215,7 +215,10 @@ pub async fn start_with_clock(
         notify,
         shutdown: shutdown_rx,
         events: events_tx,
-        state: LoopState::default(),
+        state: LoopState {
+            events: mig_protocol::EventGate::new(settings.event_dedupe.0),
+            ..Default::default()
+        },
     }));
     Ok(Running {
         addr,
@@ -241,8 +244,8 @@ struct LoopState {
     last_plan: Option<Instant>,
     /// A sequence ended `Superseded` (its plan was stale): plan again at the next round.
     replan: bool,
-    /// Events sent recently: key → when.
-    sent: HashMap<String, Instant>,
+    /// Events sent recently (not sent again within `eventDedupe`).
+    events: mig_protocol::EventGate,
     /// mig-parted entries this replica wrote, and when: kept in the ConfigMap for `grantTimeout`
     /// even where the node cache has not yet seen the grant that names them (otherwise a grant on
     /// another node could garbage-collect an entry before mig-manager reads it).
@@ -367,30 +370,20 @@ impl ControlLoop {
         if !self.shared.lease.is_leader() {
             return false; // only the leader writes, Events included
         }
-        let key = format!(
-            "{}/{}/{}|{reason}|{note}",
+        let object = format!(
+            "{}/{}/{}",
             regarding.kind.as_deref().unwrap_or_default(),
             regarding.namespace.as_deref().unwrap_or_default(),
             regarding.name.as_deref().unwrap_or_default()
         );
-        let dedupe = self.shared.settings.event_dedupe.0;
         let now = self.instant();
-        self.state.sent.retain(|_, t| now.duration_since(*t) < dedupe);
-        if self.state.sent.contains_key(&key) {
+        if !self.state.events.admit(&object, reason, &note, now) {
             return false;
         }
-        self.state.sent.insert(key, now);
         // With its UID, or `kubectl describe` does not list the Event under the object.
         let regarding = self.with_uid(regarding);
         let related = related.map(|r| self.with_uid(r));
-        let mut note = note;
-        if note.len() > 1000 {
-            let mut cut = 1000;
-            while !note.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            note.truncate(cut);
-        }
+        let note = mig_protocol::clip_note(note);
         let event = Event {
             type_: if reason.is_warning() {
                 EventType::Warning

@@ -163,8 +163,89 @@ impl std::fmt::Display for Reason {
     }
 }
 
+/// The longest Event note the API server accepts (`events.k8s.io/v1`: 1 kB); a longer one is
+/// refused with 422 and the Event is lost.
+pub const NOTE_LIMIT: usize = 1024;
+
+/// `note` cut to [`NOTE_LIMIT`] bytes at a character boundary, with `…` where it was cut.
+pub fn clip_note(mut note: String) -> String {
+    if note.len() <= NOTE_LIMIT {
+        return note;
+    }
+    let mut cut = NOTE_LIMIT - '…'.len_utf8();
+    while !note.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    note.truncate(cut);
+    note.push('…');
+    note
+}
+
+/// What controller and agents both do before an Event goes out: the same Event (object, reason,
+/// note) is not sent again within `dedupe` (the default lets every Event through).
+#[derive(Debug, Default)]
+pub struct EventGate {
+    dedupe: std::time::Duration,
+    sent: std::collections::HashMap<String, std::time::Instant>,
+}
+
+impl EventGate {
+    /// A gate that lets one Event through per `dedupe`.
+    pub fn new(dedupe: std::time::Duration) -> EventGate {
+        EventGate {
+            dedupe,
+            sent: Default::default(),
+        }
+    }
+
+    /// Whether the Event about `object` (`kind/namespace/name`) with `reason` and `note` goes out
+    /// at `now`; when it does, it is remembered (a repeat does not extend the window).
+    pub fn admit(&mut self, object: &str, reason: Reason, note: &str, now: std::time::Instant) -> bool {
+        let dedupe = self.dedupe;
+        self.sent
+            .retain(|_, t| now.saturating_duration_since(*t) < dedupe);
+        let key = format!("{object}|{reason}|{note}");
+        if self.sent.contains_key(&key) {
+            return false;
+        }
+        self.sent.insert(key, now);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn notes_are_clipped_to_what_the_api_accepts_at_a_character_boundary() {
+        assert_eq!(clip_note("short".into()), "short");
+        let long = "é".repeat(2000);
+        let clipped = clip_note(long);
+        assert!(clipped.len() <= NOTE_LIMIT, "{}", clipped.len());
+        assert!(clipped.ends_with('…'));
+        assert!(clipped.starts_with("éé"));
+    }
+
+    #[test]
+    fn the_same_event_goes_out_once_per_dedupe_window() {
+        let mut gate = EventGate::new(std::time::Duration::from_secs(60));
+        let t0 = std::time::Instant::now();
+        assert!(gate.admit("Node//n", Reason::AgentGone, "x", t0));
+        assert!(!gate.admit(
+            "Node//n",
+            Reason::AgentGone,
+            "x",
+            t0 + std::time::Duration::from_secs(59)
+        ));
+        assert!(gate.admit("Node//n", Reason::AgentGone, "y", t0));
+        assert!(gate.admit("Node//m", Reason::AgentGone, "x", t0));
+        assert!(gate.admit(
+            "Node//n",
+            Reason::AgentGone,
+            "x",
+            t0 + std::time::Duration::from_secs(61)
+        ));
+    }
+
     use super::*;
 
     /// docs/controller.md, "Events": one row per reason with its emitter and type, no other rows.

@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::PodSpec;
 use serde::{Deserialize, Serialize};
 
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
-pub use events::{Emitter, Reason};
+pub use events::{Emitter, EventGate, Reason, clip_note};
 
 /// Prefix of every annotation, label and taint key we own.
 pub const PREFIX: &str = "mig-autoscaler.io/";

@@ -875,6 +875,52 @@ async fn s8_an_agent_whose_driver_disagrees_with_the_catalog_refuses_to_act() {
     c.stop().await;
 }
 
+/// A driver whose profile table cannot be read, with pages of words (a real nvidia-smi can print
+/// that much on a failure).
+struct VerboseDriver(EmulatedGpus);
+
+impl mig_agent::GpuSource for VerboseDriver {
+    fn knows_pods(&self) -> bool {
+        true
+    }
+    fn gpus(&self) -> Result<Vec<mig_planner::snapshot::Gpu>, mig_agent::GpuError> {
+        self.0.gpus()
+    }
+    fn profiles(
+        &self,
+        _gpu: &mig_planner::snapshot::Gpu,
+    ) -> Result<Option<mig_catalog::nvml::ObservedGpu>, mig_agent::GpuError> {
+        Err(mig_agent::GpuError::Output(format!(
+            "unexpected output: {}",
+            "Unable to determine the device handle for GPU 0000:3B:00.0: Unknown Error. ".repeat(60)
+        )))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s8b_an_agent_warns_even_when_the_driver_says_pages() {
+    // The Warning quotes the driver; the API server refuses an Event note over 1 kB, so a note is
+    // cut to fit rather than lost (the emulator refuses long notes as the real server does).
+    let spec = nodes(1, 1, SEVEN_1G);
+    let env = bare_env(spec.clone()).await;
+    let node = &spec[0].name;
+    let source = Arc::new(VerboseDriver(EmulatedGpus::new(env.cluster.clone(), node)));
+    let agent = mig_agent::start(agent_client(&env.server, node), agent_settings(node), source)
+        .await
+        .unwrap();
+    eventually(10, "a CatalogMismatch warning quoting the driver", || async {
+        events(&env.client, "default")
+            .await
+            .iter()
+            .any(|(w, r, note, _)| {
+                w == node && r == "CatalogMismatch" && note.contains("Unknown Error") && note.len() <= 1024
+            })
+    })
+    .await;
+    assert!(!agent.shared.is_ready());
+    agent.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s9_a_pod_bound_after_the_plan_is_never_evicted_and_the_next_plan_counts_it() {
     // A stale grant: made before `late` was bound to the GPU it rebuilds (kube-scheduler binds up
