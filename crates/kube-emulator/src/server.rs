@@ -828,18 +828,10 @@ fn watch_stream(state: Arc<Shared>, t: &Target, query: &HashMap<String, String>)
             last_rv: 0,
             limit: faults.drop_watch_after.unwrap_or(usize::MAX),
         };
-        for e in backlog.iter().filter(|e| (out.wants)(e)) {
-            if out.sent >= out.limit
-                || out
-                    .tx
-                    .send(watch_line(e.change.as_str(), &e.object))
-                    .await
-                    .is_err()
-            {
+        for e in &backlog {
+            if (out.wants)(e) && !out.send(e).await {
                 return;
             }
-            out.sent += 1;
-            out.last_rv = out.last_rv.max(e.rv);
         }
         let delayed = faults.watch_delay > Duration::ZERO
             && (faults.watch_delay_resources.is_empty()
@@ -916,27 +908,27 @@ struct WatchOut<W> {
 }
 
 impl<W: Fn(&Event) -> bool> WatchOut<W> {
+    /// Send one event; `false` when the watch ends (the fault's limit, or the client went away).
+    async fn send(&mut self, e: &Event) -> bool {
+        if self.sent >= self.limit
+            || self
+                .tx
+                .send(watch_line(e.change.as_str(), &e.object))
+                .await
+                .is_err()
+        {
+            return false;
+        }
+        self.sent += 1;
+        self.last_rv = self.last_rv.max(e.rv);
+        true
+    }
+
     /// Handle one message of the subscription; `false` when the watch ends (the client went away,
     /// the fault's limit, or the subscription fell behind: then a 410, as a real server would).
     async fn receive(&mut self, state: &Shared, msg: Result<Event, RecvError>) -> bool {
         match msg {
-            Ok(e) => {
-                if e.rv <= self.last_rv || !(self.wants)(&e) {
-                    return true;
-                }
-                if self.sent >= self.limit
-                    || self
-                        .tx
-                        .send(watch_line(e.change.as_str(), &e.object))
-                        .await
-                        .is_err()
-                {
-                    return false;
-                }
-                self.sent += 1;
-                self.last_rv = e.rv;
-                true
-            }
+            Ok(e) => e.rv <= self.last_rv || !(self.wants)(&e) || self.send(&e).await,
             Err(RecvError::Lagged(_)) => {
                 let oldest = state.store().oldest_watchable();
                 let _ = self

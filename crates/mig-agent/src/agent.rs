@@ -456,13 +456,8 @@ impl Worker {
             mig_protocol::Emitter::Agent,
             "{reason} is the controller's"
         );
-        let object = format!(
-            "{}//{}",
-            regarding.kind.as_deref().unwrap_or_default(),
-            regarding.name.as_deref().unwrap_or_default()
-        );
         let now = self.instant();
-        if !self.events.admit(&object, reason, &note, now) {
+        if !self.events.admit(&regarding, reason, &note, now) {
             return;
         }
         let ev = Event {
@@ -835,11 +830,7 @@ impl Worker {
             }
         };
         if result.is_err() {
-            self.shared
-                .metrics
-                .errors
-                .get_or_create(&Label { kind: "act" })
-                .inc();
+            self.count_error("act");
         }
         result
     }
@@ -874,11 +865,7 @@ impl Worker {
                 Some(series)
             }
             Err(e) => {
-                self.shared
-                    .metrics
-                    .errors
-                    .get_or_create(&Label { kind: "dcgm" })
-                    .inc();
+                self.count_error("dcgm");
                 tracing::warn!(node = %self.shared.settings.node, %url, error = %e, "cannot read dcgm-exporter; no per-instance utilization until it answers");
                 self.dcgm_cache = Some((self.instant(), None));
                 None

@@ -370,14 +370,8 @@ impl ControlLoop {
         if !self.shared.lease.is_leader() {
             return false; // only the leader writes, Events included
         }
-        let object = format!(
-            "{}/{}/{}",
-            regarding.kind.as_deref().unwrap_or_default(),
-            regarding.namespace.as_deref().unwrap_or_default(),
-            regarding.name.as_deref().unwrap_or_default()
-        );
         let now = self.instant();
-        if !self.state.events.admit(&object, reason, &note, now) {
+        if !self.state.events.admit(&regarding, reason, &note, now) {
             return false;
         }
         // With its UID, or `kubectl describe` does not list the Event under the object.
@@ -1159,8 +1153,16 @@ impl ControlLoop {
         }
     }
 
-    /// Leader only: merge-patch Node `name` and record the write as `what`; whether it was written.
-    async fn sweep_patch(&self, name: &str, patch: &serde_json::Value, what: &str) -> bool {
+    /// Leader only: merge-patch Node `name`, and once written record it as `what` and announce it
+    /// with a `reason` Event saying `note`.
+    async fn sweep_write(
+        &mut self,
+        name: &str,
+        patch: &serde_json::Value,
+        what: &str,
+        reason: Reason,
+        note: String,
+    ) {
         let nodes: Api<Node> = Api::all(self.client.clone());
         let written = self.shared.lease.is_leader()
             && nodes
@@ -1169,14 +1171,10 @@ impl ControlLoop {
                 .is_ok();
         if written {
             self.shared.record_write(format!("{name}: {what}"));
+            self.emit(reason, note, "Sweep", node_ref(name, None), None);
         }
-        written
     }
 
-    /// The agent on `name` stopped writing its state during `phase` of grant `g`. Before any GPU
-    /// changed (tainting, draining) the grant is withdrawn, and the sweep then removes the taint;
-    /// after, the GPUs may be half-changed: the node stays tainted and frozen for a person, and
-    /// stops holding the node budget. Either way a Warning Event says so.
     /// Leader, auto mode, every round: the sweep's commands (see `sweep`), carried out.
     async fn housekeeping(&mut self) {
         let obs = self.observe_now();
@@ -1235,18 +1233,18 @@ impl ControlLoop {
                     GRANT_ANNOTATION: null,
                     STATE_ANNOTATION: serde_json::to_string(&ended).unwrap_or_default(),
                 }}});
-                if self
-                    .sweep_patch(&node, &patch, "grant withdrawn (its agent is gone)")
-                    .await
-                {
-                    self.emit(
-                        Reason::AgentGone,
-                        format!("the node agent stopped during {} of plan {plan_id} (no state change for {timeout}); no GPU was changed yet, so the grant is withdrawn and the node untainted", phase.as_str()),
-                        "Sweep",
-                        node_ref(&node, None),
-                        None,
-                    );
-                }
+                let note = format!(
+                    "the node agent stopped during {} of plan {plan_id} (no state change for {timeout}); no GPU was changed yet, so the grant is withdrawn and the node untainted",
+                    phase.as_str()
+                );
+                self.sweep_write(
+                    &node,
+                    &patch,
+                    "grant withdrawn (its agent is gone)",
+                    Reason::AgentGone,
+                    note,
+                )
+                .await;
             }
             Command::Stuck { node, phase, plan_id } => {
                 tracing::warn!(node = %node, phase = phase.as_str(), "node agent gone mid-change; node left tainted and frozen");
@@ -1267,12 +1265,18 @@ impl ControlLoop {
             }
             Command::Withdraw { node, plan_id } => {
                 let patch = json!({"metadata": {"annotations": {GRANT_ANNOTATION: null}}});
-                if self
-                    .sweep_patch(&node, &patch, "grant withdrawn (the agent never started it)")
-                    .await
-                {
-                    self.emit(Reason::GrantWithdrawn, format!("the node agent did not start plan {plan_id} within {}; is the agent running on this node?", self.shared.settings.budgets.grant_timeout), "Sweep", node_ref(&node, None), None);
-                }
+                let note = format!(
+                    "the node agent did not start plan {plan_id} within {}; is the agent running on this node?",
+                    self.shared.settings.budgets.grant_timeout
+                );
+                self.sweep_write(
+                    &node,
+                    &patch,
+                    "grant withdrawn (the agent never started it)",
+                    Reason::GrantWithdrawn,
+                    note,
+                )
+                .await;
             }
             Command::Untaint { node: name } => {
                 let Some(node) = self
@@ -1293,15 +1297,15 @@ impl ControlLoop {
                     .filter(|t| t.key != TAINT_KEY)
                     .collect();
                 let patch = json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": taints}});
-                if self.sweep_patch(&name, &patch, "stale taint removed").await {
-                    self.emit(
-                        Reason::StaleTaintRemoved,
-                        format!("removed taint {TAINT_KEY}: no reconfiguration is in flight on this node"),
-                        "Sweep",
-                        node_ref(&name, None),
-                        None,
-                    );
-                }
+                let note = format!("removed taint {TAINT_KEY}: no reconfiguration is in flight on this node");
+                self.sweep_write(
+                    &name,
+                    &patch,
+                    "stale taint removed",
+                    Reason::StaleTaintRemoved,
+                    note,
+                )
+                .await;
             }
         }
     }

@@ -226,6 +226,17 @@ fn problem(
     })
 }
 
+/// Record a problem with Node `name`.
+fn node_problem(problems: &mut Vec<InputProblem>, name: &str, reason: Reason, message: String) {
+    problem(
+        problems,
+        "Node",
+        (String::new(), name.to_string()),
+        reason,
+        message,
+    )
+}
+
 /// The pods as the planner sees them.
 struct ObservedPods {
     pending: Vec<PendingPod>,
@@ -349,13 +360,7 @@ fn read_annotations(node: &Node, name: &str, problems: &mut Vec<InputProblem>) -
     let state: Option<NodeState> = typed(state, STATE_ANNOTATION, &object, &mut messages);
     let malformed = !messages.is_empty();
     for message in messages {
-        problem(
-            problems,
-            "Node",
-            (String::new(), name.to_string()),
-            Reason::MalformedAnnotation,
-            message,
-        );
+        node_problem(problems, name, Reason::MalformedAnnotation, message);
     }
     NodeAnnotations {
         report,
@@ -430,12 +435,10 @@ fn observe_node(
     let blocked = budget::node_blocked(budgets, now, &facts, budget::window_open(budgets, now)).is_some();
     let agent_backend = report.as_ref().and_then(|r| r.backend);
     let wrong_backend = agent_backend.filter(|b| *b != policy.backend);
-    let node_problem = |problems: &mut Vec<InputProblem>, reason, message| {
-        problem(problems, "Node", (String::new(), name.clone()), reason, message)
-    };
     if let Some(b) = wrong_backend {
         node_problem(
             problems,
+            &name,
             Reason::AgentBackendMismatch,
             format!(
                 "the agent runs --backend {}, the planner plans for {}: the node is left alone until they agree (settings.planner.backend)",
@@ -453,6 +456,7 @@ fn observe_node(
                     Ok(instances) => gpu.instances = instances,
                     Err(e) => node_problem(
                         problems,
+                        &name,
                         Reason::MalformedAnnotation,
                         format!(
                             "annotation {GRANT_ANNOTATION} on node/{name}: GPU {}: {e}",
@@ -463,9 +467,7 @@ fn observe_node(
             }
         }
     }
-    let unknown = gpu_problems(&gpus, policy, &mut |reason, message| {
-        node_problem(problems, reason, message)
-    });
+    let unknown = gpu_problems(&gpus, policy, &name, problems);
     let unknown_freezes = unknown && policy.backend == mig_planner::snapshot::Backend::MigManager;
     let counts = view.reported && managed && !malformed;
     let snap = snapshot::Node {
@@ -479,16 +481,19 @@ fn observe_node(
     (view, snap, counts)
 }
 
-/// Problems with a node's reported GPUs (unknown models, instances that cannot be read); `true`
-/// when some GPU's instances are unknown.
+/// Problems with Node `name`'s reported GPUs (unknown models, instances that cannot be read);
+/// `true` when some GPU's instances are unknown.
 fn gpu_problems(
     gpus: &[mig_planner::snapshot::Gpu],
     policy: &mig_planner::Policy,
-    problem: &mut dyn FnMut(Reason, String),
+    name: &str,
+    problems: &mut Vec<InputProblem>,
 ) -> bool {
     for gpu in gpus {
         if let Err(e) = Catalog::embedded().lookup(&gpu.product) {
-            problem(
+            node_problem(
+                problems,
+                name,
                 Reason::UnknownGpuModel,
                 format!("GPU {}: {e}; the GPU is left alone", gpu.index),
             );
@@ -499,7 +504,9 @@ fn gpu_problems(
         .filter_map(|g| Some(format!("GPU {}: {}", g.index, g.unknown.as_ref()?)))
         .collect();
     if !unknown.is_empty() {
-        problem(
+        node_problem(
+            problems,
+            name,
             Reason::GpuStateUnknown,
             format!(
                 "the agent cannot read {}; {}",

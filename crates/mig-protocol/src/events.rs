@@ -198,13 +198,25 @@ impl EventGate {
         }
     }
 
-    /// Whether the Event about `object` (`kind/namespace/name`) with `reason` and `note` goes out
-    /// at `now`; when it does, it is remembered (a repeat does not extend the window).
-    pub fn admit(&mut self, object: &str, reason: Reason, note: &str, now: std::time::Instant) -> bool {
+    /// Whether the Event about `regarding` with `reason` and `note` goes out at `now`; when it
+    /// does, it is remembered (a repeat does not extend the window).
+    pub fn admit(
+        &mut self,
+        regarding: &k8s_openapi::api::core::v1::ObjectReference,
+        reason: Reason,
+        note: &str,
+        now: std::time::Instant,
+    ) -> bool {
         let dedupe = self.dedupe;
         self.sent
             .retain(|_, t| now.saturating_duration_since(*t) < dedupe);
-        let key = format!("{object}|{reason}|{note}");
+        let field = |f: &Option<String>| f.clone().unwrap_or_default();
+        let key = format!(
+            "{}/{}/{}|{reason}|{note}",
+            field(&regarding.kind),
+            field(&regarding.namespace),
+            field(&regarding.name)
+        );
         if self.sent.contains_key(&key) {
             return false;
         }
@@ -227,23 +239,20 @@ mod tests {
 
     #[test]
     fn the_same_event_goes_out_once_per_dedupe_window() {
+        let node = |name: &str| k8s_openapi::api::core::v1::ObjectReference {
+            kind: Some("Node".into()),
+            name: Some(name.into()),
+            ..Default::default()
+        };
+        let (n, m) = (node("n"), node("m"));
         let mut gate = EventGate::new(std::time::Duration::from_secs(60));
         let t0 = std::time::Instant::now();
-        assert!(gate.admit("Node//n", Reason::AgentGone, "x", t0));
-        assert!(!gate.admit(
-            "Node//n",
-            Reason::AgentGone,
-            "x",
-            t0 + std::time::Duration::from_secs(59)
-        ));
-        assert!(gate.admit("Node//n", Reason::AgentGone, "y", t0));
-        assert!(gate.admit("Node//m", Reason::AgentGone, "x", t0));
-        assert!(gate.admit(
-            "Node//n",
-            Reason::AgentGone,
-            "x",
-            t0 + std::time::Duration::from_secs(61)
-        ));
+        let later = |s| t0 + std::time::Duration::from_secs(s);
+        assert!(gate.admit(&n, Reason::AgentGone, "x", t0));
+        assert!(!gate.admit(&n, Reason::AgentGone, "x", later(59)));
+        assert!(gate.admit(&n, Reason::AgentGone, "y", t0));
+        assert!(gate.admit(&m, Reason::AgentGone, "x", t0));
+        assert!(gate.admit(&n, Reason::AgentGone, "x", later(61)));
     }
 
     use super::*;

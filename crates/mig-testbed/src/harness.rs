@@ -319,6 +319,19 @@ pub async fn controller_with_clock(
         .unwrap()
 }
 
+/// Write `grant` on `node`, as the controller would.
+pub async fn write_grant(env: &Env, node: &str, grant: &Grant) {
+    let text = serde_json::to_string(grant).unwrap();
+    Api::<Node>::all(env.client.clone())
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {GRANT_ANNOTATION: text}}})),
+        )
+        .await
+        .unwrap();
+}
+
 /// A pod in `default` asking for `count` instances of `profile` (`3g.40gb`).
 pub fn mig_pod(name: &str, profile: &str, count: &str) -> Pod {
     serde_json::from_value(json!({

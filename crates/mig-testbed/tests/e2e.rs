@@ -589,15 +589,7 @@ async fn the_sweep_removes_stale_taints_and_withdraws_grants_no_agent_started() 
         granted_by: "gone-replica".into(),
         ..Default::default()
     };
-    api.patch(
-        "gpu-node-1",
-        &PatchParams::default(),
-        &Patch::Merge(
-            json!({"metadata": {"annotations": {GRANT_ANNOTATION: serde_json::to_string(&old).unwrap()}}}),
-        ),
-    )
-    .await
-    .unwrap();
+    write_grant(&env, "gpu-node-1", &old).await;
     let mut s = fast_settings(Mode::Auto);
     s.budgets.grant_timeout = mig_controller::settings::Dur::secs(60);
     let c = controller(&env, s, "replica-a").await;
@@ -645,15 +637,7 @@ async fn the_controller_withdraws_a_grant_when_its_clock_passes_the_grant_timeou
         granted_by: "replica-a".into(),
         ..Default::default()
     };
-    api.patch(
-        "gpu-node-0",
-        &PatchParams::default(),
-        &Patch::Merge(
-            json!({"metadata": {"annotations": {GRANT_ANNOTATION: serde_json::to_string(&grant).unwrap()}}}),
-        ),
-    )
-    .await
-    .unwrap();
+    write_grant(&env, "gpu-node-0", &grant).await;
     let mut s = fast_settings(Mode::Auto);
     s.budgets.grant_timeout = mig_controller::settings::Dur::secs(600);
     s.batching.resync = mig_controller::settings::Dur::secs(60);

@@ -183,19 +183,6 @@ fn hand_grant(id: &str, evictions: &[&str]) -> Grant {
     }
 }
 
-/// Write `grant` on `node`.
-async fn write_grant(env: &Env, node: &str, grant: &Grant) {
-    let text = serde_json::to_string(grant).unwrap();
-    Api::<Node>::all(env.client.clone())
-        .patch(
-            node,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {GRANT_ANNOTATION: text}}})),
-        )
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s2_a_pdb_allowing_no_disruption_is_never_overridden() {
     // One GPU as two 3g; one holds a protected pod. A 7g pod could run only if it were evicted.
