@@ -1,0 +1,140 @@
+//! What the loop sees: the watch caches, the grants read back from the API server on becoming
+//! leader, and the ledger's overlay of grants the caches do not show yet (for the budgets).
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
+use mig_protocol::{Flight, GRANT_ANNOTATION, Grant, NodeState, STATE_ANNOTATION};
+use tokio::sync::Notify;
+
+use super::ControlLoop;
+use crate::budget::{self, NodeFacts};
+use crate::observe::{ClusterView, observe};
+
+pub(super) struct Caches {
+    pub(super) nodes: Store<Node>,
+    pub(super) pods: Store<Pod>,
+    pub(super) pdbs: Store<PodDisruptionBudget>,
+    pub(super) config_maps: Store<ConfigMap>,
+}
+
+pub(super) fn spawn_reflector<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    notify: Arc<Notify>,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let task = tokio::spawn(async move {
+        stream
+            .for_each(|event| {
+                if let Err(e) = &event {
+                    tracing::warn!(error = %e, "watch error; retrying with backoff");
+                }
+                notify.notify_one();
+                futures::future::ready(())
+            })
+            .await;
+    });
+    (reader, task)
+}
+
+/// One of our JSON annotations on `node`, if there and readable (the observation reports the
+/// unreadable ones).
+pub(super) fn annotation<T: serde::de::DeserializeOwned>(node: &Node, key: &'static str) -> Option<T> {
+    mig_protocol::parse_annotation(Some(node.annotations()), key, "")
+        .ok()
+        .flatten()
+}
+
+impl ControlLoop {
+    pub(super) fn observe_now(&self) -> ClusterView {
+        let s = &self.shared.settings;
+        observe(
+            &self.caches.nodes.state(),
+            &self.caches.pods.state(),
+            &self.caches.pdbs.state(),
+            &s.planner,
+            &s.budgets,
+            s.demand_window.0,
+            self.now(),
+        )
+    }
+
+    /// On becoming leader: the grants in flight on the Nodes as the API server has them now (a
+    /// list is a consistent read; the watch cache may lag it), into the ledger. `false` if the read
+    /// failed (tried again next round; nothing is granted meanwhile).
+    pub(super) async fn read_back_grants(&mut self) -> bool {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let list = match nodes.list(&Default::default()).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the Nodes' grants on becoming leader; retrying next round");
+                return false;
+            }
+        };
+        let now = self.now();
+        for n in list.items {
+            let Some(g) = annotation::<Grant>(&n, GRANT_ANNOTATION) else {
+                continue;
+            };
+            let state = annotation::<NodeState>(&n, STATE_ANNOTATION);
+            if matches!(
+                mig_protocol::flight(Some(&g), state.as_ref()),
+                Flight::Idle { .. }
+            ) {
+                continue;
+            }
+            self.state.ledger.record(
+                &n.name_any(),
+                budget::Written {
+                    grant_id: g.id.clone(),
+                    at: now,
+                    evictions: g.recent_evictions.iter().filter_map(|t| t.parse().ok()).collect(),
+                },
+            );
+        }
+        true
+    }
+
+    /// What the budgets see: the cache's nodes, plus the ledger's grants the cache does not show.
+    pub(super) fn budget_facts(&mut self, obs: &ClusterView) -> Vec<NodeFacts> {
+        let mut facts = obs.facts();
+        let keep = jiff::SignedDuration::try_from(self.shared.settings.budgets.grant_timeout.0)
+            .unwrap_or(jiff::SignedDuration::MAX);
+        self.state.ledger.overlay(&mut facts, self.now(), keep, |node| {
+            obs.nodes
+                .get(node)
+                .map(|v| {
+                    v.grant
+                        .iter()
+                        .map(|g| g.id.clone())
+                        .chain(v.state.iter().map(|s| s.grant_id.clone()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        for f in &mut facts {
+            if self.state.sweep.agents_gone.contains(&f.name) && matches!(f.flight, Flight::InFlight { .. }) {
+                f.flight = Flight::Stuck;
+            }
+            let seen = obs.nodes.get(&f.name).and_then(|v| {
+                let (grant, at) = self.state.ended_seen.get(&f.name)?;
+                (v.state.as_ref()?.grant_id == *grant).then_some(*at)
+            });
+            if let (Flight::Idle { finished_at: Some(t) }, Some(seen)) = (&mut f.flight, seen) {
+                *t = (*t).max(seen);
+            }
+        }
+        facts
+    }
+}
