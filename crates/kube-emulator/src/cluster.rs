@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mig_catalog::migparted::MigPartedConfig;
-use mig_catalog::{Catalog, GpuModel, Instance, Layout};
+use mig_catalog::{Catalog, GpuModel, Instance, Layout, NamedInstance};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -274,38 +274,30 @@ pub enum ChangeError {
         profile: String,
     },
     /// No instance at that placement.
-    #[error("GPU {gpu} has no instance {profile}@{start}")]
+    #[error("GPU {gpu} has no instance {instance}")]
     NoInstance {
         /// GPU index.
         gpu: u32,
-        /// The profile.
-        profile: String,
-        /// Placement start.
-        start: u8,
+        /// The instance asked for.
+        instance: NamedInstance,
     },
     /// The instance is in use by a pod.
-    #[error("GPU {gpu} instance {profile}@{start} is in use by {pod}")]
+    #[error("GPU {gpu} instance {instance} is in use by {pod}")]
     InUse {
         /// GPU index.
         gpu: u32,
-        /// The profile.
-        profile: String,
-        /// Placement start.
-        start: u8,
+        /// The instance.
+        instance: NamedInstance,
         /// The pod.
         pod: String,
     },
     /// The placement is taken or not valid.
-    #[error(
-        "GPU {gpu}: cannot create {profile}@{start} on {layout} (insufficient resources at that placement)"
-    )]
+    #[error("GPU {gpu}: cannot create {instance} on {layout} (insufficient resources at that placement)")]
     NoRoom {
         /// GPU index.
         gpu: u32,
-        /// The profile.
-        profile: String,
-        /// Placement start.
-        start: u8,
+        /// The instance asked for.
+        instance: NamedInstance,
         /// The GPU's layout.
         layout: String,
     },
@@ -462,8 +454,8 @@ impl Cluster {
         }
     }
 
-    /// Destroy, then create, GPU instances on one GPU as NVML would (the nvml backend): `(profile,
-    /// start)` pairs at explicit placements. Fails, possibly after a part is done (as NVML calls one
+    /// Destroy, then create, GPU instances on one GPU as NVML would (the nvml backend), at explicit
+    /// placements. Fails, possibly after a part is done (as NVML calls one
     /// by one do), on an instance that is not there or in use, a placement that overlaps or is not
     /// valid, or an injected failure ([`Cluster::fail_next_applies`]: the destroys are done, the
     /// creates fail).
@@ -471,8 +463,8 @@ impl Cluster {
         &self,
         node: &str,
         gpu: u32,
-        destroy: &[(String, u8)],
-        create: &[(String, u8)],
+        destroy: &[NamedInstance],
+        create: &[NamedInstance],
     ) -> Result<(), ChangeError> {
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         let n = nodes
@@ -487,13 +479,12 @@ impl Cluster {
                 gpu,
             })?;
         let model = g.model;
-        let instance = |(p, start): &(String, u8)| {
+        let instance = |named: &NamedInstance| {
             model
-                .profile_by_name(p)
-                .map(|idx| Instance::new(idx, *start))
+                .resolve_instance(named)
                 .ok_or_else(|| ChangeError::NoProfile {
                     model: model.key.clone(),
-                    profile: p.clone(),
+                    profile: named.profile.clone(),
                 })
         };
         for d in destroy {
@@ -501,15 +492,13 @@ impl Cluster {
             if !g.layout.contains(&i) {
                 return Err(ChangeError::NoInstance {
                     gpu,
-                    profile: d.0.clone(),
-                    start: d.1,
+                    instance: d.clone(),
                 });
             }
             if let Some(pod) = g.used.get(&i) {
                 return Err(ChangeError::InUse {
                     gpu,
-                    profile: d.0.clone(),
-                    start: d.1,
+                    instance: d.clone(),
                     pod: pod.clone(),
                 });
             }
@@ -524,8 +513,7 @@ impl Cluster {
             if !model.can_add(&g.layout, &i) {
                 return Err(ChangeError::NoRoom {
                     gpu,
-                    profile: c.0.clone(),
-                    start: c.1,
+                    instance: c.clone(),
                     layout: model.format_layout(&g.layout),
                 });
             }

@@ -26,7 +26,7 @@
 use std::collections::BTreeMap;
 
 use jiff::{SignedDuration, Timestamp};
-use mig_catalog::{Catalog, GpuModel, Instance, Layout};
+use mig_catalog::{Catalog, GpuModel, Instance, Layout, NamedInstance};
 use mig_planner::snapshot::{Backend, Gpu, GpuInstance};
 use mig_protocol::{DEVICE_PLUGIN_PAUSED, Grant, MalformedAnnotation, NodeState, Phase, Reason};
 
@@ -140,93 +140,204 @@ pub enum Effect {
 }
 
 /// What the nvml backend changes on one GPU to reach a layout: instances to destroy (there, not in
-/// the layout) and to create (in the layout, not there), as `(profile, start)` in the catalog's
-/// names. Instances in both are not touched.
+/// the layout) and to create (in the layout, not there), by the catalog's names. Instances in both
+/// are not touched.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InstanceChange {
     /// GPU index.
     pub gpu: u32,
     /// Destroy these first.
-    pub destroy: Vec<(String, u8)>,
+    pub destroy: Vec<NamedInstance>,
     /// Then create these, at exactly these placements.
-    pub create: Vec<(String, u8)>,
+    pub create: Vec<NamedInstance>,
+}
+
+/// A reported GPU as the catalog reads it: its model and layout.
+#[derive(Clone, Debug)]
+struct Resolved {
+    model: &'static GpuModel,
+    layout: Layout,
 }
 
 /// A reported GPU's model and layout (its profile names resolved by the catalog).
-fn reported_layout(gpu: &Gpu) -> Result<(&'static GpuModel, Layout), LayoutError> {
+fn resolve(gpu: &Gpu) -> Result<Resolved, LayoutError> {
     let model = Catalog::embedded().lookup(&gpu.product)?;
     let instances = gpu
         .instances
         .iter()
         .map(|i| {
             model
-                .profile_by_name(&i.profile)
-                .map(|p| Instance::new(p, i.start))
+                .resolve_instance(&i.named())
                 .ok_or_else(|| LayoutError::UnknownProfile {
                     gpu: gpu.index,
                     profile: i.profile.clone(),
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((model, Layout::new(instances)))
-}
-
-/// The canonical layout text of a reported GPU (`empty` when it has no instances).
-pub fn layout_text(gpu: &Gpu) -> Result<String, LayoutError> {
-    let (model, layout) = reported_layout(gpu)?;
-    Ok(model.format_layout(&layout))
-}
-
-/// What must change on `gpu` to reach the (valid) layout `target`.
-fn gpu_change(gpu: &Gpu, target: &str) -> Result<InstanceChange, LayoutError> {
-    let index = gpu.index;
-    let (model, have) = reported_layout(gpu)?;
-    let want = target_layout(model, index, target)?;
-    let named = |i: &Instance| (model.profile_name(i.profile), i.start);
-    Ok(InstanceChange {
-        gpu: index,
-        destroy: have.difference(&want).map(named).collect(),
-        create: want.difference(&have).map(named).collect(),
+    Ok(Resolved {
+        model,
+        layout: Layout::new(instances),
     })
 }
 
-/// What must change on each GPU of `targets` (GPU index → layout) to reach it; GPUs already there
-/// are left out, so an empty answer means every GPU is at its target, placements included.
-pub fn instance_changes(
-    targets: &BTreeMap<u32, String>,
-    gpus: &[Gpu],
-) -> Result<Vec<InstanceChange>, LayoutError> {
-    let mut out = Vec::new();
-    for (index, target) in targets {
-        let gpu = known_gpu(*index, gpus)?;
-        let change = gpu_change(gpu, target)?;
-        if !change.destroy.is_empty() || !change.create.is_empty() {
-            out.push(change);
+/// The node's GPUs as one step reads them: each reported GPU resolved by the catalog once.
+struct Reading<'a> {
+    gpus: Vec<(&'a Gpu, Result<Resolved, LayoutError>)>,
+}
+
+impl<'a> Reading<'a> {
+    fn new(gpus: &'a [Gpu]) -> Self {
+        Reading {
+            gpus: gpus.iter().map(|g| (g, resolve(g))).collect(),
         }
     }
-    Ok(out)
+
+    /// GPU `index` to act on: reported, its instances read, its model and profiles known.
+    fn gpu(&self, index: u32) -> Result<(&'a Gpu, &Resolved), LayoutError> {
+        let (gpu, resolved) = self
+            .gpus
+            .iter()
+            .find(|(g, _)| g.index == index)
+            .ok_or(LayoutError::NotReported { gpu: index })?;
+        if let Some(why) = &gpu.unknown {
+            return Err(LayoutError::Unknown {
+                gpu: index,
+                why: why.clone(),
+            });
+        }
+        resolved.as_ref().map(|r| (*gpu, r)).map_err(Clone::clone)
+    }
+
+    /// The first of `indices` that is not reported or whose instances could not be read, with
+    /// why. Unknown is never empty: no step acts on such a GPU.
+    fn unreadable<'i>(&self, indices: impl IntoIterator<Item = &'i u32>) -> Option<LayoutError> {
+        indices.into_iter().find_map(|index| match self.gpu(*index) {
+            Err(e @ (LayoutError::NotReported { .. } | LayoutError::Unknown { .. })) => Some(e),
+            _ => None,
+        })
+    }
+
+    /// Each GPU of `layouts` (GPU index → layout text: a grant's targets, or the layouts a
+    /// sequence began with) with the layout to reach, parsed and validated here, once.
+    fn toward(&self, layouts: &BTreeMap<u32, String>) -> Goals<'a> {
+        Goals(
+            layouts
+                .iter()
+                .map(|(index, text)| {
+                    let goal = self.gpu(*index).and_then(|(gpu, r)| {
+                        Ok(Goal {
+                            gpu,
+                            model: r.model,
+                            have: r.layout.clone(),
+                            want: target_layout(r.model, *index, text)?,
+                            text: text.clone(),
+                        })
+                    });
+                    (*index, goal)
+                })
+                .collect(),
+        )
+    }
+
+    /// What the device plugin should advertise for these GPUs: instances per resource name.
+    fn expected_advertising(&self) -> Result<BTreeMap<String, u64>, LayoutError> {
+        let mut out: BTreeMap<String, u64> = BTreeMap::new();
+        for (_, resolved) in &self.gpus {
+            let Resolved { model, layout } = resolved.as_ref().map_err(Clone::clone)?;
+            for p in &model.profiles {
+                out.entry(p.resource_name()).or_default();
+            }
+            for p in layout.instances().iter().filter_map(|i| model.profile(i.profile)) {
+                *out.entry(p.resource_name()).or_default() += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the device plugin advertises exactly the instances the GPUs have.
+    fn advertising_matches(&self, advertised: &BTreeMap<String, u64>) -> Result<(), LayoutError> {
+        for (resource, n) in &self.expected_advertising()? {
+            let have = advertised.get(resource).copied().unwrap_or(0);
+            if have != *n {
+                return Err(LayoutError::Advertising {
+                    resource: resource.clone(),
+                    have,
+                    want: *n,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
-/// The first of `indices` whose instances the source could not read (or that is not reported),
-/// with why. Unknown is never empty: no step acts on such a GPU.
-fn unknown_gpu<'a>(indices: impl IntoIterator<Item = &'a u32>, gpus: &[Gpu]) -> Option<LayoutError> {
-    indices
-        .into_iter()
-        .find_map(|index| known_gpu(*index, gpus).err())
+/// One GPU and the layout it is to reach.
+#[derive(Clone, Debug)]
+struct Goal<'a> {
+    gpu: &'a Gpu,
+    model: &'static GpuModel,
+    /// What it has now.
+    have: Layout,
+    /// What it is to have.
+    want: Layout,
+    /// `want` as written in the grant or the node's state.
+    text: String,
 }
 
-/// GPU `index` as reported, if its instances could be read.
-fn known_gpu(index: u32, gpus: &[Gpu]) -> Result<&Gpu, LayoutError> {
-    let gpu = gpus
-        .iter()
-        .find(|g| g.index == index)
-        .ok_or(LayoutError::NotReported { gpu: index })?;
-    match &gpu.unknown {
-        Some(why) => Err(LayoutError::Unknown {
-            gpu: index,
-            why: why.clone(),
-        }),
-        None => Ok(gpu),
+impl Goal<'_> {
+    /// What the nvml backend changes to reach the goal.
+    fn change(&self) -> InstanceChange {
+        let named = |i: &Instance| self.model.name_instance(i);
+        InstanceChange {
+            gpu: self.gpu.index,
+            destroy: self.have.difference(&self.want).map(named).collect(),
+            create: self.want.difference(&self.have).map(named).collect(),
+        }
+    }
+
+    /// Whether reaching the goal destroys the reported instance `i` (the nvml backend keeps the
+    /// instances the goal keeps).
+    fn drops(&self, i: &GpuInstance) -> bool {
+        self.model
+            .resolve_instance(&i.named())
+            .is_some_and(|x| !self.want.contains(&x))
+    }
+
+    /// Whether the GPU has the goal's instances per profile (mig-manager cannot choose
+    /// placements: mig-parted does).
+    fn same_counts(&self) -> bool {
+        self.model.counts(&self.have) == self.model.counts(&self.want)
+    }
+}
+
+/// Layouts to reach, by GPU index, each resolved against its GPU as reported (or why it cannot be).
+struct Goals<'a>(BTreeMap<u32, Result<Goal<'a>, LayoutError>>);
+
+impl Goals<'_> {
+    /// What must change on each GPU to reach its goal; GPUs already there are left out, so an
+    /// empty answer means every GPU is at its goal, placements included. The first GPU that cannot
+    /// be resolved is the error.
+    fn changes(&self) -> Result<Vec<InstanceChange>, LayoutError> {
+        let mut out = Vec::new();
+        for goal in self.0.values() {
+            let change = goal.as_ref().map_err(Clone::clone)?.change();
+            if !change.destroy.is_empty() || !change.create.is_empty() {
+                out.push(change);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether every GPU is at its goal, placements included.
+    fn reached(&self) -> bool {
+        self.changes().is_ok_and(|c| c.is_empty())
+    }
+
+    /// The goal's text for GPU `index`.
+    fn text(&self, index: u32) -> String {
+        match self.0.get(&index) {
+            Some(Ok(goal)) => goal.text.clone(),
+            _ => String::new(),
+        }
     }
 }
 
@@ -249,16 +360,12 @@ fn target_layout(model: &GpuModel, index: u32, target: &str) -> Result<Layout, L
 fn destroys_in_use(changes: &[InstanceChange], gpus: &[Gpu]) -> Option<String> {
     changes.iter().find_map(|c| {
         let gpu = gpus.iter().find(|g| g.index == c.gpu)?;
-        c.destroy.iter().find_map(|(profile, start)| {
+        c.destroy.iter().find_map(|d| {
             let i = gpu
                 .instances
                 .iter()
-                .find(|i| i.start == *start && !i.pods.is_empty())?;
-            Some(format!(
-                "{profile}@{start} on GPU {} is in use by {}",
-                c.gpu,
-                i.pods.join(", ")
-            ))
+                .find(|i| i.start == d.start && !i.pods.is_empty())?;
+            Some(format!("{d} on GPU {} is in use by {}", c.gpu, i.pods.join(", ")))
         })
     })
 }
@@ -283,25 +390,21 @@ fn refused(grant: &Grant, o: &Observation, policy: &SequencePolicy) -> Option<St
     }
 }
 
-/// The reported instances a grant destroys: with mig-manager every instance of a GPU that changes
-/// (mig-parted rebuilds it whole); with nvml only those its target drops (all of them where the
-/// target cannot be read).
-fn doomed<'a>(grant: &Grant, gpus: &'a [Gpu], backend: Backend) -> Vec<(u32, &'a GpuInstance)> {
+/// The reported instances reaching `targets` destroys: with mig-manager every instance of a GPU
+/// that changes (mig-parted rebuilds it whole); with nvml only those its target drops (all of
+/// them where the target cannot be resolved).
+fn doomed<'g>(gpus: &'g [Gpu], targets: &Goals<'_>, backend: Backend) -> Vec<(u32, &'g GpuInstance)> {
     let mut out = Vec::new();
     for gpu in gpus {
-        let Some(target) = grant.targets.get(&gpu.index) else {
+        let Some(goal) = targets.0.get(&gpu.index) else {
             continue;
         };
-        let dropped: Option<Vec<(String, u8)>> = match backend {
+        let goal = match backend {
             Backend::MigManager => None,
-            Backend::Nvml => gpu_change(gpu, target).ok().map(|c| c.destroy),
+            Backend::Nvml => goal.as_ref().ok(),
         };
-        let model = Catalog::embedded().lookup(&gpu.product).ok();
         for i in &gpu.instances {
-            let name = model
-                .and_then(|m| m.profile_by_name(&i.profile).map(|p| m.profile_name(p)))
-                .unwrap_or_else(|| i.profile.clone());
-            if dropped.as_ref().is_none_or(|d| d.contains(&(name, i.start))) {
+            if goal.is_none_or(|g| g.drops(i)) {
                 out.push((gpu.index, i));
             }
         }
@@ -309,58 +412,37 @@ fn doomed<'a>(grant: &Grant, gpus: &'a [Gpu], backend: Backend) -> Vec<(u32, &'a
     out
 }
 
-/// Whether the grant's GPUs are still as they were when the sequence began.
-fn untouched(state: &NodeState, gpus: &[Gpu]) -> bool {
-    instance_changes(&state.previous_layouts, gpus).is_ok_and(|c| c.is_empty())
-}
-
-/// What the device plugin should advertise for these GPUs: instances per resource name.
-fn expected_advertising(gpus: &[Gpu]) -> Result<BTreeMap<String, u64>, LayoutError> {
-    let mut out: BTreeMap<String, u64> = BTreeMap::new();
-    for g in gpus {
-        let (model, layout) = reported_layout(g)?;
-        for p in &model.profiles {
-            out.entry(p.resource_name()).or_default();
-        }
-        for p in layout.instances().iter().filter_map(|i| model.profile(i.profile)) {
-            *out.entry(p.resource_name()).or_default() += 1;
-        }
-    }
-    Ok(out)
-}
-
-/// nvml backend: the grant's GPUs at their exact target placements, and the device plugin
-/// advertising what the GPUs have.
-pub fn verify_exact(
-    grant: &Grant,
-    gpus: &[Gpu],
-    advertised: &BTreeMap<String, u64>,
-) -> Result<(), LayoutError> {
-    if let Some(c) = instance_changes(&grant.targets, gpus)?.first() {
-        return Err(LayoutError::Differs {
-            gpu: c.gpu,
-            target: grant.targets.get(&c.gpu).cloned().unwrap_or_default(),
-            destroy: c.destroy.len(),
-            create: c.create.len(),
-        });
-    }
-    advertising_matches(gpus, advertised)
-}
-
-/// Whether the device plugin advertises exactly the instances the GPUs have.
-fn advertising_matches(gpus: &[Gpu], advertised: &BTreeMap<String, u64>) -> Result<(), LayoutError> {
-    let want = expected_advertising(gpus)?;
-    for (resource, n) in &want {
-        let have = advertised.get(resource).copied().unwrap_or(0);
-        if have != *n {
-            return Err(LayoutError::Advertising {
-                resource: resource.clone(),
-                have,
-                want: *n,
+/// mig-manager backend: whether the GPUs have their targets' instances per profile.
+fn verify(targets: &Goals<'_>) -> Result<(), LayoutError> {
+    for goal in targets.0.values() {
+        let goal = goal.as_ref().map_err(Clone::clone)?;
+        if !goal.same_counts() {
+            return Err(LayoutError::Counts {
+                gpu: goal.gpu.index,
+                actual: goal.model.format_layout(&goal.have),
+                target: goal.text.clone(),
             });
         }
     }
     Ok(())
+}
+
+/// nvml backend: the GPUs at their exact target placements, and the device plugin advertising
+/// what the GPUs have.
+fn verify_exact(
+    targets: &Goals<'_>,
+    reading: &Reading<'_>,
+    advertised: &BTreeMap<String, u64>,
+) -> Result<(), LayoutError> {
+    if let Some(c) = targets.changes()?.first() {
+        return Err(LayoutError::Differs {
+            gpu: c.gpu,
+            target: targets.text(c.gpu),
+            destroy: c.destroy.len(),
+            create: c.create.len(),
+        });
+    }
+    reading.advertising_matches(advertised)
 }
 
 fn plugin_paused(o: &Observation) -> bool {
@@ -407,43 +489,6 @@ fn enter(now: Timestamp, from: &NodeState, phase: Phase, message: impl Into<Stri
     }
 }
 
-/// Whether the reported GPUs match the grant's targets (same instances per profile on each GPU; the
-/// mig-manager backend cannot choose placements, mig-parted does).
-pub fn verify(grant: &Grant, gpus: &[Gpu]) -> Result<(), LayoutError> {
-    let catalog = Catalog::embedded();
-    for (index, target) in &grant.targets {
-        let gpu = gpus
-            .iter()
-            .find(|g| g.index == *index)
-            .ok_or(LayoutError::NotReported { gpu: *index })?;
-        let model = catalog.lookup(&gpu.product)?;
-        let want = target_layout(model, *index, target)?;
-        let mut have: BTreeMap<&str, usize> = BTreeMap::new();
-        for i in &gpu.instances {
-            *have.entry(i.profile.as_str()).or_default() += 1;
-        }
-        let mut wanted: BTreeMap<&str, usize> = BTreeMap::new();
-        for i in want.instances() {
-            if let Some(p) = model.profile(i.profile) {
-                *wanted.entry(p.name.as_str()).or_default() += 1;
-            }
-        }
-        if have != wanted {
-            let actual: Vec<String> = gpu
-                .instances
-                .iter()
-                .map(|i| format!("{}@{}", i.profile, i.start))
-                .collect();
-            return Err(LayoutError::Counts {
-                gpu: *index,
-                actual: actual.join(","),
-                target: target.clone(),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// `GPU 0 → 1g.10gb@0,…; GPU 1 → …`.
 fn describe(layouts: &BTreeMap<u32, String>) -> String {
     layouts
@@ -451,163 +496,6 @@ fn describe(layouts: &BTreeMap<u32, String>) -> String {
         .map(|(i, l)| format!("GPU {i} → {l}"))
         .collect::<Vec<_>>()
         .join("; ")
-}
-
-fn timed_out(state: &NodeState, now: Timestamp, limit: SignedDuration) -> bool {
-    state
-        .since
-        .parse::<Timestamp>()
-        .is_ok_and(|since| now.duration_since(since) > limit)
-}
-
-/// The failure transition from `state` (the phase that failed) under `policy`.
-fn fail(o: &Observation, state: &NodeState, policy: &SequencePolicy, why: impl std::fmt::Display) -> Step {
-    let why = why.to_string();
-    let changed_gpus = match state.phase {
-        Phase::AwaitingMigManager | Phase::Verifying | Phase::Untainting => true,
-        // The nvml backend may have destroyed or created some instances already.
-        Phase::Applying => !untouched(state, &o.gpus),
-        _ => false,
-    };
-    let warn = |reason, note: String| Effect::Event { reason, note };
-    match policy.on_failure {
-        FailurePolicy::StayTainted => Step {
-            effects: vec![warn(
-                Reason::ReconfigurationFailed,
-                format!(
-                    "grant {}: {why}; the node stays tainted for a person to look at (failure policy stay-tainted)",
-                    state.grant_id
-                ),
-            )],
-            next: Some(enter(o.now, state, Phase::Failed, why)),
-        },
-        FailurePolicy::Rollback if !changed_gpus => Step {
-            // Nothing was relabeled: the GPUs are as they were. Untaint and finish.
-            effects: vec![
-                Effect::Untaint,
-                warn(
-                    Reason::ReconfigurationRolledBack,
-                    format!(
-                        "grant {}: {why}; nothing was changed, the node is untainted",
-                        state.grant_id
-                    ),
-                ),
-            ],
-            next: Some(enter(o.now, state, Phase::RolledBack, why)),
-        },
-        FailurePolicy::Rollback if policy.backend == Backend::Nvml && !state.previous_layouts.is_empty() => {
-            Step {
-                effects: vec![warn(
-                    Reason::ReconfigurationRollingBack,
-                    format!(
-                        "grant {}: {why}; returning the GPUs to {}",
-                        state.grant_id,
-                        describe(&state.previous_layouts)
-                    ),
-                )],
-                next: Some(enter(o.now, state, Phase::RollingBack, why)),
-            }
-        }
-        FailurePolicy::Rollback => match &state.previous_config {
-            Some(prev) if policy.backend == Backend::MigManager => Step {
-                effects: vec![
-                    warn(
-                        Reason::ReconfigurationRollingBack,
-                        format!("grant {}: {why}; returning to config {prev}", state.grant_id),
-                    ),
-                    Effect::Relabel(prev.clone()),
-                ],
-                next: Some(enter(o.now, state, Phase::RollingBack, why)),
-            },
-            _ => Step {
-                effects: vec![warn(
-                    Reason::ReconfigurationFailed,
-                    format!(
-                        "grant {}: {why}; there is no previous config to roll back to, so the node stays tainted",
-                        state.grant_id
-                    ),
-                )],
-                next: Some(enter(o.now, state, Phase::Failed, why)),
-            },
-        },
-    }
-}
-
-/// Pods the source reports on GPUs this grant rebuilds, other than the grant's evictions: pods bound
-/// after the plan was made, in the moment before our taint (or tolerating it). mig-parted rebuilds a
-/// changed GPU whole, so relabeling over them fails (or would kill them): the plan is stale. A pod
-/// still running ends the sequence as `Superseded` before anything changes, whatever the failure
-/// policy (it is no failure; the next plan counts the pod, with no cooldown); a pod already
-/// leaving (terminating, or no longer bound while the report lags) is waited for, up to `limit`.
-/// `None`: nothing in the way.
-///
-/// With the nvml backend only instances the target drops count (a pod on an instance the target
-/// keeps is no obstacle), and once some instance has changed a running pod is waited for (up to
-/// `limit`, then the failure policy) instead: `Superseded` is only for sequences that changed nothing.
-fn unplanned_pods(
-    o: &Observation,
-    grant: &Grant,
-    current: &NodeState,
-    policy: &SequencePolicy,
-    limit: SignedDuration,
-) -> Option<Step> {
-    let mut leaving = Vec::new();
-    let may_supersede = policy.backend == Backend::MigManager || untouched(current, &o.gpus);
-    for (gpu, instance) in doomed(grant, &o.gpus, policy.backend) {
-        for key in &instance.pods {
-            if grant.evictions.contains(key) {
-                continue;
-            }
-            match o.pods.iter().find(|p| &p.key == key) {
-                Some(p) if !p.terminating && may_supersede => {
-                    let why = format!(
-                        "pod {key} started on GPU {gpu} after the plan was made (it is not among the grant's evictions); nothing was changed, the next plan counts it"
-                    );
-                    return Some(Step {
-                        effects: vec![
-                            Effect::Untaint,
-                            Effect::Event {
-                                reason: Reason::ReconfigurationSuperseded,
-                                note: format!("grant {}: {why}", current.grant_id),
-                            },
-                        ],
-                        next: Some(enter(o.now, current, Phase::Superseded, why)),
-                    });
-                }
-                _ => leaving.push(key.as_str()),
-            }
-        }
-    }
-    if leaving.is_empty() {
-        None
-    } else if timed_out(current, o.now, limit) {
-        Some(fail(
-            o,
-            current,
-            policy,
-            format!("{} still on the instances to change", leaving.join(", ")),
-        ))
-    } else {
-        Some(Step::nothing())
-    }
-}
-
-/// A rollback that reached the GPUs' previous layouts: untaint, announce, `RolledBack`.
-fn rolled_back(o: &Observation, current: &NodeState) -> Step {
-    let why = current.message.clone().unwrap_or_else(|| "rolled back".into());
-    Step {
-        effects: vec![
-            Effect::Untaint,
-            Effect::Event {
-                reason: Reason::ReconfigurationRolledBack,
-                note: format!(
-                    "grant {}: {why}; the GPUs are back as they were, the node is untainted",
-                    current.grant_id
-                ),
-            },
-        ],
-        next: Some(enter(o.now, current, Phase::RolledBack, why)),
-    }
 }
 
 /// One step of the node sequence.
@@ -618,11 +506,13 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
         return Step::nothing();
     };
     let (grant, state) = (grant.as_ref(), state.as_ref());
+    // The edge: the GPUs are read, and every layout text parsed, here and only here.
+    let reading = Reading::new(&o.gpus);
     let Some(grant) = grant else {
         return match state {
             // A sequence was running and its grant disappeared: treat it as a failure.
             Some(s) if !s.phase.is_terminal() => {
-                fail(o, s, policy, "the grant was removed while the sequence ran")
+                InFlight::new(o, policy, s, reading).fail("the grant was removed while the sequence ran")
             }
             // Our taint (or our pause of the device plugin) with nothing in flight: undo it.
             _ => Step::effect(
@@ -636,7 +526,13 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
     };
     let current = match state {
         Some(s) if s.grant_id == grant.id => s,
-        _ => return begin(o, grant, state, policy),
+        _ => return begin(o, grant, state, policy, &reading),
+    };
+    let targets = reading.toward(&grant.targets);
+    let s = Granted {
+        run: InFlight::new(o, policy, current, reading),
+        grant,
+        targets,
     };
     // A GPU to change that cannot be read now: nothing is done on the node until it can, and the
     // phase's timeout applies as ever (a rollback, too, acts only on GPUs it can read).
@@ -644,28 +540,28 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
         current.phase,
         Phase::Draining | Phase::Relabeling | Phase::Applying | Phase::AwaitingMigManager | Phase::Verifying
     );
-    if acting && let Some(why) = unknown_gpu(grant.targets.keys(), &o.gpus) {
+    if acting && let Some(why) = s.run.reading.unreadable(grant.targets.keys()) {
         let limit = match current.phase {
             Phase::Draining => policy.drain_timeout,
             Phase::AwaitingMigManager => policy.mig_manager_timeout,
             _ => policy.phase_timeout,
         };
-        return if timed_out(current, o.now, limit) {
-            fail(o, current, policy, why)
+        return if s.run.timed_out(limit) {
+            s.run.fail(why)
         } else {
             Step::nothing()
         };
     }
     match current.phase {
-        Phase::Tainting => tainting(o, current),
-        Phase::Draining => draining(o, grant, current, policy),
-        Phase::Relabeling => relabeling(o, grant, current, policy),
-        Phase::Applying => applying(o, grant, current, policy),
-        Phase::AwaitingMigManager => awaiting_mig_manager(o, grant, current, policy),
-        Phase::Verifying => verifying(o, grant, current, policy),
-        Phase::Untainting => untainting(o, current),
-        Phase::RollingBack if policy.backend == Backend::Nvml => rolling_back_nvml(o, current, policy),
-        Phase::RollingBack => rolling_back_mig_manager(o, current, policy),
+        Phase::Tainting => s.run.tainting(),
+        Phase::Draining => s.draining(),
+        Phase::Relabeling => s.relabeling(),
+        Phase::Applying => s.applying(),
+        Phase::AwaitingMigManager => s.awaiting_mig_manager(),
+        Phase::Verifying => s.verifying(),
+        Phase::Untainting => s.run.untainting(),
+        Phase::RollingBack if policy.backend == Backend::Nvml => s.run.rolling_back_nvml(),
+        Phase::RollingBack => s.run.rolling_back_mig_manager(),
         Phase::Done | Phase::RolledBack | Phase::Superseded => Step::effect(
             o.tainted
                 .then_some(Effect::Untaint)
@@ -680,14 +576,20 @@ pub fn step(o: &Observation, policy: &SequencePolicy) -> Step {
 
 /// A grant this node has not started: refused (not ours, or too old), ended at once (a GPU to change
 /// cannot be read), or begun (taint at once, remember what to return to).
-fn begin(o: &Observation, grant: &Grant, state: Option<&NodeState>, policy: &SequencePolicy) -> Step {
+fn begin(
+    o: &Observation,
+    grant: &Grant,
+    state: Option<&NodeState>,
+    policy: &SequencePolicy,
+    reading: &Reading<'_>,
+) -> Step {
     if let Some(why) = refused(grant, o, policy) {
         return Step::effect(vec![Effect::Event {
             reason: Reason::GrantRefused,
             note: format!("grant {}: not started: {why}", grant.id),
         }]);
     }
-    if let Some(why) = unknown_gpu(grant.targets.keys(), &o.gpus) {
+    if let Some(why) = reading.unreadable(grant.targets.keys()) {
         // Changed nothing: ends like a stale plan (no cooldown), the next plan sees it.
         let why = format!("{why}; nothing was changed");
         return Step {
@@ -730,11 +632,13 @@ fn begin(o: &Observation, grant: &Grant, state: Option<&NodeState>, policy: &Seq
             attempt: state.map_or(1, |s| if s.grant_id == grant.id { s.attempt + 1 } else { 1 }),
             message: None,
             previous_config: o.mig_config.clone(),
-            previous_layouts: o
-                .gpus
-                .iter()
-                .filter(|g| grant.targets.contains_key(&g.index))
-                .filter_map(|g| Some((g.index, layout_text(g).ok()?)))
+            previous_layouts: grant
+                .targets
+                .keys()
+                .filter_map(|i| {
+                    let (_, r) = reading.gpu(*i).ok()?;
+                    Some((*i, r.model.format_layout(&r.layout)))
+                })
                 .collect(),
             restarting_device_plugin: false,
             heartbeat: None,
@@ -742,313 +646,469 @@ fn begin(o: &Observation, grant: &Grant, state: Option<&NodeState>, policy: &Seq
     }
 }
 
-/// Our taint on, then on to draining.
-fn tainting(o: &Observation, current: &NodeState) -> Step {
-    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
-    if o.tainted {
-        Step {
-            effects: vec![],
-            next: next(Phase::Draining, "tainted"),
+/// A sequence in flight, as one step sees it: the observation, the policy, the node's state, the
+/// GPUs as read, and the layouts the sequence began with (where a rollback returns them).
+struct InFlight<'a> {
+    o: &'a Observation,
+    policy: &'a SequencePolicy,
+    current: &'a NodeState,
+    reading: Reading<'a>,
+    previous: Goals<'a>,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(
+        o: &'a Observation,
+        policy: &'a SequencePolicy,
+        current: &'a NodeState,
+        reading: Reading<'a>,
+    ) -> Self {
+        let previous = reading.toward(&current.previous_layouts);
+        InFlight {
+            o,
+            policy,
+            current,
+            reading,
+            previous,
         }
-    } else {
-        Step::effect(vec![Effect::Taint])
+    }
+
+    /// The state after entering `phase`, saying `message`.
+    fn next(&self, phase: Phase, message: impl Into<String>) -> Option<NodeState> {
+        Some(enter(self.o.now, self.current, phase, message))
+    }
+
+    /// Whether the current phase has lasted longer than `limit`.
+    fn timed_out(&self, limit: SignedDuration) -> bool {
+        self.current
+            .since
+            .parse::<Timestamp>()
+            .is_ok_and(|since| self.o.now.duration_since(since) > limit)
+    }
+
+    /// The failure transition from the current phase under the policy.
+    fn fail(&self, why: impl std::fmt::Display) -> Step {
+        let (state, policy) = (self.current, self.policy);
+        let why = why.to_string();
+        let changed_gpus = match state.phase {
+            Phase::AwaitingMigManager | Phase::Verifying | Phase::Untainting => true,
+            // The nvml backend may have destroyed or created some instances already.
+            Phase::Applying => !self.previous.reached(),
+            _ => false,
+        };
+        let warn = |reason, note: String| Effect::Event { reason, note };
+        match policy.on_failure {
+            FailurePolicy::StayTainted => Step {
+                effects: vec![warn(
+                    Reason::ReconfigurationFailed,
+                    format!(
+                        "grant {}: {why}; the node stays tainted for a person to look at (failure policy stay-tainted)",
+                        state.grant_id
+                    ),
+                )],
+                next: self.next(Phase::Failed, why),
+            },
+            FailurePolicy::Rollback if !changed_gpus => Step {
+                // Nothing was relabeled: the GPUs are as they were. Untaint and finish.
+                effects: vec![
+                    Effect::Untaint,
+                    warn(
+                        Reason::ReconfigurationRolledBack,
+                        format!(
+                            "grant {}: {why}; nothing was changed, the node is untainted",
+                            state.grant_id
+                        ),
+                    ),
+                ],
+                next: self.next(Phase::RolledBack, why),
+            },
+            FailurePolicy::Rollback
+                if policy.backend == Backend::Nvml && !state.previous_layouts.is_empty() =>
+            {
+                Step {
+                    effects: vec![warn(
+                        Reason::ReconfigurationRollingBack,
+                        format!(
+                            "grant {}: {why}; returning the GPUs to {}",
+                            state.grant_id,
+                            describe(&state.previous_layouts)
+                        ),
+                    )],
+                    next: self.next(Phase::RollingBack, why),
+                }
+            }
+            FailurePolicy::Rollback => match &state.previous_config {
+                Some(prev) if policy.backend == Backend::MigManager => Step {
+                    effects: vec![
+                        warn(
+                            Reason::ReconfigurationRollingBack,
+                            format!("grant {}: {why}; returning to config {prev}", state.grant_id),
+                        ),
+                        Effect::Relabel(prev.clone()),
+                    ],
+                    next: self.next(Phase::RollingBack, why),
+                },
+                _ => Step {
+                    effects: vec![warn(
+                        Reason::ReconfigurationFailed,
+                        format!(
+                            "grant {}: {why}; there is no previous config to roll back to, so the node stays tainted",
+                            state.grant_id
+                        ),
+                    )],
+                    next: self.next(Phase::Failed, why),
+                },
+            },
+        }
+    }
+
+    /// A rollback that reached the GPUs' previous layouts: untaint, announce, `RolledBack`.
+    fn rolled_back(&self) -> Step {
+        let current = self.current;
+        let why = current.message.clone().unwrap_or_else(|| "rolled back".into());
+        Step {
+            effects: vec![
+                Effect::Untaint,
+                Effect::Event {
+                    reason: Reason::ReconfigurationRolledBack,
+                    note: format!(
+                        "grant {}: {why}; the GPUs are back as they were, the node is untainted",
+                        current.grant_id
+                    ),
+                },
+            ],
+            next: self.next(Phase::RolledBack, why),
+        }
+    }
+
+    /// Our taint on, then on to draining.
+    fn tainting(&self) -> Step {
+        if self.o.tainted {
+            Step {
+                effects: vec![],
+                next: self.next(Phase::Draining, "tainted"),
+            }
+        } else {
+            Step::effect(vec![Effect::Taint])
+        }
+    }
+
+    /// Our taint off, success announced, `Done`.
+    fn untainting(&self) -> Step {
+        Step {
+            effects: vec![
+                Effect::Untaint,
+                Effect::Event {
+                    reason: Reason::ReconfigurationSucceeded,
+                    note: format!(
+                        "grant {}: the GPUs match their targets; the node is schedulable again",
+                        self.current.grant_id
+                    ),
+                },
+            ],
+            next: self.next(Phase::Done, "reconfigured"),
+        }
+    }
+
+    /// nvml backend: return the GPUs to the layouts recorded when the sequence began (never
+    /// destroying an instance in use), restart the device plugin, then `RolledBack`.
+    fn rolling_back_nvml(&self) -> Step {
+        let (o, current) = (self.o, self.current);
+        let timed_out = || self.timed_out(self.policy.phase_timeout);
+        let failed = |why: String| Step {
+            effects: vec![Effect::Event {
+                reason: Reason::ReconfigurationFailed,
+                note: format!(
+                    "grant {}: rollback to {} failed: {why}; the node stays tainted",
+                    current.grant_id,
+                    describe(&current.previous_layouts)
+                ),
+            }],
+            next: self.next(Phase::Failed, format!("rollback failed: {why}")),
+        };
+        if let Some(why) = self.reading.unreadable(current.previous_layouts.keys()) {
+            return if timed_out() {
+                failed(why.to_string())
+            } else {
+                Step::nothing()
+            };
+        }
+        match self.previous.changes() {
+            Err(e) => failed(e.to_string()),
+            // Back. Recreated instances have new device IDs, so the device plugin is
+            // restarted whatever the counts: paused (once), gone, started again, advertising.
+            Ok(c) if c.is_empty() && plugin_paused(o) => {
+                if o.device_plugin_pods == 0 {
+                    Step::effect(vec![Effect::ResumeDevicePlugin])
+                } else if timed_out() {
+                    failed("the device plugin did not stop".into())
+                } else {
+                    Step::nothing()
+                }
+            }
+            Ok(c) if c.is_empty() && !current.restarting_device_plugin => Step {
+                effects: vec![Effect::PauseDevicePlugin],
+                next: Some(NodeState {
+                    restarting_device_plugin: true,
+                    ..current.clone()
+                }),
+            },
+            Ok(c) if c.is_empty() => match self.reading.advertising_matches(&o.advertised) {
+                Ok(()) => self.rolled_back(),
+                Err(e) if timed_out() => failed(e.to_string()),
+                Err(_) => Step::nothing(),
+            },
+            Ok(c) => match destroys_in_use(&c, &o.gpus) {
+                // A rollback checks pods per instance as a forward change does.
+                Some(busy) if timed_out() => failed(format!("{busy}; an instance in use is never destroyed")),
+                Some(_) => Step::nothing(),
+                None if timed_out() => failed("the GPUs did not return to their layouts in time".into()),
+                None => Step::effect(c.into_iter().map(Effect::Apply).collect()),
+            },
+        }
+    }
+
+    /// mig-manager backend: relabel to the previous config and wait for mig-manager, then
+    /// `RolledBack`.
+    fn rolling_back_mig_manager(&self) -> Step {
+        let (o, current) = (self.o, self.current);
+        let Some(prev) = &current.previous_config else {
+            return Step {
+                effects: vec![Effect::Event {
+                    reason: Reason::ReconfigurationFailed,
+                    note: format!(
+                        "grant {}: no previous config to roll back to; the node stays tainted",
+                        current.grant_id
+                    ),
+                }],
+                next: self.next(Phase::Failed, "no previous config"),
+            };
+        };
+        if o.mig_config.as_ref() != Some(prev) {
+            return Step::effect(vec![Effect::Relabel(prev.clone())]);
+        }
+        let failed = |why: String| Step {
+            effects: vec![Effect::Event {
+                reason: Reason::ReconfigurationFailed,
+                note: format!(
+                    "grant {}: rollback to {prev} failed: {why}; the node stays tainted",
+                    current.grant_id
+                ),
+            }],
+            next: self.next(Phase::Failed, format!("rollback failed: {why}")),
+        };
+        match o.mig_state.as_deref() {
+            Some("success") => self.rolled_back(),
+            Some("failed") => failed("mig-manager reported failed".into()),
+            _ if self.timed_out(self.policy.mig_manager_timeout) => {
+                failed("mig-manager did not answer in time".into())
+            }
+            _ => Step::nothing(),
+        }
     }
 }
 
-/// The controller evicts the grant's pods; the agent waits for them to go (or for its timeout, or a
-/// pod marked do-not-disrupt).
-fn draining(o: &Observation, grant: &Grant, current: &NodeState, policy: &SequencePolicy) -> Step {
-    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
-    let remaining: Vec<&PodFact> = o
-        .pods
-        .iter()
-        .filter(|p| grant.evictions.contains(&p.key))
-        .collect();
-    if let Some(p) = remaining.iter().find(|p| p.do_not_disrupt && !p.terminating) {
-        return fail(
-            o,
-            current,
-            policy,
-            format!("pod {} is marked do-not-disrupt", p.key),
-        );
+/// A sequence in flight for the grant on the node, with the grant's targets resolved once.
+struct Granted<'a> {
+    run: InFlight<'a>,
+    grant: &'a Grant,
+    targets: Goals<'a>,
+}
+
+impl Granted<'_> {
+    /// Pods the source reports on GPUs this grant rebuilds, other than the grant's evictions:
+    /// pods bound after the plan was made, in the moment before our taint (or tolerating it).
+    /// mig-parted rebuilds a changed GPU whole, so relabeling over them fails (or would kill them):
+    /// the plan is stale. A pod still running ends the sequence as `Superseded` before anything
+    /// changes, whatever the failure policy (it is no failure; the next plan counts the pod, with
+    /// no cooldown); a pod already leaving (terminating, or no longer bound while the report lags)
+    /// is waited for, up to `limit`. `None`: nothing in the way.
+    ///
+    /// With the nvml backend only instances the target drops count (a pod on an instance the
+    /// target keeps is no obstacle), and once some instance has changed a running pod is waited
+    /// for (up to `limit`, then the failure policy) instead: `Superseded` is only for sequences
+    /// that changed nothing.
+    fn unplanned_pods(&self, limit: SignedDuration) -> Option<Step> {
+        let run = &self.run;
+        let (o, current, policy) = (run.o, run.current, run.policy);
+        let mut leaving = Vec::new();
+        let may_supersede = policy.backend == Backend::MigManager || run.previous.reached();
+        for (gpu, instance) in doomed(&o.gpus, &self.targets, policy.backend) {
+            for key in &instance.pods {
+                if self.grant.evictions.contains(key) {
+                    continue;
+                }
+                match o.pods.iter().find(|p| &p.key == key) {
+                    Some(p) if !p.terminating && may_supersede => {
+                        let why = format!(
+                            "pod {key} started on GPU {gpu} after the plan was made (it is not among the grant's evictions); nothing was changed, the next plan counts it"
+                        );
+                        return Some(Step {
+                            effects: vec![
+                                Effect::Untaint,
+                                Effect::Event {
+                                    reason: Reason::ReconfigurationSuperseded,
+                                    note: format!("grant {}: {why}", current.grant_id),
+                                },
+                            ],
+                            next: run.next(Phase::Superseded, why),
+                        });
+                    }
+                    _ => leaving.push(key.as_str()),
+                }
+            }
+        }
+        if leaving.is_empty() {
+            None
+        } else if run.timed_out(limit) {
+            Some(run.fail(format!("{} still on the instances to change", leaving.join(", "))))
+        } else {
+            Some(Step::nothing())
+        }
     }
-    if remaining.is_empty() {
-        let phase = match policy.backend {
-            Backend::MigManager => Phase::Relabeling,
-            Backend::Nvml => Phase::Applying,
-        };
-        return unplanned_pods(o, grant, current, policy, policy.drain_timeout).unwrap_or(Step {
-            effects: vec![],
-            next: next(phase, "drained"),
-        });
-    }
-    if timed_out(current, o.now, policy.drain_timeout) {
-        let left: Vec<&str> = remaining.iter().map(|p| p.key.as_str()).collect();
-        return fail(
-            o,
-            current,
-            policy,
-            format!(
+
+    /// The controller evicts the grant's pods; the agent waits for them to go (or for its
+    /// timeout, or a pod marked do-not-disrupt).
+    fn draining(&self) -> Step {
+        let run = &self.run;
+        let (o, policy) = (run.o, run.policy);
+        let remaining: Vec<&PodFact> = o
+            .pods
+            .iter()
+            .filter(|p| self.grant.evictions.contains(&p.key))
+            .collect();
+        if let Some(p) = remaining.iter().find(|p| p.do_not_disrupt && !p.terminating) {
+            return run.fail(format!("pod {} is marked do-not-disrupt", p.key));
+        }
+        if remaining.is_empty() {
+            let phase = match policy.backend {
+                Backend::MigManager => Phase::Relabeling,
+                Backend::Nvml => Phase::Applying,
+            };
+            return self.unplanned_pods(policy.drain_timeout).unwrap_or(Step {
+                effects: vec![],
+                next: run.next(phase, "drained"),
+            });
+        }
+        if run.timed_out(policy.drain_timeout) {
+            let left: Vec<&str> = remaining.iter().map(|p| p.key.as_str()).collect();
+            return run.fail(format!(
                 "draining timed out with {} still running (the controller evicts them: see its EvictionBlockedByPDB Events, and that a replica leads in auto mode)",
                 left.join(", ")
-            ),
-        );
+            ));
+        }
+        // The controller posts the evictions (agents hold no eviction permission): wait.
+        Step::nothing()
     }
-    // The controller posts the evictions (agents hold no eviction permission): wait.
-    Step::nothing()
-}
 
-/// mig-manager backend: set `nvidia.com/mig.config` (an agent switched to nvml mid-sequence goes to
-/// `Applying` instead: nothing was relabeled yet).
-fn relabeling(o: &Observation, grant: &Grant, current: &NodeState, policy: &SequencePolicy) -> Step {
-    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
-    if policy.backend == Backend::Nvml {
-        return Step {
-            effects: vec![],
-            next: next(Phase::Applying, "drained"),
-        };
-    }
-    match &grant.mig_config {
-        None => fail(
-            o,
-            current,
-            policy,
-            "the grant has no mig-parted config: the controller plans for the nvml backend (planner.backend: nvml) but this agent runs --backend mig-manager",
-        ),
-        // Already relabeled (a crash after the effect): on to mig-manager.
-        Some(c) if o.mig_config.as_ref() == Some(c) => Step {
-            effects: vec![],
-            next: next(Phase::AwaitingMigManager, "relabeled"),
-        },
-        // The last look before the GPUs change.
-        Some(c) => unplanned_pods(o, grant, current, policy, policy.phase_timeout).unwrap_or(Step {
-            effects: vec![Effect::Relabel(c.clone())],
-            next: next(Phase::AwaitingMigManager, "relabeled"),
-        }),
-    }
-}
-
-/// nvml backend: destroy and create instances at their target placements, never one in use; then
-/// pause the device plugin so it advertises them once started again.
-fn applying(o: &Observation, grant: &Grant, current: &NodeState, policy: &SequencePolicy) -> Step {
-    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
-    if policy.backend != Backend::Nvml {
-        return fail(
-            o,
-            current,
-            policy,
-            "the sequence was applying GPU instances with NVML, but this agent now runs --backend mig-manager",
-        );
-    }
-    if let Some(s) = unplanned_pods(o, grant, current, policy, policy.phase_timeout) {
-        return s;
-    }
-    match instance_changes(&grant.targets, &o.gpus) {
-        Err(e) => fail(o, current, policy, e),
-        Ok(c) if c.is_empty() => Step {
-            effects: vec![Effect::PauseDevicePlugin],
-            next: next(
-                Phase::Verifying,
-                "instances at their target placements; restarting the device plugin",
+    /// mig-manager backend: set `nvidia.com/mig.config` (an agent switched to nvml mid-sequence
+    /// goes to `Applying` instead: nothing was relabeled yet).
+    fn relabeling(&self) -> Step {
+        let run = &self.run;
+        if run.policy.backend == Backend::Nvml {
+            return Step {
+                effects: vec![],
+                next: run.next(Phase::Applying, "drained"),
+            };
+        }
+        match &self.grant.mig_config {
+            None => run.fail(
+                "the grant has no mig-parted config: the controller plans for the nvml backend (planner.backend: nvml) but this agent runs --backend mig-manager",
             ),
-        },
-        Ok(c) if timed_out(current, o.now, policy.phase_timeout) => fail(
-            o,
-            current,
-            policy,
-            format!(
+            // Already relabeled (a crash after the effect): on to mig-manager.
+            Some(c) if run.o.mig_config.as_ref() == Some(c) => Step {
+                effects: vec![],
+                next: run.next(Phase::AwaitingMigManager, "relabeled"),
+            },
+            // The last look before the GPUs change.
+            Some(c) => self.unplanned_pods(run.policy.phase_timeout).unwrap_or(Step {
+                effects: vec![Effect::Relabel(c.clone())],
+                next: run.next(Phase::AwaitingMigManager, "relabeled"),
+            }),
+        }
+    }
+
+    /// nvml backend: destroy and create instances at their target placements, never one in use;
+    /// then pause the device plugin so it advertises them once started again.
+    fn applying(&self) -> Step {
+        let run = &self.run;
+        let timed_out = || run.timed_out(run.policy.phase_timeout);
+        if run.policy.backend != Backend::Nvml {
+            return run.fail(
+                "the sequence was applying GPU instances with NVML, but this agent now runs --backend mig-manager",
+            );
+        }
+        if let Some(s) = self.unplanned_pods(run.policy.phase_timeout) {
+            return s;
+        }
+        match self.targets.changes() {
+            Err(e) => run.fail(e),
+            Ok(c) if c.is_empty() => Step {
+                effects: vec![Effect::PauseDevicePlugin],
+                next: run.next(
+                    Phase::Verifying,
+                    "instances at their target placements; restarting the device plugin",
+                ),
+            },
+            Ok(c) if timed_out() => run.fail(format!(
                 "GPU {} did not reach its target in time ({} instance(s) to destroy, {} to create; the agent's log has NVML's answers)",
                 c[0].gpu,
                 c[0].destroy.len(),
                 c[0].create.len()
-            ),
-        ),
-        Ok(c) => match destroys_in_use(&c, &o.gpus) {
-            Some(busy) if timed_out(current, o.now, policy.phase_timeout) => fail(
-                o,
-                current,
-                policy,
-                format!("{busy}; an instance in use is never destroyed"),
-            ),
-            Some(_) => Step::nothing(),
-            None => Step::effect(c.into_iter().map(Effect::Apply).collect()),
-        },
-    }
-}
-
-/// mig-manager backend: wait for `nvidia.com/mig.config.state` to say success (or failed).
-fn awaiting_mig_manager(
-    o: &Observation,
-    grant: &Grant,
-    current: &NodeState,
-    policy: &SequencePolicy,
-) -> Step {
-    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
-    let Some(c) = &grant.mig_config else {
-        return fail(o, current, policy, "the grant has no mig-parted config");
-    };
-    if o.mig_config.as_ref() != Some(c) {
-        return Step::effect(vec![Effect::Relabel(c.clone())]);
-    }
-    match o.mig_state.as_deref() {
-        Some("success") => Step {
-            effects: vec![],
-            next: next(Phase::Verifying, "mig-manager applied the config"),
-        },
-        Some("failed") => fail(
-            o,
-            current,
-            policy,
-            format!("mig-manager reported failed for config {c}"),
-        ),
-        _ if timed_out(current, o.now, policy.mig_manager_timeout) => fail(
-            o,
-            current,
-            policy,
-            format!("mig-manager did not apply config {c} in time"),
-        ),
-        _ => Step::nothing(),
-    }
-}
-
-/// Actual layouts against the targets (nvml: placements exactly, and what the device plugin
-/// advertises, once the device plugin we paused has started again).
-fn verifying(o: &Observation, grant: &Grant, current: &NodeState, policy: &SequencePolicy) -> Step {
-    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
-    if policy.backend == Backend::Nvml && plugin_paused(o) && o.device_plugin_pods == 0 {
-        return Step::effect(vec![Effect::ResumeDevicePlugin]);
-    }
-    match match policy.backend {
-        Backend::MigManager => verify(grant, &o.gpus),
-        Backend::Nvml if plugin_paused(o) => Err(LayoutError::PluginStopping),
-        Backend::Nvml => verify_exact(grant, &o.gpus, &o.advertised),
-    } {
-        Ok(()) => Step {
-            effects: vec![],
-            next: next(Phase::Untainting, "verified: actual layouts match the targets"),
-        },
-        Err(e) if timed_out(current, o.now, policy.phase_timeout) => {
-            fail(o, current, policy, format!("verification failed: {e}"))
-        }
-        // The report may lag mig-manager's label by a moment.
-        Err(_) => Step::nothing(),
-    }
-}
-
-/// Our taint off, success announced, `Done`.
-fn untainting(o: &Observation, current: &NodeState) -> Step {
-    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
-    Step {
-        effects: vec![
-            Effect::Untaint,
-            Effect::Event {
-                reason: Reason::ReconfigurationSucceeded,
-                note: format!(
-                    "grant {}: the GPUs match their targets; the node is schedulable again",
-                    current.grant_id
-                ),
+            )),
+            Ok(c) => match destroys_in_use(&c, &run.o.gpus) {
+                Some(busy) if timed_out() => run.fail(format!("{busy}; an instance in use is never destroyed")),
+                Some(_) => Step::nothing(),
+                None => Step::effect(c.into_iter().map(Effect::Apply).collect()),
             },
-        ],
-        next: next(Phase::Done, "reconfigured"),
-    }
-}
-
-/// nvml backend: return the GPUs to the layouts recorded when the sequence began (never destroying
-/// an instance in use), restart the device plugin, then `RolledBack`.
-fn rolling_back_nvml(o: &Observation, current: &NodeState, policy: &SequencePolicy) -> Step {
-    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
-    let failed = |why: String| Step {
-        effects: vec![Effect::Event {
-            reason: Reason::ReconfigurationFailed,
-            note: format!(
-                "grant {}: rollback to {} failed: {why}; the node stays tainted",
-                current.grant_id,
-                describe(&current.previous_layouts)
-            ),
-        }],
-        next: next(Phase::Failed, &format!("rollback failed: {why}")),
-    };
-    if let Some(why) = unknown_gpu(current.previous_layouts.keys(), &o.gpus) {
-        return if timed_out(current, o.now, policy.phase_timeout) {
-            failed(why.to_string())
-        } else {
-            Step::nothing()
-        };
-    }
-    match instance_changes(&current.previous_layouts, &o.gpus) {
-        Err(e) => failed(e.to_string()),
-        // Back. Recreated instances have new device IDs, so the device plugin is
-        // restarted whatever the counts: paused (once), gone, started again, advertising.
-        Ok(c) if c.is_empty() && plugin_paused(o) => {
-            if o.device_plugin_pods == 0 {
-                Step::effect(vec![Effect::ResumeDevicePlugin])
-            } else if timed_out(current, o.now, policy.phase_timeout) {
-                failed("the device plugin did not stop".into())
-            } else {
-                Step::nothing()
-            }
         }
-        Ok(c) if c.is_empty() && !current.restarting_device_plugin => Step {
-            effects: vec![Effect::PauseDevicePlugin],
-            next: Some(NodeState {
-                restarting_device_plugin: true,
-                ..current.clone()
-            }),
-        },
-        Ok(c) if c.is_empty() => match advertising_matches(&o.gpus, &o.advertised) {
-            Ok(()) => rolled_back(o, current),
-            Err(e) if timed_out(current, o.now, policy.phase_timeout) => failed(e.to_string()),
+    }
+
+    /// mig-manager backend: wait for `nvidia.com/mig.config.state` to say success (or failed).
+    fn awaiting_mig_manager(&self) -> Step {
+        let run = &self.run;
+        let o = run.o;
+        let Some(c) = &self.grant.mig_config else {
+            return run.fail("the grant has no mig-parted config");
+        };
+        if o.mig_config.as_ref() != Some(c) {
+            return Step::effect(vec![Effect::Relabel(c.clone())]);
+        }
+        match o.mig_state.as_deref() {
+            Some("success") => Step {
+                effects: vec![],
+                next: run.next(Phase::Verifying, "mig-manager applied the config"),
+            },
+            Some("failed") => run.fail(format!("mig-manager reported failed for config {c}")),
+            _ if run.timed_out(run.policy.mig_manager_timeout) => {
+                run.fail(format!("mig-manager did not apply config {c} in time"))
+            }
+            _ => Step::nothing(),
+        }
+    }
+
+    /// Actual layouts against the targets (nvml: placements exactly, and what the device plugin
+    /// advertises, once the device plugin we paused has started again).
+    fn verifying(&self) -> Step {
+        let run = &self.run;
+        let (o, policy) = (run.o, run.policy);
+        if policy.backend == Backend::Nvml && plugin_paused(o) && o.device_plugin_pods == 0 {
+            return Step::effect(vec![Effect::ResumeDevicePlugin]);
+        }
+        let verified = match policy.backend {
+            Backend::MigManager => verify(&self.targets),
+            Backend::Nvml if plugin_paused(o) => Err(LayoutError::PluginStopping),
+            Backend::Nvml => verify_exact(&self.targets, &run.reading, &o.advertised),
+        };
+        match verified {
+            Ok(()) => Step {
+                effects: vec![],
+                next: run.next(Phase::Untainting, "verified: actual layouts match the targets"),
+            },
+            Err(e) if run.timed_out(policy.phase_timeout) => run.fail(format!("verification failed: {e}")),
+            // The report may lag mig-manager's label by a moment.
             Err(_) => Step::nothing(),
-        },
-        Ok(c) => match destroys_in_use(&c, &o.gpus) {
-            // A rollback checks pods per instance as a forward change does.
-            Some(busy) if timed_out(current, o.now, policy.phase_timeout) => {
-                failed(format!("{busy}; an instance in use is never destroyed"))
-            }
-            Some(_) => Step::nothing(),
-            None if timed_out(current, o.now, policy.phase_timeout) => {
-                failed("the GPUs did not return to their layouts in time".into())
-            }
-            None => Step::effect(c.into_iter().map(Effect::Apply).collect()),
-        },
-    }
-}
-
-/// mig-manager backend: relabel to the previous config and wait for mig-manager, then `RolledBack`.
-fn rolling_back_mig_manager(o: &Observation, current: &NodeState, policy: &SequencePolicy) -> Step {
-    let next = |phase, msg: &str| Some(enter(o.now, current, phase, msg));
-    let Some(prev) = &current.previous_config else {
-        return Step {
-            effects: vec![Effect::Event {
-                reason: Reason::ReconfigurationFailed,
-                note: format!(
-                    "grant {}: no previous config to roll back to; the node stays tainted",
-                    current.grant_id
-                ),
-            }],
-            next: next(Phase::Failed, "no previous config"),
-        };
-    };
-    if o.mig_config.as_ref() != Some(prev) {
-        return Step::effect(vec![Effect::Relabel(prev.clone())]);
-    }
-    let failed = |why: String| Step {
-        effects: vec![Effect::Event {
-            reason: Reason::ReconfigurationFailed,
-            note: format!(
-                "grant {}: rollback to {prev} failed: {why}; the node stays tainted",
-                current.grant_id
-            ),
-        }],
-        next: next(Phase::Failed, &format!("rollback failed: {why}")),
-    };
-    match o.mig_state.as_deref() {
-        Some("success") => rolled_back(o, current),
-        Some("failed") => failed("mig-manager reported failed".into()),
-        _ if timed_out(current, o.now, policy.mig_manager_timeout) => {
-            failed("mig-manager did not answer in time".into())
         }
-        _ => Step::nothing(),
     }
 }
 
@@ -1057,6 +1117,12 @@ mod tests {
     use mig_planner::snapshot::GpuInstance;
 
     use super::*;
+
+    /// The canonical layout text of a reported GPU.
+    fn layout_text(gpu: &Gpu) -> String {
+        let r = resolve(gpu).unwrap();
+        r.model.format_layout(&r.layout)
+    }
 
     fn gpu(layout: &[(&str, u8)]) -> Gpu {
         crate::test_support::gpu(0, layout)
@@ -1144,12 +1210,11 @@ mod tests {
                 }
                 Effect::Apply(c) => {
                     let g = o.gpus.iter_mut().find(|g| g.index == c.gpu).unwrap();
-                    g.instances
-                        .retain(|i| !c.destroy.contains(&(i.profile.clone(), i.start)));
-                    for (p, start) in &c.create {
+                    g.instances.retain(|i| !c.destroy.contains(&i.named()));
+                    for n in &c.create {
                         g.instances.push(GpuInstance {
-                            profile: p.clone(),
-                            start: *start,
+                            profile: n.profile.clone(),
+                            start: n.start,
                             pods: vec![],
                             utilization: None,
                         });
@@ -1163,7 +1228,7 @@ mod tests {
                 Effect::ResumeDevicePlugin => {
                     o.device_plugin_label = Some("true".into());
                     o.device_plugin_pods = 1;
-                    o.advertised = expected_advertising(&o.gpus).unwrap();
+                    o.advertised = Reading::new(&o.gpus).expected_advertising().unwrap();
                 }
                 Effect::Event { .. } => {}
             }
@@ -1438,7 +1503,7 @@ mod tests {
         }];
         o.gpus = vec![gpu(&[("1g.10gb", 0), ("1g.10gb", 1), ("2g.20gb", 2)])];
         o.gpus[0].instances[0].pods = vec!["ml/keep".into()];
-        o.advertised = expected_advertising(&o.gpus).unwrap();
+        o.advertised = Reading::new(&o.gpus).expected_advertising().unwrap();
         o
     }
 
@@ -1471,11 +1536,11 @@ mod tests {
             applied,
             vec![InstanceChange {
                 gpu: 0,
-                destroy: vec![("1g.10gb".into(), 1), ("2g.20gb".into(), 2)],
-                create: vec![("3g.40gb".into(), 4)],
+                destroy: vec![NamedInstance::new("1g.10gb", 1), NamedInstance::new("2g.20gb", 2)],
+                create: vec![NamedInstance::new("3g.40gb", 4)],
             }]
         );
-        assert_eq!(layout_text(&o.gpus[0]).unwrap(), "1g.10gb@0,3g.40gb@4");
+        assert_eq!(layout_text(&o.gpus[0]), "1g.10gb@0,3g.40gb@4");
         assert_eq!(o.gpus[0].instances[0].pods, vec!["ml/keep".to_string()]);
         assert!(!o.tainted);
         let done = o.state.unwrap().unwrap();
@@ -1494,18 +1559,15 @@ mod tests {
         // The plugin still advertises the old instances: not verified, and after the phase
         // timeout a failure.
         assert_eq!(step(&o, &nvml()), Step::nothing());
-        let e = verify_exact(
-            o.grant.as_ref().unwrap().as_ref().unwrap(),
-            &o.gpus,
-            &o.advertised,
-        )
-        .unwrap_err();
+        let reading = Reading::new(&o.gpus);
+        let targets = reading.toward(&o.grant.as_ref().unwrap().as_ref().unwrap().targets);
+        let e = verify_exact(&targets, &reading, &o.advertised).unwrap_err();
         assert!(matches!(e, LayoutError::Advertising { .. }), "{e}");
-        o.advertised = expected_advertising(&o.gpus).unwrap();
+        o.advertised = Reading::new(&o.gpus).expected_advertising().unwrap();
         assert_eq!(step(&o, &nvml()).next.unwrap().phase, Phase::Untainting);
         // A wrong placement is not the target, even with the right counts.
         o.gpus = vec![gpu(&[("1g.10gb", 1), ("3g.40gb", 4)])];
-        o.advertised = expected_advertising(&o.gpus).unwrap();
+        o.advertised = Reading::new(&o.gpus).expected_advertising().unwrap();
         assert_eq!(step(&o, &nvml()), Step::nothing());
     }
 
@@ -1574,8 +1636,11 @@ mod tests {
         // Recreated instances have new device IDs: the plugin was restarted and runs.
         assert!(paused, "the device plugin was not restarted");
         assert_eq!(o.device_plugin_label.as_deref(), Some("true"));
-        assert_eq!(layout_text(&o.gpus[0]).unwrap(), "1g.10gb@0,1g.10gb@1,2g.20gb@2");
-        assert_eq!(o.advertised, expected_advertising(&o.gpus).unwrap());
+        assert_eq!(layout_text(&o.gpus[0]), "1g.10gb@0,1g.10gb@1,2g.20gb@2");
+        assert_eq!(
+            o.advertised,
+            Reading::new(&o.gpus).expected_advertising().unwrap()
+        );
     }
 
     #[test]
@@ -1634,13 +1699,14 @@ mod tests {
     #[test]
     fn verify_compares_instances_per_profile() {
         let g = grant();
-        assert!(verify(&g, &[gpu(&[("3g.40gb", 0), ("3g.40gb", 4)])]).is_ok());
-        let e = verify(&g, &[gpu(&[("3g.40gb", 0)])]).unwrap_err();
+        let verify = |gpus: &[Gpu]| verify(&Reading::new(gpus).toward(&g.targets));
+        assert!(verify(&[gpu(&[("3g.40gb", 0), ("3g.40gb", 4)])]).is_ok());
+        let e = verify(&[gpu(&[("3g.40gb", 0)])]).unwrap_err();
         assert!(
             matches!(&e, LayoutError::Counts { target, .. } if target == "3g.40gb@0,3g.40gb@4"),
             "{e}"
         );
-        assert_eq!(verify(&g, &[]), Err(LayoutError::NotReported { gpu: 0 }));
+        assert_eq!(verify(&[]), Err(LayoutError::NotReported { gpu: 0 }));
     }
 
     fn unreadable(o: &mut Observation) {

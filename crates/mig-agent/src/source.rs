@@ -427,30 +427,28 @@ impl GpuSource for NvidiaSmiGpus {
         };
         if !change.destroy.is_empty() {
             let rows = self.lgi(Some(change.gpu))?;
-            for (name, start) in &change.destroy {
-                let id = profile_id(name)?;
+            for named in &change.destroy {
+                let id = profile_id(&named.profile)?;
                 let row = rows
                     .iter()
                     .find(|r| {
                         r.gpu == change.gpu
-                            && r.start == *start
+                            && r.start == named.start
                             && model
                                 .profile_by_name(&r.profile)
                                 .and_then(|p| model.profile(p))
                                 .map(|p| p.profile_id)
                                 == Some(id)
                     })
-                    .ok_or_else(|| {
-                        GpuError::Refused(format!("GPU {index} has no instance {name}@{start}"))
-                    })?;
+                    .ok_or_else(|| GpuError::Refused(format!("GPU {index} has no instance {named}")))?;
                 let gi = row.gi_id.to_string();
                 // Compute instances first; with none left this fails harmlessly.
                 let _ = self.run(&["mig", "-i", &index, "-gi", &gi, "-dci"]);
                 self.run(&["mig", "-i", &index, "-gi", &gi, "-dgi"])?;
             }
         }
-        for (name, start) in &change.create {
-            let tuple = format!("{}:{start}", profile_id(name)?);
+        for named in &change.create {
+            let tuple = format!("{}:{}", profile_id(&named.profile)?, named.start);
             self.run(&["mig", "-i", &index, "-cgi", &tuple, "-C"])?;
         }
         Ok(())

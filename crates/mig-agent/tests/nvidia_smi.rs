@@ -4,7 +4,7 @@
 
 use mig_agent::GpuError;
 use mig_agent::source::parse_nvidia_smi;
-use mig_catalog::Catalog;
+use mig_catalog::{Catalog, NamedInstance};
 
 #[test]
 fn instances_land_on_their_gpus_at_their_placements() {
@@ -14,17 +14,13 @@ fn instances_land_on_their_gpus_at_their_placements() {
     )
     .unwrap();
     assert_eq!(gpus.len(), 3);
-    let g0: Vec<(String, u8)> = gpus[0]
-        .instances
-        .iter()
-        .map(|i| (i.profile.clone(), i.start))
-        .collect();
+    let g0: Vec<NamedInstance> = gpus[0].instances.iter().map(|i| i.named()).collect();
     assert_eq!(
         g0,
         vec![
-            ("1g.10gb".into(), 0),
-            ("1g.10gb+me".into(), 1),
-            ("3g.40gb".into(), 4)
+            NamedInstance::new("1g.10gb", 0),
+            NamedInstance::new("1g.10gb+me", 1),
+            NamedInstance::new("3g.40gb", 4)
         ]
     );
     assert_eq!(gpus[1].instances.len(), 1);
@@ -129,8 +125,8 @@ fn nvml_backend_destroys_by_instance_id_and_creates_at_explicit_placements() {
     source
         .apply(&InstanceChange {
             gpu: 0,
-            destroy: vec![("3g.40gb".into(), 4)],
-            create: vec![("2g.20gb".into(), 4), ("1g.10gb".into(), 6)],
+            destroy: vec![NamedInstance::new("3g.40gb", 4)],
+            create: vec![NamedInstance::new("2g.20gb", 4), NamedInstance::new("1g.10gb", 6)],
         })
         .unwrap();
     let calls = std::fs::read_to_string(&log).unwrap();
@@ -150,8 +146,8 @@ fn nvml_backend_destroys_by_instance_id_and_creates_at_explicit_placements() {
     let e = source
         .apply(&InstanceChange {
             gpu: 0,
-            destroy: vec![("1g.10gb".into(), 0)],
-            create: vec![("1g.10gb".into(), 0)],
+            destroy: vec![NamedInstance::new("1g.10gb", 0)],
+            create: vec![NamedInstance::new("1g.10gb", 0)],
         })
         .unwrap_err();
     assert!(
@@ -163,7 +159,7 @@ fn nvml_backend_destroys_by_instance_id_and_creates_at_explicit_placements() {
     let e = source
         .apply(&InstanceChange {
             gpu: 0,
-            destroy: vec![("2g.20gb".into(), 2)],
+            destroy: vec![NamedInstance::new("2g.20gb", 2)],
             create: vec![],
         })
         .unwrap_err();

@@ -28,6 +28,34 @@ impl Instance {
     }
 }
 
+/// One GPU instance in words: a profile by its catalog name at a placement (`3g.40gb@4`). What
+/// crosses a process boundary or reaches people (nvidia-smi and NVML calls, plans, the web view);
+/// [`Instance`] is the same within one model, and [`GpuModel::name_instance`] and
+/// [`GpuModel::resolve_instance`] convert between them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NamedInstance {
+    /// Profile name (`3g.40gb`).
+    pub profile: String,
+    /// First memory slice.
+    pub start: u8,
+}
+
+impl NamedInstance {
+    /// `profile` at memory slice `start`.
+    pub fn new(profile: impl Into<String>, start: u8) -> Self {
+        NamedInstance {
+            profile: profile.into(),
+            start,
+        }
+    }
+}
+
+impl fmt::Display for NamedInstance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.profile, self.start)
+    }
+}
+
 /// A set of instances on one GPU, kept sorted (canonical order: by start, then profile).
 ///
 /// A `Layout` is only a set; whether it is valid depends on the model ([`GpuModel::validate`]).
@@ -269,7 +297,19 @@ impl GpuModel {
 
     /// `profile@start`.
     pub fn format_instance(&self, i: &Instance) -> String {
-        format!("{}@{}", self.profile_name(i.profile), i.start)
+        self.name_instance(i).to_string()
+    }
+
+    /// `i` in words: its profile's canonical name.
+    pub fn name_instance(&self, i: &Instance) -> NamedInstance {
+        NamedInstance::new(self.profile_name(i.profile), i.start)
+    }
+
+    /// `named` as an instance of this model, if it has the profile (aliases and resource names
+    /// are accepted, as [`GpuModel::profile_by_name`] does). Placement is not checked.
+    pub fn resolve_instance(&self, named: &NamedInstance) -> Option<Instance> {
+        self.profile_by_name(&named.profile)
+            .map(|p| Instance::new(p, named.start))
     }
 
     /// Canonical text form: `3g.40gb@0,2g.20gb@4,1g.10gb@6`; the empty layout is `empty`.

@@ -21,5 +21,5 @@ pub mod model;
 pub mod nvml;
 
 pub use error::{ArrangeError, CatalogError, ConfigError, InvalidLayout, ParseLayoutError};
-pub use layout::{Counts, Instance, Layout, Violation};
+pub use layout::{Counts, Instance, Layout, NamedInstance, Violation};
 pub use model::{Catalog, Confidence, GpuModel, ProductLabel, Profile, ProfileIdx, Sku};

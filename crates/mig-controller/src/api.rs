@@ -182,11 +182,11 @@ struct LayoutRow {
     decision: Option<String>,
 }
 
-/// One instance as drawn: profile, first memory slice, memory slices used.
+/// One instance as drawn: profile and first memory slice, and the memory slices it covers.
 #[derive(Serialize)]
 struct Slot {
-    profile: String,
-    start: u8,
+    #[serde(flatten)]
+    instance: mig_catalog::NamedInstance,
     size: u8,
 }
 
@@ -203,8 +203,7 @@ fn slots(model: &str, layout: &str) -> (u8, Vec<Slot>) {
         .filter_map(|i| {
             let p = m.profile(i.profile)?;
             Some(Slot {
-                profile: p.name.clone(),
-                start: i.start,
+                instance: m.name_instance(i),
                 size: p.memory_slices,
             })
         })

@@ -151,15 +151,14 @@ pub enum PodOutcome {
     },
 }
 
-/// A GPU instance a pod is expected to use.
+/// A GPU instance a pod is expected to use: which GPU of its node, and which instance there.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacedInstance {
     /// GPU index on the node.
     pub gpu: u32,
-    /// Profile.
-    pub profile: String,
-    /// Start slice.
-    pub start: u8,
+    /// Profile and start slice.
+    #[serde(flatten)]
+    pub instance: mig_catalog::NamedInstance,
 }
 
 /// A pod to evict.
@@ -422,8 +421,7 @@ fn hand_out_instances(p: &Problem<'_>, o: &Outcome, targets: &[Layout]) -> Place
                     let inst = free[*g].remove(pos);
                     got.push(PlacedInstance {
                         gpu: p.gpus[*g].index,
-                        profile: p.profiles[*q].clone(),
-                        start: inst.start,
+                        instance: model.name_instance(&inst),
                     });
                 }
             }
@@ -802,7 +800,7 @@ impl Plan {
                 } => {
                     let inst: Vec<String> = instances
                         .iter()
-                        .map(|i| format!("gpu{}:{}@{}", i.gpu, i.profile, i.start))
+                        .map(|i| format!("gpu{}:{}", i.gpu, i.instance))
                         .collect();
                     let _ = writeln!(
                         s,

@@ -115,6 +115,13 @@ pub struct GpuInstance {
     pub utilization: Option<f64>,
 }
 
+impl GpuInstance {
+    /// Which instance it is: profile (as reported) and placement.
+    pub fn named(&self) -> mig_catalog::NamedInstance {
+        mig_catalog::NamedInstance::new(self.profile.clone(), self.start)
+    }
+}
+
 impl Gpu {
     /// A GPU in MIG mode as `layout` of `model` has it, called `product`, each instance used by
     /// the pods (`namespace/name`) `pods_of` names: how the emulator and the simulator report

@@ -395,8 +395,8 @@ fn plan_batch(
         for inst in instances {
             let g = gpu_of(node, inst.gpu)
                 .ok_or_else(|| SimError::Config(format!("plan names an unknown GPU {node}/{}", inst.gpu)))?;
-            let q = cl.profile(&inst.profile)?;
-            takes.push((g, Instance::new(q, inst.start)));
+            let q = cl.profile(&inst.instance.profile)?;
+            takes.push((g, Instance::new(q, inst.instance.start)));
         }
         for (g, instance) in takes {
             let next = cl.gpus[g].1.with(instance);

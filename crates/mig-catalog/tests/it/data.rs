@@ -138,6 +138,31 @@ fn profile_names_aliases_and_resource_names() {
 }
 
 #[test]
+fn named_instances_resolve_by_name_alias_or_resource_and_name_canonically() {
+    use mig_catalog::{Instance, NamedInstance};
+    let m = model("a100-80gb");
+    let three = m.profile_by_name("3g.40gb").unwrap();
+    let i = Instance::new(three, 4);
+    assert_eq!(m.name_instance(&i), NamedInstance::new("3g.40gb", 4));
+    assert_eq!(m.name_instance(&i).to_string(), "3g.40gb@4");
+    assert_eq!(m.format_instance(&i), "3g.40gb@4");
+    for name in ["3g.40gb", "mig-3g.40gb", "nvidia.com/mig-3g.40gb"] {
+        assert_eq!(
+            m.resolve_instance(&NamedInstance::new(name, 4)),
+            Some(i),
+            "{name}"
+        );
+    }
+    let seven = m.resolve_instance(&NamedInstance::new("7g.79gb", 0)).unwrap();
+    assert_eq!(
+        m.name_instance(&seven).profile,
+        "7g.80gb",
+        "aliases come back canonical"
+    );
+    assert_eq!(m.resolve_instance(&NamedInstance::new("3g.20gb", 0)), None);
+}
+
+#[test]
 fn malformed_catalog_data_is_rejected_with_the_place() {
     let good = mig_catalog::model::EMBEDDED_CATALOG;
     for (from, to, expect) in [

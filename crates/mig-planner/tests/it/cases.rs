@@ -105,7 +105,7 @@ fn greedy_is_wrong_on_partly_used_gpus() {
     let PodOutcome::Fits { instances, .. } = outcome(&plan, "four") else {
         unreachable!()
     };
-    assert_eq!((instances[0].gpu, instances[0].start), (0, 0));
+    assert_eq!((instances[0].gpu, instances[0].instance.start), (0, 0));
 }
 
 fn one_busy_gpu(pdb_allowed: u32, do_not_disrupt: bool) -> Snapshot {

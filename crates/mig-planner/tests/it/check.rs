@@ -149,13 +149,12 @@ pub fn check_plan(snapshot: &Snapshot, policy: &Policy, plan: &Plan) {
             let model = catalog
                 .lookup(&n.gpus.iter().find(|g| g.index == i.gpu).unwrap().product)
                 .unwrap();
-            let inst = mig_catalog::Instance::new(model.profile_by_name(&i.profile).unwrap(), i.start);
+            let inst = model.resolve_instance(&i.instance).unwrap();
             assert!(
                 target.contains(&inst),
-                "{} uses {}@{} not in target",
+                "{} uses {} not in target",
                 pp.name,
-                i.profile,
-                i.start
+                i.instance
             );
             let (busy, _) = busy_layout(snapshot, node, i.gpu);
             assert!(
@@ -164,12 +163,13 @@ pub fn check_plan(snapshot: &Snapshot, policy: &Policy, plan: &Plan) {
                 pp.name
             );
             assert!(
-                used.insert((node.clone(), i.gpu, i.start)),
+                used.insert((node.clone(), i.gpu, i.instance.start)),
                 "instance {node}/{}@{} given twice",
                 i.gpu,
-                i.start
+                i.instance.start
             );
-            *got.entry(format!("nvidia.com/mig-{}", i.profile)).or_default() += 1;
+            *got.entry(format!("nvidia.com/mig-{}", i.instance.profile))
+                .or_default() += 1;
             hosting.insert((node.clone(), i.gpu));
         }
         let wanted: BTreeMap<String, i64> = pod
