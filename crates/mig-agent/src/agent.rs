@@ -92,6 +92,10 @@ pub struct AgentSettings {
     /// `/healthz` fails once no step has finished for this long (a hung driver call, a wedged
     /// runtime), so that the kubelet restarts the agent.
     pub stall_after: Duration,
+    /// The node report is written when it changes, and at least this often (its `observedAt`
+    /// moves): the controller takes a report unchanged for its `reportTimeout` as an agent that
+    /// stopped, and leaves the node's GPUs alone. As the kubelet's node status, every 5 minutes.
+    pub report_refresh: Duration,
 }
 
 impl AgentSettings {
@@ -113,6 +117,7 @@ impl AgentSettings {
             operator_namespace: OPERATOR_NAMESPACE.into(),
             stall_after: Duration::from_secs(300),
             heartbeat: Duration::from_secs(15),
+            report_refresh: Duration::from_secs(300),
         }
     }
 }
@@ -600,19 +605,29 @@ impl Worker {
         gpus
     }
 
-    /// The report on the Node, written only when it changed (an idle node costs no writes).
+    /// The report on the Node, written when it changed and at least every `report_refresh` (an
+    /// idle node costs one write per refresh).
     async fn publish_report(&self, node: &Node, gpus: &[Gpu]) -> Result<(), TickError> {
+        let now = self.now();
         let report = NodeReport {
-            observed_at: self.now().to_string(),
+            observed_at: now.to_string(),
             gpus: gpus.to_vec(),
             backend: Some(self.shared.settings.sequence.backend),
         };
-        let same = node
+        let refresh = jiff::SignedDuration::try_from(self.shared.settings.report_refresh)
+            .unwrap_or(jiff::SignedDuration::MAX);
+        let current = node
             .annotations()
             .get(REPORT_ANNOTATION)
             .and_then(|r| serde_json::from_str::<NodeReport>(r).ok())
-            .is_some_and(|r| r.gpus == report.gpus && r.backend == report.backend);
-        if same {
+            .is_some_and(|r| {
+                r.gpus == report.gpus
+                    && r.backend == report.backend
+                    && r.observed_at
+                        .parse::<jiff::Timestamp>()
+                        .is_ok_and(|at| at <= now && now.duration_since(at) < refresh)
+            });
+        if current {
             return Ok(());
         }
         let text = serde_json::to_string(&report).unwrap_or_default();

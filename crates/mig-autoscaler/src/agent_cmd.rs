@@ -95,6 +95,10 @@ pub struct AgentArgs {
     /// /healthz fails when no step has finished for this long.
     #[arg(long, default_value_t = 300.0)]
     stall_seconds: f64,
+    /// Write the node report at least this often, changed or not (the controller's
+    /// `reportTimeout` must be well above it).
+    #[arg(long, default_value_t = 300.0)]
+    report_refresh_seconds: f64,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, value_enum, default_value = "plain", env = "MIG_AUTOSCALER_LOG_FORMAT")]
     log_format: LogFormat,
@@ -111,6 +115,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         ("--max-grant-age-seconds", args.max_grant_age_seconds),
         ("--stall-seconds", args.stall_seconds),
         ("--heartbeat-seconds", args.heartbeat_seconds),
+        ("--report-refresh-seconds", args.report_refresh_seconds),
     ] {
         if !(v > 0.0 && v.is_finite()) {
             anyhow::bail!("{flag} must be positive");
@@ -124,6 +129,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
     settings.operator_namespace = args.operator_namespace.clone();
     settings.stall_after = std::time::Duration::from_secs_f64(args.stall_seconds);
     settings.heartbeat = std::time::Duration::from_secs_f64(args.heartbeat_seconds);
+    settings.report_refresh = std::time::Duration::from_secs_f64(args.report_refresh_seconds);
     settings.sequence.max_grant_age =
         jiff::SignedDuration::try_from(std::time::Duration::from_secs_f64(args.max_grant_age_seconds))?;
     settings.dcgm_interval = std::time::Duration::from_secs_f64(args.dcgm_interval_seconds);

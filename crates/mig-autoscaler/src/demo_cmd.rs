@@ -61,6 +61,10 @@ pub struct DemoArgs {
     /// agents create and destroy instances at placements around running pods).
     #[arg(long, default_value = "mig-manager")]
     backend: String,
+    /// Run no agent on the last N nodes, to see how a node without an agent report is shown
+    /// (a `NoAgentReport` problem; its GPUs are neither counted nor changed).
+    #[arg(long, default_value_t = 0)]
+    without_agent: usize,
 }
 
 /// Profiles of the demo workload, with weights (inference-heavy: many small, some large).
@@ -113,7 +117,14 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         spec.device_plugin_pods = backend == mig_planner::Backend::Nvml;
         let mut settings = demo_settings(args.mode, args.listen);
         settings.planner.backend = backend;
-        let system = System::start(args.api_listen, &spec, settings, Duration::from_millis(500)).await?;
+        let system = System::start(
+            args.api_listen,
+            &spec,
+            settings,
+            Duration::from_millis(500),
+            args.without_agent,
+        )
+        .await?;
         if let Some(path) = &args.kubeconfig_out {
             std::fs::write(path, system.server.kubeconfig())
                 .with_context(|| format!("cannot write {}", path.display()))?;

@@ -310,7 +310,7 @@ fn slow_path(config: &SimConfig, pods: &[TracePod], scale: f64) -> Result<Report
         settings.budgets.node_cooldown = Dur::millis(0);
         settings.budgets.max_nodes_reconfiguring = Amount::Percent(100);
         settings.planner.backend = config.backend;
-        let system = System::start(listen, &spec, settings, tick).await?;
+        let system = System::start(listen, &spec, settings, tick, 0).await?;
         let since = std::time::Instant::now();
         while !system.controller.shared.ready.load(Ordering::SeqCst) {
             anyhow::ensure!(

@@ -1,5 +1,6 @@
 //! The built-in layout view, drawn by a real browser (Debian chromium, headless) against the demo:
-//! every instance the API reports is drawn at its placement, actual and target.
+//! every instance the API reports is drawn at its placement, actual and target, and the plan's
+//! problems (here a node without an agent) are listed.
 
 #![allow(clippy::unwrap_used)]
 
@@ -76,6 +77,7 @@ fn the_layout_view_draws_what_the_api_reports() {
                 "2",
             ])
             .args(["--arrival-seconds", "100000", "--duration", "120"])
+            .args(["--without-agent", "1"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -140,6 +142,11 @@ fn the_layout_view_draws_what_the_api_reports() {
     assert!(dom.contains("class=\"gpu changed\""));
     assert!(dom.contains("data-pod=\"default/job-0001"), "{dom}");
     assert!(dom.contains("after repartition"));
+    // The node without an agent is named above the layouts.
+    assert!(
+        dom.contains("data-reason=\"NoAgentReport\"") && dom.contains("no agent report"),
+        "{dom}"
+    );
 }
 
 /// The demo's output, run to its end with `args` on a free port.

@@ -228,6 +228,8 @@ struct LoopState {
     ended_seen: BTreeMap<String, (String, Timestamp)>,
     /// Pod UIDs this replica evicted, and when (not evicted again while the cache lags).
     evicted: HashMap<String, Instant>,
+    /// When each node's agent report last changed (stale ones are left alone).
+    reports: crate::observe::ReportClock,
 }
 
 struct ControlLoop {

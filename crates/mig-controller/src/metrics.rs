@@ -58,6 +58,7 @@ one_label!(
 );
 one_label!(ResultLabel, result, "Outcome of a write or a reconfiguration.");
 one_label!(BudgetLabel, budget, "`nodes` or `evictions`.");
+one_label!(ReportLabel, report, "`missing` or `stale`.");
 one_label!(ReasonLabel, reason, "Input problem reason.");
 one_label!(OutcomeLabel, outcome, "`fits` or `waits`.");
 one_label!(
@@ -84,12 +85,13 @@ pub const RECONFIGURATION_RESULTS: [&str; 4] = ["Done", "RolledBack", "Failed", 
 /// Results of the evictions the controller posts.
 pub const EVICTION_RESULTS: [&str; 4] = ["evicted", "blocked", "gone", "error"];
 /// Input problem reasons.
-pub const INPUT_PROBLEMS: [Reason; 5] = [
+pub const INPUT_PROBLEMS: [Reason; 6] = [
     Reason::InvalidMigRequest,
     Reason::MalformedAnnotation,
     Reason::UnknownGpuModel,
     Reason::GpuStateUnknown,
     Reason::AgentBackendMismatch,
+    Reason::NoAgentReport,
 ];
 /// Limits the HTTP API refuses requests or connections for.
 pub const HTTP_LIMITS: [&str; 4] = ["total", "per-client", "concurrency", "size"];
@@ -124,6 +126,8 @@ pub struct Metrics {
     pub nodes_reconfiguring: Gauge,
     /// Nodes stuck for a person: failed and tainted, or their agent gone mid-change.
     pub nodes_stuck: Gauge,
+    /// Nodes with MIG GPUs whose agent report is missing or stale (not counted, not changed).
+    pub nodes_unreported: Family<ReportLabel, Gauge>,
     /// Ended reconfigurations by result.
     pub reconfigurations: Family<ResultLabel, Counter>,
     /// Evictions granted.
@@ -158,6 +162,7 @@ impl Metrics {
             budget_headroom: Family::default(),
             nodes_reconfiguring: Gauge::default(),
             nodes_stuck: Gauge::default(),
+            nodes_unreported: Family::default(),
             reconfigurations: Family::default(),
             evictions_granted: Counter::default(),
             evictions: Family::default(),
@@ -282,6 +287,11 @@ fn register(m: &Metrics, registry: &mut Registry) {
         m.nodes_stuck.clone(),
     );
     registry.register(
+        "nodes_unreported",
+        "Nodes with MIG GPUs whose agent report is missing or stale (reportTimeout): the planner neither counts nor changes their GPUs",
+        m.nodes_unreported.clone(),
+    );
+    registry.register(
         "reconfigurations",
         "Ended node reconfigurations by result",
         m.reconfigurations.clone(),
@@ -337,6 +347,9 @@ fn initialise_labels(m: &Metrics, profiles: impl IntoIterator<Item = String>) {
     }
     for result in EVICTION_RESULTS {
         let _ = m.evictions.get_or_create(&ResultLabel { result });
+    }
+    for report in ["missing", "stale"] {
+        let _ = m.nodes_unreported.get_or_create(&ReportLabel { report });
     }
     for budget in ["nodes", "evictions"] {
         let _ = m.budget_headroom.get_or_create(&BudgetLabel { budget });

@@ -59,6 +59,8 @@ pub struct NodeView {
     pub malformed: bool,
     /// Whether it carries MIG GPUs with an agent report.
     pub reported: bool,
+    /// It has MIG GPUs but its agent report is missing or stale: not counted, not changed.
+    pub unreported: Option<Unreported>,
     /// Recent eviction grants (eviction budget).
     pub recent_evictions: Vec<Timestamp>,
 }
@@ -87,6 +89,113 @@ impl ClusterView {
                 recent_evictions: v.recent_evictions.clone(),
             })
             .collect()
+    }
+}
+
+/// Why a node with MIG GPUs has no usable agent report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unreported {
+    /// No report at all.
+    Missing,
+    /// A report the controller has not seen change for this long (agents rewrite theirs every
+    /// `--report-refresh-seconds`, 5 minutes by default): the agent stopped.
+    Stale(std::time::Duration),
+}
+
+impl Unreported {
+    /// The metric label: `missing` or `stale`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Unreported::Missing => "missing",
+            Unreported::Stale(_) => "stale",
+        }
+    }
+}
+
+impl std::fmt::Display for Unreported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unreported::Missing => f.write_str("no agent report"),
+            Unreported::Stale(age) => write!(
+                f,
+                "agent report unchanged for {}",
+                crate::settings::Dur(std::time::Duration::from_secs(age.as_secs()))
+            ),
+        }
+    }
+}
+
+/// Which sign says the node has MIG GPUs, if any: GPU feature discovery's `mig.capable`, a
+/// mig-parted config label, or MIG resources the device plugin advertises.
+fn mig_sign(node: &Node) -> Option<&'static str> {
+    let labels = node.metadata.labels.as_ref();
+    let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+    if label("nvidia.com/mig.capable") == Some("true") {
+        return Some("label nvidia.com/mig.capable=true");
+    }
+    if label(MIG_CONFIG_LABEL).is_some() {
+        return Some("label nvidia.com/mig.config");
+    }
+    let advertises = node
+        .status
+        .as_ref()
+        .and_then(|s| s.allocatable.as_ref())
+        .is_some_and(|a| a.keys().any(|k| k.starts_with(MIG_RESOURCE_PREFIX)));
+    advertises.then_some("allocatable nvidia.com/mig-* resources")
+}
+
+/// When each node's agent report last changed, on the controller's own clock (a node's clock may
+/// be off). A report first seen, or changed, is new now; so after a restart of the controller a
+/// stopped agent is found `reportTimeout` later.
+#[derive(Debug, Default)]
+pub struct ReportClock {
+    seen: std::collections::HashMap<String, (u64, std::time::Instant)>,
+}
+
+impl ReportClock {
+    /// Note the reports in `view` at `now`, forget nodes without one, and leave alone the nodes
+    /// whose report has not changed for longer than `timeout`: their GPUs become unknown (the
+    /// planner places nothing on them and changes nothing there), the node is marked unobserved
+    /// for explanations, and each is a `NoAgentReport` problem.
+    pub fn apply(&mut self, view: &mut ClusterView, now: std::time::Instant, timeout: std::time::Duration) {
+        use std::hash::{Hash, Hasher};
+        self.seen
+            .retain(|n, _| view.nodes.get(n).is_some_and(|v| v.report_raw.is_some()));
+        for (name, v) in &mut view.nodes {
+            let Some(raw) = &v.report_raw else { continue };
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            raw.hash(&mut h);
+            let hash = h.finish();
+            let since = match self.seen.get(name) {
+                Some((seen, since)) if *seen == hash => *since,
+                _ => {
+                    self.seen.insert(name.clone(), (hash, now));
+                    now
+                }
+            };
+            let age = now.saturating_duration_since(since);
+            if age <= timeout || v.unreported.is_some() {
+                continue;
+            }
+            let stale = Unreported::Stale(age);
+            v.unreported = Some(stale);
+            if let Some(node) = view.snapshot.nodes.iter_mut().find(|n| n.name == *name) {
+                node.unobserved = Some(stale.to_string());
+                node.frozen = true;
+                for gpu in &mut node.gpus {
+                    gpu.unknown.get_or_insert_with(|| stale.to_string());
+                }
+            }
+            node_problem(
+                &mut view.problems,
+                name,
+                Reason::NoAgentReport,
+                format!(
+                    "{stale} (reportTimeout {}; agents rewrite it every 5 minutes): the agent may have stopped; its GPUs are not counted and not changed until it reports again",
+                    crate::settings::Dur(timeout)
+                ),
+            );
+        }
     }
 }
 
@@ -407,7 +516,7 @@ fn observe_node(
         .as_ref()
         .map(|g| g.recent_evictions.iter().filter_map(|t| t.parse().ok()).collect())
         .unwrap_or_default();
-    let view = NodeView {
+    let mut view = NodeView {
         report_raw: node
             .metadata
             .annotations
@@ -421,6 +530,7 @@ fn observe_node(
         mig_config: labels.get(MIG_CONFIG_LABEL).cloned(),
         malformed,
         reported: report.is_some(),
+        unreported: None,
         recent_evictions,
     };
     let managed = policy
@@ -433,6 +543,21 @@ fn observe_node(
         recent_evictions: view.recent_evictions.clone(),
     };
     let blocked = budget::node_blocked(budgets, now, &facts, budget::window_open(budgets, now)).is_some();
+    let unreported = (report.is_none() && !malformed && managed)
+        .then(|| mig_sign(node))
+        .flatten()
+        .map(|sign| {
+            node_problem(
+                problems,
+                &name,
+                Reason::NoAgentReport,
+                format!(
+                    "the node has MIG GPUs ({sign}) but no agent report: its GPUs are not counted and not changed. Is the mig-autoscaler agent running on it?"
+                ),
+            );
+            Unreported::Missing
+        });
+    view.unreported = unreported;
     let agent_backend = report.as_ref().and_then(|r| r.backend);
     let wrong_backend = agent_backend.filter(|b| *b != policy.backend);
     if let Some(b) = wrong_backend {
@@ -476,6 +601,7 @@ fn observe_node(
         taints,
         schedulable: !spec.unschedulable.unwrap_or(false),
         frozen: malformed || blocked || wrong_backend.is_some() || unknown_freezes,
+        unobserved: unreported.map(|u| u.to_string()),
         gpus: if malformed { Vec::new() } else { gpus },
     };
     (view, snap, counts)
@@ -712,5 +838,62 @@ mod tests {
             let plan = mig_planner::plan(&o.snapshot, &o.snapshot.policy);
             assert!(plan.gpus.iter().all(|g| g.index == 0), "{:?}", plan.gpus);
         }
+    }
+
+    #[test]
+    fn only_a_node_with_mig_gpus_and_no_report_is_missing_its_agent() {
+        use mig_planner::snapshot::Backend::MigManager;
+        let node = |meta: serde_json::Value, allocatable: serde_json::Value| {
+            Arc::new(
+                serde_json::from_value::<Node>(serde_json::json!({
+                    "metadata": meta, "status": {"allocatable": allocatable},
+                }))
+                .unwrap(),
+            )
+        };
+        let missing = |n: Arc<Node>| {
+            let o = observe_one(n, MigManager);
+            let problems: Vec<&InputProblem> = o
+                .problems
+                .iter()
+                .filter(|p| p.reason == Reason::NoAgentReport)
+                .collect();
+            let view = o.nodes["n1"].unreported;
+            assert_eq!(problems.len(), usize::from(view.is_some()), "{problems:?}");
+            assert_eq!(o.snapshot.nodes[0].unobserved.is_some(), view.is_some());
+            view
+        };
+        // No sign of MIG: a CPU node, or a GPU node with MIG off, is none of our business.
+        let plain =
+            serde_json::json!({"name": "n1", "labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}});
+        assert_eq!(
+            missing(node(plain, serde_json::json!({"nvidia.com/gpu": "8"}))),
+            None
+        );
+        for (labels, allocatable) in [
+            (
+                serde_json::json!({"nvidia.com/mig.capable": "true"}),
+                serde_json::json!({}),
+            ),
+            (
+                serde_json::json!({MIG_CONFIG_LABEL: "all-1g.10gb"}),
+                serde_json::json!({}),
+            ),
+            (
+                serde_json::json!({}),
+                serde_json::json!({"nvidia.com/mig-1g.10gb": "7"}),
+            ),
+        ] {
+            let meta = serde_json::json!({"name": "n1", "labels": labels});
+            assert_eq!(
+                missing(node(meta, allocatable.clone())),
+                Some(Unreported::Missing),
+                "{labels} {allocatable}"
+            );
+        }
+        // With a report it is the agent's node, even with no GPUs in it.
+        let meta = serde_json::json!({"name": "n1", "labels": {"nvidia.com/mig.capable": "true"},
+            "annotations": {REPORT_ANNOTATION: r#"{"observedAt": "", "gpus": []}"#}});
+        assert_eq!(missing(node(meta, serde_json::json!({}))), None);
     }
 }

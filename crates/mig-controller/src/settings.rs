@@ -360,6 +360,10 @@ pub struct Settings {
     /// `recentDemand`: spare capacity on GPUs that change anyway is shaped like it. `0s` turns it
     /// off.
     pub demand_window: Dur,
+    /// A node's agent report the controller has not seen change for this long is stale: the agent
+    /// stopped (agents rewrite it at least every `--report-refresh-seconds`, 5 minutes by
+    /// default). Its GPUs are then neither counted nor changed, with a `NoAgentReport` Warning.
+    pub report_timeout: Dur,
     /// HTTP server.
     pub http: HttpSettings,
 }
@@ -376,6 +380,7 @@ impl Default for Settings {
             event_dedupe: Dur::secs(120),
             tick: Dur::millis(500),
             demand_window: Dur::secs(3600),
+            report_timeout: Dur::secs(900),
             http: HttpSettings::default(),
         }
     }
@@ -424,6 +429,12 @@ impl Settings {
             if w.duration.0.is_zero() {
                 problems.push(format!("budgets.windows[{i}].duration must be positive"));
             }
+        }
+        if self.report_timeout.0 < Duration::from_secs(60) {
+            problems.push(format!(
+                "reportTimeout ({}) must be at least 1m, and well above the agents' --report-refresh-seconds (5m by default)",
+                self.report_timeout
+            ));
         }
         if self.budgets.eviction_window.0.is_zero() {
             problems.push("budgets.evictionWindow must be positive".into());

@@ -500,6 +500,29 @@ fn evictions(p: &Problem<'_>, o: &Outcome, placements: &Placements, gpus: &[GpuP
     evictions
 }
 
+/// What a waiting pod is told about nodes whose GPUs were not counted (no agent report, or a
+/// stale one): `; 2 MIG node(s) not counted: a (no agent report), b (…)`, or nothing.
+fn unobserved_note(snapshot: &Snapshot) -> String {
+    const NAMED: usize = 3;
+    let nodes: Vec<String> = snapshot
+        .nodes
+        .iter()
+        .filter_map(|n| Some(format!("{} ({})", n.name, n.unobserved.as_ref()?)))
+        .collect();
+    if nodes.is_empty() {
+        return String::new();
+    }
+    let more = match nodes.len().saturating_sub(NAMED) {
+        0 => String::new(),
+        k => format!(" and {k} more"),
+    };
+    format!(
+        "; {} MIG node(s) not counted: {}{more}",
+        nodes.len(),
+        nodes[..nodes.len().min(NAMED)].join(", ")
+    )
+}
+
 /// Per pending pod: where it fits (and whether a repartition comes first), or why it waits.
 fn pod_plans(
     p: &Problem<'_>,
@@ -509,9 +532,12 @@ fn pod_plans(
     dis: &Disruption,
 ) -> Vec<PodPlan> {
     let mut pods = Vec::new();
+    let not_counted = unobserved_note(snapshot);
     for (pi, pod) in snapshot.pending_pods.iter().enumerate() {
         let outcome = if let Some((_, why)) = p.rejected.iter().find(|(i, _)| *i == pi) {
-            PodOutcome::Waits { reason: why.clone() }
+            PodOutcome::Waits {
+                reason: format!("{why}{not_counted}"),
+            }
         } else {
             let d = p
                 .demands
@@ -530,7 +556,7 @@ fn pod_plans(
                     instances,
                 },
                 None => PodOutcome::Waits {
-                    reason: explain(p, snapshot, d, dis, o),
+                    reason: format!("{}{not_counted}", explain(p, snapshot, d, dis, o)),
                 },
             }
         };

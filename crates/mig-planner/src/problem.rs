@@ -574,7 +574,7 @@ fn demands(
         let req = match pod_request(pod, profiles) {
             Ok(req) => req,
             Err(why) => {
-                rejected.push((pi, why));
+                rejected.push((pi, why.to_string()));
                 continue;
             }
         };
@@ -621,23 +621,58 @@ fn demands(
     (demands, rejected)
 }
 
+/// Why a pending pod cannot be planned for at all (it waits with this as its reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Unplannable {
+    /// A count outside 1..=64.
+    #[error("request {resource}: {count} is not a count between 1 and 64")]
+    Count {
+        /// The resource.
+        resource: String,
+        /// The count asked for.
+        count: i64,
+    },
+    /// A profile no GPU in the cluster has.
+    #[error("no GPU in the cluster offers {profile} (resource {resource})")]
+    NotOffered {
+        /// The profile.
+        profile: String,
+        /// The resource.
+        resource: String,
+    },
+    /// No MIG resource at all.
+    #[error("requests no nvidia.com/mig-* resource")]
+    NoMigRequest,
+}
+
 /// A pending pod's MIG requests as `(global profile, count)`, or why it cannot be planned.
-fn pod_request(pod: &crate::snapshot::PendingPod, profiles: &[String]) -> Result<Vec<(usize, u16)>, String> {
+fn pod_request(
+    pod: &crate::snapshot::PendingPod,
+    profiles: &[String],
+) -> Result<Vec<(usize, u16)>, Unplannable> {
     let mut req = Vec::new();
     for (res, count) in &pod.requests {
         let Some(profile) = res.strip_prefix(RESOURCE_PREFIX) else {
             continue;
         };
         if *count <= 0 || *count > 64 {
-            return Err(format!("request {res}: {count} is not a count between 1 and 64"));
+            return Err(Unplannable::Count {
+                resource: res.clone(),
+                count: *count,
+            });
         }
         match profiles.binary_search(&profile.to_string()) {
             Ok(q) => req.push((q, *count as u16)),
-            Err(_) => return Err(format!("no GPU in the cluster offers {profile} (resource {res})")),
+            Err(_) => {
+                return Err(Unplannable::NotOffered {
+                    profile: profile.to_string(),
+                    resource: res.clone(),
+                });
+            }
         }
     }
     if req.is_empty() {
-        return Err("requests no nvidia.com/mig-* resource".into());
+        return Err(Unplannable::NoMigRequest);
     }
     Ok(req)
 }

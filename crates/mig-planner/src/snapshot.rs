@@ -54,6 +54,11 @@ pub struct Node {
     /// may be placed on them, but the planner changes nothing on this node.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub frozen: bool,
+    /// Why its MIG GPUs are not known, when they are not: no agent report, or one its agent
+    /// stopped refreshing. Such a node's GPUs are left out or unknown (nothing is placed on or
+    /// changed there), and a pod that waits is told that this node was not counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unobserved: Option<String>,
     /// The node's GPUs.
     #[serde(default)]
     pub gpus: Vec<Gpu>,

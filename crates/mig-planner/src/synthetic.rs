@@ -117,6 +117,7 @@ pub fn fleet(spec: &FleetSpec) -> Snapshot {
             taints: Vec::new(),
             schedulable: true,
             frozen: false,
+            unobserved: None,
             gpus,
         });
     }

@@ -33,6 +33,9 @@ pub enum Reason {
     GpuStateUnknown,
     /// Node: its agent runs another backend than the planner's.
     AgentBackendMismatch,
+    /// Node: it has MIG GPUs but no agent report, or one its agent stopped refreshing; its GPUs
+    /// are not counted and not changed.
+    NoAgentReport,
     /// Node: the agent never started a grant; withdrawn.
     GrantWithdrawn,
     /// Node: the agent stopped writing its state mid-sequence.
@@ -64,7 +67,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 24] = [
         Reason::WaitingForMigCapacity,
         Reason::WaitingForRepartition,
         Reason::LayoutChangePlanned,
@@ -75,6 +78,7 @@ impl Reason {
         Reason::UnknownGpuModel,
         Reason::GpuStateUnknown,
         Reason::AgentBackendMismatch,
+        Reason::NoAgentReport,
         Reason::GrantWithdrawn,
         Reason::AgentGone,
         Reason::StaleTaintRemoved,
@@ -103,6 +107,7 @@ impl Reason {
             Reason::UnknownGpuModel => "UnknownGpuModel",
             Reason::GpuStateUnknown => "GpuStateUnknown",
             Reason::AgentBackendMismatch => "AgentBackendMismatch",
+            Reason::NoAgentReport => "NoAgentReport",
             Reason::GrantWithdrawn => "GrantWithdrawn",
             Reason::AgentGone => "AgentGone",
             Reason::StaleTaintRemoved => "StaleTaintRemoved",
@@ -145,6 +150,7 @@ impl Reason {
                 | UnknownGpuModel
                 | GpuStateUnknown
                 | AgentBackendMismatch
+                | NoAgentReport
                 | GrantWithdrawn
                 | AgentGone
                 | EvictionBlockedByPdb

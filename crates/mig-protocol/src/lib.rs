@@ -384,10 +384,36 @@ pub fn flight(grant: Option<&Grant>, state: Option<&NodeState>) -> Flight {
 /// Prefix of MIG extended resources.
 pub const MIG_RESOURCE_PREFIX: &str = "nvidia.com/mig-";
 
+/// A pod's MIG request that is not a count of instances: the pod is not planned for (an API
+/// server refuses such a pod at admission; a cache or another path may still carry one).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadMigRequest {
+    /// Not a whole number (`1.5`, `1Gi`).
+    #[error("container {container}: {resource}: {value:?} is not a whole number of instances")]
+    NotWhole {
+        /// The container.
+        container: String,
+        /// The resource (`nvidia.com/mig-3g.40gb`).
+        resource: String,
+        /// The quantity as written.
+        value: String,
+    },
+    /// Below zero.
+    #[error("container {container}: {resource}: negative count {count}")]
+    Negative {
+        /// The container.
+        container: String,
+        /// The resource.
+        resource: String,
+        /// The count.
+        count: i64,
+    },
+}
+
 /// Requests of one pod per MIG resource: containers summed, init containers as a floor (as the
 /// scheduler computes effective requests). Non-integer or negative counts are errors.
-pub fn mig_requests(spec: &PodSpec) -> Result<BTreeMap<String, i64>, String> {
-    fn of(c: &k8s_openapi::api::core::v1::Container) -> Result<BTreeMap<String, i64>, String> {
+pub fn mig_requests(spec: &PodSpec) -> Result<BTreeMap<String, i64>, BadMigRequest> {
+    fn of(c: &k8s_openapi::api::core::v1::Container) -> Result<BTreeMap<String, i64>, BadMigRequest> {
         let mut out = BTreeMap::new();
         let Some(r) = &c.resources else { return Ok(out) };
         // Extended resources: limits, and requests must equal them; take limits, else requests.
@@ -396,14 +422,17 @@ pub fn mig_requests(spec: &PodSpec) -> Result<BTreeMap<String, i64>, String> {
                 if !k.starts_with(MIG_RESOURCE_PREFIX) || out.contains_key(k) {
                     continue;
                 }
-                let n: i64 = q.0.trim().parse().map_err(|_| {
-                    format!(
-                        "container {}: {k}: {:?} is not a whole number of instances",
-                        c.name, q.0
-                    )
+                let n: i64 = q.0.trim().parse().map_err(|_| BadMigRequest::NotWhole {
+                    container: c.name.clone(),
+                    resource: k.clone(),
+                    value: q.0.clone(),
                 })?;
                 if n < 0 {
-                    return Err(format!("container {}: {k}: negative count {n}", c.name));
+                    return Err(BadMigRequest::Negative {
+                        container: c.name.clone(),
+                        resource: k.clone(),
+                        count: n,
+                    });
                 }
                 if n > 0 {
                     out.insert(k.clone(), n);

@@ -332,6 +332,23 @@ pub async fn write_grant(env: &Env, node: &str, grant: &Grant) {
         .unwrap();
 }
 
+/// Write an agent report of `node`'s simulated GPUs, observed at `observed_at`, as an agent would.
+pub async fn write_report(env: &Env, node: &str, observed_at: &str) {
+    let report = NodeReport {
+        observed_at: observed_at.into(),
+        ..report(&env.cluster, node)
+    };
+    let text = serde_json::to_string(&report).unwrap();
+    Api::<Node>::all(env.client.clone())
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {REPORT_ANNOTATION: text}}})),
+        )
+        .await
+        .unwrap();
+}
+
 /// A pod in `default` asking for `count` instances of `profile` (`3g.40gb`).
 pub fn mig_pod(name: &str, profile: &str, count: &str) -> Pod {
     serde_json::from_value(json!({

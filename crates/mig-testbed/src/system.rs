@@ -35,14 +35,15 @@ pub struct System {
 
 impl System {
     /// Start the API on `api_listen` with the GPU operator's mig-parted ConfigMap, the cluster of
-    /// `spec`, an agent per node (ticking every `agent_tick`, on the planner's backend) and the
-    /// controller. With the nvml backend, `spec` should run device-plugin pods (the agents restart
-    /// them after a change).
+    /// `spec`, an agent per node but the last `without_agent` (ticking every `agent_tick`, on the
+    /// planner's backend) and the controller. With the nvml backend, `spec` should run
+    /// device-plugin pods (the agents restart them after a change).
     pub async fn start(
         api_listen: SocketAddr,
         spec: &kube_emulator::ClusterSpec,
         settings: Settings,
         agent_tick: Duration,
+        without_agent: usize,
     ) -> Result<System> {
         let server = kube_emulator::Running::start(api_listen, kube_emulator::Config::default())
             .await
@@ -57,7 +58,7 @@ impl System {
         config.default_retry = false;
         let client = Client::try_from(config)?;
         let mut agents = Vec::new();
-        for n in &spec.nodes {
+        for n in &spec.nodes[..spec.nodes.len().saturating_sub(without_agent)] {
             let mut s = AgentSettings::new(n.name.clone());
             s.tick = agent_tick;
             s.sequence.backend = settings.planner.backend;

@@ -973,3 +973,144 @@ async fn the_api_lets_in_only_callers_the_api_server_vouches_for() {
     assert!(body.contains("may not get /api/v1/plan"), "{body}");
     c.stop().await;
 }
+
+/// The latest plan of `c` computed at `at` or later on its clock.
+async fn plan_at(
+    c: &mig_controller::Running,
+    at: jiff::Timestamp,
+) -> std::sync::Arc<mig_controller::state::Published> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(p) = c.shared.latest()
+            && p.computed_at.parse::<jiff::Timestamp>().is_ok_and(|t| t >= at)
+        {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "no plan at {at} within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The problems of `plan` about Node `node` with reason `NoAgentReport`.
+fn no_report(plan: &mig_controller::state::Published, node: &str) -> Vec<String> {
+    plan.problems
+        .iter()
+        .filter(|p| p.object == format!("Node/{node}") && p.reason == "NoAgentReport")
+        .map(|p| p.message.clone())
+        .collect()
+}
+
+/// Where `plan` fits pod `default/name` (`None`: it waits), and why it waits.
+fn fits_on(plan: &mig_controller::state::Published, name: &str) -> (Option<String>, String) {
+    let pod = plan.plan.pods.iter().find(|p| p.name == name).unwrap();
+    match &pod.outcome {
+        mig_planner::PodOutcome::Fits { node, .. } => (Some(node.clone()), String::new()),
+        mig_planner::PodOutcome::Waits { reason } => (None, reason.clone()),
+    }
+}
+
+/// A node with MIG GPUs whose agent never reported, or stopped reporting, is named (a problem in
+/// the plan, a Warning Event, a metric, the waiting pod's explanation) and left alone: the planner
+/// neither counts nor changes its GPUs. A report is stale when the controller has not seen it
+/// change for `reportTimeout` on the controller's own clock (a ManualClock here; no test waits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_without_a_live_agent_report_are_named_and_left_alone() {
+    use mig_controller::settings::Dur;
+    use mig_protocol::{Clock, ManualClock};
+    let env = bare_env(nodes(3, 1, SEVEN_1G)).await;
+    let clock = ManualClock::new();
+    // Agents report on gpu-node-0 and -1; gpu-node-2 (MIG GPUs, a mig-parted config label) has none.
+    for n in ["gpu-node-0", "gpu-node-1"] {
+        write_report(&env, n, &clock.now().to_string()).await;
+    }
+    create_pod(&env.client, &mig_pod("big", "7g.80gb", "1")).await;
+    let mut s = fast_settings(Mode::DryRun);
+    s.batching.resync = Dur::secs(60);
+    s.lease.duration = Dur::secs(3600);
+    s.report_timeout = Dur::secs(900);
+    let c = controller_with_clock(&env, s, "replica-a", clock.clone()).await;
+    let unreported = |scrape: &str, report: &str| {
+        sample(
+            scrape,
+            &format!("mig_autoscaler_nodes_unreported{{report=\"{report}\"}}"),
+        )
+    };
+
+    // A node that never reported: named, not counted; the pod is planned elsewhere.
+    let p = plan_at(&c, clock.now()).await;
+    let missing = no_report(&p, "gpu-node-2");
+    assert!(
+        missing.iter().any(|m| m.contains("no agent report")),
+        "{:?}",
+        p.problems
+    );
+    assert!(no_report(&p, "gpu-node-0").is_empty() && no_report(&p, "gpu-node-1").is_empty());
+    let (node, _) = fits_on(&p, "big");
+    assert!(
+        matches!(node.as_deref(), Some("gpu-node-0" | "gpu-node-1")),
+        "{node:?}"
+    );
+    assert!(p.plan.gpus.iter().all(|g| g.node != "gpu-node-2"));
+    let (_, scrape) = http(c.addr, "GET", "/metrics", b"").await;
+    assert_eq!(unreported(&scrape, "missing"), Some(1.0));
+    assert_eq!(unreported(&scrape, "stale"), Some(0.0));
+    eventually(10, "a NoAgentReport Warning on gpu-node-2", || async {
+        events(&env.client, "default")
+            .await
+            .iter()
+            .any(|(w, r, _, t)| w == "gpu-node-2" && r == "NoAgentReport" && t == "Warning")
+    })
+    .await;
+
+    // 16 minutes on: gpu-node-0's agent refreshed its report, gpu-node-1's stopped. Only gpu-node-0
+    // is planned on; gpu-node-1 is named stale and none of its GPUs changes.
+    clock.advance(Duration::from_secs(960));
+    write_report(&env, "gpu-node-0", &clock.now().to_string()).await;
+    let mut planned = None;
+    for _ in 0..10 {
+        clock.advance(Duration::from_secs(61));
+        let p = plan_at(&c, clock.now()).await;
+        if no_report(&p, "gpu-node-0").is_empty() {
+            planned = Some(p);
+            break;
+        }
+    }
+    let p = planned.expect("a plan that saw gpu-node-0's refreshed report");
+    assert!(
+        no_report(&p, "gpu-node-1")
+            .iter()
+            .any(|m| m.contains("agent report unchanged for")),
+        "{:?}",
+        p.problems
+    );
+    assert_eq!(fits_on(&p, "big").0.as_deref(), Some("gpu-node-0"));
+    assert!(
+        p.plan
+            .gpus
+            .iter()
+            .filter(|g| g.node != "gpu-node-0")
+            .all(|g| !g.changed),
+        "{:?}",
+        p.plan.gpus
+    );
+    let (_, scrape) = http(c.addr, "GET", "/metrics", b"").await;
+    assert_eq!(unreported(&scrape, "stale"), Some(1.0));
+
+    // Another 16 minutes and no agent reports: the pod waits, told which nodes were not counted.
+    clock.advance(Duration::from_secs(960));
+    let p = plan_at(&c, clock.now()).await;
+    let (node, why) = fits_on(&p, "big");
+    assert_eq!(node, None);
+    assert!(why.contains("3 MIG node(s) not counted"), "{why}");
+    assert!(why.contains("gpu-node-2 (no agent report)"), "{why}");
+    let (status, e) = get_json(c.addr, "/api/v1/pods/default/big/explain").await;
+    assert_eq!(status, 200);
+    assert!(
+        e["explanation"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not counted"),
+        "{e}"
+    );
+    c.stop().await;
+}

@@ -1608,3 +1608,86 @@ async fn s16_a_gpu_that_stops_answering_mid_sequence_is_left_alone_and_the_rest_
     c.stop().await;
     agent.stop().await;
 }
+
+/// An idle agent rewrites its report every `report_refresh` (5 minutes) of its clock, so the
+/// controller never takes a live agent for a stopped one; once the agent stops, the controller
+/// names the node stale and leaves it alone. Agent and controller share one ManualClock: 35
+/// minutes pass without the test waiting for any of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s17_an_idle_agent_keeps_its_report_fresh_and_a_stopped_one_goes_stale() {
+    use mig_controller::settings::Dur;
+    use mig_protocol::{Clock, ManualClock};
+    let env = bare_env(nodes(1, 1, SEVEN_1G)).await;
+    let clock = ManualClock::new();
+    let source = Arc::new(EmulatedGpus::new(env.cluster.clone(), "gpu-node-0"));
+    let agent = mig_agent::agent::start_with_clock(
+        agent_client(&env.server, "gpu-node-0"),
+        agent_settings("gpu-node-0"),
+        source,
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let mut s = fast_settings(Mode::DryRun);
+    s.batching.resync = Dur::secs(60);
+    s.lease.duration = Dur::secs(3600);
+    let c = controller_with_clock(&env, s, "replica-a", clock.clone()).await;
+    let observed = || async {
+        node_report(&env, "gpu-node-0")
+            .await
+            .and_then(|r| r.observed_at.parse::<jiff::Timestamp>().ok())
+    };
+    eventually(10, "the agent's first report", || async {
+        observed().await.is_some()
+    })
+    .await;
+    let first = observed().await.unwrap();
+    let stale = |p: &mig_controller::state::Published| {
+        p.problems
+            .iter()
+            .any(|x| x.object == "Node/gpu-node-0" && x.reason == "NoAgentReport")
+    };
+    let plan_now = || async {
+        let at = clock.now();
+        loop {
+            if let Some(p) = c.shared.latest()
+                && p.computed_at.parse::<jiff::Timestamp>().is_ok_and(|t| t >= at)
+            {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // Twenty minutes of an idle node, four at a time: the report moves, and is never stale.
+    for _ in 0..5 {
+        clock.advance(Duration::from_secs(240));
+        let p = tokio::time::timeout(Duration::from_secs(30), plan_now())
+            .await
+            .unwrap();
+        assert!(
+            !stale(&p),
+            "a live agent's report taken for stale: {:?}",
+            p.problems
+        );
+    }
+    let refreshed = observed().await.unwrap();
+    assert!(
+        refreshed.duration_since(first) >= jiff::SignedDuration::from_mins(5),
+        "the report was not refreshed: first {first}, now {refreshed}"
+    );
+    // The agent stops: within reportTimeout (15 min) and a plan, the node is named stale.
+    agent.stop().await;
+    let mut named = false;
+    for _ in 0..5 {
+        clock.advance(Duration::from_secs(300));
+        let p = tokio::time::timeout(Duration::from_secs(30), plan_now())
+            .await
+            .unwrap();
+        if stale(&p) {
+            named = true;
+            break;
+        }
+    }
+    assert!(named, "a stopped agent's node was never named stale");
+    c.stop().await;
+}

@@ -17,7 +17,7 @@ use serde_json::json;
 use super::{CONFIG_PREFIX, ControlLoop, FIELD_MANAGER, annotation};
 use crate::budget::{self, Candidate};
 use crate::metrics::ResultLabel;
-use crate::observe::ClusterView;
+use crate::observe::{ClusterView, NodeView};
 
 impl ControlLoop {
     /// Re-check a candidate against fresh state, then write the ConfigMap entry and the grant.
@@ -92,7 +92,7 @@ impl ControlLoop {
         let Some(old) = planned.nodes.get(&c.node) else {
             return Err(GrantError::Invalidated("node was not observed".into()));
         };
-        if view.report_raw != old.report_raw {
+        if !same_gpus(view, old) {
             return Err(GrantError::Invalidated(
                 "the node's GPUs changed since planning".into(),
             ));
@@ -316,4 +316,50 @@ pub(super) enum GrantError {
     Invalidated(String),
     /// The write failed (`conflict` or `error`).
     Write(&'static str, String),
+}
+
+/// Whether two views of a node show the same GPUs (the report's `observedAt`, which its agent
+/// moves every few minutes, aside).
+fn same_gpus(a: &NodeView, b: &NodeView) -> bool {
+    let gpus = |v: &NodeView| {
+        v.report_raw
+            .as_deref()
+            .and_then(|r| serde_json::from_str::<mig_protocol::NodeReport>(r).ok())
+            .map(|r| (r.gpus, r.backend))
+    };
+    a.report_raw == b.report_raw || gpus(a).is_some_and(|g| Some(g) == gpus(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(report: &str) -> NodeView {
+        NodeView {
+            report_raw: Some(report.into()),
+            grant: None,
+            state: None,
+            flight: mig_protocol::flight(None, None),
+            tainted: false,
+            mig_config: None,
+            malformed: false,
+            reported: true,
+            unreported: None,
+            recent_evictions: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_refreshed_report_is_the_same_gpus_and_a_changed_instance_is_not() {
+        let gpu = |start: u8| {
+            format!(
+                r#"{{"index": 0, "product": "NVIDIA-H100-80GB-HBM3", "instances": [{{"profile": "3g.40gb", "start": {start}}}]}}"#
+            )
+        };
+        let report = |at: &str, start: u8| format!(r#"{{"observedAt": "{at}", "gpus": [{}]}}"#, gpu(start));
+        let planned = view(&report("2026-12-03T12:00:00Z", 0));
+        assert!(same_gpus(&planned, &view(&report("2026-12-03T12:05:00Z", 0))));
+        assert!(!same_gpus(&planned, &view(&report("2026-12-03T12:00:00Z", 4))));
+        assert!(!same_gpus(&planned, &view("{garbage")));
+    }
 }

@@ -57,9 +57,10 @@ pub(super) fn annotation<T: serde::de::DeserializeOwned>(node: &Node, key: &'sta
 }
 
 impl ControlLoop {
-    pub(super) fn observe_now(&self) -> ClusterView {
+    /// The cluster as the caches show it now, nodes whose agent report went stale left alone.
+    pub(super) fn observe_now(&mut self) -> ClusterView {
         let s = &self.shared.settings;
-        observe(
+        let mut view = observe(
             &self.caches.nodes.state(),
             &self.caches.pods.state(),
             &self.caches.pdbs.state(),
@@ -67,7 +68,12 @@ impl ControlLoop {
             &s.budgets,
             s.demand_window.0,
             self.now(),
-        )
+        );
+        let instant = self.instant();
+        self.state
+            .reports
+            .apply(&mut view, instant, self.shared.settings.report_timeout.0);
+        view
     }
 
     /// On becoming leader: the grants in flight on the Nodes as the API server has them now (a

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::ControlLoop;
 use crate::budget::Headroom;
-use crate::metrics::{BudgetLabel, InstanceLabels, OutcomeLabel, ProfileLabel, ReasonLabel};
+use crate::metrics::{BudgetLabel, InstanceLabels, OutcomeLabel, ProfileLabel, ReasonLabel, ReportLabel};
 use crate::observe::{ClusterView, InputProblem};
 use crate::settings::Mode;
 
@@ -184,6 +184,16 @@ impl ControlLoop {
         m.budget_headroom
             .get_or_create(&BudgetLabel { budget: "evictions" })
             .set(i64::from(room.evictions));
+        for report in ["missing", "stale"] {
+            let n = obs
+                .nodes
+                .values()
+                .filter(|v| v.unreported.is_some_and(|u| u.label() == report))
+                .count();
+            m.nodes_unreported
+                .get_or_create(&ReportLabel { report })
+                .set(n as i64);
+        }
         m.nodes_reconfiguring.set(i64::from(room.in_flight));
         m.nodes_stuck.set(i64::from(room.stuck));
     }

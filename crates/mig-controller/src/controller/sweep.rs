@@ -186,6 +186,7 @@ mod tests {
             mig_config: None,
             malformed: false,
             reported: true,
+            unreported: None,
             recent_evictions: Vec::new(),
         }
     }

@@ -56,6 +56,7 @@ pub fn node(name: &str, labels: &[(&str, &str)], gpus: Vec<Gpu>) -> Node {
         taints: Vec::new(),
         schedulable: true,
         frozen: false,
+        unobserved: None,
         gpus,
     }
 }
