@@ -125,6 +125,19 @@ async fn dry_run_plans_explains_and_never_writes() {
         ),
         Some(7.0)
     );
+    // Bounded cardinality: per GPU only the profiles it has on either side (4 series for the
+    // changed GPU: 1g and 3g, actual and target; 2 for each of the three unchanged ones), and
+    // pending pods only for the profiles of the models in the cluster.
+    let instance_series = scrape
+        .lines()
+        .filter(|l| l.starts_with("mig_autoscaler_gpu_instances{"))
+        .count();
+    assert_eq!(instance_series, 4 + 3 * 2, "{scrape}");
+    assert_eq!(
+        sample(&scrape, "mig_autoscaler_pending_pods{profile=\"1g.5gb\"}"),
+        None,
+        "a profile of the A100 40GB, which this cluster does not have"
+    );
     assert!(sample(&scrape, "mig_autoscaler_decisions_total{decision=\"dry-run\"}").unwrap() >= 1.0);
     assert_eq!(
         sample(&scrape, "mig_autoscaler_decisions_total{decision=\"granted\"}"),

@@ -1,7 +1,7 @@
 //! What the loop tells people: Events (one gate, object references with UIDs) and the plan's
 //! metrics, explanations on pods and nodes, problems found in the input.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -12,6 +12,7 @@ use mig_protocol::{Emitter, Reason};
 use tokio::sync::mpsc;
 
 use super::ControlLoop;
+use crate::Metrics;
 use crate::budget::Headroom;
 use crate::metrics::{BudgetLabel, InstanceLabels, OutcomeLabel, ProfileLabel, ReasonLabel, ReportLabel};
 use crate::observe::{ClusterView, InputProblem};
@@ -112,60 +113,8 @@ impl ControlLoop {
 
     pub(super) fn record_plan_metrics(&self, obs: &ClusterView, plan: &Plan, room: Headroom) {
         let m = &self.shared.metrics;
-        let mut by_profile: BTreeMap<String, i64> = BTreeMap::new();
-        for p in &obs.snapshot.pending_pods {
-            for r in p.requests.keys() {
-                if let Some(profile) = r.strip_prefix(mig_protocol::MIG_RESOURCE_PREFIX) {
-                    *by_profile.entry(profile.to_string()).or_default() += 1;
-                }
-            }
-        }
-        for (profile, n) in &by_profile {
-            m.pending_pods
-                .get_or_create(&ProfileLabel {
-                    profile: profile.clone(),
-                })
-                .set(*n);
-        }
-        // Zero the profiles no pod asks for any more.
-        let catalog = Catalog::embedded();
-        for model in catalog.models.iter() {
-            for p in &model.profiles {
-                if !by_profile.contains_key(&p.name) {
-                    m.pending_pods
-                        .get_or_create(&ProfileLabel {
-                            profile: p.name.clone(),
-                        })
-                        .set(0);
-                }
-            }
-        }
-        m.gpu_instances.clear();
-        for g in &plan.gpus {
-            let Ok(model) = catalog.lookup(&g.model) else {
-                continue;
-            };
-            for (side, text) in [("actual", &g.actual), ("target", &g.target)] {
-                let Ok(l) = model.parse_layout(text) else { continue };
-                let mut counts: BTreeMap<String, i64> =
-                    model.profiles.iter().map(|p| (p.name.clone(), 0)).collect();
-                for i in l.instances() {
-                    if let Some(p) = model.profile(i.profile) {
-                        *counts.entry(p.name.clone()).or_default() += 1;
-                    }
-                }
-                for (profile, n) in counts {
-                    m.gpu_instances
-                        .get_or_create(&InstanceLabels {
-                            node: g.node.clone(),
-                            gpu: g.index.to_string(),
-                            profile,
-                            side,
-                        })
-                        .set(n);
-                }
-            }
-        }
+        record_pending(m, obs, plan);
+        record_instances(m, plan);
         let fits = plan
             .pods
             .iter()
@@ -291,6 +240,66 @@ impl ControlLoop {
                 node_ref(&n.node, None),
                 None,
             );
+        }
+    }
+}
+
+/// `pending_pods` per profile: the profiles pending pods ask for, and zeros for the other profiles
+/// of the GPU models in the cluster (not of every model in the catalog).
+fn record_pending(m: &Metrics, obs: &ClusterView, plan: &Plan) {
+    let catalog = Catalog::embedded();
+    let mut by_profile: BTreeMap<String, i64> = plan
+        .gpus
+        .iter()
+        .filter_map(|g| catalog.lookup(&g.model).ok())
+        .flat_map(|model| model.profiles.iter().map(|p| (p.name.clone(), 0)))
+        .collect();
+    for p in &obs.snapshot.pending_pods {
+        for r in p.requests.keys() {
+            if let Some(profile) = r.strip_prefix(mig_protocol::MIG_RESOURCE_PREFIX) {
+                *by_profile.entry(profile.to_string()).or_default() += 1;
+            }
+        }
+    }
+    m.pending_pods.clear();
+    for (profile, n) in by_profile {
+        m.pending_pods.get_or_create(&ProfileLabel { profile }).set(n);
+    }
+}
+
+/// `gpu_instances` per GPU, side and profile: only the profiles the GPU has on either side (a
+/// profile on one side only is 0 on the other, so `target - actual` sees it); no zeros otherwise.
+fn record_instances(m: &Metrics, plan: &Plan) {
+    let catalog = Catalog::embedded();
+    m.gpu_instances.clear();
+    for g in &plan.gpus {
+        let Ok(model) = catalog.lookup(&g.model) else {
+            continue;
+        };
+        let count = |text: &str| {
+            let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+            for i in model
+                .parse_layout(text)
+                .map(|l| l.instances().to_vec())
+                .unwrap_or_default()
+            {
+                *counts.entry(model.profile_name(i.profile)).or_default() += 1;
+            }
+            counts
+        };
+        let (actual, target) = (count(&g.actual), count(&g.target));
+        let profiles: BTreeSet<&String> = actual.keys().chain(target.keys()).collect();
+        for profile in profiles {
+            for (side, counts) in [("actual", &actual), ("target", &target)] {
+                m.gpu_instances
+                    .get_or_create(&InstanceLabels {
+                        node: g.node.clone(),
+                        gpu: g.index.to_string(),
+                        profile: profile.clone(),
+                        side,
+                    })
+                    .set(counts.get(profile).copied().unwrap_or(0));
+            }
         }
     }
 }
