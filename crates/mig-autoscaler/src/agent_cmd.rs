@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use mig_agent::{AgentSettings, FailurePolicy, NvidiaSmiGpus};
 
-use crate::controller_cmd::{LogFormat, client, init_logging, shutdown_signal};
+use crate::controller_cmd::{LogArgs, client, init_logging, shutdown_signal};
 
 /// What to do when a reconfiguration fails.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -99,14 +99,13 @@ pub struct AgentArgs {
     /// `reportTimeout` must be well above it).
     #[arg(long, default_value_t = 300.0)]
     report_refresh_seconds: f64,
-    /// Log format; the level comes from RUST_LOG (default info).
-    #[arg(long, value_enum, default_value = "plain", env = "MIG_AUTOSCALER_LOG_FORMAT")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 /// Run until SIGTERM/Ctrl-C; a step in progress always finishes (and its phase is persisted).
 pub fn run(args: AgentArgs) -> Result<ExitCode> {
-    init_logging(args.log_format);
+    init_logging(&args.log);
     for (flag, v) in [
         ("--tick-seconds", args.tick_seconds),
         ("--catalog-retry-seconds", args.catalog_retry_seconds),

@@ -8,13 +8,28 @@ use clap::{Args, ValueEnum};
 use mig_controller::{Mode, Settings};
 
 /// Log output format.
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
     Plain,
     /// One JSON object per line (the cluster default).
     Json,
 }
+
+/// How the long-running commands log: to stderr, plain or JSON, colour only on a terminal.
+#[derive(Args, Clone, Debug)]
+pub struct LogArgs {
+    /// Log format: `plain` or `json` (one object per line, nothing else on stderr).
+    #[arg(long, value_enum, default_value = "plain", env = "MIG_AUTOSCALER_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log level of mig-autoscaler: error, warn, info, debug or trace. The HTTP and TLS libraries
+    /// stay at warn; RUST_LOG, when set, replaces this filter entirely.
+    #[arg(long, default_value = "info", env = "MIG_AUTOSCALER_LOG_LEVEL", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    pub log_level: String,
+}
+
+/// Libraries whose debug output drowns ours (every request, every frame).
+const QUIET_LIBRARIES: &str = "hyper=warn,hyper_util=warn,h2=warn,tower=warn,tower_http=warn,rustls=warn";
 
 /// Arguments of `controller`. Flags override the settings file; environment variables (in
 /// brackets) override defaults the same way flags do.
@@ -38,9 +53,8 @@ pub struct ControllerArgs {
     /// Namespace of the leader lease (the controller's own).
     #[arg(long, env = "POD_NAMESPACE")]
     lease_namespace: Option<String>,
-    /// Log format; the level comes from RUST_LOG (default info).
-    #[arg(long, value_enum, default_value = "plain", env = "MIG_AUTOSCALER_LOG_FORMAT")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     /// Print the effective settings as YAML and exit.
     #[arg(long)]
     print_settings: bool,
@@ -69,14 +83,18 @@ fn settings(args: &ControllerArgs) -> Result<Settings> {
     Ok(s)
 }
 
-/// Logging from RUST_LOG, plain or JSON, to stderr.
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Logging to stderr as `log` says (RUST_LOG, when set, is the filter); ANSI colours only when
+/// stderr is a terminal.
+pub fn init_logging(log: &LogArgs) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{},{QUIET_LIBRARIES}", log.log_level))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match format {
+    let _ = match log.log_format {
         LogFormat::Plain => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
@@ -111,7 +129,7 @@ pub fn run(args: ControllerArgs) -> Result<ExitCode> {
     }
     // What-if plans run in a child of this same binary, killed when their request ends.
     settings.http.what_if_program = Some(std::env::current_exe().context("cannot find this program's path")?);
-    init_logging(args.log_format);
+    init_logging(&args.log);
     let identity = args.identity.clone().unwrap_or_else(|| {
         std::env::var("HOSTNAME").unwrap_or_else(|_| format!("mig-autoscaler-{}", std::process::id()))
     });
@@ -120,11 +138,13 @@ pub fn run(args: ControllerArgs) -> Result<ExitCode> {
         let client = client(args.kubeconfig.as_ref()).await?;
         let running = mig_controller::start(client, settings.clone(), identity.clone()).await?;
         tracing::info!(addr = %running.addr, mode = settings.mode.as_str(), identity, "controller started");
-        eprintln!(
-            "mig-autoscaler controller ({}) serving http://{}/api/v1/plan",
-            settings.mode.as_str(),
-            running.addr
-        );
+        if args.log.log_format == LogFormat::Plain {
+            eprintln!(
+                "mig-autoscaler controller ({}) serving http://{}/api/v1/plan",
+                settings.mode.as_str(),
+                running.addr
+            );
+        }
         shutdown_signal().await;
         tracing::info!("shutting down: releasing the lease; a second signal exits at once");
         tokio::select! {

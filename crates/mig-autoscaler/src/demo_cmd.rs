@@ -108,7 +108,10 @@ pub fn demo_settings(mode: Mode, listen: SocketAddr) -> Settings {
 
 /// Run the demo.
 pub fn run(args: DemoArgs) -> Result<ExitCode> {
-    crate::controller_cmd::init_logging(crate::controller_cmd::LogFormat::Plain);
+    crate::controller_cmd::init_logging(&crate::controller_cmd::LogArgs {
+        log_format: crate::controller_cmd::LogFormat::Plain,
+        log_level: "info".into(),
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let backend: mig_planner::Backend = serde_json::from_value(serde_json::json!(args.backend))

@@ -71,8 +71,10 @@ fn runs_against_the_emulator_and_stops_on_sigterm() {
                 "default",
                 "--log-format",
                 "json",
+                "--log-level",
+                "debug",
             ])
-            .env("RUST_LOG", "info")
+            .env_remove("RUST_LOG")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
@@ -102,6 +104,20 @@ fn runs_against_the_emulator_and_stops_on_sigterm() {
             .any(|l| l.starts_with('{') && l.contains("controller started")),
         "{logs}"
     );
+    // JSON logs are JSON only: no plain line, no colour codes (stderr is a pipe here), and at
+    // debug the HTTP libraries stay quiet.
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        let target = v["target"].as_str().unwrap_or_default();
+        assert!(
+            !["hyper", "h2", "tower", "rustls"]
+                .iter()
+                .any(|lib| target.starts_with(lib)),
+            "{line}"
+        );
+    }
+    assert!(!logs.contains('\u{1b}'), "ANSI codes in a pipe: {logs}");
     let _ = std::fs::remove_dir_all(d);
 }
 
