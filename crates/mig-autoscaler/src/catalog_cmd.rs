@@ -133,32 +133,65 @@ fn models(catalog: &Catalog, json: bool) -> Result<ExitCode> {
         writeln!(out)?;
         return Ok(ExitCode::SUCCESS);
     }
-    writeln!(
-        out,
-        "{:<12} {:<10} {:>6} {:>8}  {:<48} profiles",
-        "MODEL", "ARCH", "SLICES", "LAYOUTS", "PRODUCT LABELS / PCI IDS"
-    )?;
-    for m in &catalog.models {
-        let ids: Vec<String> = m
-            .skus
-            .iter()
-            .map(|s| format!("0x{:04X}", s.pci_device_id >> 16))
-            .collect();
-        let mut labels: Vec<&str> = m.product_labels().collect();
-        if labels.is_empty() {
-            labels.push("-");
-        }
-        let profiles: Vec<&str> = m.profiles.iter().map(|p| p.name.as_str()).collect();
-        writeln!(
-            out,
-            "{:<12} {:<10} {:>6} {:>8}  {:<48} {}",
-            m.key,
-            m.architecture,
-            format!("{}c/{}m", m.compute_slices, m.memory_slices),
-            m.layouts().len(),
-            format!("{} ({})", labels.join(", "), ids.join(",")),
-            profiles.join(" ")
-        )?;
+    let rows: Vec<[String; 6]> = catalog
+        .models
+        .iter()
+        .map(|m| {
+            let ids: Vec<String> = m
+                .skus
+                .iter()
+                .map(|s| format!("0x{:04X}", s.pci_device_id >> 16))
+                .collect();
+            let mut labels: Vec<&str> = m.product_labels().collect();
+            if labels.is_empty() {
+                labels.push("-");
+            }
+            let profiles: Vec<&str> = m.profiles.iter().map(|p| p.name.as_str()).collect();
+            [
+                m.key.clone(),
+                m.architecture.to_string(),
+                format!("{}c/{}m", m.compute_slices, m.memory_slices),
+                m.layouts().len().to_string(),
+                format!("{} ({})", labels.join(", "), ids.join(",")),
+                profiles.join(" "),
+            ]
+        })
+        .collect();
+    let header = [
+        "MODEL",
+        "ARCH",
+        "SLICES",
+        "LAYOUTS",
+        "PRODUCT LABELS (PCI IDS)",
+        "PROFILES",
+    ];
+    let width = |c: usize| {
+        rows.iter()
+            .map(|r| r[c].chars().count())
+            .chain([header[c].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let w: Vec<usize> = (0..5).map(width).collect();
+    let line = |r: [&str; 6]| {
+        format!(
+            "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:<w4$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5],
+            w0 = w[0],
+            w1 = w[1],
+            w2 = w[2],
+            w3 = w[3],
+            w4 = w[4]
+        )
+    };
+    writeln!(out, "{}", line(header))?;
+    for r in &rows {
+        writeln!(out, "{}", line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -243,6 +243,16 @@ fn models_lists_every_model() {
     ] {
         assert!(stdout.contains(key), "{key}");
     }
+    // A table: every column starts where its header does, however long the product labels.
+    let header = stdout.lines().next().unwrap();
+    let at = |title: &str| header.find(title).unwrap();
+    for line in stdout.lines().skip(1) {
+        let cut = |c: usize| line[..c].ends_with("  ") && !line[c..].starts_with(' ');
+        assert!(
+            cut(at("PRODUCT LABELS")) && cut(at("PROFILES")),
+            "misaligned: {line}"
+        );
+    }
     let json = cli(&["catalog", "models", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 10);

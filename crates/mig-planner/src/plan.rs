@@ -795,12 +795,19 @@ impl Plan {
             r.greedy_score,
             r.millis
         );
+        let d = &self.disruption;
         let _ = writeln!(
             s,
-            "disruption: {} GPUs on {} nodes change, {} evictions",
-            self.disruption.gpus_changed, self.disruption.nodes_changed, self.disruption.evictions
+            "disruption: {} on {} {}, {}",
+            counted(d.gpus_changed, "GPU", "GPUs"),
+            counted(d.nodes_changed, "node", "nodes"),
+            if d.gpus_changed == 1 { "changes" } else { "change" },
+            counted(d.evictions, "eviction", "evictions")
         );
         let _ = writeln!(s, "\nGPU CHANGES");
+        if d.gpus_changed == 0 {
+            let _ = writeln!(s, "  none");
+        }
         for g in self.gpus.iter().filter(|g| g.changed) {
             let _ = writeln!(
                 s,
@@ -817,6 +824,9 @@ impl Plan {
             }
         }
         let _ = writeln!(s, "\nPENDING PODS");
+        if self.pods.is_empty() {
+            let _ = writeln!(s, "  none");
+        }
         for p in &self.pods {
             match &p.outcome {
                 PodOutcome::Fits {
@@ -866,4 +876,9 @@ impl Plan {
         }
         s
     }
+}
+
+/// `1 GPU`, `2 GPUs`, `0 GPUs`.
+fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }

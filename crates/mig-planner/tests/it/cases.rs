@@ -524,3 +524,29 @@ fn a_gpu_whose_instances_are_unknown_is_never_planned_nor_used() {
         );
     }
 }
+
+#[test]
+fn the_table_says_none_and_counts_in_words() {
+    let idle = Snapshot {
+        nodes: vec![node("a", &[], vec![gpu(0, H100, &[("7g.80gb", 0, None)])])],
+        ..Default::default()
+    };
+    let table = run(&idle, &Policy::default()).render_table();
+    assert!(
+        table.contains("disruption: 0 GPUs on 0 nodes change, 0 evictions"),
+        "{table}"
+    );
+    assert!(table.contains("GPU CHANGES\n  none\n"), "{table}");
+    assert!(table.contains("PENDING PODS\n  none\n"), "{table}");
+    let one = Snapshot {
+        nodes: vec![node("a", &[], vec![gpu(0, H100, &[("7g.80gb", 0, None)])])],
+        pending_pods: vec![pending("small", 0, &[("1g.10gb", 1)])],
+        ..Default::default()
+    };
+    let table = run(&one, &Policy::default()).render_table();
+    assert!(
+        table.contains("disruption: 1 GPU on 1 node changes, 0 evictions"),
+        "{table}"
+    );
+    assert!(!table.contains("  none"), "{table}");
+}
