@@ -425,12 +425,13 @@ async fn the_controller_plans_in_dry_run_with_only_the_charts_permissions() {
     let started = std::time::Instant::now();
     let plan = loop {
         let (status, plan) = get_json(c.addr, "/api/v1/plan").await;
-        if status == 200 && plan["decisions"]["gpu-a"] == "dry-run" {
+        // A plan from before the replica took the Lease says leader false: wait for one after.
+        if status == 200 && plan["decisions"]["gpu-a"] == "dry-run" && plan["leader"] == true {
             break plan;
         }
         assert!(
             started.elapsed().as_secs() < 30,
-            "no dry-run plan for gpu-a: {status} {plan}"
+            "no dry-run plan for gpu-a by the leader: {status} {plan}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
