@@ -320,3 +320,32 @@ fn an_abandoned_what_if_plan_is_killed_and_frees_its_slot() {
     drop(controller);
     let _ = std::fs::remove_dir_all(d);
 }
+
+#[cfg(unix)]
+#[test]
+fn a_listen_address_in_use_is_named() {
+    let d = dir("controller-taken");
+    let (_emulator, kubeconfig) = emulator(&d, 1);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(BIN)
+        .args(["controller", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .args([
+            "--listen",
+            &addr,
+            "--identity",
+            "t",
+            "--lease-namespace",
+            "default",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr} (http.listen)")),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(d);
+}

@@ -118,8 +118,19 @@ pub enum Mismatch {
         /// NVML value.
         nvml: u32,
     },
-    /// Same profile id, different name (names are display labels; informative).
+    /// Same profile id, NVML calling it by one of the catalog profile's aliases (informative).
     Name {
+        /// Profile id.
+        profile_id: u32,
+        /// Catalog name.
+        catalog: String,
+        /// NVML name.
+        nvml: String,
+    },
+    /// Same profile id, a name that is neither the catalog's nor an alias (`1g.5gb` where the
+    /// catalog says `1g.10gb`): another memory size, so another GPU than the catalog thinks, and
+    /// the device plugin would advertise resources no plan asks for.
+    OtherName {
         /// Profile id.
         profile_id: u32,
         /// Catalog name.
@@ -187,6 +198,17 @@ impl std::fmt::Display for Mismatch {
                     "profile id {profile_id}: catalog calls it {catalog}, NVML {nvml}"
                 )
             }
+            Mismatch::OtherName {
+                profile_id,
+                catalog,
+                nvml,
+            } => {
+                write!(
+                    f,
+                    "profile id {profile_id}: catalog says {catalog}, NVML {nvml}, which is not one of its names: another GPU than the catalog thinks (the device plugin would advertise nvidia.com/mig-{})",
+                    nvml.replace('+', ".")
+                )
+            }
         }
     }
 }
@@ -251,10 +273,20 @@ pub fn compare(model: &GpuModel, gpu: &ObservedGpu) -> Vec<Mismatch> {
         if let Some(n) = &o.name
             && n.trim_start_matches("MIG ") != p.name
         {
-            out.push(Mismatch::Name {
-                profile_id: p.profile_id,
-                catalog: p.name.clone(),
-                nvml: n.clone(),
+            let nvml = n.trim_start_matches("MIG ").to_string();
+            let (profile_id, catalog) = (p.profile_id, p.name.clone());
+            out.push(if p.aliases.contains(&nvml) {
+                Mismatch::Name {
+                    profile_id,
+                    catalog,
+                    nvml,
+                }
+            } else {
+                Mismatch::OtherName {
+                    profile_id,
+                    catalog,
+                    nvml,
+                }
             });
         }
         if o.slice_count != u32::from(p.compute_slices) {

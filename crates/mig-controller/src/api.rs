@@ -30,6 +30,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::NotFound("no such endpoint; see docs/controller.md".into()) })
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            ApiError::MethodNotAllowed {
+                method: method.to_string(),
+                path: uri.path().to_string(),
+            }
+        })
         .layer(axum::middleware::from_fn_with_state(shared.clone(), authorize))
         .layer(DefaultBodyLimit::max(http.max_body_bytes))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(

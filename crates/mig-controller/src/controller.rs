@@ -143,7 +143,9 @@ pub async fn start_with_clock(
         shutdown_rx.clone(),
     ));
 
-    let listener = tokio::net::TcpListener::bind(&settings.http.listen).await?;
+    let listener = tokio::net::TcpListener::bind(&settings.http.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (http.listen): {e}", settings.http.listen))?;
     let addr = listener.local_addr()?;
     let app = api::router(shared.clone());
     let limits = crate::listener::Limits {

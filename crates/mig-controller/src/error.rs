@@ -39,6 +39,14 @@ pub enum ApiError {
     /// No such endpoint or object (404).
     #[error("{0}")]
     NotFound(String),
+    /// The endpoint exists but not with this method (405).
+    #[error("method {method} is not allowed on {path} (docs/controller.md lists each endpoint's methods)")]
+    MethodNotAllowed {
+        /// The method asked for.
+        method: String,
+        /// The path.
+        path: String,
+    },
     /// Too many what-if plans at once (429: try again later).
     #[error("{running} what-if plan(s) already running (http.maxConcurrentPlans); try again later")]
     Busy {
@@ -88,6 +96,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotUtf8 | ApiError::BadSnapshot { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -139,6 +148,13 @@ mod tests {
                 400,
             ),
             (ApiError::TimedOut, 408),
+            (
+                ApiError::MethodNotAllowed {
+                    method: "DELETE".into(),
+                    path: "/api/v1/plan".into(),
+                },
+                405,
+            ),
             (ApiError::Planner("x".into()), 500),
         ];
         for (e, code) in cases {

@@ -144,6 +144,20 @@ fn mig_sign(node: &Node) -> Option<&'static str> {
     advertises.then_some("allocatable nvidia.com/mig-* resources")
 }
 
+/// A node with MIG GPUs and no agent report: `Missing`, and a `NoAgentReport` problem.
+fn missing_report(node: &Node, name: &str, problems: &mut Vec<InputProblem>) -> Option<Unreported> {
+    let sign = mig_sign(node)?;
+    node_problem(
+        problems,
+        name,
+        Reason::NoAgentReport,
+        format!(
+            "the node has MIG GPUs ({sign}) but no agent report: its GPUs are not counted and not changed. Is the mig-autoscaler agent running on it?"
+        ),
+    );
+    Some(Unreported::Missing)
+}
+
 /// When each node's agent report last changed, on the controller's own clock (a node's clock may
 /// be off). A report first seen, or changed, is new now; so after a restart of the controller a
 /// stopped agent is found `reportTimeout` later.
@@ -544,19 +558,8 @@ fn observe_node(
     };
     let blocked = budget::node_blocked(budgets, now, &facts, budget::window_open(budgets, now)).is_some();
     let unreported = (report.is_none() && !malformed && managed)
-        .then(|| mig_sign(node))
-        .flatten()
-        .map(|sign| {
-            node_problem(
-                problems,
-                &name,
-                Reason::NoAgentReport,
-                format!(
-                    "the node has MIG GPUs ({sign}) but no agent report: its GPUs are not counted and not changed. Is the mig-autoscaler agent running on it?"
-                ),
-            );
-            Unreported::Missing
-        });
+        .then(|| missing_report(node, &name, problems))
+        .flatten();
     view.unreported = unreported;
     let agent_backend = report.as_ref().and_then(|r| r.backend);
     let wrong_backend = agent_backend.filter(|b| *b != policy.backend);

@@ -395,12 +395,18 @@ fn unit_interval<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, 
 
 fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, InputError> {
     let de = &mut serde_json::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| InputError {
-        path: match e.path().to_string().as_str() {
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = match e.path().to_string().as_str() {
             "." => "$".to_string(),
             p => format!("$.{p}"),
-        },
-        message: e.into_inner().to_string(),
+        };
+        let mut message = e.into_inner().to_string();
+        if !text.trim_start().starts_with('{') {
+            message.push_str(
+                "; a snapshot or policy is one JSON object, and this does not start with '{' (YAML? convert it with `yq -o json`)",
+            );
+        }
+        InputError { path, message }
     })
 }
 

@@ -82,6 +82,12 @@ async fn dry_run_plans_explains_and_never_writes() {
     assert!(changed[0]["target"].as_str().unwrap().contains("3g.40gb"));
     let (status, _) = get_json(c.addr, "/api/v1/pods/default/nobody/explain").await;
     assert_eq!(status, 404);
+    let (status, body) = http(c.addr, "DELETE", "/api/v1/plan", b"").await;
+    assert_eq!(status, 405);
+    assert!(
+        body.contains("method DELETE is not allowed on /api/v1/plan"),
+        "{body}"
+    );
 
     // Events on the pod and the node.
     eventually(5, "events for the pod and the node", || async {
@@ -210,6 +216,19 @@ async fn auto_grants_and_the_pod_runs() {
             && sample(&scrape, "mig_autoscaler_pending_pods{profile=\"3g.40gb\"}") == Some(0.0)
     })
     .await;
+    // Recent actions show the grant and how it ended.
+    let (_, actions) = get_json(c.addr, "/api/v1/actions").await;
+    let said = |words: &str| {
+        actions["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["what"].as_str().unwrap_or_default().contains(words))
+    };
+    assert!(
+        said("granted plan") && said("reconfiguration ended Done"),
+        "{actions:#}"
+    );
     let ev = events(&env.client, "default").await;
     assert!(
         ev.iter()

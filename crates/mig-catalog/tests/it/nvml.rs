@@ -70,7 +70,7 @@ fn mismatches_are_reported_precisely() {
                 catalog: vec![(0, 4), (4, 4)],
                 nvml: vec![(0, 3), (4, 3)]
             },
-            Mismatch::Name {
+            Mismatch::OtherName {
                 profile_id: 0,
                 catalog: "7g.80gb".into(),
                 nvml: "7g.79gb".into()
@@ -82,8 +82,30 @@ fn mismatches_are_reported_precisely() {
         ]
     );
     let blocking: Vec<bool> = found.iter().map(Mismatch::is_blocking).collect();
-    assert_eq!(blocking, [true, true, true, false, false]);
+    assert_eq!(blocking, [true, true, true, true, false]);
     assert!(found[2].to_string().contains("NVML placements [(0, 3), (4, 3)]"));
+}
+
+#[test]
+fn another_gpus_profile_names_are_blocking_an_alias_is_not() {
+    // The A100 80GB has the H100 80GB's profile ids, names and placements; its catalog entry
+    // knows NVML's other name for 7g.80gb, 7g.79gb.
+    let m = model("a100-80gb");
+    let mut gpu = recorded("h100-80gb", "NVIDIA A100-SXM4-80GB");
+    assert_eq!(compare(m, &gpu), vec![]);
+    // A 40GB GPU's name for profile 19 (same id and placements, half the memory), and the alias.
+    gpu.profiles.iter_mut().find(|p| p.profile_id == 19).unwrap().name = Some("MIG 1g.5gb".into());
+    gpu.profiles.iter_mut().find(|p| p.profile_id == 0).unwrap().name = Some("MIG 7g.79gb".into());
+    let found = compare(m, &gpu);
+    assert_eq!(found.len(), 2, "{found:?}");
+    let other = found
+        .iter()
+        .find(|x| matches!(x, Mismatch::OtherName { .. }))
+        .unwrap();
+    assert!(other.is_blocking());
+    assert!(other.to_string().contains("nvidia.com/mig-1g.5gb"), "{other}");
+    let alias = found.iter().find(|x| matches!(x, Mismatch::Name { .. })).unwrap();
+    assert!(!alias.is_blocking(), "7g.79gb is an alias of 7g.80gb");
 }
 
 #[test]

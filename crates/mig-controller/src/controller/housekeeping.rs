@@ -47,6 +47,29 @@ impl ControlLoop {
         }
     }
 
+    /// A reconfiguration ended: counted, noted among the recent actions, its cooldown started on
+    /// this replica's clock; a `Superseded` one (its plan was stale) makes the next round plan.
+    fn ended(&mut self, node: String, grant: String, phase: Phase, message: &str) {
+        self.shared
+            .metrics
+            .reconfigurations
+            .get_or_create(&ResultLabel {
+                result: phase.as_str(),
+            })
+            .inc();
+        self.shared.note(format!(
+            "{node}: reconfiguration ended {} (grant {grant}): {message}",
+            phase.as_str()
+        ));
+        // Plan afresh now rather than at the next batch or resync (each retry costs a taint and
+        // two agent ticks, so this cannot spin).
+        self.state.replan |= phase == Phase::Superseded;
+        // The agent announces the end on the Node (it owns the Reconfiguration* reasons).
+        tracing::info!(node = %node, grant_id = %grant, phase = phase.as_str(), message = %message, "reconfiguration ended");
+        let now = self.now();
+        self.state.ended_seen.insert(node, (grant, now));
+    }
+
     /// One command of the sweep.
     pub(super) async fn carry_out(&mut self, obs: &ClusterView, command: sweep::Command) {
         use sweep::Command;
@@ -57,24 +80,7 @@ impl ControlLoop {
                 grant,
                 phase,
                 message,
-            } => {
-                self.shared
-                    .metrics
-                    .reconfigurations
-                    .get_or_create(&ResultLabel {
-                        result: phase.as_str(),
-                    })
-                    .inc();
-                self.state
-                    .ended_seen
-                    .insert(node.clone(), (grant.clone(), self.now()));
-                // The agent found the plan stale before changing anything: plan afresh now rather
-                // than at the next batch or resync (each retry costs a taint and two agent ticks,
-                // so this cannot spin).
-                self.state.replan |= phase == Phase::Superseded;
-                // The agent announces the end on the Node (it owns the Reconfiguration* reasons).
-                tracing::info!(node = %node, grant_id = %grant, phase = phase.as_str(), message = %message, "reconfiguration ended");
-            }
+            } => self.ended(node, grant, phase, &message),
             Command::Release { node, state, plan_id } => {
                 let phase = state.phase;
                 let ended = NodeState {

@@ -374,6 +374,13 @@ fn malformed_snapshots_name_the_json_path() {
     assert!(err.message.contains("unknown field `surprise`"), "{err}");
     let err = Policy::from_json(r#"{"drain": "sometimes"}"#).unwrap_err();
     assert_eq!(err.path, "$.drain");
+    assert!(!err.message.contains("YAML"), "{err}");
+    // YAML is not read, and the error says so rather than only "expected value at line 1".
+    let err = Snapshot::from_json("nodes:\n  - name: n\n").unwrap_err();
+    assert!(
+        err.message.contains("YAML? convert it with `yq -o json`"),
+        "{err}"
+    );
 }
 
 #[test]
