@@ -14,9 +14,19 @@ mod inflation_cmd;
 mod plan_cmd;
 mod simulate_cmd;
 
+/// `0.1.0 (commit 0123456789ab, 2026-12-03T19:00:00+00:00)`, from the build script.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("MIG_AUTOSCALER_COMMIT"),
+    ", ",
+    env!("MIG_AUTOSCALER_COMMIT_DATE"),
+    ")"
+);
+
 /// Repartitions NVIDIA MIG GPUs in a Kubernetes cluster automatically.
 #[derive(Parser)]
-#[command(name = "mig-autoscaler", version, about)]
+#[command(name = "mig-autoscaler", version, long_version = LONG_VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,11 +60,22 @@ enum Command {
     Emulator(emulator_cmd::EmulatorArgs),
     /// Plan target MIG layouts for a cluster snapshot (dry run: reads a file, touches nothing).
     Plan(plan_cmd::PlanArgs),
+    /// Print the version, the git commit and its date (also `--version` and the `build_info` metric).
+    Version,
 }
 
 fn main() -> ExitCode {
+    mig_protocol::build::set(mig_protocol::build::BuildInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        commit: env!("MIG_AUTOSCALER_COMMIT"),
+        date: env!("MIG_AUTOSCALER_COMMIT_DATE"),
+    });
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Version => {
+            println!("mig-autoscaler {}", mig_protocol::build::get());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Catalog { command } => catalog_cmd::run(command),
         Command::Plan(args) => plan_cmd::run(args),
         Command::Emulator(args) => emulator_cmd::run(args),

@@ -641,3 +641,32 @@ fn simulate_reads_the_dlrm_format_with_sizes_from_a_parvagpu_deployment() {
     assert!(String::from_utf8_lossy(&no_sizes.stderr).contains("--sizes-from"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn version_names_the_commit_and_its_date() {
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let out = cli(&["version"]);
+    assert!(out.status.success());
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        version.starts_with(&format!(
+            "mig-autoscaler {} (commit {commit}, ",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{version}"
+    );
+    let date = version.rsplit(", ").next().unwrap().trim_end_matches(')');
+    assert!(
+        commit == "unknown" || date.parse::<jiff::Timestamp>().is_ok(),
+        "{version}"
+    );
+    let long = cli(&["--version"]);
+    assert_eq!(String::from_utf8_lossy(&long.stdout).trim(), version);
+}

@@ -226,8 +226,13 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 /// Register every metric with its help text.
 fn register(m: &Metrics, registry: &mut Registry) {
     let info: Family<Vec<(String, String)>, Gauge> = Family::default();
-    info.get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
-        .set(1);
+    let build = mig_protocol::build::get();
+    info.get_or_create(&vec![
+        ("version".into(), build.version.into()),
+        ("commit".into(), build.commit.into()),
+        ("date".into(), build.date.into()),
+    ])
+    .set(1);
     registry.register("build_info", "Build information (value 1)", info);
     registry.register(
         "leader",

@@ -14,6 +14,7 @@
 //! Values are JSON. A value that does not parse is reported (Event, metric) and the node is left
 //! alone; it is never overwritten blindly.
 
+pub mod build;
 pub mod clock;
 pub mod events;
 
