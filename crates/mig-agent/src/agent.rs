@@ -96,6 +96,8 @@ pub struct AgentSettings {
     /// moves): the controller takes a report unchanged for its `reportTimeout` as an agent that
     /// stopped, and leaves the node's GPUs alone. As the kubelet's node status, every 5 minutes.
     pub report_refresh: Duration,
+    /// The API server's URL, for log lines about failed steps (`None`: not named).
+    pub api_server: Option<String>,
 }
 
 impl AgentSettings {
@@ -118,6 +120,7 @@ impl AgentSettings {
             stall_after: Duration::from_secs(300),
             heartbeat: Duration::from_secs(15),
             report_refresh: Duration::from_secs(300),
+            api_server: None,
         }
     }
 }
@@ -435,7 +438,9 @@ impl Worker {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         loop {
             if let Err(e) = self.tick().await {
-                tracing::warn!(node = %self.shared.settings.node, error = %e, "agent step incomplete; retrying");
+                let settings = &self.shared.settings;
+                let api_server = settings.api_server.as_deref().unwrap_or("the API server");
+                tracing::warn!(node = %settings.node, error = %e, %api_server, "agent step incomplete; retrying");
             }
             *self.shared.progress.lock().unwrap_or_else(|e| e.into_inner()) = self.instant();
             tokio::select! {

@@ -150,7 +150,8 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let client = client(args.kubeconfig.as_ref()).await?;
+        let (client, api_server) = client(args.kubeconfig.as_ref()).await?;
+        settings.api_server = Some(api_server);
         let mut source = NvidiaSmiGpus::new(args.nvidia_smi.clone());
         source.timeout = std::time::Duration::from_secs_f64(args.nvidia_smi_timeout_seconds);
         let source = Arc::new(source);

@@ -103,7 +103,8 @@ pub fn init_logging(log: &LogArgs) {
 /// A client from a kubeconfig, or inferred. It does not retry 429/503/504 itself: the controller's
 /// rounds and the agent's ticks retry every write, and a PodDisruptionBudget's 429 on an eviction
 /// must be reported, not waited out in the client's backoff.
-pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client> {
+/// Also the API server's URL, for log lines about connection errors.
+pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<(kube::Client, String)> {
     let mut config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -117,7 +118,9 @@ pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client> {
             .context("no kubeconfig given and none found (in-cluster or ~/.kube/config)")?,
     };
     config.default_retry = false;
-    Ok(kube::Client::try_from(config)?)
+    let url = config.cluster_url.to_string();
+    tracing::info!(api_server = %url, "Kubernetes API");
+    Ok((kube::Client::try_from(config)?, url))
 }
 
 /// Run until the first SIGTERM/Ctrl-C (graceful: lease released); a second one exits at once.
@@ -135,7 +138,8 @@ pub fn run(args: ControllerArgs) -> Result<ExitCode> {
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let client = client(args.kubeconfig.as_ref()).await?;
+        let (client, api_server) = client(args.kubeconfig.as_ref()).await?;
+        settings.api_server = Some(api_server);
         let running = mig_controller::start(client, settings.clone(), identity.clone()).await?;
         tracing::info!(addr = %running.addr, mode = settings.mode.as_str(), identity, "controller started");
         if args.log.log_format == LogFormat::Plain {

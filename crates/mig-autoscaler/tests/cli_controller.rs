@@ -349,3 +349,64 @@ fn a_listen_address_in_use_is_named() {
     );
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// An API server that does not answer is named in the controller's connection errors.
+#[cfg(unix)]
+#[test]
+fn connection_errors_name_the_api_server() {
+    let d = dir("controller-no-api");
+    // A port nobody listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("http://{dead}");
+    let kubeconfig = d.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{url}\"}}}}]\n\
+             users: [{{name: u, user: {{token: t}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\n\
+             current-context: x\n"
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut controller = Killed(
+        Command::new(BIN)
+            .args(["controller", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--identity", "t"])
+            .args(["--lease-namespace", "default", "--log-format", "json"])
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The HTTP server answers (not ready) while the watches fail and are retried.
+    let started = Instant::now();
+    while get(&format!("127.0.0.1:{port}"), "/healthz").is_none() {
+        assert!(started.elapsed() < Duration::from_secs(30), "no HTTP server");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    terminate(&mut controller);
+    let mut logs = String::new();
+    controller
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("watch error") && l.contains(&format!("{url}/"))),
+        "{logs}"
+    );
+    let _ = std::fs::remove_dir_all(d);
+}

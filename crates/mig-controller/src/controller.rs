@@ -113,25 +113,30 @@ pub async fn start_with_clock(
     let (shutdown, shutdown_rx) = watch::channel(false);
     let notify = Arc::new(Notify::new());
     let (cm_ns, cm_name) = settings.config_map();
+    let api_server = settings.api_server.as_deref().unwrap_or("the API server");
     let (nodes, t1) = spawn_reflector(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
         notify.clone(),
+        api_server,
     );
     let (pods, t2) = spawn_reflector(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default(),
         notify.clone(),
+        api_server,
     );
     let (pdbs, t3) = spawn_reflector(
         Api::<PodDisruptionBudget>::all(client.clone()),
         watcher::Config::default(),
         notify.clone(),
+        api_server,
     );
     let (config_maps, t4) = spawn_reflector(
         Api::<ConfigMap>::namespaced(client.clone(), cm_ns),
         watcher::Config::default().fields(&format!("metadata.name={cm_name}")),
         notify.clone(),
+        api_server,
     );
 
     let lease_task = tokio::spawn(lease::run(

@@ -366,6 +366,10 @@ pub struct Settings {
     pub report_timeout: Dur,
     /// HTTP server.
     pub http: HttpSettings,
+    /// Not a setting: the API server's URL, which the CLI takes from the kubeconfig, for log lines
+    /// about connection errors (`None`: library use, not named).
+    #[serde(skip)]
+    pub api_server: Option<String>,
 }
 
 impl Default for Settings {
@@ -382,6 +386,7 @@ impl Default for Settings {
             demand_window: Dur::secs(3600),
             report_timeout: Dur::secs(900),
             http: HttpSettings::default(),
+            api_server: None,
         }
     }
 }

@@ -23,10 +23,13 @@ pub(super) struct Caches {
     pub(super) config_maps: Store<ConfigMap>,
 }
 
+/// A reflector of `api` that wakes the loop on every event; its errors are logged with the
+/// resource and the API server (`api_server`), and retried with kube's backoff.
 pub(super) fn spawn_reflector<K>(
     api: Api<K>,
     config: watcher::Config,
     notify: Arc<Notify>,
+    api_server: &str,
 ) -> (Store<K>, tokio::task::JoinHandle<()>)
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
@@ -34,11 +37,15 @@ where
 {
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let (resource, api_server) = (
+        K::kind(&K::DynamicType::default()).to_string(),
+        api_server.to_string(),
+    );
     let task = tokio::spawn(async move {
         stream
             .for_each(|event| {
                 if let Err(e) = &event {
-                    tracing::warn!(error = %e, "watch error; retrying with backoff");
+                    tracing::warn!(error = %e, %resource, %api_server, "watch error; retrying with backoff");
                 }
                 notify.notify_one();
                 futures::future::ready(())
