@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use std::io::Read;
 
-use common::{BIN, Killed, dir, emulator, get, terminate};
+use common::{BIN, Killed, dir, emulator, free_port, get, terminate};
 
 #[test]
 fn bad_settings_are_refused_with_their_path() {
@@ -52,11 +52,7 @@ fn bad_settings_are_refused_with_their_path() {
 fn runs_against_the_emulator_and_stops_on_sigterm() {
     let d = dir("controller-run");
     let (_emulator, kubeconfig) = emulator(&d, 2);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut controller = Killed(
         Command::new(BIN)
@@ -79,6 +75,13 @@ fn runs_against_the_emulator_and_stops_on_sigterm() {
             .spawn()
             .unwrap(),
     );
+    // Read the logs as they come: at debug a full pipe would stop the controller mid-write.
+    let mut stderr = controller.0.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut logs = String::new();
+        stderr.read_to_string(&mut logs).unwrap();
+        logs
+    });
     let started = Instant::now();
     loop {
         if let Some((200, body)) = get(&addr, "/api/v1/plan") {
@@ -91,14 +94,7 @@ fn runs_against_the_emulator_and_stops_on_sigterm() {
     assert_eq!(get(&addr, "/readyz").unwrap().0, 200);
     let status = terminate(&mut controller);
     assert!(status.success());
-    let mut logs = String::new();
-    controller
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
+    let logs = reader.join().unwrap();
     assert!(
         logs.lines()
             .any(|l| l.starts_with('{') && l.contains("controller started")),
@@ -162,11 +158,7 @@ fn the_agent_reports_what_nvidia_smi_says_and_stops_on_sigterm() {
         .next()
         .unwrap()
         .to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut agent = Killed(
         Command::new(BIN)
@@ -356,11 +348,7 @@ fn a_listen_address_in_use_is_named() {
 fn connection_errors_name_the_api_server() {
     let d = dir("controller-no-api");
     // A port nobody listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let url = format!("http://{dead}");
+    let url = format!("http://127.0.0.1:{}", free_port());
     let kubeconfig = d.join("kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -371,11 +359,7 @@ fn connection_errors_name_the_api_server() {
         ),
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut controller = Killed(
         Command::new(BIN)
             .args(["controller", "--kubeconfig"])

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{Killed, get};
+use common::{Killed, free_port, get};
 
 fn chromium() -> Option<&'static str> {
     ["chromium", "chromium-browser"].into_iter().find(|c| {
@@ -56,11 +56,7 @@ fn the_layout_view_draws_what_the_api_reports() {
         eprintln!("skipped: no chromium on this machine (scripts/test installs it)");
         return;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     // Dry run with one pod: the plan proposes a change and then stays put.
     let _demo = Killed(
@@ -158,11 +154,7 @@ struct DemoRun {
 
 impl DemoRun {
     fn new(args: &[&str]) -> DemoRun {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let out = Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
             .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
             .args(args)
