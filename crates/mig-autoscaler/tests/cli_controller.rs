@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use std::io::Read;
 
-use common::{BIN, Killed, dir, emulator, free_port, get, terminate};
+use common::{BIN, Killed, dir, emulator, free_addr, get, terminate, wait_for};
 
 #[test]
 fn bad_settings_are_refused_with_their_path() {
@@ -52,8 +52,7 @@ fn bad_settings_are_refused_with_their_path() {
 fn runs_against_the_emulator_and_stops_on_sigterm() {
     let d = dir("controller-run");
     let (_emulator, kubeconfig) = emulator(&d, 2);
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     let mut controller = Killed(
         Command::new(BIN)
             .args(["controller", "--kubeconfig"])
@@ -158,8 +157,7 @@ fn the_agent_reports_what_nvidia_smi_says_and_stops_on_sigterm() {
         .next()
         .unwrap()
         .to_string();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     let mut agent = Killed(
         Command::new(BIN)
             .args(["agent", "--node", &node, "--kubeconfig"])
@@ -348,7 +346,7 @@ fn a_listen_address_in_use_is_named() {
 fn connection_errors_name_the_api_server() {
     let d = dir("controller-no-api");
     // A port nobody listens on.
-    let url = format!("http://127.0.0.1:{}", free_port());
+    let url = format!("http://{}", free_addr());
     let kubeconfig = d.join("kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -359,12 +357,12 @@ fn connection_errors_name_the_api_server() {
         ),
     )
     .unwrap();
-    let port = free_port();
+    let addr = free_addr();
     let mut controller = Killed(
         Command::new(BIN)
             .args(["controller", "--kubeconfig"])
             .arg(&kubeconfig)
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--identity", "t"])
+            .args(["--listen", &addr, "--identity", "t"])
             .args(["--lease-namespace", "default", "--log-format", "json"])
             .env_remove("RUST_LOG")
             .stderr(Stdio::piped())
@@ -372,11 +370,7 @@ fn connection_errors_name_the_api_server() {
             .unwrap(),
     );
     // The HTTP server answers (not ready) while the watches fail and are retried.
-    let started = Instant::now();
-    while get(&format!("127.0.0.1:{port}"), "/healthz").is_none() {
-        assert!(started.elapsed() < Duration::from_secs(30), "no HTTP server");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(&addr, "/healthz", 30);
     std::thread::sleep(Duration::from_secs(2));
     terminate(&mut controller);
     let mut logs = String::new();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{Killed, free_port, get};
+use common::{Killed, free_addr, get};
 
 fn chromium() -> Option<&'static str> {
     ["chromium", "chromium-browser"].into_iter().find(|c| {
@@ -56,8 +56,7 @@ fn the_layout_view_draws_what_the_api_reports() {
         eprintln!("skipped: no chromium on this machine (scripts/test installs it)");
         return;
     };
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     // Dry run with one pod: the plan proposes a change and then stays put.
     let _demo = Killed(
         Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
@@ -145,23 +144,23 @@ fn the_layout_view_draws_what_the_api_reports() {
     );
 }
 
-/// The demo's output, run to its end with `args` on a free port.
+/// The demo's output, run to its end with `args` on a free address.
 struct DemoRun {
-    port: u16,
+    addr: String,
     stdout: String,
     stderr: String,
 }
 
 impl DemoRun {
     fn new(args: &[&str]) -> DemoRun {
-        let port = free_port();
+        let addr = free_addr();
         let out = Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
-            .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["demo", "--listen", &addr])
             .args(args)
             .output()
             .unwrap();
         let run = DemoRun {
-            port,
+            addr,
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         };
@@ -208,7 +207,7 @@ fn the_demo_in_auto_mode_reconfigures_nodes_and_runs_pods() {
     ]);
     assert!(
         run.stdout
-            .contains(&format!("layout view   http://127.0.0.1:{}/", run.port)),
+            .contains(&format!("layout view   http://{}/", run.addr)),
         "{}",
         run.stdout
     );

@@ -12,15 +12,6 @@ pub use mig_testbed::process::*;
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_mig-autoscaler");
 
-/// A loopback port free a moment ago (nobody listens on it now).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `mig-autoscaler emulator` with `nodes` nodes, and the kubeconfig it wrote into `dir`.
 pub fn emulator(dir: &Path, nodes: usize) -> (Killed, PathBuf) {
     let kubeconfig = dir.join("kubeconfig");
