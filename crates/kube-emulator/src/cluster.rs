@@ -5,15 +5,16 @@
 //! real scheduler, kubelet and mig-manager would write: `spec.nodeName`, pod phases, node
 //! capacity/allocatable per `nvidia.com/mig-<profile>`, and `nvidia.com/mig.config.state`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mig_catalog::NamedInstance;
 use mig_catalog::migparted::MigPartedConfig;
-use mig_catalog::{Catalog, GpuModel, Instance, Layout, NamedInstance};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::hardware::{ApplyError, ChangeError, Hardware, SimGpu, SimNode};
 use crate::resources::{Resource, find};
 use crate::selectors::expression_holds;
 use crate::server::Shared;
@@ -80,37 +81,12 @@ fn default_delay() -> u64 {
     200
 }
 
-/// A simulated GPU.
-#[derive(Clone, Debug)]
-pub struct SimGpu {
-    /// Index on the node.
-    pub index: u32,
-    /// Model.
-    pub model: &'static GpuModel,
-    /// Actual layout.
-    pub layout: Layout,
-    /// Instance → pod (`namespace/name`) using it.
-    pub used: BTreeMap<Instance, String>,
-}
-
-#[derive(Default)]
-struct NodeState {
-    gpus: Vec<SimGpu>,
-    /// Config mig-manager last applied.
-    applied: Option<String>,
-    /// Since when a different config is pending.
-    pending_since: Option<Instant>,
-    /// Instances changed directly since the device plugin last started: it advertises the old ones.
-    plugin_stale: bool,
-}
-
 /// The actors.
 pub struct Cluster {
     state: Arc<Shared>,
-    nodes: Mutex<BTreeMap<String, NodeState>>,
+    hardware: Arc<Hardware>,
     config_map: (String, String),
     delay: Duration,
-    fail_applies: Mutex<u32>,
     device_plugin_pods: bool,
 }
 
@@ -118,8 +94,8 @@ fn res(group: &str, version: &str, plural: &str) -> &'static Resource {
     find(group, version, plural).unwrap_or_else(|| unreachable!("{plural} is served"))
 }
 
-/// CPU in millicores / memory in bytes from a Kubernetes quantity.
-fn quantity(q: &Value) -> f64 {
+/// A Kubernetes quantity as a number (`500m` is 0.5, `2Gi` is 2^31); 0 where it does not parse.
+pub fn quantity(q: &Value) -> f64 {
     let s = match q {
         Value::String(s) => s.as_str(),
         Value::Number(n) => return n.as_f64().unwrap_or(0.0),
@@ -147,7 +123,7 @@ fn quantity(q: &Value) -> f64 {
 }
 
 /// Summed container limits (else requests) of a pod, by resource name.
-fn pod_requests(pod: &Value) -> BTreeMap<String, f64> {
+pub fn pod_requests(pod: &Value) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
         let r = &c["resources"];
@@ -187,7 +163,9 @@ fn tolerates(pod: &Value, taint: &Value) -> bool {
         })
 }
 
-fn node_admits(pod: &Value, node: &Value) -> bool {
+/// Whether the scheduler may put `pod` on `node`: schedulable, node selector and required node
+/// affinity met, every NoSchedule/NoExecute taint tolerated (resources apart).
+pub fn node_admits(pod: &Value, node: &Value) -> bool {
     if node["spec"]["unschedulable"].as_bool() == Some(true) {
         return false;
     }
@@ -250,143 +228,19 @@ pub enum SpecError {
     },
 }
 
-/// Why the emulated GPUs refuse an instance change, as NVML would. Nothing after the refused step
-/// is done; what came before stays done (NVML calls are one by one).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ChangeError {
-    /// No such node.
-    #[error("no node {0}")]
-    NoNode(String),
-    /// No such GPU on the node.
-    #[error("node {node} has no GPU {gpu}")]
-    NoGpu {
-        /// The node.
-        node: String,
-        /// GPU index.
-        gpu: u32,
-    },
-    /// A profile the GPU's model does not have.
-    #[error("{model} has no profile {profile}")]
-    NoProfile {
-        /// Model key.
-        model: String,
-        /// The profile.
-        profile: String,
-    },
-    /// No instance at that placement.
-    #[error("GPU {gpu} has no instance {instance}")]
-    NoInstance {
-        /// GPU index.
-        gpu: u32,
-        /// The instance asked for.
-        instance: NamedInstance,
-    },
-    /// The instance is in use by a pod.
-    #[error("GPU {gpu} instance {instance} is in use by {pod}")]
-    InUse {
-        /// GPU index.
-        gpu: u32,
-        /// The instance.
-        instance: NamedInstance,
-        /// The pod.
-        pod: String,
-    },
-    /// The placement is taken or not valid.
-    #[error("GPU {gpu}: cannot create {instance} on {layout} (insufficient resources at that placement)")]
-    NoRoom {
-        /// GPU index.
-        gpu: u32,
-        /// The instance asked for.
-        instance: NamedInstance,
-        /// The GPU's layout.
-        layout: String,
-    },
-    /// [`Cluster::fail_next_applies`].
-    #[error("injected failure: cannot create instances")]
-    Injected,
-}
-
-/// Why the emulated mig-manager could not apply a config (it sets `failed`, as mig-manager does).
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    /// The mig-parted ConfigMap is missing.
-    #[error("ConfigMap {namespace}/{name} with config.yaml not found")]
-    NoConfigMap {
-        /// Its namespace.
-        namespace: String,
-        /// Its name.
-        name: String,
-    },
-    /// The ConfigMap's `config.yaml` does not parse.
-    #[error("{0}")]
-    BadConfigMap(String),
-    /// The config cannot apply to a GPU.
-    #[error(transparent)]
-    Config(#[from] mig_catalog::ConfigError),
-    /// The config turns MIG off.
-    #[error("MIG disable is not simulated")]
-    MigDisable,
-    /// A GPU to rebuild is in use.
-    #[error("GPU {gpu} is in use by {pod}")]
-    InUse {
-        /// GPU index.
-        gpu: u32,
-        /// A pod using it.
-        pod: String,
-    },
-    /// The counts have no valid arrangement.
-    #[error(transparent)]
-    Arrange(#[from] mig_catalog::ArrangeError),
-    /// [`Cluster::fail_next_applies`].
-    #[error("injected failure")]
-    Injected,
-}
-
 impl Cluster {
     /// Create the nodes of `spec` in the store and return the actors (not yet running).
     pub fn new(state: Arc<Shared>, spec: &ClusterSpec) -> Result<Arc<Cluster>, SpecError> {
-        let catalog = Catalog::embedded();
-        let mut nodes = BTreeMap::new();
-        for n in &spec.nodes {
-            let mut gpus = Vec::new();
-            for (i, g) in n.gpus.iter().enumerate() {
-                let node = || n.name.clone();
-                let model = catalog
-                    .lookup(&g.product)
-                    .map_err(|source| SpecError::Model { node: node(), source })?;
-                let layout = model
-                    .parse_layout(&g.layout)
-                    .map_err(|source| SpecError::Layout { node: node(), source })?;
-                model
-                    .validate(&layout)
-                    .map_err(|source| SpecError::Invalid { node: node(), source })?;
-                gpus.push(SimGpu {
-                    index: i as u32,
-                    model,
-                    layout,
-                    used: BTreeMap::new(),
-                });
-            }
-            nodes.insert(
-                n.name.clone(),
-                NodeState {
-                    gpus,
-                    applied: n.labels.get(MIG_CONFIG_LABEL).cloned(),
-                    pending_since: None,
-                    plugin_stale: false,
-                },
-            );
-        }
+        let hardware = Arc::new(Hardware::new(&spec.nodes)?);
         let (ns, name) = spec
             .mig_parted_config_map
             .split_once('/')
             .unwrap_or(("gpu-operator", &spec.mig_parted_config_map));
         let cluster = Arc::new(Cluster {
             state,
-            nodes: Mutex::new(nodes),
+            hardware,
             config_map: (ns.to_string(), name.to_string()),
             delay: Duration::from_millis(spec.mig_manager_delay_ms),
-            fail_applies: Mutex::new(0),
             device_plugin_pods: spec.device_plugin_pods,
         });
         cluster.state.set_kubelets(true);
@@ -434,31 +288,17 @@ impl Cluster {
         })
     }
 
+    /// The simulated hardware (shared with the agents' emulated GPU sources).
+    pub fn hardware(&self) -> Arc<Hardware> {
+        self.hardware.clone()
+    }
+
     /// The simulated GPUs of a node (what NVML would report there).
     pub fn gpus(&self, node: &str) -> Vec<SimGpu> {
-        self.nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(node)
-            .map(|n| n.gpus.clone())
-            .unwrap_or_default()
+        self.hardware.gpus(node)
     }
 
-    fn take_injected_failure(&self) -> bool {
-        let mut f = self.fail_applies.lock().unwrap_or_else(|e| e.into_inner());
-        if *f > 0 {
-            *f -= 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Destroy, then create, GPU instances on one GPU as NVML would (the nvml backend), at explicit
-    /// placements. Fails, possibly after a part is done (as NVML calls one
-    /// by one do), on an instance that is not there or in use, a placement that overlaps or is not
-    /// valid, or an injected failure ([`Cluster::fail_next_applies`]: the destroys are done, the
-    /// creates fail).
+    /// [`Hardware::change_instances`].
     pub fn change_instances(
         &self,
         node: &str,
@@ -466,80 +306,18 @@ impl Cluster {
         destroy: &[NamedInstance],
         create: &[NamedInstance],
     ) -> Result<(), ChangeError> {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        let n = nodes
-            .get_mut(node)
-            .ok_or_else(|| ChangeError::NoNode(node.to_string()))?;
-        let g = n
-            .gpus
-            .iter_mut()
-            .find(|g| g.index == gpu)
-            .ok_or_else(|| ChangeError::NoGpu {
-                node: node.to_string(),
-                gpu,
-            })?;
-        let model = g.model;
-        let instance = |named: &NamedInstance| {
-            model
-                .resolve_instance(named)
-                .ok_or_else(|| ChangeError::NoProfile {
-                    model: model.key.clone(),
-                    profile: named.profile.clone(),
-                })
-        };
-        for d in destroy {
-            let i = instance(d)?;
-            if !g.layout.contains(&i) {
-                return Err(ChangeError::NoInstance {
-                    gpu,
-                    instance: d.clone(),
-                });
-            }
-            if let Some(pod) = g.used.get(&i) {
-                return Err(ChangeError::InUse {
-                    gpu,
-                    instance: d.clone(),
-                    pod: pod.clone(),
-                });
-            }
-            g.layout = Layout::new(g.layout.instances().iter().copied().filter(|x| *x != i));
-            n.plugin_stale = true;
-        }
-        if !create.is_empty() && self.take_injected_failure() {
-            return Err(ChangeError::Injected);
-        }
-        for c in create {
-            let i = instance(c)?;
-            if !model.can_add(&g.layout, &i) {
-                return Err(ChangeError::NoRoom {
-                    gpu,
-                    instance: c.clone(),
-                    layout: model.format_layout(&g.layout),
-                });
-            }
-            g.layout = g.layout.with(i);
-            n.plugin_stale = true;
-        }
-        Ok(())
+        self.hardware.change_instances(node, gpu, destroy, create)
     }
 
-    /// Make mig-manager's next `n` applies fail (state `failed`), as a broken driver or a held GPU would.
+    /// [`Hardware::fail_next_applies`].
     pub fn fail_next_applies(&self, n: u32) {
-        *self.fail_applies.lock().unwrap_or_else(|e| e.into_inner()) = n;
+        self.hardware.fail_next_applies(n);
     }
 
     /// Reboot a node: its pods die, its GPUs lose every instance, and mig-manager applies the
     /// node's `nvidia.com/mig.config` again (pending, then success).
     pub fn reboot(&self, node: &str) {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(n) = nodes.get_mut(node) else { return };
-        for g in &mut n.gpus {
-            g.layout = Layout::empty();
-            g.used.clear();
-        }
-        n.applied = None;
-        n.pending_since = None;
-        n.plugin_stale = false;
+        self.hardware.power_cycle(node);
         delete_pods_where(&mut self.state.store(), |p| {
             p["spec"]["nodeName"].as_str() == Some(node)
         });
@@ -547,7 +325,7 @@ impl Cluster {
 
     /// One round of every actor: kubelet, mig-manager, device plugin, scheduler.
     pub fn step(&self) {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut nodes = self.hardware.lock();
         let mut store = self.state.store();
         kubelet(&mut store, &mut nodes);
         self.mig_manager(&mut store, &mut nodes);
@@ -560,7 +338,7 @@ impl Cluster {
 
     /// mig-manager: applies a node's `nvidia.com/mig.config` after the delay (`pending`, then
     /// `success` or `failed`).
-    fn mig_manager(&self, store: &mut Store, nodes: &mut BTreeMap<String, NodeState>) {
+    fn mig_manager(&self, store: &mut Store, nodes: &mut BTreeMap<String, SimNode>) {
         let nodes_r = res("", "v1", "nodes");
         let config = store
             .get(
@@ -607,8 +385,8 @@ impl Cluster {
                     name: self.config_map.1.clone(),
                 }),
                 Some(Err(e)) => Err(ApplyError::BadConfigMap(e.to_string())),
-                Some(Ok(_)) if self.take_injected_failure() => Err(ApplyError::Injected),
-                Some(Ok(cfg)) => apply(cfg, &wanted, &mut n.gpus),
+                Some(Ok(_)) if self.hardware.take_injected_failure() => Err(ApplyError::Injected),
+                Some(Ok(cfg)) => n.apply(cfg, &wanted),
             };
             // Like the real mig-manager, the reason goes to the log; the label only says `failed`.
             let state = match &outcome {
@@ -624,7 +402,7 @@ impl Cluster {
 
     /// The device plugin: allocatable per MIG profile from the actual layouts (a stale plugin
     /// advertises what it saw when it started).
-    fn advertise(&self, store: &mut Store, nodes: &BTreeMap<String, NodeState>) {
+    fn advertise(&self, store: &mut Store, nodes: &BTreeMap<String, SimNode>) {
         let nodes_r = res("", "v1", "nodes");
         // Device plugin: allocatable per MIG profile from the actual layouts.
         for (name, n) in nodes.iter() {
@@ -634,17 +412,7 @@ impl Cluster {
             let Ok(mut node) = store.get(nodes_r, "", name) else {
                 continue;
             };
-            let mut capacity: BTreeMap<String, u64> = BTreeMap::new();
-            for g in &n.gpus {
-                for p in &g.model.profiles {
-                    capacity.entry(p.resource_name()).or_default();
-                }
-                for i in g.layout.instances() {
-                    if let Some(p) = g.model.profile(i.profile) {
-                        *capacity.entry(p.resource_name()).or_default() += 1;
-                    }
-                }
-            }
+            let capacity = n.advertised();
             let mut changed = false;
             for field in ["capacity", "allocatable"] {
                 if !node["status"][field].is_object() {
@@ -665,7 +433,7 @@ impl Cluster {
 
     /// The scheduler: binds pending pods in creation order where their MIG instances (and CPU and
     /// memory) are free.
-    fn schedule(&self, store: &mut Store, nodes: &mut BTreeMap<String, NodeState>) {
+    fn schedule(&self, store: &mut Store, nodes: &mut BTreeMap<String, SimNode>) {
         let pods_r = res("", "v1", "pods");
         let nodes_r = res("", "v1", "nodes");
         // Scheduler: bind pending pods in creation order where their MIG instances are free.
@@ -726,29 +494,7 @@ impl Cluster {
                         }
                     }
                 }
-                let mut taken: Vec<(usize, Instance)> = Vec::new();
-                for (resource, count) in &mig {
-                    for _ in 0..*count {
-                        let free = n.gpus.iter().enumerate().find_map(|(gi, g)| {
-                            g.layout
-                                .instances()
-                                .iter()
-                                .find(|i| {
-                                    !g.used.contains_key(i)
-                                        && !taken.contains(&(gi, **i))
-                                        && g.model
-                                            .profile(i.profile)
-                                            .is_some_and(|p| &p.resource_name() == resource)
-                                })
-                                .map(|i| (gi, *i))
-                        });
-                        taken.push(free?);
-                    }
-                }
-                for (gi, i) in &taken {
-                    n.gpus[*gi].used.insert(*i, key.clone());
-                }
-                Some(name.clone())
+                n.allocate(&key, &mig).then(|| name.clone())
             });
             if let Some(node) = chosen {
                 let mut bound = pod.clone();
@@ -766,7 +512,7 @@ impl Cluster {
 
 /// The kubelet: terminating pods go when their grace period is over, and the instances of pods
 /// that are gone are free again.
-fn kubelet(store: &mut Store, nodes: &mut BTreeMap<String, NodeState>) {
+fn kubelet(store: &mut Store, nodes: &mut BTreeMap<String, SimNode>) {
     let pods_r = res("", "v1", "pods");
     // Kubelet: terminating pods go when their grace period is over.
     let now = jiff::Timestamp::now();
@@ -793,7 +539,7 @@ fn kubelet(store: &mut Store, nodes: &mut BTreeMap<String, NodeState>) {
 }
 
 /// Device-plugin pods: one per node while deployed, started again when gone (and then up to date).
-fn device_plugin_pods(store: &mut Store, nodes: &mut BTreeMap<String, NodeState>) {
+fn device_plugin_pods(store: &mut Store, nodes: &mut BTreeMap<String, SimNode>) {
     let pods_r = res("", "v1", "pods");
     let nodes_r = res("", "v1", "nodes");
     let (key, value) = DEVICE_PLUGIN_LABEL;
@@ -854,32 +600,4 @@ fn set_label(
     }
     node["metadata"]["labels"][key] = json!(value);
     store.replace(r, "", name, node).map(|_| ())
-}
-
-/// mig-parted apply: every GPU whose count vector changes is rebuilt whole; that fails when a pod
-/// still holds one of its instances. All or nothing, like a failed apply leaves `failed`.
-fn apply(config: &MigPartedConfig, name: &str, gpus: &mut [SimGpu]) -> Result<(), ApplyError> {
-    let mut targets: HashMap<u32, Layout> = HashMap::new();
-    for g in gpus.iter() {
-        let counts = config.counts_for_gpu(name, g.model, g.index)?;
-        let Some(counts) = counts else {
-            return Err(ApplyError::MigDisable);
-        };
-        if counts == g.model.counts(&g.layout) {
-            continue;
-        }
-        if !g.used.is_empty() {
-            return Err(ApplyError::InUse {
-                gpu: g.index,
-                pod: g.used.values().next().cloned().unwrap_or_default(),
-            });
-        }
-        targets.insert(g.index, g.model.arrange(&counts)?);
-    }
-    for g in gpus.iter_mut() {
-        if let Some(l) = targets.remove(&g.index) {
-            g.layout = l;
-        }
-    }
-    Ok(())
 }

@@ -9,16 +9,22 @@
 //! window; eviction that honours PodDisruptionBudgets (429); fault injection.
 //!
 //! Simplifications, on purpose: strategic merge and server-side apply are served as JSON merge
-//! patches (lists are replaced whole); a watch with a selector filters on the new object only; pods
-//! are deleted at once (no kubelet yet).
+//! patches (lists are replaced whole); a watch with a selector filters on the new object only; a
+//! bound pod's graceful delete waits for a kubelet only while kubelets run (`Shared::set_kubelets`).
+//!
+//! [`cluster`] holds in-process actors (scheduler, kubelets with the device plugin, mig-manager)
+//! acting on the store; [`hardware`] the simulated GPUs they and the testbed's API-client nodes
+//! share.
 
 pub mod cluster;
 pub mod fleet;
+pub mod hardware;
 pub mod resources;
 pub mod selectors;
 pub mod server;
 pub mod status;
 pub mod store;
 
-pub use cluster::{ApplyError, ChangeError, Cluster, ClusterSpec, GpuSpec, NodeSpec, SimGpu, SpecError};
+pub use cluster::{Cluster, ClusterSpec, GpuSpec, NodeSpec, SpecError};
+pub use hardware::{ApplyError, ChangeError, Hardware, SimGpu, SimNode};
 pub use server::{Admission, AdmissionRequest, Config, Denied, Faults, Running, UserInfo};

@@ -465,8 +465,13 @@ async fn dispatch(
         (&Method::POST, None, _) if target.resource.plural == "subjectaccessreviews" => {
             parse_body(&body).map(|o| (StatusCode::CREATED, state.access_review(&o)))
         }
-        (&Method::POST, None, _) => parse_body(&body).and_then(|o| {
+        (&Method::POST, None, _) => parse_body(&body).and_then(|mut o| {
             validate(target.resource, &o)?;
+            // As the real server: a new pod is Pending until a kubelet says otherwise.
+            let pod = target.resource.plural == "pods" && target.resource.group.is_empty();
+            if pod && (o["status"].is_null() || o["status"].is_object()) && o["status"]["phase"].is_null() {
+                o["status"]["phase"] = json!("Pending");
+            }
             let ns = target
                 .namespace
                 .clone()
@@ -681,6 +686,13 @@ fn delete_object(
 ) -> Result<Value, ApiError> {
     if t.resource.plural == "pods" && t.resource.group.is_empty() && state.kubelets.load(Ordering::Relaxed) {
         let mut pod = store.get(t.resource, ns(t), name)?;
+        // As the real server: a pod on no node, or one that has ended, has nothing to stop; a
+        // grace period of 0 (the kubelet's last word, or a forced delete) removes it now.
+        let unbound = pod["spec"]["nodeName"].as_str().is_none_or(str::is_empty);
+        let ended = matches!(pod["status"]["phase"].as_str(), Some("Succeeded" | "Failed"));
+        if unbound || ended || grace == Some(0) {
+            return store.delete(t.resource, ns(t), name);
+        }
         if !pod["metadata"]["deletionTimestamp"].is_null() {
             return Ok(pod);
         }

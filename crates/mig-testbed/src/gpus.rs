@@ -3,15 +3,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kube_emulator::Cluster;
+use kube_emulator::Hardware;
 use mig_agent::{GpuError, GpuSource, InstanceChange, observed_from_catalog};
 use mig_catalog::Catalog;
 use mig_catalog::nvml::ObservedGpu;
 use mig_planner::snapshot::Gpu;
 
 /// The simulated GPUs of `node` as NVML would report them, with the pods using each instance.
-pub fn emulated_gpus(cluster: &Cluster, node: &str) -> Vec<Gpu> {
-    cluster
+pub fn emulated_gpus(hardware: &Hardware, node: &str) -> Vec<Gpu> {
+    hardware
         .gpus(node)
         .iter()
         .map(|g| {
@@ -22,17 +22,17 @@ pub fn emulated_gpus(cluster: &Cluster, node: &str) -> Vec<Gpu> {
         .collect()
 }
 
-/// The GPUs kube-emulator simulates on one node (what NVML would report there).
+/// The GPUs simulated on one node (what NVML would report there).
 pub struct EmulatedGpus {
-    cluster: Arc<Cluster>,
+    hardware: Arc<Hardware>,
     node: String,
 }
 
 impl EmulatedGpus {
     /// The simulated GPUs of `node`.
-    pub fn new(cluster: Arc<Cluster>, node: impl Into<String>) -> EmulatedGpus {
+    pub fn new(hardware: Arc<Hardware>, node: impl Into<String>) -> EmulatedGpus {
         EmulatedGpus {
-            cluster,
+            hardware,
             node: node.into(),
         }
     }
@@ -46,7 +46,7 @@ impl GpuSource for EmulatedGpus {
     /// The emulator has no GPU-instance IDs; it numbers instances by placement + 1 (so an ID is
     /// never the placement, as on real GPUs).
     fn instance_ids(&self) -> BTreeMap<(u32, u32), u8> {
-        self.cluster
+        self.hardware
             .gpus(&self.node)
             .iter()
             .flat_map(|g| {
@@ -64,12 +64,12 @@ impl GpuSource for EmulatedGpus {
     }
 
     fn gpus(&self) -> Result<Vec<Gpu>, GpuError> {
-        Ok(emulated_gpus(&self.cluster, &self.node))
+        Ok(emulated_gpus(&self.hardware, &self.node))
     }
 
     /// Through the emulator, which checks what NVML would: instance there and free, placement valid.
     fn apply(&self, change: &InstanceChange) -> Result<(), GpuError> {
-        self.cluster
+        self.hardware
             .change_instances(&self.node, change.gpu, &change.destroy, &change.create)
             .map_err(|e| GpuError::Refused(e.to_string()))
     }

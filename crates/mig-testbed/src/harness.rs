@@ -146,8 +146,24 @@ pub async fn bare_env_with(spec_nodes: Vec<NodeSpec>, device_plugin_pods: bool) 
         mig_manager_delay_ms: 50,
         device_plugin_pods,
     };
-    // For agent identities (see `agent_client`): the chart's RBAC, which grants agents no
-    // `pods/eviction` (the controller evicts), and its per-node admission policy.
+    chart_admission(&server);
+    let cluster = Cluster::new(server.state.clone(), &spec).unwrap();
+    let actors = cluster.spawn();
+    server
+        .seed([kube_emulator::fleet::default_mig_parted_config_map()])
+        .unwrap();
+    let client = client_for(&server);
+    Env {
+        server,
+        cluster,
+        client,
+        tasks: vec![actors],
+    }
+}
+
+/// For agent identities (see [`agent_client`]): the chart's RBAC, which grants agents no
+/// `pods/eviction` (the controller evicts), and its per-node admission policy.
+pub fn chart_admission(server: &Running) {
     server
         .state
         .add_admission(Arc::new(|r: &kube_emulator::AdmissionRequest<'_>| {
@@ -165,24 +181,12 @@ pub async fn bare_env_with(spec_nodes: Vec<NodeSpec>, device_plugin_pods: bool) 
                 _ => Ok(()),
             }
         }));
-    let cluster = Cluster::new(server.state.clone(), &spec).unwrap();
-    let actors = cluster.spawn();
-    server
-        .seed([kube_emulator::fleet::default_mig_parted_config_map()])
-        .unwrap();
-    let client = client_for(&server);
-    Env {
-        server,
-        cluster,
-        client,
-        tasks: vec![actors],
-    }
 }
 
 fn report(cluster: &Cluster, node: &str) -> NodeReport {
     NodeReport {
         observed_at: String::new(),
-        gpus: crate::emulated_gpus(cluster, node),
+        gpus: crate::emulated_gpus(&cluster.hardware(), node),
         backend: None,
     }
 }
@@ -523,4 +527,158 @@ pub fn agent_writes(node: &Node) -> Vec<serde_json::Value> {
         json!({"spec": {"taints": taints}}),
         json!({"metadata": {"annotations": {STATE_ANNOTATION: "{}"}}}),
     ]
+}
+
+/// The product on simulated nodes that are API clients ([`crate::nodes::SimulatedNodes`]) of any
+/// API server: a real agent per node on the mig-manager backend, each with its own client (as its
+/// pod's bound token authenticates it), and a controller with the client it is given.
+pub struct SystemOnNodes {
+    /// The controller.
+    pub controller: mig_controller::Running,
+    agents: Vec<mig_agent::Running>,
+}
+
+impl SystemOnNodes {
+    /// Start the agents (`(node, client)`, ticking every 100 ms, reading `hardware`) and the
+    /// controller (replica `replica-a`).
+    pub async fn start(
+        hardware: Arc<kube_emulator::Hardware>,
+        agents: Vec<(String, Client)>,
+        controller: Client,
+        settings: Settings,
+    ) -> SystemOnNodes {
+        let mut running = Vec::new();
+        for (node, client) in agents {
+            let mut s = mig_agent::AgentSettings::new(node.clone());
+            s.tick = Duration::from_millis(100);
+            let source = Arc::new(crate::EmulatedGpus::new(hardware.clone(), node));
+            running.push(mig_agent::start(client, s, source).await.unwrap());
+        }
+        let controller = mig_controller::start(controller, settings, "replica-a".into())
+            .await
+            .unwrap();
+        SystemOnNodes {
+            controller,
+            agents: running,
+        }
+    }
+
+    /// Stop the controller, then the agents.
+    pub async fn stop(self) {
+        self.controller.stop().await;
+        for a in self.agents {
+            a.stop().await;
+        }
+    }
+}
+
+/// A pod asking for a 3g.40gb, created on a cluster whose GPUs are all 1g slices, runs within
+/// `secs`: planned, granted, repartitioned by an agent and mig-manager, bound by the scheduler,
+/// admitted by its kubelet. Then the node it runs on is untainted, its mig-manager state is
+/// `success`, its GPUs are valid and one of them gives the pod a 3g instance. Its node's name.
+pub async fn a_3g_pod_runs_after_a_repartition(
+    admin: &Client,
+    hardware: &kube_emulator::Hardware,
+    secs: u64,
+) -> String {
+    create_pod(admin, &mig_pod("wants-3g", "3g.40gb", "1")).await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "default");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let pod = loop {
+        let pod = pods.get("wants-3g").await.unwrap();
+        if pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
+            break pod;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let nodes: Vec<String> = Api::<Node>::all(admin.clone())
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .map(|n| {
+                    let taints = n.spec.as_ref().and_then(|s| s.taints.clone());
+                    let state = n.annotations().get(STATE_ANNOTATION).cloned();
+                    format!(
+                        "{}: labels {:?}, taints {taints:?}, state {state:?}",
+                        n.name_any(),
+                        n.labels()
+                    )
+                })
+                .collect();
+            panic!(
+                "the 3g pod is not Running after {secs} s: {:?}; nodes: {nodes:#?}",
+                pod.status
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let node_name = pod.spec.and_then(|s| s.node_name).unwrap();
+    let node = Api::<Node>::all(admin.clone()).get(&node_name).await.unwrap();
+    let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
+    assert!(
+        taints.iter().all(|t| t.key != TAINT_KEY),
+        "{node_name} still carries our taint: {taints:?}"
+    );
+    assert_eq!(
+        node.metadata
+            .labels
+            .unwrap_or_default()
+            .get(MIG_STATE_LABEL)
+            .map(String::as_str),
+        Some("success")
+    );
+    let gpus = hardware.gpus(&node_name);
+    for g in &gpus {
+        g.model.validate(&g.layout).unwrap();
+    }
+    let holds_3g = gpus.iter().any(|g| {
+        g.used.iter().any(|(i, pod)| {
+            pod == "default/wants-3g" && g.model.profile(i.profile).is_some_and(|p| p.name == "3g.40gb")
+        })
+    });
+    assert!(
+        holds_3g,
+        "no 3g.40gb instance of {node_name} is the pod's: {gpus:?}"
+    );
+    node_name
+}
+
+/// Pod lifecycle as the real API server keeps it, which the emulator must keep alike (both tiers
+/// check it, with simulated kubelets running on `node`): a new pod is `Pending`; deleting a pod on
+/// no node removes it at once, grace period or not; deleting a bound pod only marks it terminating
+/// (`deletionTimestamp`), and its kubelet removes it once the grace period is over.
+pub async fn pods_live_and_end_as_on_a_real_server(admin: &Client, node: &str) {
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "default");
+    let pod = |name: &str, spec: serde_json::Value| -> Pod {
+        let mut spec = spec;
+        spec["containers"] = json!([{"name": "c", "image": "x"}]);
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+    };
+    let unbound = pod(
+        "nowhere",
+        json!({"nodeSelector": {"example.com/no-such-node": "true"}, "terminationGracePeriodSeconds": 30}),
+    );
+    let created = pods.create(&PostParams::default(), &unbound).await.unwrap();
+    assert_eq!(created.status.and_then(|s| s.phase).as_deref(), Some("Pending"));
+    pods.delete("nowhere", &Default::default()).await.unwrap();
+    assert!(
+        pods.get_opt("nowhere").await.unwrap().is_none(),
+        "a pod on no node is removed at once"
+    );
+    let bound = pod(
+        "somewhere",
+        json!({"nodeName": node, "terminationGracePeriodSeconds": 1}),
+    );
+    pods.create(&PostParams::default(), &bound).await.unwrap();
+    pods.delete("somewhere", &Default::default()).await.unwrap();
+    let terminating = pods.get_opt("somewhere").await.unwrap();
+    assert!(
+        terminating.is_some_and(|p| p.metadata.deletion_timestamp.is_some()),
+        "a bound pod is terminating until its kubelet ends it"
+    );
+    eventually(15, "the kubelet removes the terminated pod", || async {
+        pods.get_opt("somewhere").await.unwrap().is_none()
+    })
+    .await;
 }

@@ -1,4 +1,5 @@
-//! A real Kubernetes control plane for the real-server tier: etcd and kube-apiserver as built by
+//! A real Kubernetes control plane for the real-server tier: etcd, kube-apiserver and (on request)
+//! kube-scheduler as built by
 //! `scripts/control-plane`, started in a temporary directory on free ports, with RBAC, bound
 //! service-account tokens and admission (ValidatingAdmissionPolicy) as a cluster has them.
 //!
@@ -47,7 +48,8 @@ pub struct ControlPlane {
     pub dir: PathBuf,
     /// `https://127.0.0.1:PORT`.
     pub url: String,
-    // Killed as they drop, in this order: the API server before etcd.
+    // Killed as they drop, in this order: the scheduler, the API server, etcd.
+    scheduler: Option<Killed>,
     _apiserver: Killed,
     _etcd: Killed,
 }
@@ -120,12 +122,30 @@ impl ControlPlane {
             bin: bin.to_path_buf(),
             dir,
             url,
+            scheduler: None,
             _apiserver: apiserver,
             _etcd: etcd,
         };
         plane.write_kubeconfig();
         plane.wait_ready();
         plane
+    }
+
+    /// Start the real kube-scheduler (as the admin, no leader election, no serving port), which
+    /// binds pending pods to Nodes whose allocatable covers them; it stops with the control plane.
+    pub fn start_scheduler(&mut self) {
+        let kubeconfig = format!("--kubeconfig={}", self.kubeconfig().display());
+        self.scheduler = Some(daemon(
+            &self.bin,
+            &self.dir,
+            "kube-scheduler",
+            &[
+                kubeconfig,
+                "--leader-elect=false".into(),
+                "--secure-port=0".into(),
+                "--v=1".into(),
+            ],
+        ));
     }
 
     /// An admin kubeconfig (for kubectl and helm).

@@ -62,7 +62,7 @@ impl System {
             let mut s = AgentSettings::new(n.name.clone());
             s.tick = agent_tick;
             s.sequence.backend = settings.planner.backend;
-            let source = Arc::new(EmulatedGpus::new(cluster.clone(), n.name.clone()));
+            let source = Arc::new(EmulatedGpus::new(cluster.hardware(), n.name.clone()));
             agents.push(mig_agent::start(client.clone(), s, source).await?);
         }
         let listen = settings.http.listen.clone();

@@ -1146,3 +1146,51 @@ async fn nodes_without_a_live_agent_report_are_named_and_left_alone() {
     );
     c.stop().await;
 }
+
+/// Issue 16: the simulated nodes that are API clients (kubelet, device plugin and mig-manager over
+/// HTTP, as the real tier runs them against kube-apiserver) serve the whole loop on the emulator
+/// too, with the emulator's in-process actors off and a client scheduler binding through
+/// `pods/binding`; the agents are the real ones, each with its node's identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_nodes_as_api_clients_serve_the_whole_loop() {
+    use kube_emulator::{ClusterSpec, Config, Running};
+    use mig_testbed::nodes::{Scheduler, SimulatedNodes};
+
+    let server = Running::start("127.0.0.1:0".parse().unwrap(), Config::default())
+        .await
+        .unwrap();
+    server.state.set_kubelets(true); // the simulated kubelets end terminating pods
+    chart_admission(&server);
+    server
+        .seed([kube_emulator::fleet::default_mig_parted_config_map()])
+        .unwrap();
+    let admin = client_for(&server);
+    let spec = ClusterSpec {
+        nodes: nodes(2, 1, SEVEN_1G),
+        mig_parted_config_map: "gpu-operator/default-mig-parted-config".into(),
+        mig_manager_delay_ms: 100,
+        device_plugin_pods: false,
+    };
+    let simulated = SimulatedNodes::register(admin.clone(), &spec).await.unwrap();
+    let hardware = simulated.hardware();
+    let tasks = [
+        simulated.spawn(Duration::from_millis(50)),
+        Scheduler::new(admin.clone()).spawn(Duration::from_millis(50)),
+    ];
+    let agents = spec
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), agent_client(&server, &n.name)))
+        .collect();
+    let system =
+        SystemOnNodes::start(hardware.clone(), agents, admin.clone(), fast_settings(Mode::Auto)).await;
+    let node = a_3g_pod_runs_after_a_repartition(&admin, &hardware, 30).await;
+    // Nothing else changed: the other node keeps its seven 1g slices.
+    let other = spec.nodes.iter().find(|n| n.name != node).unwrap();
+    assert_eq!(hardware.gpus(&other.name)[0].layout.len(), 7);
+    pods_live_and_end_as_on_a_real_server(&admin, &node).await;
+    system.stop().await;
+    for t in tasks {
+        t.abort();
+    }
+}

@@ -30,7 +30,7 @@ fn agent_settings(node: &str) -> AgentSettings {
 }
 
 async fn start_agent(env: &Env, node: &str, settings: AgentSettings) -> mig_agent::Running {
-    let source = Arc::new(EmulatedGpus::new(env.cluster.clone(), node));
+    let source = Arc::new(EmulatedGpus::new(env.cluster.hardware(), node));
     mig_agent::start(agent_client(&env.server, node), settings, source)
         .await
         .unwrap()
@@ -796,7 +796,7 @@ async fn s8_an_agent_whose_driver_disagrees_with_the_catalog_refuses_to_act() {
     let env = bare_env(spec.clone()).await;
     let node = &spec[0].name;
     let source = Arc::new(DriverDisagrees {
-        inner: EmulatedGpus::new(env.cluster.clone(), node),
+        inner: EmulatedGpus::new(env.cluster.hardware(), node),
         lying: true.into(),
         reads: 0.into(),
     });
@@ -807,7 +807,7 @@ async fn s8_an_agent_whose_driver_disagrees_with_the_catalog_refuses_to_act() {
         .await
         .unwrap();
     // The catalog's own picture passes the same check (the emulator follows the catalog).
-    let honest = EmulatedGpus::new(env.cluster.clone(), node);
+    let honest = EmulatedGpus::new(env.cluster.hardware(), node);
     let gpu = mig_agent::GpuSource::gpus(&honest).unwrap().remove(0);
     let observed = mig_agent::GpuSource::profiles(&honest, &gpu).unwrap().unwrap();
     let model = mig_catalog::Catalog::embedded().lookup(&gpu.product).unwrap();
@@ -891,7 +891,7 @@ async fn s8b_an_agent_warns_even_when_the_driver_says_pages() {
     let spec = nodes(1, 1, SEVEN_1G);
     let env = bare_env(spec.clone()).await;
     let node = &spec[0].name;
-    let source = Arc::new(VerboseDriver(EmulatedGpus::new(env.cluster.clone(), node)));
+    let source = Arc::new(VerboseDriver(EmulatedGpus::new(env.cluster.hardware(), node)));
     let agent = mig_agent::start(agent_client(&env.server, node), agent_settings(node), source)
         .await
         .unwrap();
@@ -1031,7 +1031,7 @@ async fn s12_without_pods_per_instance_a_gpu_that_may_hold_a_pod_is_never_rebuil
         .unwrap();
     let mut agents = Vec::new();
     for n in names(&spec) {
-        let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.clone(), &n)));
+        let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.hardware(), &n)));
         agents.push(
             mig_agent::start(agent_client(&env.server, &n), agent_settings(&n), source)
                 .await
@@ -1122,7 +1122,7 @@ async fn s13_dcgm_exporter_says_which_instance_a_pod_uses_so_nvml_repartitions_a
         dcgm_exporter(&env, "gpu-node-0").await,
     ));
     s.dcgm_interval = Duration::from_millis(200);
-    let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.clone(), "gpu-node-0")));
+    let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.hardware(), "gpu-node-0")));
     let agent = mig_agent::start(agent_client(&env.server, "gpu-node-0"), s, source)
         .await
         .unwrap();
@@ -1175,7 +1175,7 @@ async fn s13b_an_unreachable_dcgm_exporter_is_counted_and_pods_are_attributed_sa
         "http://127.0.0.1:1/metrics".into(),
     ));
     s.dcgm_interval = Duration::from_millis(200);
-    let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.clone(), "gpu-node-0")));
+    let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.hardware(), "gpu-node-0")));
     let agent = mig_agent::start(agent_client(&env.server, "gpu-node-0"), s, source)
         .await
         .unwrap();
@@ -1267,7 +1267,7 @@ async fn s13c_a_tenant_pod_labelled_as_dcgm_exporter_is_not_believed() {
         port,
     });
     s.dcgm_interval = Duration::from_millis(100);
-    let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.clone(), "gpu-node-0")));
+    let source = Arc::new(PodBlind(EmulatedGpus::new(env.cluster.hardware(), "gpu-node-0")));
     let agent = mig_agent::start(agent_client(&env.server, "gpu-node-0"), s, source)
         .await
         .unwrap();
@@ -1565,7 +1565,7 @@ async fn s16_a_gpu_that_stops_answering_mid_sequence_is_left_alone_and_the_rest_
     let mut s = on_backend("gpu-node-0", Backend::Nvml);
     s.sequence.phase_timeout = jiff::SignedDuration::from_secs(1);
     let source = Arc::new(FailsAfterFirstChange {
-        inner: EmulatedGpus::new(env.cluster.clone(), "gpu-node-0"),
+        inner: EmulatedGpus::new(env.cluster.hardware(), "gpu-node-0"),
         broken: std::sync::Mutex::new(None),
     });
     let agent = mig_agent::start(agent_client(&env.server, "gpu-node-0"), s, source.clone())
@@ -1619,7 +1619,7 @@ async fn s17_an_idle_agent_keeps_its_report_fresh_and_a_stopped_one_goes_stale()
     use mig_protocol::{Clock, ManualClock};
     let env = bare_env(nodes(1, 1, SEVEN_1G)).await;
     let clock = ManualClock::new();
-    let source = Arc::new(EmulatedGpus::new(env.cluster.clone(), "gpu-node-0"));
+    let source = Arc::new(EmulatedGpus::new(env.cluster.hardware(), "gpu-node-0"));
     let agent = mig_agent::agent::start_with_clock(
         agent_client(&env.server, "gpu-node-0"),
         agent_settings("gpu-node-0"),

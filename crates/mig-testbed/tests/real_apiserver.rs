@@ -16,6 +16,8 @@ use serde_json::json;
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/helm/mig-autoscaler");
 const NAMESPACE: &str = "mig-autoscaler";
+/// The chart's copy of the GPU operator's mig-parted config.
+const MIG_PARTED_CONFIG: &str = "gpu-operator/mig-autoscaler-mig-parted-config";
 
 /// A control plane with the chart installed by helm (defaults), or `None` to skip (not in CI).
 fn installed() -> Option<ControlPlane> {
@@ -344,6 +346,24 @@ async fn the_api_server_confines_an_agent_to_its_own_node() {
     );
 }
 
+/// The chart's mig-parted ConfigMap (a copy of the GPU operator's), and the default
+/// ServiceAccount pods get (no controller-manager runs here to make it).
+async fn workloads_and_mig_parted_config(admin: &Client) {
+    let mut config_map: k8s_openapi::api::core::v1::ConfigMap =
+        serde_json::from_value(kube_emulator::fleet::default_mig_parted_config_map()).unwrap();
+    config_map.metadata.name = Some(MIG_PARTED_CONFIG.rsplit('/').next().unwrap().into());
+    let default_sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
+    Api::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &default_sa)
+        .await
+        .unwrap();
+    Api::namespaced(admin.clone(), "gpu-operator")
+        .create(&PostParams::default(), &config_map)
+        .await
+        .unwrap();
+}
+
 /// The controller's identity as the chart's ServiceAccount token would authenticate it.
 fn controller_identity(plane: &ControlPlane) -> Client {
     as_service_account(plane, "mig-autoscaler-controller")
@@ -362,21 +382,7 @@ async fn the_controller_plans_in_dry_run_with_only_the_charts_permissions() {
 
     let Some(plane) = installed() else { return };
     let admin = plane.admin();
-    // The chart's mig-parted ConfigMap (a copy of the GPU operator's), and the default
-    // ServiceAccount pods get (no controller-manager runs here to make it).
-    let mut config_map: k8s_openapi::api::core::v1::ConfigMap =
-        serde_json::from_value(kube_emulator::fleet::default_mig_parted_config_map()).unwrap();
-    config_map.metadata.name = Some("mig-autoscaler-mig-parted-config".into());
-    let default_sa: ServiceAccount =
-        serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
-    Api::namespaced(admin.clone(), "default")
-        .create(&PostParams::default(), &default_sa)
-        .await
-        .unwrap();
-    Api::namespaced(admin.clone(), "gpu-operator")
-        .create(&PostParams::default(), &config_map)
-        .await
-        .unwrap();
+    workloads_and_mig_parted_config(&admin).await;
     // A node as its agent reports it: one H100 as seven 1g.10gb.
     let catalog = mig_catalog::Catalog::embedded();
     let model = catalog.lookup(H100).unwrap();
@@ -418,7 +424,7 @@ async fn the_controller_plans_in_dry_run_with_only_the_charts_permissions() {
         .unwrap();
 
     let mut settings = fast_settings(Mode::DryRun);
-    settings.mig_parted_config_map = "gpu-operator/mig-autoscaler-mig-parted-config".into();
+    settings.mig_parted_config_map = MIG_PARTED_CONFIG.into();
     let c = mig_controller::start(controller_identity(&plane), settings, "replica-a".into())
         .await
         .unwrap();
@@ -470,4 +476,65 @@ async fn the_controller_plans_in_dry_run_with_only_the_charts_permissions() {
         before
     );
     c.stop().await;
+}
+
+/// Issue 16: the whole loop on the real control plane. A 3g pod waits on two nodes of seven 1g
+/// slices; the controller (the chart's identity, automatic) plans and grants, the agent of the
+/// chosen node (its own bound token, confined by the admission policy) taints, relabels and
+/// verifies, the simulated mig-manager applies, the real kube-scheduler binds the pod once the
+/// device plugin advertises a 3g, and the simulated kubelet runs it. `kubectl describe` shows the
+/// pod's and the node's Events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_scheduler_runs_a_3g_pod_after_the_agents_repartition() {
+    use kube_emulator::ClusterSpec;
+    use mig_controller::settings::Mode;
+    use mig_testbed::harness::{
+        SEVEN_1G, SystemOnNodes, a_3g_pod_runs_after_a_repartition, fast_settings, nodes,
+    };
+    use mig_testbed::nodes::SimulatedNodes;
+
+    let Some(mut plane) = installed() else { return };
+    plane.start_scheduler();
+    let admin = plane.admin();
+    workloads_and_mig_parted_config(&admin).await;
+    let spec = ClusterSpec {
+        nodes: nodes(2, 1, SEVEN_1G),
+        mig_parted_config_map: MIG_PARTED_CONFIG.into(),
+        mig_manager_delay_ms: 200,
+        device_plugin_pods: false,
+    };
+    let simulated = SimulatedNodes::register(admin.clone(), &spec).await.unwrap();
+    let hardware = simulated.hardware();
+    let kubelets = simulated.spawn(std::time::Duration::from_millis(100));
+    let mut agents = Vec::new();
+    for n in &spec.nodes {
+        let token = agent_token(&admin, &n.name).await;
+        agents.push((n.name.clone(), plane.client_with_token(&token)));
+    }
+    let mut settings = fast_settings(Mode::Auto);
+    settings.mig_parted_config_map = MIG_PARTED_CONFIG.into();
+    let system = SystemOnNodes::start(hardware.clone(), agents, controller_identity(&plane), settings).await;
+    let node = a_3g_pod_runs_after_a_repartition(&admin, &hardware, 60).await;
+    let other = spec.nodes.iter().find(|n| n.name != node).unwrap();
+    assert_eq!(
+        hardware.gpus(&other.name)[0].layout.len(),
+        7,
+        "the other node was changed"
+    );
+    // The Events as users read them.
+    let pod = plane
+        .kubectl(&["describe", "pod", "wants-3g", "-n", "default"])
+        .unwrap();
+    assert!(pod.contains("WaitingForRepartition"), "{pod}");
+    assert!(
+        pod.contains(&format!("Successfully assigned default/wants-3g to {node}")),
+        "kube-scheduler's own Event is missing: {pod}"
+    );
+    let described = plane.kubectl(&["describe", "node", &node]).unwrap();
+    for reason in ["ReconfigurationGranted", "ReconfigurationSucceeded"] {
+        assert!(described.contains(reason), "no {reason} in: {described}");
+    }
+    mig_testbed::harness::pods_live_and_end_as_on_a_real_server(&admin, &node).await;
+    system.stop().await;
+    kubelets.abort();
 }
