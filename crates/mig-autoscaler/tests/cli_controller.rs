@@ -67,7 +67,7 @@ fn runs_against_the_emulator_and_stops_on_sigterm() {
                 "--log-format",
                 "json",
                 "--log-level",
-                "info",
+                "debug",
             ])
             .env_remove("RUST_LOG")
             .stderr(Stdio::piped())
@@ -99,8 +99,8 @@ fn runs_against_the_emulator_and_stops_on_sigterm() {
             .any(|l| l.starts_with('{') && l.contains("controller started")),
         "{logs}"
     );
-    // JSON logs are JSON only: no plain line, no colour codes (stderr is a pipe here), and the
-    // HTTP libraries stay quiet.
+    // JSON logs are JSON only: no plain line, no colour codes (stderr is a pipe here), and at
+    // debug the HTTP libraries stay quiet.
     for line in logs.lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));

@@ -366,7 +366,10 @@ impl ControlLoop {
         let now = self.now();
         let facts = self.budget_facts(&obs);
         if !self.state.led && self.shared.lease.is_leader() {
-            return; // the Nodes' grants are not read back yet
+            // Leader since this round began: the Nodes' grants are not read back yet. Plan in the
+            // next round, not at the next batch or resync (a plan skipped is not a plan made).
+            self.state.replan = true;
+            return;
         }
         let room = budget::headroom(&settings.budgets, now, obs.managed, &facts);
         let mut policy = settings.planner.clone();
