@@ -752,8 +752,12 @@ fn evict(state: &Shared, t: &Target, name: &str, body: &Bytes) -> Result<(Status
         && !matches!(phase, "Succeeded" | "Failed" | "Pending")
         && !terminating
     {
+        // As the real server: a budget whose spec changed since the disruption controller last
+        // computed its status allows nothing yet.
+        let observed = pdb["status"]["observedGeneration"].as_i64().unwrap_or(0);
+        let stale = observed < pdb["metadata"]["generation"].as_i64().unwrap_or(1);
         let allowed = pdb["status"]["disruptionsAllowed"].as_i64().unwrap_or(0);
-        if allowed <= 0 {
+        if stale || allowed <= 0 {
             return Err(ApiError::disruption_budget());
         }
         let mut updated = pdb.clone();

@@ -225,6 +225,9 @@ impl Store {
         }
         object["apiVersion"] = json!(r.api_version());
         object["kind"] = json!(r.kind);
+        if object.get("spec").is_some() {
+            object["metadata"]["generation"] = json!(1);
+        }
         self.bump(&mut object);
         self.objects.insert(key, object.clone());
         self.record(r.plural, Change::Added, object.clone());
@@ -255,9 +258,13 @@ impl Store {
                 "the name of the object does not match the name in the URL",
             ));
         }
-        // Identity is the server's.
+        // Identity is the server's, and so is the generation: one more on each change of the spec.
         for field in ["uid", "creationTimestamp", "namespace", "name"] {
             object["metadata"][field] = current["metadata"][field].clone();
+        }
+        if let Some(generation) = current["metadata"]["generation"].as_i64() {
+            let changed = object["spec"] != current["spec"];
+            object["metadata"]["generation"] = json!(generation + i64::from(changed));
         }
         object["apiVersion"] = json!(r.api_version());
         object["kind"] = json!(r.kind);

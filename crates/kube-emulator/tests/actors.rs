@@ -298,7 +298,7 @@ async fn eviction_grace_injected_failures_and_reboots() {
     let pdb = json!({
         "metadata": {"name": "x"},
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "x"}}},
-        "status": {"disruptionsAllowed": 1, "currentHealthy": 1, "desiredHealthy": 0, "expectedPods": 1}
+        "status": {"observedGeneration": 1, "disruptionsAllowed": 1, "currentHealthy": 1, "desiredHealthy": 0, "expectedPods": 1}
     });
     pdbs.create(&PostParams::default(), &serde_json::from_value(pdb).unwrap())
         .await

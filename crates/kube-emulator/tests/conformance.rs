@@ -197,7 +197,7 @@ async fn eviction_honours_pod_disruption_budgets() {
     let pdb: PodDisruptionBudget = serde_json::from_value(json!({
         "metadata": {"name": "infer"},
         "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "infer"}}},
-        "status": {"disruptionsAllowed": 0, "currentHealthy": 1, "desiredHealthy": 1, "expectedPods": 1}
+        "status": {"observedGeneration": 1, "disruptionsAllowed": 0, "currentHealthy": 1, "desiredHealthy": 1, "expectedPods": 1}
     }))
     .unwrap();
     pdbs.create(&PostParams::default(), &pdb).await.unwrap();
@@ -225,6 +225,15 @@ async fn eviction_honours_pod_disruption_budgets() {
     pods.evict("free", &EvictParams::default()).await.unwrap();
     assert_eq!(code(pods.get("free").await.unwrap_err()), 404);
 
+    // A spec change makes the status stale (generation 2, observed 1): as on the real server, no
+    // eviction passes until the disruption controller has looked again, whatever the status says.
+    pdbs.patch(
+        "infer",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"minAvailable": 0}})),
+    )
+    .await
+    .unwrap();
     pdbs.patch_status(
         "infer",
         &PatchParams::default(),
@@ -232,6 +241,21 @@ async fn eviction_honours_pod_disruption_budgets() {
     )
     .await
     .unwrap();
+    assert_eq!(pdbs.get("infer").await.unwrap().metadata.generation, Some(2));
+    let err = pods.evict("guarded", &EvictParams::default()).await.unwrap_err();
+    assert_eq!(code(err), 429, "a stale budget lets nothing through");
+    pdbs.patch_status(
+        "infer",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"observedGeneration": 2}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        pdbs.get("infer").await.unwrap().metadata.generation,
+        Some(2),
+        "status writes keep it"
+    );
     pods.evict("guarded", &EvictParams::default()).await.unwrap();
     assert_eq!(
         pdbs.get("infer")

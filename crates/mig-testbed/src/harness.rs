@@ -682,3 +682,60 @@ pub async fn pods_live_and_end_as_on_a_real_server(admin: &Client, node: &str) {
     })
     .await;
 }
+
+/// The grant on a node, if any.
+pub fn grant_of(node: &Node) -> Option<Grant> {
+    node.annotations()
+        .get(GRANT_ANNOTATION)
+        .and_then(|g| serde_json::from_str(g).ok())
+}
+
+/// The most nodes in flight (granted and not yet idle) at once, as a watch of `client`'s server
+/// sees them, until `stop` turns true.
+pub async fn max_in_flight(client: kube::Client, stop: tokio::sync::watch::Receiver<bool>) -> usize {
+    let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
+    let mut max = 0;
+    let stream = {
+        use kube::runtime::WatchStreamExt;
+        kube::runtime::watcher(
+            Api::<Node>::all(client),
+            kube::runtime::watcher::Config::default(),
+        )
+        .default_backoff()
+    };
+    futures::pin_mut!(stream);
+    loop {
+        if *stop.borrow() {
+            return max;
+        }
+        let Ok(Some(ev)) =
+            tokio::time::timeout(Duration::from_millis(100), futures::StreamExt::next(&mut stream)).await
+        else {
+            continue;
+        };
+        match ev {
+            Ok(kube::runtime::watcher::Event::Apply(n)) | Ok(kube::runtime::watcher::Event::InitApply(n)) => {
+                nodes.insert(n.name_any(), n);
+            }
+            Ok(kube::runtime::watcher::Event::Delete(n)) => {
+                nodes.remove(&n.name_any());
+            }
+            _ => {}
+        }
+        let now = nodes
+            .values()
+            .filter(|n| {
+                let g = grant_of(n);
+                let s: Option<NodeState> = n
+                    .annotations()
+                    .get(STATE_ANNOTATION)
+                    .and_then(|s| serde_json::from_str(s).ok());
+                !matches!(
+                    mig_protocol::flight(g.as_ref(), s.as_ref()),
+                    mig_protocol::Flight::Idle { .. }
+                )
+            })
+            .count();
+        max = max.max(now);
+    }
+}

@@ -2,16 +2,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Patch, PatchParams};
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use mig_controller::settings::{Amount, Mode};
-use mig_protocol::{Flight, GRANT_ANNOTATION, Grant, NodeState, STATE_ANNOTATION, flight};
+use mig_protocol::{GRANT_ANNOTATION, Grant};
 use mig_testbed::harness::*;
 use serde_json::json;
 
@@ -23,12 +20,6 @@ async fn pod_running(client: &kube::Client, name: &str) -> bool {
         .and_then(|p| p.status?.phase)
         .as_deref()
         == Some("Running")
-}
-
-fn grant_of(node: &Node) -> Option<Grant> {
-    node.annotations()
-        .get(GRANT_ANNOTATION)
-        .and_then(|g| serde_json::from_str(g).ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,42 +236,6 @@ async fn auto_grants_and_the_pod_runs() {
 }
 
 /// Watch every node change; after each, count nodes with a grant in flight.
-async fn max_in_flight(client: kube::Client, stop: tokio::sync::watch::Receiver<bool>) -> usize {
-    let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
-    let mut max = 0;
-    let stream = watcher(Api::<Node>::all(client), watcher::Config::default()).default_backoff();
-    futures::pin_mut!(stream);
-    loop {
-        if *stop.borrow() {
-            return max;
-        }
-        let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(100), stream.next()).await else {
-            continue;
-        };
-        match ev {
-            Ok(watcher::Event::Apply(n)) | Ok(watcher::Event::InitApply(n)) => {
-                nodes.insert(n.name_any(), n);
-            }
-            Ok(watcher::Event::Delete(n)) => {
-                nodes.remove(&n.name_any());
-            }
-            _ => {}
-        }
-        let now = nodes
-            .values()
-            .filter(|n| {
-                let g = grant_of(n);
-                let s: Option<NodeState> = n
-                    .annotations()
-                    .get(STATE_ANNOTATION)
-                    .and_then(|s| serde_json::from_str(s).ok());
-                !matches!(flight(g.as_ref(), s.as_ref()), Flight::Idle { .. })
-            })
-            .count();
-        max = max.max(now);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_budget_holds_over_a_long_randomized_run() {
     let agent = AgentBehaviour {

@@ -159,7 +159,7 @@ async fn pdb(env: &Env, allowed: i32) {
     let p: PodDisruptionBudget = serde_json::from_value(json!({
         "metadata": {"name": "protect", "namespace": "default"},
         "spec": {"selector": {"matchLabels": {"app": "protected"}}, "maxUnavailable": 0},
-        "status": {"disruptionsAllowed": allowed, "currentHealthy": 1, "desiredHealthy": 1, "expectedPods": 1},
+        "status": {"observedGeneration": 1, "disruptionsAllowed": allowed, "currentHealthy": 1, "desiredHealthy": 1, "expectedPods": 1},
     }))
     .unwrap();
     Api::<PodDisruptionBudget>::namespaced(env.client.clone(), "default")

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::authorization::v1::SelfSubjectRulesReview;
@@ -478,6 +478,56 @@ async fn the_controller_plans_in_dry_run_with_only_the_charts_permissions() {
     c.stop().await;
 }
 
+/// Nodes simulated as API clients of the real server (kubelet, device plugin, mig-manager), with
+/// the real kube-scheduler binding pods to them.
+struct Simulated {
+    hardware: std::sync::Arc<kube_emulator::Hardware>,
+    /// Each node's agent client: the token of an agent pod bound to that node, so the chart's
+    /// admission policy confines it.
+    agents: Vec<(String, Client)>,
+    kubelets: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Simulated {
+    fn drop(&mut self) {
+        self.kubelets.abort();
+    }
+}
+
+async fn simulated(plane: &mut ControlPlane, nodes: Vec<kube_emulator::NodeSpec>) -> Simulated {
+    plane.start_scheduler();
+    let admin = plane.admin();
+    workloads_and_mig_parted_config(&admin).await;
+    let spec = kube_emulator::ClusterSpec {
+        nodes,
+        mig_parted_config_map: MIG_PARTED_CONFIG.into(),
+        mig_manager_delay_ms: 200,
+        device_plugin_pods: false,
+    };
+    let simulated = mig_testbed::nodes::SimulatedNodes::register(admin.clone(), &spec)
+        .await
+        .unwrap();
+    let hardware = simulated.hardware();
+    let kubelets = simulated.spawn(std::time::Duration::from_millis(100));
+    let mut agents = Vec::new();
+    for n in &spec.nodes {
+        let token = agent_token(&admin, &n.name).await;
+        agents.push((n.name.clone(), plane.client_with_token(&token)));
+    }
+    Simulated {
+        hardware,
+        agents,
+        kubelets,
+    }
+}
+
+/// Automatic mode, fast, with the chart's mig-parted ConfigMap.
+fn auto_settings() -> mig_controller::settings::Settings {
+    let mut settings = mig_testbed::harness::fast_settings(mig_controller::settings::Mode::Auto);
+    settings.mig_parted_config_map = MIG_PARTED_CONFIG.into();
+    settings
+}
+
 /// Issue 16: the whole loop on the real control plane. A 3g pod waits on two nodes of seven 1g
 /// slices; the controller (the chart's identity, automatic) plans and grants, the agent of the
 /// chosen node (its own bound token, confined by the admission policy) taints, relabels and
@@ -486,38 +536,22 @@ async fn the_controller_plans_in_dry_run_with_only_the_charts_permissions() {
 /// pod's and the node's Events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_scheduler_runs_a_3g_pod_after_the_agents_repartition() {
-    use kube_emulator::ClusterSpec;
-    use mig_controller::settings::Mode;
-    use mig_testbed::harness::{
-        SEVEN_1G, SystemOnNodes, a_3g_pod_runs_after_a_repartition, fast_settings, nodes,
-    };
-    use mig_testbed::nodes::SimulatedNodes;
+    use mig_testbed::harness::{SEVEN_1G, SystemOnNodes, a_3g_pod_runs_after_a_repartition, nodes};
 
     let Some(mut plane) = installed() else { return };
-    plane.start_scheduler();
+    let cluster = simulated(&mut plane, nodes(2, 1, SEVEN_1G)).await;
     let admin = plane.admin();
-    workloads_and_mig_parted_config(&admin).await;
-    let spec = ClusterSpec {
-        nodes: nodes(2, 1, SEVEN_1G),
-        mig_parted_config_map: MIG_PARTED_CONFIG.into(),
-        mig_manager_delay_ms: 200,
-        device_plugin_pods: false,
-    };
-    let simulated = SimulatedNodes::register(admin.clone(), &spec).await.unwrap();
-    let hardware = simulated.hardware();
-    let kubelets = simulated.spawn(std::time::Duration::from_millis(100));
-    let mut agents = Vec::new();
-    for n in &spec.nodes {
-        let token = agent_token(&admin, &n.name).await;
-        agents.push((n.name.clone(), plane.client_with_token(&token)));
-    }
-    let mut settings = fast_settings(Mode::Auto);
-    settings.mig_parted_config_map = MIG_PARTED_CONFIG.into();
-    let system = SystemOnNodes::start(hardware.clone(), agents, controller_identity(&plane), settings).await;
-    let node = a_3g_pod_runs_after_a_repartition(&admin, &hardware, 60).await;
-    let other = spec.nodes.iter().find(|n| n.name != node).unwrap();
+    let system = SystemOnNodes::start(
+        cluster.hardware.clone(),
+        cluster.agents.clone(),
+        controller_identity(&plane),
+        auto_settings(),
+    )
+    .await;
+    let node = a_3g_pod_runs_after_a_repartition(&admin, &cluster.hardware, 60).await;
+    let other = cluster.agents.iter().find(|(n, _)| *n != node).unwrap();
     assert_eq!(
-        hardware.gpus(&other.name)[0].layout.len(),
+        cluster.hardware.gpus(&other.0)[0].layout.len(),
         7,
         "the other node was changed"
     );
@@ -536,5 +570,223 @@ async fn kube_scheduler_runs_a_3g_pod_after_the_agents_repartition() {
     }
     mig_testbed::harness::pods_live_and_end_as_on_a_real_server(&admin, &node).await;
     system.stop().await;
-    kubelets.abort();
+}
+
+/// The node budget on the real server, whose watch caches lag as real ones do: three nodes of
+/// seven 1g, three 7g pods waiting, a budget of one node. A watch of the server never sees two
+/// nodes in flight, and every pod runs in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_budget_holds_on_the_real_server() {
+    use mig_testbed::harness::{
+        SEVEN_1G, SystemOnNodes, create_pod, eventually, max_in_flight, mig_pod, nodes,
+    };
+
+    let Some(mut plane) = installed() else { return };
+    let cluster = simulated(&mut plane, nodes(3, 1, SEVEN_1G)).await;
+    let admin = plane.admin();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let monitor = tokio::spawn(max_in_flight(admin.clone(), stop_rx));
+    let settings = auto_settings();
+    assert_eq!(
+        settings.budgets.max_nodes_reconfiguring,
+        mig_controller::settings::Amount::Count(1)
+    );
+    let system = SystemOnNodes::start(
+        cluster.hardware.clone(),
+        cluster.agents.clone(),
+        controller_identity(&plane),
+        settings,
+    )
+    .await;
+    for i in 0..3 {
+        create_pod(&admin, &mig_pod(&format!("wants-7g-{i}"), "7g.80gb", "1")).await;
+    }
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "default");
+    eventually(90, "the three 7g pods run", || async {
+        let running = pods
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .count();
+        running == 3
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    let max = monitor.await.unwrap();
+    assert_eq!(max, 1, "nodes in flight at once, as the server's watch saw them");
+    for (node, _) in &cluster.agents {
+        let gpu = &cluster.hardware.gpus(node)[0];
+        assert_eq!(gpu.model.format_layout(&gpu.layout), "7g.80gb@0", "{node}");
+    }
+    system.stop().await;
+}
+
+/// The PodDisruptionBudget's status as kube-controller-manager's disruption controller writes it
+/// (it does not run here): one healthy pod, one disruption allowed, computed for the budget's
+/// current generation, or (`caught_up` false) for the one before, as while the controller has not
+/// yet looked at an edit of the budget.
+async fn disruption_controller_says(admin: &Client, caught_up: bool) {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(admin.clone(), "default");
+    let generation = pdbs.get("protect").await.unwrap().metadata.generation.unwrap();
+    let observed = if caught_up { generation } else { generation - 1 };
+    let status = json!({"status": {"observedGeneration": observed, "disruptionsAllowed": 1,
+        "currentHealthy": 1, "desiredHealthy": 0, "expectedPods": 1}});
+    pdbs.patch_status("protect", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+/// Eviction, PDBs, Lease failover and kills mid-sequence on the real server. One node of seven 1g,
+/// one of them running a pod a PDB covers; a higher-priority 7g pod can run only if it goes. Two
+/// controller replicas. The budget's status says one disruption is allowed, but for the budget's
+/// previous generation (just edited, not yet seen by the disruption controller): the planner plans
+/// the eviction and the real server refuses it (429). The leader says so (Event, metric) and keeps
+/// asking. Then the leader and the agent are killed mid-drain (no cleanup, Lease not released);
+/// the other replica takes the Lease, a new agent resumes the sequence, and once the disruption
+/// controller has caught up the pod is evicted through the Eviction API, the GPU is rebuilt, and
+/// kube-scheduler binds the 7g pod. Nothing is left tainted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdb_refusal_waits_and_a_killed_leader_and_agent_hand_over_mid_drain() {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use mig_protocol::TAINT_KEY;
+    use mig_testbed::harness::{SEVEN_1G, events, eventually, mig_pod, nodes};
+    use std::time::Duration;
+
+    let Some(mut plane) = installed() else { return };
+    let cluster = simulated(&mut plane, nodes(1, 1, SEVEN_1G)).await;
+    let admin = plane.admin();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "default");
+    let phase = |name: &'static str| {
+        let pods = pods.clone();
+        async move { pods.get_opt(name).await.unwrap().and_then(|p| p.status?.phase) }
+    };
+    // The protected pod, scheduled by kube-scheduler and run by the simulated kubelet.
+    let mut victim = mig_pod("victim", "1g.10gb", "1");
+    victim.metadata.labels = Some([("app".to_string(), "protected".to_string())].into());
+    victim.spec.as_mut().unwrap().termination_grace_period_seconds = Some(1);
+    pods.create(&PostParams::default(), &victim).await.unwrap();
+    eventually(20, "the protected pod runs", || async {
+        phase("victim").await.as_deref() == Some("Running")
+    })
+    .await;
+    let pdb: PodDisruptionBudget = serde_json::from_value(json!({
+        "metadata": {"name": "protect"},
+        "spec": {"selector": {"matchLabels": {"app": "protected"}}, "maxUnavailable": 1},
+    }))
+    .unwrap();
+    Api::<PodDisruptionBudget>::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &pdb)
+        .await
+        .unwrap();
+    disruption_controller_says(&admin, false).await;
+    let high: k8s_openapi::api::scheduling::v1::PriorityClass =
+        serde_json::from_value(json!({"metadata": {"name": "high"}, "value": 1000})).unwrap();
+    Api::all(admin.clone())
+        .create(&PostParams::default(), &high)
+        .await
+        .unwrap();
+
+    let (node, agent_client) = cluster.agents[0].clone();
+    let start_agent = || {
+        let mut s = mig_agent::AgentSettings::new(node.clone());
+        s.tick = Duration::from_millis(100);
+        s.sequence.drain_timeout = jiff::SignedDuration::from_secs(120);
+        let source = std::sync::Arc::new(mig_testbed::EmulatedGpus::new(
+            cluster.hardware.clone(),
+            node.clone(),
+        ));
+        mig_agent::start(agent_client.clone(), s, source)
+    };
+    let agent = start_agent().await.unwrap();
+    let mut settings = auto_settings();
+    settings.planner.drain = mig_planner::DrainPolicy::Allowed;
+    let mut replicas = BTreeMap::new();
+    for name in ["replica-a", "replica-b"] {
+        let c = mig_controller::start(controller_identity(&plane), settings.clone(), name.into())
+            .await
+            .unwrap();
+        replicas.insert(name, c);
+    }
+    let mut wants = mig_pod("wants-7g", "7g.80gb", "1");
+    wants.spec.as_mut().unwrap().priority_class_name = Some("high".into());
+    pods.create(&PostParams::default(), &wants).await.unwrap();
+
+    // The real server refuses the eviction; the leader says so and keeps the node draining.
+    eventually(30, "an EvictionBlockedByPDB Event naming the pod", || async {
+        events(&admin, "default")
+            .await
+            .iter()
+            .any(|(who, reason, note, kind)| {
+                *who == node
+                    && reason == "EvictionBlockedByPDB"
+                    && kind == "Warning"
+                    && note.contains("default/victim")
+            })
+    })
+    .await;
+    let holder = || {
+        plane
+            .kubectl(&[
+                "get",
+                "lease",
+                "mig-autoscaler",
+                "-n",
+                NAMESPACE,
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ])
+            .unwrap()
+    };
+    let leader = holder();
+    let follower = if leader == "replica-a" {
+        "replica-b"
+    } else {
+        "replica-a"
+    };
+    assert!(replicas[leader.as_str()].shared.metrics.eviction_count("blocked") >= 1);
+    assert_eq!(phase("victim").await.as_deref(), Some("Running"));
+
+    let state: mig_protocol::NodeState = serde_json::from_str(
+        &Api::<Node>::all(admin.clone())
+            .get(&node)
+            .await
+            .unwrap()
+            .metadata
+            .annotations
+            .unwrap()[mig_protocol::STATE_ANNOTATION],
+    )
+    .unwrap();
+    assert_eq!(state.phase, mig_protocol::Phase::Draining, "{state:?}");
+    // Kill the leader and the agent mid-drain; a new agent starts.
+    replicas.remove(leader.as_str()).unwrap().kill();
+    agent.kill();
+    let agent = start_agent().await.unwrap();
+    eventually(30, "the other replica holds the Lease", || async {
+        holder() == follower
+    })
+    .await;
+    // The disruption controller catches up: the eviction goes through, the 7g pod runs.
+    disruption_controller_says(&admin, true).await;
+    eventually(60, "the 7g pod runs", || async {
+        phase("wants-7g").await.as_deref() == Some("Running")
+    })
+    .await;
+    assert_eq!(
+        phase("victim").await,
+        None,
+        "the protected pod was evicted, not left"
+    );
+    let survivor = replicas.remove(follower).unwrap();
+    assert!(survivor.shared.metrics.eviction_count("evicted") >= 1);
+    let n = Api::<Node>::all(admin.clone()).get(&node).await.unwrap();
+    let taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
+    assert!(taints.iter().all(|t| t.key != TAINT_KEY), "{taints:?}");
+    let gpu = &cluster.hardware.gpus(&node)[0];
+    assert_eq!(gpu.model.format_layout(&gpu.layout), "7g.80gb@0");
+    survivor.stop().await;
+    agent.stop().await;
 }
