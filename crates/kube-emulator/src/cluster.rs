@@ -71,6 +71,9 @@ pub struct ClusterSpec {
 /// The GPU operator's switch for a node's device plugin.
 pub const DEVICE_PLUGIN_DEPLOY_LABEL: &str = "nvidia.com/gpu.deploy.device-plugin";
 
+/// Where the GPU operator runs its device-plugin pods.
+pub const DEVICE_PLUGIN_NAMESPACE: &str = "gpu-operator";
+
 /// `key=value` label of the emulated device-plugin pods (the GPU operator's).
 pub const DEVICE_PLUGIN_LABEL: (&str, &str) = ("app", "nvidia-device-plugin-daemonset");
 
@@ -542,32 +545,44 @@ fn kubelet(store: &mut Store, nodes: &mut BTreeMap<String, SimNode>) {
 fn device_plugin_pods(store: &mut Store, nodes: &mut BTreeMap<String, SimNode>) {
     let pods_r = res("", "v1", "pods");
     let nodes_r = res("", "v1", "nodes");
-    let (key, value) = DEVICE_PLUGIN_LABEL;
     for (name, n) in nodes.iter_mut() {
-        let pod_name = format!("nvidia-device-plugin-{name}");
+        let pod_name = device_plugin_pod_name(name);
         let deployed = store.get(nodes_r, "", name).is_ok_and(|node| {
             node["metadata"]["labels"][DEVICE_PLUGIN_DEPLOY_LABEL]
                 .as_str()
                 .is_none_or(|v| v == "true")
         });
-        let exists = store.get(pods_r, "gpu-operator", &pod_name).is_ok();
+        let exists = store.get(pods_r, DEVICE_PLUGIN_NAMESPACE, &pod_name).is_ok();
         if !deployed && exists {
-            let _ = store.delete(pods_r, "gpu-operator", &pod_name);
+            let _ = store.delete(pods_r, DEVICE_PLUGIN_NAMESPACE, &pod_name);
         }
         if !deployed || exists {
             continue;
         }
-        let pod = json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod_name, "namespace": "gpu-operator", "labels": {key: value},
-                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": value,
-                                          "uid": "emulated-device-plugin", "controller": true}]},
-        "spec": {"nodeName": name, "terminationGracePeriodSeconds": 1, "containers": [{"name": "nvidia-device-plugin", "image": "nvcr.io/nvidia/k8s-device-plugin"}],
-                 "tolerations": [{"operator": "Exists"}]},
-        "status": {"phase": "Running"}});
-        if store.create(pods_r, "gpu-operator", pod).is_ok() {
+        let mut pod = device_plugin_pod(name);
+        pod["status"] = json!({"phase": "Running"});
+        if store.create(pods_r, DEVICE_PLUGIN_NAMESPACE, pod).is_ok() {
             n.plugin_stale = false;
         }
     }
+}
+
+/// The name of the device-plugin pod on `node`.
+pub fn device_plugin_pod_name(node: &str) -> String {
+    format!("nvidia-device-plugin-{node}")
+}
+
+/// The device-plugin pod the GPU operator's DaemonSet runs on `node` (owned by the DaemonSet, in
+/// its namespace, tolerating every taint), as it is created: not yet running.
+pub fn device_plugin_pod(node: &str) -> Value {
+    let (key, value) = DEVICE_PLUGIN_LABEL;
+    json!({"apiVersion": "v1", "kind": "Pod",
+    "metadata": {"name": device_plugin_pod_name(node), "namespace": DEVICE_PLUGIN_NAMESPACE, "labels": {key: value},
+                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": value,
+                                      "uid": "00000000-0000-4000-8000-00000000d5e7", "controller": true}]},
+    "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+             "containers": [{"name": "nvidia-device-plugin", "image": "nvcr.io/nvidia/k8s-device-plugin"}],
+             "tolerations": [{"operator": "Exists"}]}})
 }
 
 /// `(namespace, name)` of an object.

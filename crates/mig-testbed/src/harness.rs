@@ -539,8 +539,8 @@ pub struct SystemOnNodes {
 }
 
 impl SystemOnNodes {
-    /// Start the agents (`(node, client)`, ticking every 100 ms, reading `hardware`) and the
-    /// controller (replica `replica-a`).
+    /// Start the agents (`(node, client)`, ticking every 100 ms, reading `hardware`, on the
+    /// planner's backend) and the controller (replica `replica-a`).
     pub async fn start(
         hardware: Arc<kube_emulator::Hardware>,
         agents: Vec<(String, Client)>,
@@ -551,6 +551,7 @@ impl SystemOnNodes {
         for (node, client) in agents {
             let mut s = mig_agent::AgentSettings::new(node.clone());
             s.tick = Duration::from_millis(100);
+            s.sequence.backend = settings.planner.backend;
             let source = Arc::new(crate::EmulatedGpus::new(hardware.clone(), node));
             running.push(mig_agent::start(client, s, source).await.unwrap());
         }

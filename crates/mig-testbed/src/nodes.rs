@@ -9,7 +9,12 @@
 //!   kubelet does when they are not there (`UnexpectedAdmissionError`); removes a terminating pod
 //!   when its grace period is over; frees the instances of pods that are gone or ended.
 //! - **device plugin**: advertises `nvidia.com/mig-<profile>` capacity and allocatable from the
-//!   actual layouts.
+//!   actual layouts. With `device_plugin_pods` it also runs as the GPU operator's DaemonSet does: a
+//!   pod `gpu-operator/nvidia-device-plugin-<node>` while the node's
+//!   `nvidia.com/gpu.deploy.device-plugin` label is `true`, deleted when the label says otherwise
+//!   and created anew when it is `true` again; like the real plugin it does not notice instances
+//!   created or destroyed directly (nvml backend) until restarted, so meanwhile it advertises
+//!   what it saw and the kubelet starts no MIG pod.
 //! - **mig-manager**: applies a changed `nvidia.com/mig.config` after a delay from the mig-parted
 //!   ConfigMap (`pending`, then `success`, or `failed` with the reason in the log).
 //!
@@ -21,10 +26,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client};
-use kube_emulator::cluster::{MIG_CONFIG_LABEL, MIG_STATE_LABEL, node_admits, pod_requests, quantity};
+use kube_emulator::cluster::{
+    DEVICE_PLUGIN_DEPLOY_LABEL, DEVICE_PLUGIN_NAMESPACE, MIG_CONFIG_LABEL, MIG_STATE_LABEL,
+    device_plugin_pod, device_plugin_pod_name, node_admits, pod_requests, quantity,
+};
 use kube_emulator::{ApplyError, ClusterSpec, Hardware};
 use mig_catalog::migparted::MigPartedConfig;
 use serde_json::{Value, json};
@@ -42,14 +50,16 @@ pub struct SimulatedNodes {
     names: BTreeSet<String>,
     config_map: (String, String),
     delay: Duration,
+    plugin_pods: bool,
 }
 
 impl SimulatedNodes {
     /// Register the nodes of `spec` through `client` (an identity that may create Nodes and write
     /// their status and pods' status): their Node objects, labelled as GPU Feature Discovery and
     /// the GPU operator label them, Ready, with their capacity. Not yet running: see
-    /// [`SimulatedNodes::spawn`]. Device-plugin pods (`spec.device_plugin_pods`) are not simulated
-    /// here: the plugin always follows the GPUs.
+    /// [`SimulatedNodes::spawn`]. With `spec.device_plugin_pods` each node is labelled
+    /// `nvidia.com/gpu.deploy.device-plugin=true` and runs a device-plugin pod (the operator's
+    /// namespace and its `default` ServiceAccount are made if missing).
     pub async fn register(client: Client, spec: &ClusterSpec) -> anyhow::Result<SimulatedNodes> {
         let hardware = Arc::new(Hardware::new(&spec.nodes)?);
         let (ns, name) = spec
@@ -62,7 +72,11 @@ impl SimulatedNodes {
             names: spec.nodes.iter().map(|n| n.name.clone()).collect(),
             config_map: (ns.to_string(), name.to_string()),
             delay: Duration::from_millis(spec.mig_manager_delay_ms),
+            plugin_pods: spec.device_plugin_pods,
         };
+        if nodes.plugin_pods {
+            nodes.operator_namespace().await?;
+        }
         let api: Api<Node> = Api::all(nodes.client.clone());
         for n in &spec.nodes {
             let product = n.gpus.first().map(|g| g.product.clone()).unwrap_or_default();
@@ -76,6 +90,9 @@ impl SimulatedNodes {
             }
             if n.labels.contains_key(MIG_CONFIG_LABEL) {
                 labels[MIG_STATE_LABEL] = json!("success");
+            }
+            if spec.device_plugin_pods {
+                labels[DEVICE_PLUGIN_DEPLOY_LABEL] = json!("true");
             }
             let node: Node = serde_json::from_value(json!({"metadata": {"name": n.name, "labels": labels}}))?;
             api.create(&PostParams::default(), &node)
@@ -109,6 +126,32 @@ impl SimulatedNodes {
         Ok(nodes)
     }
 
+    /// The GPU operator's namespace and the ServiceAccount its pods run as (no controller-manager
+    /// may run to make it), unless there.
+    async fn operator_namespace(&self) -> anyhow::Result<()> {
+        let namespace: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": DEVICE_PLUGIN_NAMESPACE}}))?;
+        let exists = |r: Result<(), kube::Error>| match r {
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            other => other,
+        };
+        exists(
+            Api::all(self.client.clone())
+                .create(&PostParams::default(), &namespace)
+                .await
+                .map(|_| ()),
+        )
+        .context("cannot create the GPU operator's namespace")?;
+        let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
+        exists(
+            Api::namespaced(self.client.clone(), DEVICE_PLUGIN_NAMESPACE)
+                .create(&PostParams::default(), &account)
+                .await
+                .map(|_| ()),
+        )
+        .context("cannot create the GPU operator's default ServiceAccount")
+    }
+
     /// The simulated GPUs (for the agents' emulated GPU sources).
     pub fn hardware(&self) -> Arc<Hardware> {
         self.hardware.clone()
@@ -139,7 +182,53 @@ impl SimulatedNodes {
             })
             .collect();
         self.mig_manager(&nodes).await?;
+        if self.plugin_pods {
+            self.device_plugin_daemon_set(&nodes, &pods).await?;
+        }
         self.device_plugin(&nodes).await
+    }
+
+    /// As the GPU operator's DaemonSet: a device-plugin pod on each node whose
+    /// `nvidia.com/gpu.deploy.device-plugin` is `true` (the node's kubelet then runs it), none on
+    /// the others. A plugin started anew sees the node's instances as they are.
+    async fn device_plugin_daemon_set(
+        &self,
+        nodes: &BTreeMap<String, Value>,
+        pods: &[Value],
+    ) -> Result<(), kube::Error> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), DEVICE_PLUGIN_NAMESPACE);
+        for (name, node) in nodes {
+            let pod_name = device_plugin_pod_name(name);
+            let exists = pods.iter().any(|p| {
+                p["metadata"]["namespace"] == DEVICE_PLUGIN_NAMESPACE
+                    && p["metadata"]["name"] == pod_name.as_str()
+            });
+            let deployed = node["metadata"]["labels"][DEVICE_PLUGIN_DEPLOY_LABEL] == "true";
+            if !deployed && exists {
+                ignore_gone(api.delete(&pod_name, &DeleteParams::default()).await.map(|_| ()))?;
+            }
+            if !deployed || exists {
+                continue;
+            }
+            let pod: Pod =
+                serde_json::from_value(device_plugin_pod(name)).map_err(kube::Error::SerdeError)?;
+            match api.create(&PostParams::default(), &pod).await {
+                Ok(_) => {
+                    if let Some(n) = self.hardware.lock().get_mut(name) {
+                        n.plugin_stale = false;
+                    }
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {} // the old one is still terminating
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `node`'s device plugin has not seen its instances as they are (nvml backend, plugin
+    /// not yet restarted).
+    fn plugin_stale(&self, node: &str) -> bool {
+        self.plugin_pods && self.hardware.lock().get(node).is_some_and(|n| n.plugin_stale)
     }
 
     async fn kubelet(&self, pods: &[Value]) -> Result<(), kube::Error> {
@@ -177,6 +266,9 @@ impl SimulatedNodes {
                 .filter(|(k, _)| k.starts_with("nvidia.com/mig-"))
                 .map(|(k, v)| (k, v as u64))
                 .collect();
+            if !mig.is_empty() && self.plugin_stale(node) {
+                continue; // the plugin cannot hand out instances it has not seen; wait for it
+            }
             let pod_key = key(pod);
             let admitted = self
                 .hardware
@@ -290,6 +382,9 @@ impl SimulatedNodes {
 
     async fn device_plugin(&self, nodes: &BTreeMap<String, Value>) -> Result<(), kube::Error> {
         for (name, node) in nodes {
+            if self.plugin_stale(name) {
+                continue; // it advertises what it saw when it started
+            }
             let Some(advertised) = self.hardware.lock().get(name).map(|n| n.advertised()) else {
                 continue;
             };

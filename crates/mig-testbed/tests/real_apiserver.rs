@@ -494,7 +494,13 @@ impl Drop for Simulated {
     }
 }
 
-async fn simulated(plane: &mut ControlPlane, nodes: Vec<kube_emulator::NodeSpec>) -> Simulated {
+/// `nodes` registered on `plane` and running, with the real kube-scheduler; with
+/// `device_plugin_pods`, device-plugin pods as the GPU operator runs them (nvml backend).
+async fn simulated(
+    plane: &mut ControlPlane,
+    nodes: Vec<kube_emulator::NodeSpec>,
+    device_plugin_pods: bool,
+) -> Simulated {
     plane.start_scheduler();
     let admin = plane.admin();
     workloads_and_mig_parted_config(&admin).await;
@@ -502,7 +508,7 @@ async fn simulated(plane: &mut ControlPlane, nodes: Vec<kube_emulator::NodeSpec>
         nodes,
         mig_parted_config_map: MIG_PARTED_CONFIG.into(),
         mig_manager_delay_ms: 200,
-        device_plugin_pods: false,
+        device_plugin_pods,
     };
     let simulated = mig_testbed::nodes::SimulatedNodes::register(admin.clone(), &spec)
         .await
@@ -539,7 +545,7 @@ async fn kube_scheduler_runs_a_3g_pod_after_the_agents_repartition() {
     use mig_testbed::harness::{SEVEN_1G, SystemOnNodes, a_3g_pod_runs_after_a_repartition, nodes};
 
     let Some(mut plane) = installed() else { return };
-    let cluster = simulated(&mut plane, nodes(2, 1, SEVEN_1G)).await;
+    let cluster = simulated(&mut plane, nodes(2, 1, SEVEN_1G), false).await;
     let admin = plane.admin();
     let system = SystemOnNodes::start(
         cluster.hardware.clone(),
@@ -582,7 +588,7 @@ async fn the_node_budget_holds_on_the_real_server() {
     };
 
     let Some(mut plane) = installed() else { return };
-    let cluster = simulated(&mut plane, nodes(3, 1, SEVEN_1G)).await;
+    let cluster = simulated(&mut plane, nodes(3, 1, SEVEN_1G), false).await;
     let admin = plane.admin();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let monitor = tokio::spawn(max_in_flight(admin.clone(), stop_rx));
@@ -657,7 +663,7 @@ async fn a_pdb_refusal_waits_and_a_killed_leader_and_agent_hand_over_mid_drain()
     use std::time::Duration;
 
     let Some(mut plane) = installed() else { return };
-    let cluster = simulated(&mut plane, nodes(1, 1, SEVEN_1G)).await;
+    let cluster = simulated(&mut plane, nodes(1, 1, SEVEN_1G), false).await;
     let admin = plane.admin();
     let pods: Api<Pod> = Api::namespaced(admin.clone(), "default");
     let phase = |name: &'static str| {
@@ -789,4 +795,115 @@ async fn a_pdb_refusal_waits_and_a_killed_leader_and_agent_hand_over_mid_drain()
     assert_eq!(gpu.model.format_layout(&gpu.layout), "7g.80gb@0");
     survivor.stop().await;
     agent.stop().await;
+}
+
+/// The uid of the device-plugin pod on `node`, once it runs.
+async fn running_device_plugin(admin: &Client, node: &str) -> String {
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), kube_emulator::cluster::DEVICE_PLUGIN_NAMESPACE);
+    let name = kube_emulator::cluster::device_plugin_pod_name(node);
+    let running = || async {
+        pods.get_opt(&name).await.unwrap().filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
+    };
+    mig_testbed::harness::eventually(20, "the device plugin runs", || async {
+        running().await.is_some()
+    })
+    .await;
+    running().await.and_then(|p| p.metadata.uid).unwrap()
+}
+
+/// Issue 16: the nvml backend on the real server, as the fault suite's s11 on the emulator. One
+/// GPU of seven 1g, one of them running `keep`; draining is not allowed, so only the nvml backend
+/// can make a 3g here. The agent (its bound token, confined by the admission policy) turns the
+/// GPU operator's device plugin off with `nvidia.com/gpu.deploy.device-plugin`, waits until its
+/// pod is gone, destroys only free 1g instances, creates the 3g and turns the plugin on again; the
+/// new plugin advertises the 3g, kube-scheduler binds the pod and the kubelet runs it. `keep` is
+/// never evicted and keeps its instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nvml_backend_repartitions_around_a_running_pod_on_the_real_server() {
+    use mig_testbed::harness::{SEVEN_1G, SystemOnNodes, eventually, mig_pod, nodes};
+
+    let Some(mut plane) = installed() else { return };
+    let cluster = simulated(&mut plane, nodes(1, 1, SEVEN_1G), true).await;
+    let admin = plane.admin();
+    let node = cluster.agents[0].0.clone();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "default");
+    let phase = |name: &'static str| {
+        let pods = pods.clone();
+        async move { pods.get_opt(name).await.unwrap().and_then(|p| p.status?.phase) }
+    };
+    let plugin_before = running_device_plugin(&admin, &node).await;
+    pods.create(&PostParams::default(), &mig_pod("keep", "1g.10gb", "1"))
+        .await
+        .unwrap();
+    eventually(20, "keep runs", || async {
+        phase("keep").await.as_deref() == Some("Running")
+    })
+    .await;
+    let keep_uid = pods.get("keep").await.unwrap().metadata.uid;
+    let keep_at = cluster.hardware.gpus(&node)[0].used.clone();
+    assert_eq!(keep_at.len(), 1, "{keep_at:?}");
+
+    let mut settings = auto_settings();
+    settings.planner.backend = mig_planner::Backend::Nvml;
+    let system = SystemOnNodes::start(
+        cluster.hardware.clone(),
+        cluster.agents.clone(),
+        controller_identity(&plane),
+        settings,
+    )
+    .await;
+    pods.create(&PostParams::default(), &mig_pod("wants-3g", "3g.40gb", "1"))
+        .await
+        .unwrap();
+    eventually(60, "the 3g pod runs", || async {
+        phase("wants-3g").await.as_deref() == Some("Running")
+    })
+    .await;
+
+    let keep = pods.get("keep").await.unwrap();
+    assert_eq!(keep.metadata.uid, keep_uid, "keep was replaced");
+    assert!(
+        keep.metadata.deletion_timestamp.is_none(),
+        "keep is being deleted"
+    );
+    let gpu = cluster.hardware.gpus(&node)[0].clone();
+    for (instance, pod) in &keep_at {
+        assert!(gpu.layout.contains(instance), "keep's instance was destroyed");
+        assert_eq!(gpu.used.get(instance), Some(pod));
+    }
+    assert!(
+        gpu.model.format_layout(&gpu.layout).contains("3g.40gb"),
+        "{}",
+        gpu.model.format_layout(&gpu.layout)
+    );
+    assert_eq!(system.controller.shared.metrics.eviction_count("evicted"), 0);
+    assert_ne!(
+        running_device_plugin(&admin, &node).await,
+        plugin_before,
+        "the device plugin was not restarted"
+    );
+    let n = Api::<Node>::all(admin.clone()).get(&node).await.unwrap();
+    let labels = n.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels
+            .get(kube_emulator::cluster::DEVICE_PLUGIN_DEPLOY_LABEL)
+            .map(String::as_str),
+        Some("true"),
+        "the device plugin was left off"
+    );
+    let taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
+    assert!(
+        taints.iter().all(|t| t.key != mig_protocol::TAINT_KEY),
+        "{taints:?}"
+    );
+    let state: mig_protocol::NodeState =
+        serde_json::from_str(&n.metadata.annotations.unwrap()[mig_protocol::STATE_ANNOTATION]).unwrap();
+    assert_eq!(state.phase, mig_protocol::Phase::Done, "{state:?}");
+    assert_eq!(state.previous_layouts.get(&0).map(String::as_str), Some(SEVEN_1G));
+    let described = plane.kubectl(&["describe", "node", &node]).unwrap();
+    assert!(described.contains("ReconfigurationSucceeded"), "{described}");
+    system.stop().await;
 }
