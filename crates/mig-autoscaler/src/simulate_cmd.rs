@@ -205,7 +205,8 @@ pub fn run(args: SimulateArgs) -> Result<ExitCode> {
         .map_err(|_| anyhow::anyhow!("unknown --backend {:?}: use mig-manager or nvml", args.backend))?;
     let header = "policy,reconfig_delay_s,pods,started,wait_p50_s,wait_p95_s,wait_p99_s,wait_mean_s,allocation,demand,reconfigurations,plans,plan_ms_p50,plan_ms_p99,evictions,lost_slice_hours";
     let mut csv = format!("{header}\n");
-    let mut by_profile = String::from("policy,reconfig_delay_s,profile,pods,wait_mean_s,wait_p95_s\n");
+    let mut by_profile =
+        String::from("policy,reconfig_delay_s,profile,pods,wait_mean_s,wait_p95_s,wait_p99_s\n");
     let mut bars = Vec::new();
     println!("{}", header.replace(',', "\t"));
     for delay in &args.reconfig_delay {
@@ -245,10 +246,10 @@ pub fn run(args: SimulateArgs) -> Result<ExitCode> {
                     )
                 }
             };
-            for (profile, (n, mean, p95)) in report.waits_by_profile() {
+            for (profile, w) in report.waits_by_profile() {
                 by_profile.push_str(&format!(
-                    "{},{delay},{profile},{n},{mean:.1},{p95:.1}\n",
-                    report.policy
+                    "{},{delay},{profile},{},{:.1},{:.1},{:.1}\n",
+                    report.policy, w.pods, w.mean, w.p95, w.p99
                 ));
             }
             let line = row(&report, *delay);

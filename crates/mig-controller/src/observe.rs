@@ -235,7 +235,7 @@ pub fn is_pending(pod: &Pod) -> bool {
     !bound && phase == "Pending" && pod.metadata.deletion_timestamp.is_none()
 }
 
-fn pending_pod(pod: &Pod, requests: BTreeMap<String, i64>) -> PendingPod {
+fn pending_pod(pod: &Pod, requests: BTreeMap<String, i64>, now: Timestamp) -> PendingPod {
     let (namespace, name) = key(pod);
     let spec = pod.spec.clone().unwrap_or_default();
     let node_affinity = spec
@@ -279,6 +279,11 @@ fn pending_pod(pod: &Pod, requests: BTreeMap<String, i64>) -> PendingPod {
             })
             .collect(),
         created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+        waited_seconds: pod
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| now.duration_since(t.0).as_secs().max(0) as u64),
     }
 }
 
@@ -300,7 +305,7 @@ pub fn observe(
             .and_then(|w| now.checked_sub(w).ok())
             .unwrap_or(Timestamp::MIN)
     });
-    let pods = observe_pods(pods, pdbs, demand_since, &mut obs.problems);
+    let pods = observe_pods(pods, pdbs, demand_since, now, &mut obs.problems);
     let mut snap_nodes = Vec::new();
     for node in nodes {
         let (view, snap, managed) = observe_node(node, policy, budgets, now, &mut obs.problems);
@@ -367,12 +372,14 @@ struct ObservedPods {
     recent_demand: BTreeMap<String, u32>,
 }
 
-/// Pending and running pods with MIG requests, and MIG demand since `demand_since` (`None`: not
-/// counted). A pending pod whose requests cannot be read is a problem, never planned.
+/// Pending and running pods with MIG requests (pending ones with how long they have waited by
+/// `now`), and MIG demand since `demand_since` (`None`: not counted). A pending pod whose requests
+/// cannot be read is a problem, never planned.
 fn observe_pods(
     pods: &[Arc<Pod>],
     pdbs: &[Arc<PodDisruptionBudget>],
     demand_since: Option<Timestamp>,
+    now: Timestamp,
     problems: &mut Vec<InputProblem>,
 ) -> ObservedPods {
     let mut out = ObservedPods {
@@ -410,7 +417,7 @@ fn observe_pods(
             }
         }
         if is_pending(pod) {
-            out.pending.push(pending_pod(pod, requests));
+            out.pending.push(pending_pod(pod, requests, now));
         } else if spec.node_name.is_some() {
             out.running.push(running_pod(pod, spec, pdbs));
         }
@@ -760,6 +767,16 @@ mod tests {
             BTreeMap::from([("1g.10gb".to_string(), 3), ("7g.80gb".to_string(), 1)])
         );
         assert_eq!(s.pending_pods.len(), 2, "pending pods are planned as before");
+        // How long each has waited by `now` (the planner values a pod more the longer it waited).
+        let waited: BTreeMap<&str, Option<u64>> = s
+            .pending_pods
+            .iter()
+            .map(|p| (p.name.as_str(), p.waited_seconds))
+            .collect();
+        assert_eq!(
+            waited,
+            BTreeMap::from([("waiting", Some(60)), ("big", Some(50 * 60))])
+        );
         assert_eq!(run(4 * 3600).recent_demand.get("3g.40gb"), Some(&1));
         assert!(run(0).recent_demand.is_empty(), "0s turns it off");
     }

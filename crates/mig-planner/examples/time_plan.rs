@@ -53,5 +53,8 @@ fn main() {
             p.solver.score,
             p.solver.greedy_score
         );
+        if let Some(why) = &p.solver.fallback_reason {
+            println!("          fallback: {why}");
+        }
     }
 }

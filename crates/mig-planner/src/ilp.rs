@@ -10,6 +10,11 @@
 //! only changes which groups a pod tries first. The per-node model keeps `z` integer (faster there).
 //! Capacity per group and profile: pods' requests ≤ free instances of kept GPUs + Σ n·free.
 //! Objective: Σ w·placed − Σ w·evicted-and-not-placed − Σ option costs − node costs (see `weights`).
+//! Priorities are strict tiers, solved lexicographically: with more than one priority in demand,
+//! each priority but the lowest is first maximised alone (its pods' placed value), highest first,
+//! and what it reached is kept as a floor for the next solves; the last solve maximises the whole
+//! objective under every floor. So no coefficient has to outweigh a whole lower tier (HiGHS sees
+//! values of at most a few million), and a pod never waits for capacity given to a lower priority.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -68,8 +73,8 @@ pub(crate) struct Highs;
 
 /// A class of identical pending pods: its members and, per capacity group, its variable.
 type PodClass = (Vec<usize>, Vec<(usize, Variable)>);
-/// What makes pods identical for the model: request, groups, weight.
-type PodKey = (Vec<(usize, u16)>, Vec<usize>, i64);
+/// What makes pods identical for the model: request, groups, weight, priority.
+type PodKey = (Vec<(usize, u16)>, Vec<usize>, i64, i32);
 
 /// Variables of one GPU class: one per distinct "keep" (members grouped by actual layout, each var
 /// bounded by the group's size) and one per shared change option (`options[1..]`).
@@ -87,10 +92,16 @@ struct Model {
     u: BTreeMap<usize, Variable>,
     constraints: Vec<good_lp::Constraint>,
     objective: Expression,
+    /// Each priority's placed value (pending pods placed, minus its evicted pods not placed again).
+    tier_value: BTreeMap<i32, Expression>,
+    /// Every variable, in order (to start a solve from the previous one's solution).
+    all: Vec<Variable>,
 }
 
 fn build(p: &Problem<'_>) -> Model {
     let mut m = Model {
+        tier_value: BTreeMap::new(),
+        all: Vec::new(),
         vars: ProblemVariables::new(),
         n: Vec::new(),
         pod_classes: Vec::new(),
@@ -108,6 +119,12 @@ fn build(p: &Problem<'_>) -> Model {
 }
 
 impl Model {
+    fn add(&mut self, definition: good_lp::variable::VariableDefinition) -> Variable {
+        let v = self.vars.add(definition);
+        self.all.push(v);
+        v
+    }
+
     /// GPU classes: how many members keep their layout (by actual layout) and how many take each
     /// shared change option; every change costs.
     fn gpu_classes(&mut self, p: &Problem<'_>) {
@@ -124,15 +141,13 @@ impl Model {
             let keep: Vec<(Vec<usize>, Variable)> = by_actual
                 .into_values()
                 .map(|members| {
-                    let v = self
-                        .vars
-                        .add(variable().integer().min(0).max(members.len() as f64));
+                    let v = self.add(variable().integer().min(0).max(members.len() as f64));
                     (members, v)
                 })
                 .collect();
             let change: Vec<Variable> = opts[1..]
                 .iter()
-                .map(|_| self.vars.add(variable().integer().min(0).max(size)))
+                .map(|_| self.add(variable().integer().min(0).max(size)))
                 .collect();
             let all: Expression = keep
                 .iter()
@@ -167,25 +182,27 @@ impl Model {
         for (d, dm) in p.demands.iter().enumerate() {
             if dm.evicted_from.is_none() && !dm.groups.is_empty() {
                 by_key
-                    .entry((dm.req.clone(), dm.groups.clone(), dm.weight as i64))
+                    .entry((dm.req.clone(), dm.groups.clone(), dm.weight as i64, dm.tier))
                     .or_default()
                     .push(d);
             }
         }
-        for ((_, groups, weight), members) in by_key {
+        for ((_, groups, weight, tier), members) in by_key {
             let size = members.len() as f64;
             let zs: Vec<(usize, Variable)> = groups
                 .iter()
                 .map(|s| {
                     let z = variable().min(0).max(size);
-                    (*s, self.vars.add(if p.exact { z.integer() } else { z }))
+                    (*s, self.add(if p.exact { z.integer() } else { z }))
                 })
                 .collect();
             self.constraints.push(constraint!(
                 zs.iter().map(|(_, z)| *z).sum::<Expression>() <= size
             ));
+            let value = self.tier_value.entry(tier).or_default();
             for (_, z) in &zs {
                 self.objective += weight as f64 * *z;
+                *value += weight as f64 * *z;
             }
             self.pod_classes.push((members, zs));
         }
@@ -195,11 +212,12 @@ impl Model {
     fn evicted_pods(&mut self, p: &Problem<'_>) {
         for (d, dm) in p.demands.iter().enumerate() {
             if let Some(g) = dm.evicted_from {
-                let v = self.vars.add(variable().binary());
+                let v = self.add(variable().binary());
                 let drained = self.drain_of(p, g);
                 self.constraints.push(constraint!(v <= drained.clone()));
-                self.objective += dm.weight * v;
-                self.objective -= dm.weight * drained;
+                let value = dm.weight * v - dm.weight * drained;
+                self.objective += value.clone();
+                *self.tier_value.entry(dm.tier).or_default() += value;
                 self.y.insert(d, v);
             }
         }
@@ -260,7 +278,7 @@ impl Model {
                 }
                 if let Some((_, target)) = p.recent_demand.iter().find(|(r, _)| *r == q) {
                     // Spare instances of a recently demanded profile, counted up to the demand.
-                    let v = self.vars.add(variable().min(0).max(f64::from(*target)));
+                    let v = self.add(variable().min(0).max(f64::from(*target)));
                     self.constraints.push(constraint!(v + demand <= supply));
                     self.objective += weights::SPARE * v;
                     spare.entry(q).or_default().push(v);
@@ -291,8 +309,9 @@ impl Model {
                 if classes.is_empty() {
                     continue;
                 }
-                let un = self.vars.add(variable().binary());
                 let changed: Expression = classes.iter().map(|ci| changed_in(*ci)).sum();
+                let un = self.vars.add(variable().binary());
+                self.all.push(un);
                 self.constraints
                     .push(constraint!(changed <= info.gpus.len() as f64 * un));
                 self.objective -= weights::CHANGE_NODE * un;
@@ -343,42 +362,82 @@ impl Model {
     }
 }
 
-/// A good_lp back-end: the model with its variables, objective and constraints in, a solution out.
-fn solve_model<S, F>(p: &Problem<'_>, warm: &Decision, solve: F) -> Result<(Decision, SolveInfo), SolveError>
+/// How far below what a priority reached its floor may be: less than any pod's value (the
+/// solver's own tolerances must not make the next solve infeasible).
+const FLOOR_SLACK: f64 = 0.5;
+
+/// A good_lp back-end: the model with its variables, objective, constraints, starting solution
+/// and time limit (seconds) in, a solution out. Called once per priority tier.
+fn solve_model<S, F>(
+    p: &Problem<'_>,
+    warm: &Decision,
+    settings: &SolverSettings,
+    solve: F,
+) -> Result<(Decision, SolveInfo), SolveError>
 where
     S: Solution,
-    F: FnOnce(
+    F: Fn(
         ProblemVariables,
         Expression,
         Vec<good_lp::Constraint>,
         Vec<(Variable, f64)>,
+        f64,
     ) -> Result<S, ResolutionError>,
 {
     let started = Instant::now();
     let m = build(p);
     let variables = m.vars.len();
-    let constraints = m.constraints.len();
     if variables == 0 {
         return Err(SolveError::NothingToDecide);
     }
-    let initial = warm_start(p, &m, warm);
-    let solution = solve(m.vars, m.objective.clone(), m.constraints, initial).map_err(|e| match e {
+    let limit = settings.time_limit_ms as f64 / 1000.0;
+    // What is left of the time limit (at least a little, so that a late tier still gets an answer).
+    let left = || (limit - started.elapsed().as_secs_f64()).max(limit.min(0.05));
+    let failed = |e: ResolutionError| match e {
         ResolutionError::Infeasible => SolveError::Infeasible,
         other => SolveError::Solver(other.to_string()),
-    })?;
-    let status = match solution.status() {
-        SolutionStatus::Optimal => "optimal",
-        SolutionStatus::TimeLimit => "time-limit",
-        SolutionStatus::GapLimit => "gap-limit",
     };
+    let mut initial = warm_start(p, &m, warm);
+    let mut constraints = m.constraints.clone();
+    let mut status = "optimal";
+    let tiers = p.tiers();
+    for tier in &tiers[..tiers.len().saturating_sub(1)] {
+        let Some(value) = m.tier_value.get(tier) else {
+            continue;
+        };
+        let solution = solve(
+            m.vars.clone(),
+            value.clone(),
+            constraints.clone(),
+            initial,
+            left(),
+        )
+        .map_err(failed)?;
+        status = worse(status, solution.status());
+        let reached = solution.eval(value);
+        constraints.push(constraint!(value.clone() >= reached - FLOOR_SLACK));
+        initial = m.all.iter().map(|v| (*v, solution.value(*v))).collect();
+    }
+    let solution =
+        solve(m.vars, m.objective.clone(), constraints.clone(), initial, left()).map_err(failed)?;
     let info = SolveInfo {
-        status: status.to_string(),
+        status: worse(status, solution.status()).to_string(),
         objective: solution.eval(&m.objective),
         variables,
-        constraints,
+        constraints: constraints.len(),
         millis: started.elapsed().as_secs_f64() * 1000.0,
     };
     Ok((decode(p, &m.n, &m.pod_classes, &m.y, &solution), info))
+}
+
+/// The status of a series of solves: the first that was not optimal says how it ended.
+fn worse(so_far: &'static str, next: SolutionStatus) -> &'static str {
+    match (so_far, next) {
+        ("optimal", SolutionStatus::Optimal) => "optimal",
+        ("optimal", SolutionStatus::TimeLimit) => "time-limit",
+        ("optimal", SolutionStatus::GapLimit) => "gap-limit",
+        (earlier, _) => earlier,
+    }
 }
 
 /// The greedy decision in class form.
@@ -489,21 +548,26 @@ impl ClassSolver for Highs {
         warm: &Decision,
         settings: &SolverSettings,
     ) -> Result<(Decision, SolveInfo), SolveError> {
-        solve_model(p, warm, |vars, objective, constraints, initial| {
-            let mut model = vars
-                .maximise(objective)
-                .using(highs)
-                .set_time_limit(settings.time_limit_ms as f64 / 1000.0)
-                .set_threads(1)
-                .set_mip_rel_gap(settings.mip_gap as f32)
-                .map_err(|e| ResolutionError::Str(e.to_string()))?
-                .with_initial_solution(initial);
-            model.set_verbose(std::env::var_os("MIG_PLANNER_HIGHS_LOG").is_some());
-            constraints
-                .into_iter()
-                .fold(model, |model, c| model.with(c))
-                .solve()
-        })
+        solve_model(
+            p,
+            warm,
+            settings,
+            |vars, objective, constraints, initial, seconds| {
+                let mut model = vars
+                    .maximise(objective)
+                    .using(highs)
+                    .set_time_limit(seconds)
+                    .set_threads(1)
+                    .set_mip_rel_gap(settings.mip_gap as f32)
+                    .map_err(|e| ResolutionError::Str(e.to_string()))?
+                    .with_initial_solution(initial);
+                model.set_verbose(std::env::var_os("MIG_PLANNER_HIGHS_LOG").is_some());
+                constraints
+                    .into_iter()
+                    .fold(model, |model, c| model.with(c))
+                    .solve()
+            },
+        )
     }
 }
 
@@ -522,18 +586,23 @@ impl ClassSolver for Microlp {
         warm: &Decision,
         settings: &SolverSettings,
     ) -> Result<(Decision, SolveInfo), SolveError> {
-        solve_model(p, warm, |vars, objective, constraints, initial| {
-            let model = vars
-                .maximise(objective)
-                .using(microlp)
-                .with_time_limit(settings.time_limit_ms as f64 / 1000.0)
-                .with_mip_gap(settings.mip_gap as f32)
-                .map_err(|e| ResolutionError::Str(e.to_string()))?
-                .with_initial_solution(initial);
-            constraints
-                .into_iter()
-                .fold(model, |model, c| model.with(c))
-                .solve()
-        })
+        solve_model(
+            p,
+            warm,
+            settings,
+            |vars, objective, constraints, initial, seconds| {
+                let model = vars
+                    .maximise(objective)
+                    .using(microlp)
+                    .with_time_limit(seconds)
+                    .with_mip_gap(settings.mip_gap as f32)
+                    .map_err(|e| ResolutionError::Str(e.to_string()))?
+                    .with_initial_solution(initial);
+                constraints
+                    .into_iter()
+                    .fold(model, |model, c| model.with(c))
+                    .solve()
+            },
+        )
     }
 }

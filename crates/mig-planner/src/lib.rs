@@ -32,17 +32,34 @@ use mig_catalog::Catalog;
 
 pub use plan::{
     Disruption, Eviction, GpuPlan, NodePlan, PlacedInstance, Plan, PlannedPhase, PodOutcome, PodPlan,
-    RECONFIGURING_TAINT, SolverReport, Spare, Warning,
+    PriorityScore, RECONFIGURING_TAINT, SolverReport, Spare, Warning,
 };
 pub use snapshot::{Backend, DrainPolicy, InputError, Policy, Snapshot, SolverKind};
 
 use crate::ilp::ClassSolver;
 
-/// Objective weights. Placing any pod outweighs any disruption a plan can cause for it; among plans
-/// that place the same pods, fewer changed GPUs and nodes and fewer evictions win.
+/// Objective weights. Pods compete in strict tiers by priority: a plan places as much of the
+/// highest priority's demand as it can, then, never less of that, as much of the next priority's,
+/// and so on (the ILP is solved once per priority, highest first; docs/planner.md "Objective"), so
+/// no pod waits for capacity given to lower-priority pods. Within a tier, placing a pod is worth
+/// [`PLACE`](weights::PLACE) per memory slice it asks for (a 7g is not a 1g), times an age factor
+/// from 1 to 8 that grows with its wait relative to the longest wait (no size class starves). Placing any pod outweighs any disruption a
+/// plan can cause for it; among plans that place the same pods, fewer changed GPUs and nodes and
+/// fewer evictions win.
 pub mod weights {
-    /// Value of placing a pod, times (1 + rank of its priority among all pods' distinct priorities).
+    /// Value of placing a pod per memory slice it asks for (1g.10gb: 1, 3g.40gb: 4, 7g.80gb: 8),
+    /// before its age factor.
     pub const PLACE: f64 = 1000.0;
+    /// The pod that has waited longest is worth `1 + AGE_GAIN` times as much per slice as one that
+    /// just arrived: 8, the largest ratio of two profiles' sizes, so that a small pod that has
+    /// waited long enough outweighs any fresh large one (no size class starves).
+    pub const AGE_GAIN: f64 = 7.0;
+    /// Waits are measured against the longest wait among the pending pods, but never against less
+    /// than this: pods that all waited minutes are valued by size alone.
+    pub const AGE_HORIZON_SECONDS: u64 = 3600;
+    /// The age factor grows in this many equal steps, so that identical pods of one step share
+    /// the ILP's variables and coefficients stay few and small (at most 8 × 8 × 64 × [`PLACE`]).
+    pub const AGE_STEPS: u64 = 8;
     /// Cost of reconfiguring a GPU.
     pub const CHANGE_GPU: f64 = 10.0;
     /// Extra cost of reconfiguring a GPU around in-use instances (nvml backend): idle GPUs go first.
@@ -55,6 +72,16 @@ pub mod weights {
     /// most 7 instances, so spare shape is worth at most 7 per GPU: less than [`CHANGE_GPU`], so it
     /// chooses between layouts of GPUs that change anyway and never changes one on its own.
     pub const SPARE: f64 = 1.0;
+
+    /// The value of placing a pod that asks for `slices` memory slices in all and has waited
+    /// `waited` seconds, when the longest wait among the pending pods is `longest`: [`PLACE`] ×
+    /// slices × (1 + [`AGE_GAIN`] × step / [`AGE_STEPS`]), the step being how far the wait goes
+    /// towards max(`longest`, [`AGE_HORIZON_SECONDS`]), rounded down.
+    pub fn place(slices: u32, waited: u64, longest: u64) -> f64 {
+        let horizon = longest.max(AGE_HORIZON_SECONDS);
+        let step = waited.min(horizon) * AGE_STEPS / horizon;
+        PLACE * f64::from(slices) * (1.0 + AGE_GAIN * step as f64 / AGE_STEPS as f64)
+    }
 }
 
 /// Plan MIG layouts for a snapshot under a policy. Deterministic for the same input (apart from
@@ -76,8 +103,17 @@ pub fn plan_with(catalog: &Catalog, snapshot: &Snapshot, policy: &Policy) -> Pla
         status: "greedy".into(),
         fallback_reason: None,
         model: model.into(),
-        score: greedy_score,
-        greedy_score,
+        score: greedy_score.total,
+        greedy_score: greedy_score.total,
+        by_priority: greedy_score
+            .tiers
+            .iter()
+            .map(|(priority, value)| plan::PriorityScore {
+                priority: *priority,
+                score: *value,
+                greedy_score: *value,
+            })
+            .collect(),
         mip_gap: policy.solver.mip_gap,
         variables: 0,
         constraints: 0,
@@ -121,7 +157,7 @@ pub fn plan_with(catalog: &Catalog, snapshot: &Snapshot, policy: &Policy) -> Pla
                         };
                         let completed = assign::realise(&p, &assign::greedy_from(&p, &start));
                         let completed_score = plan::score(&p, &completed);
-                        if completed_score > ilp_score {
+                        if completed_score.better(&ilp_score) {
                             (completed, completed_score)
                         } else {
                             (ilp_outcome, ilp_score)
@@ -129,14 +165,14 @@ pub fn plan_with(catalog: &Catalog, snapshot: &Snapshot, policy: &Policy) -> Pla
                     } else {
                         (ilp_outcome, ilp_score)
                     };
-                    if ilp_score + 1e-6 >= greedy_score {
+                    if ilp_score.at_least(&greedy_score) {
                         report.used = solver.name().into();
                         report.status = info.status;
                         outcome = ilp_outcome;
                     } else {
                         report.fallback_reason = Some(format!(
-                            "the ILP answer ({}, objective {:.1}) scored {ilp_score:.1} once placed, below greedy",
-                            info.status, info.objective
+                            "the ILP answer ({}, objective {:.1}) scored {:.1} once placed (by priority {:?}), below greedy ({:?})",
+                            info.status, info.objective, ilp_score.total, ilp_score.tiers, greedy_score.tiers
                         ));
                     }
                 }

@@ -76,10 +76,15 @@ pub struct SolverReport {
     pub fallback_reason: Option<String>,
     /// `per-node` (exact) or `per-node-group` (aggregated).
     pub model: String,
-    /// Score of the plan (see docs/planner.md).
+    /// Score of the plan: placed value minus disruption (see docs/planner.md). Plans are compared
+    /// by `byPriority` first.
     pub score: f64,
     /// Score of the greedy plan.
     pub greedy_score: f64,
+    /// Placed value per priority, highest first: what a plan maximises first, in this order (the
+    /// plan's and the greedy plan's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_priority: Vec<PriorityScore>,
     /// Relative MIP gap the ILP stops at.
     pub mip_gap: f64,
     /// ILP size.
@@ -92,6 +97,19 @@ pub struct SolverReport {
     pub solver_millis: f64,
     /// Wall time of planning, ms (not part of the plan id).
     pub millis: f64,
+}
+
+/// The placed value of one priority's pods (pending pods placed, minus evicted pods not placed
+/// again).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PriorityScore {
+    /// Pod priority.
+    pub priority: i32,
+    /// In the plan.
+    pub score: f64,
+    /// In the greedy plan.
+    pub greedy_score: f64,
 }
 
 /// One GPU.
@@ -275,17 +293,56 @@ pub struct Disruption {
     pub cost: f64,
 }
 
-/// Score of an outcome: placed value minus disruption (the ILP's objective on the per-node model).
-pub(crate) fn score(p: &Problem<'_>, o: &Outcome) -> f64 {
-    let mut s = 0.0;
+/// How good an outcome is: the placed value of each priority, highest first, then the total
+/// (placed value minus disruption; the ILP's objective on the per-node model). Compared in that
+/// order: a plan that places more of a higher priority is better whatever it does below it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Score {
+    /// `(priority, placed value)`, highest priority first (every priority with demand).
+    pub tiers: Vec<(i32, f64)>,
+    /// Placed value minus disruption.
+    pub total: f64,
+}
+
+/// Values closer than this are equal (they are sums of multiples of 1 and 250).
+const SCORE_EPS: f64 = 1e-6;
+
+impl Score {
+    /// Whether this is at least as good as `other` (both of the same problem).
+    pub fn at_least(&self, other: &Score) -> bool {
+        for ((_, a), (_, b)) in self.tiers.iter().zip(&other.tiers) {
+            if (a - b).abs() > SCORE_EPS {
+                return a > b;
+            }
+        }
+        self.total + SCORE_EPS >= other.total
+    }
+
+    /// Whether this is strictly better than `other`.
+    pub fn better(&self, other: &Score) -> bool {
+        !other.at_least(self)
+    }
+}
+
+/// The score of an outcome.
+pub(crate) fn score(p: &Problem<'_>, o: &Outcome) -> Score {
+    let mut tiers: Vec<(i32, f64)> = p.tiers().into_iter().map(|t| (t, 0.0)).collect();
+    let mut total = 0.0;
     for (d, dm) in p.demands.iter().enumerate() {
-        match (dm.evicted_from, &o.placed[d]) {
-            (None, Some(_)) => s += dm.weight,
-            (Some(g), None) if p.gpus[g].options[o.option[g]].drain => s -= dm.weight,
-            _ => {}
+        let value = match (dm.evicted_from, &o.placed[d]) {
+            (None, Some(_)) => dm.weight,
+            (Some(g), None) if p.gpus[g].options[o.option[g]].drain => -dm.weight,
+            _ => continue,
+        };
+        total += value;
+        if let Some(t) = tiers.iter_mut().find(|(t, _)| *t == dm.tier) {
+            t.1 += value;
         }
     }
-    s - disruption(p, o).cost
+    Score {
+        tiers,
+        total: total - disruption(p, o).cost,
+    }
 }
 
 fn disruption(p: &Problem<'_>, o: &Outcome) -> Disruption {
@@ -370,7 +427,11 @@ impl Plan {
         let dis = disruption(p, o);
         let pods = pod_plans(p, snapshot, o, &placements, &dis);
         let nodes = node_plans(p, o, &targets, &gpus, &evictions, &mut warnings);
-        report.score = score(p, o);
+        let scored = score(p, o);
+        report.score = scored.total;
+        for (by, (_, value)) in report.by_priority.iter_mut().zip(&scored.tiers) {
+            by.score = *value;
+        }
         let mut plan = Plan {
             id: String::new(),
             solver: report,

@@ -52,6 +52,9 @@ pub(crate) struct GpuState<'c> {
 #[derive(Clone, Debug)]
 pub(crate) struct Demand {
     pub key: String,
+    /// Its priority: demands compete in strict tiers by it (highest first).
+    pub tier: i32,
+    /// The value of placing it within its tier (`weights::place`).
     pub weight: f64,
     /// (global profile index, count)
     pub req: Vec<(usize, u16)>,
@@ -561,15 +564,21 @@ fn group_nodes(snapshot: &Snapshot, exact: bool) -> (Vec<Group>, Vec<usize>) {
 fn demands(
     snapshot: &Snapshot,
     profiles: &[String],
+    profile_size: &[u32],
     groups: &[Group],
     gpus: &[GpuState<'_>],
     disruptions: &Disruptions<'_>,
 ) -> (Vec<Demand>, Vec<(usize, String)>) {
     let mut demands = Vec::new();
     let mut rejected = Vec::new();
-    let mut priorities: BTreeSet<i32> = snapshot.pending_pods.iter().map(|p| p.priority).collect();
-    priorities.extend(snapshot.running_pods.iter().map(|p| p.priority));
-    let rank = |prio: i32| priorities.iter().position(|p| *p == prio).unwrap_or(0);
+    let slices =
+        |req: &[(usize, u16)]| -> u32 { req.iter().map(|(q, n)| profile_size[*q] * u32::from(*n)).sum() };
+    let longest = snapshot
+        .pending_pods
+        .iter()
+        .filter_map(|p| p.waited_seconds)
+        .max()
+        .unwrap_or(0);
     for (pi, pod) in snapshot.pending_pods.iter().enumerate() {
         let req = match pod_request(pod, profiles) {
             Ok(req) => req,
@@ -586,7 +595,8 @@ fn demands(
             .collect();
         demands.push(Demand {
             key: pod.key(),
-            weight: weights::PLACE * (1 + rank(pod.priority)) as f64,
+            tier: pod.priority,
+            weight: weights::place(slices(&req), pod.waited_seconds.unwrap_or(0), longest),
             req,
             groups: groups_ok,
             evicted_from: None,
@@ -606,11 +616,12 @@ fn demands(
                     *counts.entry(q).or_default() += 1;
                 }
             }
-            let prio = disruptions.running.get(p).map_or(0, |r| r.priority);
+            let req: Vec<(usize, u16)> = counts.into_iter().collect();
             demands.push(Demand {
                 key: p.clone(),
-                weight: weights::PLACE * (1 + rank(prio)) as f64,
-                req: counts.into_iter().collect(),
+                tier: disruptions.running.get(p).map_or(0, |r| r.priority),
+                weight: weights::place(slices(&req), 0, longest),
+                req,
                 groups: vec![g.group],
                 evicted_from: Some(gi),
                 created: String::new(),
@@ -757,7 +768,7 @@ impl<'c> Problem<'c> {
         for g in &mut gpus {
             g.group = node_group[g.node];
         }
-        let (demands, rejected) = demands(snapshot, &profiles, &groups, &gpus, &disruptions);
+        let (demands, rejected) = demands(snapshot, &profiles, &profile_size, &groups, &gpus, &disruptions);
         let classes = classes(&gpus, exact);
         let recent_demand = recent_demand(snapshot, &profiles, &mut warnings);
         Problem {
@@ -778,13 +789,21 @@ impl<'c> Problem<'c> {
         }
     }
 
-    /// Demands in the order greedy and assignment serve them: weight, then size (big first), age, key.
+    /// The priorities with demand, highest first: the tiers plans are compared by, in order.
+    pub fn tiers(&self) -> Vec<i32> {
+        let tiers: BTreeSet<i32> = self.demands.iter().map(|d| d.tier).collect();
+        tiers.into_iter().rev().collect()
+    }
+
+    /// Demands in the order greedy and assignment serve them: priority, value, then size (big
+    /// first), age, key.
     pub fn demand_order(&self) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.demands.len()).collect();
         order.sort_by(|a, b| {
             let (x, y) = (&self.demands[*a], &self.demands[*b]);
-            y.weight
-                .total_cmp(&x.weight)
+            y.tier
+                .cmp(&x.tier)
+                .then(y.weight.total_cmp(&x.weight))
                 .then(y.evicted_from.is_some().cmp(&x.evicted_from.is_some()))
                 .then(y.size(self).cmp(&x.size(self)))
                 .then(x.created.cmp(&y.created))

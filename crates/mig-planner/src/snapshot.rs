@@ -186,6 +186,11 @@ pub struct PendingPod {
     /// Creation time (RFC 3339); older pods are served first among equals.
     #[serde(default)]
     pub created: Option<String>,
+    /// How long the pod has waited so far, in seconds (the controller: since its creation). Within
+    /// its priority, placing a pod is worth more the longer it has waited compared with the
+    /// longest wait ([`crate::weights::place`]; docs/planner.md "Objective").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_seconds: Option<u64>,
 }
 
 impl PendingPod {

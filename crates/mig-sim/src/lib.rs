@@ -115,16 +115,21 @@ impl Report {
     pub fn wait_quantile(&self, q: f64) -> f64 {
         quantile(&self.waits, q)
     }
-    /// Per profile: pods, mean wait, p95 wait (seconds).
-    pub fn waits_by_profile(&self) -> BTreeMap<String, (usize, f64, f64)> {
+    /// Per profile: pods, mean, p95 and p99 wait (seconds).
+    pub fn waits_by_profile(&self) -> BTreeMap<String, ProfileWaits> {
         let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for (w, p) in self.waits.iter().zip(&self.wait_profiles) {
             by.entry(p.clone()).or_default().push(*w);
         }
         by.into_iter()
             .map(|(p, w)| {
-                let mean = w.iter().sum::<f64>() / w.len() as f64;
-                (p, (w.len(), mean, quantile(&w, 0.95)))
+                let waits = ProfileWaits {
+                    pods: w.len(),
+                    mean: w.iter().sum::<f64>() / w.len() as f64,
+                    p95: quantile(&w, 0.95),
+                    p99: quantile(&w, 0.99),
+                };
+                (p, waits)
             })
             .collect()
     }
@@ -137,6 +142,19 @@ impl Report {
             self.waits.iter().sum::<f64>() / self.waits.len() as f64
         }
     }
+}
+
+/// The waits of one profile's pods (seconds).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProfileWaits {
+    /// Pods of the profile.
+    pub pods: usize,
+    /// Mean wait.
+    pub mean: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
 }
 
 /// The q-quantile (nearest rank) of `values`.
@@ -272,6 +290,7 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
                         model,
                         &mut gpus,
                         pods,
+                        t,
                         &pending,
                         &holding,
                         policy,
@@ -566,6 +585,7 @@ fn plan_round(
     model: &GpuModel,
     gpus: &mut [SimGpu],
     pods: &[TracePod],
+    now: f64,
     pending: &VecDeque<usize>,
     holding: &BTreeMap<usize, Vec<(usize, Instance)>>,
     policy: &PolicyKind,
@@ -602,6 +622,7 @@ fn plan_round(
                 )]
                 .into(),
                 created: Some(format!("{:020.3}", pods[*i].arrival)),
+                waited_seconds: Some((now - pods[*i].arrival).max(0.0) as u64),
                 ..Default::default()
             })
             .collect(),

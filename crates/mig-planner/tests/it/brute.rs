@@ -6,45 +6,59 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use mig_catalog::{Catalog, Instance, Layout};
 use mig_planner::{Backend, Snapshot, SolverKind, weights};
 
-use crate::check::{check_plan, score_without_drains};
+use crate::check::{check_plan, greedy_key, lex_better, pod_value, score_without_drains, tiers};
 use crate::fixtures::{Rng, random_policy, random_snapshot};
 
 struct Pod {
     weight: f64,
+    /// Index of its priority among the tiers, highest first.
+    tier: usize,
     req: Vec<(usize, i64)>,
     nodes: Vec<usize>,
 }
 
+/// The best packing of `pods[i..]` into `supply`: placed value per tier, lexicographically best.
 fn pack(
     pods: &[Pod],
+    tiers: usize,
     i: usize,
     supply: &mut Vec<Vec<i64>>,
-    memo: &mut HashMap<(usize, Vec<Vec<i64>>), f64>,
-) -> f64 {
+    memo: &mut HashMap<(usize, Vec<Vec<i64>>), Vec<f64>>,
+) -> Vec<f64> {
     if i == pods.len() {
-        return 0.0;
+        return vec![0.0; tiers];
     }
     if let Some(v) = memo.get(&(i, supply.clone())) {
-        return *v;
+        return v.clone();
     }
-    let mut best = pack(pods, i + 1, supply, memo);
+    let mut best = pack(pods, tiers, i + 1, supply, memo);
     for &n in &pods[i].nodes {
         if pods[i].req.iter().all(|(q, c)| supply[n][*q] >= *c) {
             for (q, c) in &pods[i].req {
                 supply[n][*q] -= c;
             }
-            best = best.max(pods[i].weight + pack(pods, i + 1, supply, memo));
+            let mut with = pack(pods, tiers, i + 1, supply, memo);
+            with[pods[i].tier] += pods[i].weight;
+            if lex_better(&with, &best) {
+                best = with;
+            }
             for (q, c) in &pods[i].req {
                 supply[n][*q] += c;
             }
         }
     }
-    memo.insert((i, supply.clone()), best);
+    memo.insert((i, supply.clone()), best.clone());
     best
 }
 
-/// Best achievable score without drains, or `None` when the instance is too large to enumerate.
-fn brute_force_best(s: &Snapshot, backend: Backend, max_nodes: Option<u32>, limit: usize) -> Option<f64> {
+/// Best achievable score key without drains (placed value per priority, highest first, then the
+/// total; as `score_without_drains`), or `None` when the instance is too large to enumerate.
+fn brute_force_best(
+    s: &Snapshot,
+    backend: Backend,
+    max_nodes: Option<u32>,
+    limit: usize,
+) -> Option<Vec<f64>> {
     let catalog = Catalog::embedded();
     let names: Vec<String> = {
         let set: BTreeSet<String> = s
@@ -104,17 +118,13 @@ fn brute_force_best(s: &Snapshot, backend: Backend, max_nodes: Option<u32>, limi
     if combos > limit {
         return None;
     }
-    let ranks: BTreeSet<i32> = s
-        .pending_pods
-        .iter()
-        .map(|p| p.priority)
-        .chain(s.running_pods.iter().map(|p| p.priority))
-        .collect();
+    let tiers = tiers(s);
     let pods: Vec<Pod> = s
         .pending_pods
         .iter()
         .map(|p| Pod {
-            weight: weights::PLACE * (1 + ranks.iter().position(|r| *r == p.priority).unwrap()) as f64,
+            weight: pod_value(s, p),
+            tier: tiers.iter().position(|t| *t == p.priority).unwrap(),
             req: p
                 .requests
                 .iter()
@@ -133,7 +143,7 @@ fn brute_force_best(s: &Snapshot, backend: Backend, max_nodes: Option<u32>, limi
         })
         .collect();
     let mut memo = HashMap::new();
-    let mut best = f64::MIN;
+    let mut best = vec![f64::MIN; tiers.len() + 1];
     let mut pick = vec![0usize; gpus.len()];
     loop {
         let changed_nodes: BTreeSet<usize> = gpus
@@ -151,7 +161,12 @@ fn brute_force_best(s: &Snapshot, backend: Backend, max_nodes: Option<u32>, limi
                 }
                 cost += o[*k].1;
             }
-            best = best.max(pack(&pods, 0, &mut supply, &mut memo) - cost);
+            let mut key = pack(&pods, tiers.len(), 0, &mut supply, &mut memo);
+            let total = key.iter().sum::<f64>() - cost;
+            key.push(total);
+            if lex_better(&key, &best) {
+                best = key;
+            }
         }
         // Odometer.
         let mut i = 0;
@@ -190,20 +205,22 @@ fn plans_are_optimal_on_small_random_clusters() {
         let plan = mig_planner::plan(&snapshot, &policy);
         check_plan(&snapshot, &policy, &plan);
         let got = score_without_drains(&snapshot, &plan);
+        let same =
+            |a: &[f64], b: &[f64]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
         assert!(
-            (got - plan.solver.score).abs() < 1e-6,
-            "seed {seed}: reported score {} vs recomputed {got}",
+            (got[got.len() - 1] - plan.solver.score).abs() < 1e-6,
+            "seed {seed}: reported score {} vs recomputed {got:?}",
             plan.solver.score
         );
         assert!(
-            (got - best).abs() < 1e-6,
-            "seed {seed}: plan scores {got}, brute force {best} (greedy {}, solver {} {})\n{}",
-            plan.solver.greedy_score,
+            same(&got, &best),
+            "seed {seed}: plan scores {got:?}, brute force {best:?} (greedy {:?}, solver {} {})\n{}",
+            greedy_key(&plan, &tiers(&snapshot)),
             plan.solver.used,
             plan.solver.status,
             plan.render_table()
         );
-        if plan.solver.greedy_score < best - 1e-6 {
+        if lex_better(&best, &greedy_key(&plan, &tiers(&snapshot))) {
             greedy_short += 1;
         }
         // The second back-end on the same model reaches the same optimum.
@@ -213,8 +230,8 @@ fn plans_are_optimal_on_small_random_clusters() {
         check_plan(&snapshot, &with_microlp, &other);
         let other_score = score_without_drains(&snapshot, &other);
         assert!(
-            (other_score - best).abs() < 1e-6,
-            "seed {seed}: microlp plan scores {other_score}, brute force {best} (solver {} {}, {:?})",
+            same(&other_score, &best),
+            "seed {seed}: microlp plan scores {other_score:?}, brute force {best:?} (solver {} {}, {:?})",
             other.solver.used,
             other.solver.status,
             other.solver.fallback_reason

@@ -2,7 +2,7 @@
 //! a pod is told when it keeps waiting.
 
 use mig_planner::snapshot::{Pdb, Taint, Toleration};
-use mig_planner::{Backend, DrainPolicy, Plan, PodOutcome, Policy, Snapshot, SolverKind};
+use mig_planner::{Backend, DrainPolicy, Plan, PodOutcome, Policy, Snapshot, SolverKind, weights};
 
 use crate::check::check_plan;
 use crate::fixtures::{gpu, node, pending, running};
@@ -556,4 +556,81 @@ fn the_table_says_none_and_counts_in_words() {
         "{table}"
     );
     assert!(!table.contains("  none"), "{table}");
+}
+
+/// Issue 17: priorities are strict tiers. One idle H100; a priority-100 pod wants all of it (7g),
+/// three priority-0 pods want a 2g each (all three fit at once). The old objective, 1000 × (1 +
+/// rank) a pod, placed the three small ones (3000 > 2000) and kept the important pod waiting; no
+/// number of lower-priority pods outweighs a higher-priority one now, with either ILP back-end or
+/// greedy, and the plan says what each priority got.
+#[test]
+fn a_higher_priority_pod_never_waits_for_capacity_given_to_lower_ones() {
+    let s = Snapshot {
+        nodes: vec![node("n", &[], vec![gpu(0, H100, &[])])],
+        pending_pods: vec![
+            pending("small-0", 0, &[("2g.20gb", 1)]),
+            pending("small-1", 0, &[("2g.20gb", 1)]),
+            pending("small-2", 0, &[("2g.20gb", 1)]),
+            pending("important", 100, &[("7g.80gb", 1)]),
+        ],
+        ..Default::default()
+    };
+    for kind in [SolverKind::Highs, SolverKind::Microlp, SolverKind::Greedy] {
+        let mut policy = Policy::default();
+        policy.solver.kind = kind;
+        let plan = run(&s, &policy);
+        assert_eq!(fits_on(&plan, "important"), "n", "{kind:?}");
+        for small in ["small-0", "small-1", "small-2"] {
+            assert!(!waits(&plan, small).is_empty(), "{kind:?}");
+        }
+        let by: Vec<(i32, f64)> = plan
+            .solver
+            .by_priority
+            .iter()
+            .map(|b| (b.priority, b.score))
+            .collect();
+        assert_eq!(by, vec![(100, weights::place(8, 0, 0)), (0, 0.0)], "{kind:?}");
+    }
+}
+
+/// Issue 17: within a priority a pod is worth its size (memory slices) and more the longer it has
+/// waited, in eighths of the longest wait (at least an hour), up to 8 times. One idle H100; a 7g
+/// (8 slices) competes with a 4g and a 2g (6 slices together, and they fit together). Fresh, the
+/// 7g goes first; the old objective counted pods, so the pair always won. After 7 minutes the pair
+/// is still worth 6 (less than an eighth of the hour); after 8 minutes 6 × 1.875 = 11.25, and the
+/// pair goes first. A 7g that has waited 9 hours, as long as the pair, is worth 64 against their
+/// 48 and goes first again; one that waited 4½ hours of the pair's 9 is worth 8 × 4.5 = 36.
+#[test]
+fn a_pod_is_worth_its_size_and_more_the_longer_it_has_waited() {
+    let mut s = Snapshot {
+        nodes: vec![node("n", &[], vec![gpu(0, H100, &[])])],
+        pending_pods: vec![
+            pending("seven", 0, &[("7g.80gb", 1)]),
+            pending("four", 0, &[("4g.40gb", 1)]),
+            pending("two", 0, &[("2g.20gb", 1)]),
+        ],
+        ..Default::default()
+    };
+    let plan = run(&s, &Policy::default());
+    assert_eq!(fits_on(&plan, "seven"), "n");
+    let hour = weights::AGE_HORIZON_SECONDS;
+    for (seven, pair, pair_first) in [
+        (0, 7 * 60, false),
+        (0, 8 * 60, true),
+        (9 * hour, 9 * hour, false),
+        (9 * hour / 2, 9 * hour, true),
+    ] {
+        s.pending_pods[0].waited_seconds = Some(seven);
+        for p in &mut s.pending_pods[1..] {
+            p.waited_seconds = Some(pair);
+        }
+        let plan = run(&s, &Policy::default());
+        if pair_first {
+            assert_eq!(fits_on(&plan, "four"), "n", "seven {seven} s, pair {pair} s");
+            assert_eq!(fits_on(&plan, "two"), "n", "seven {seven} s, pair {pair} s");
+            assert!(!waits(&plan, "seven").is_empty());
+        } else {
+            assert_eq!(fits_on(&plan, "seven"), "n", "seven {seven} s, pair {pair} s");
+        }
+    }
 }

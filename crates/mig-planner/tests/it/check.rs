@@ -197,21 +197,110 @@ pub fn check_plan(snapshot: &Snapshot, policy: &Policy, plan: &Plan) {
     }
 }
 
-/// Score of a plan under drain=never, recomputed from its output (see `mig_planner::weights`).
-pub fn score_without_drains(snapshot: &Snapshot, plan: &Plan) -> f64 {
-    let ranks: BTreeSet<i32> = snapshot
+/// The value of placing `pod` (see `mig_planner::weights`): its memory slices (each profile's
+/// largest count among the snapshot's GPU models) times its age factor (against the longest wait).
+pub fn pod_value(snapshot: &Snapshot, pod: &mig_planner::snapshot::PendingPod) -> f64 {
+    let catalog = Catalog::embedded();
+    let slices_of = |profile: &str| -> u32 {
+        snapshot
+            .nodes
+            .iter()
+            .flat_map(|n| &n.gpus)
+            .filter_map(|g| catalog.lookup(&g.product).ok())
+            .flat_map(|m| &m.profiles)
+            .filter(|p| p.name == profile)
+            .map(|p| u32::from(p.memory_slices))
+            .max()
+            .unwrap_or(0)
+    };
+    let slices: u32 = pod
+        .requests
+        .iter()
+        .filter_map(|(r, c)| {
+            r.strip_prefix("nvidia.com/mig-")
+                .map(|p| slices_of(p) * *c as u32)
+        })
+        .sum();
+    let longest = snapshot
         .pending_pods
         .iter()
-        .map(|p| p.priority)
-        .chain(snapshot.running_pods.iter().map(|p| p.priority))
+        .filter_map(|p| p.waited_seconds)
+        .max()
+        .unwrap_or(0);
+    weights::place(slices, pod.waited_seconds.unwrap_or(0), longest)
+}
+
+/// Whether score key `a` is lexicographically better than `b` (beyond rounding).
+pub fn lex_better(a: &[f64], b: &[f64]) -> bool {
+    for (x, y) in a.iter().zip(b) {
+        if (x - y).abs() > 1e-6 {
+            return x > y;
+        }
+    }
+    false
+}
+
+/// The distinct priorities of the pending pods, highest first.
+pub fn tiers(snapshot: &Snapshot) -> Vec<i32> {
+    let set: BTreeSet<i32> = snapshot.pending_pods.iter().map(|p| p.priority).collect();
+    set.into_iter().rev().collect()
+}
+
+/// A plan's greedy score as a key like [`score_without_drains`]'s (tiers of `tiers`).
+pub fn greedy_key(plan: &Plan, tiers: &[i32]) -> Vec<f64> {
+    let mut key: Vec<f64> = tiers
+        .iter()
+        .map(|t| {
+            plan.solver
+                .by_priority
+                .iter()
+                .find(|b| b.priority == *t)
+                .map_or(0.0, |b| b.greedy_score)
+        })
         .collect();
-    let weight = |prio: i32| weights::PLACE * (1 + ranks.iter().position(|r| *r == prio).unwrap()) as f64;
-    let placed: f64 = plan
+    key.push(plan.solver.greedy_score);
+    key
+}
+
+/// Whether the plan is at least as good as its greedy plan: by priority first, then in all.
+pub fn at_least_greedy(plan: &Plan) -> bool {
+    let plan_key: Vec<f64> = plan
+        .solver
+        .by_priority
+        .iter()
+        .map(|b| b.score)
+        .chain([plan.solver.score])
+        .collect();
+    let greedy: Vec<f64> = plan
+        .solver
+        .by_priority
+        .iter()
+        .map(|b| b.greedy_score)
+        .chain([plan.solver.greedy_score])
+        .collect();
+    !lex_better(&greedy, &plan_key)
+}
+
+/// Score of a plan under drain=never, recomputed from its output (see `mig_planner::weights`): the
+/// placed value of each priority (highest first, as [`tiers`]), then the total (placed value
+/// minus disruption). Plans compare lexicographically by it.
+pub fn score_without_drains(snapshot: &Snapshot, plan: &Plan) -> Vec<f64> {
+    let tiers = tiers(snapshot);
+    let mut key = vec![0.0; tiers.len()];
+    for p in plan
         .pods
         .iter()
         .filter(|p| matches!(p.outcome, PodOutcome::Fits { .. }))
-        .map(|p| weight(p.priority))
-        .sum();
+    {
+        let pod = snapshot
+            .pending_pods
+            .iter()
+            .find(|q| q.namespace == p.namespace && q.name == p.name)
+            .unwrap();
+        let t = tiers.iter().position(|t| *t == pod.priority).unwrap();
+        key[t] += pod_value(snapshot, pod);
+    }
+    let placed: f64 = key.iter().sum();
     let mut cost = 0.0;
     for g in plan.gpus.iter().filter(|g| g.changed) {
         let (busy, _) = busy_layout(snapshot, &g.node, g.index);
@@ -223,5 +312,6 @@ pub fn score_without_drains(snapshot: &Snapshot, plan: &Plan) -> f64 {
             };
     }
     cost += weights::CHANGE_NODE * plan.disruption.nodes_changed as f64;
-    placed - cost
+    key.push(placed - cost);
+    key
 }
