@@ -250,21 +250,7 @@ impl Cluster {
         {
             let mut store = cluster.state.store();
             for n in &spec.nodes {
-                let product = n.gpus.first().map(|g| g.product.clone()).unwrap_or_default();
-                let mut labels = json!({
-                    "kubernetes.io/hostname": n.name, "kubernetes.io/os": "linux",
-                    "nvidia.com/gpu.product": product, "nvidia.com/gpu.count": n.gpus.len().to_string(),
-                    "nvidia.com/mig.capable": "true", "nvidia.com/mig.strategy": "mixed",
-                });
-                for (k, v) in &n.labels {
-                    labels[k] = json!(v);
-                }
-                if n.labels.contains_key(MIG_CONFIG_LABEL) {
-                    labels[MIG_STATE_LABEL] = json!("success");
-                }
-                if spec.device_plugin_pods {
-                    labels[DEVICE_PLUGIN_DEPLOY_LABEL] = json!("true");
-                }
+                let labels = node_labels(n, spec.device_plugin_pods);
                 let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n.name, "labels": labels}, "spec": {}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
                 store
                     .create(res("", "v1", "nodes"), "", node)
@@ -565,6 +551,29 @@ fn device_plugin_pods(store: &mut Store, nodes: &mut BTreeMap<String, SimNode>) 
             n.plugin_stale = false;
         }
     }
+}
+
+/// The labels of a simulated node: as GPU Feature Discovery and the GPU operator label it (GPU
+/// product and count, MIG capable, mixed strategy), its own, `nvidia.com/mig.config.state=success`
+/// when it has a `nvidia.com/mig.config`, and the device plugin deployed when its pods are
+/// simulated.
+pub fn node_labels(n: &NodeSpec, device_plugin_pods: bool) -> Value {
+    let product = n.gpus.first().map(|g| g.product.clone()).unwrap_or_default();
+    let mut labels = json!({
+        "kubernetes.io/hostname": n.name, "kubernetes.io/os": "linux",
+        "nvidia.com/gpu.product": product, "nvidia.com/gpu.count": n.gpus.len().to_string(),
+        "nvidia.com/mig.capable": "true", "nvidia.com/mig.strategy": "mixed",
+    });
+    for (k, v) in &n.labels {
+        labels[k] = json!(v);
+    }
+    if n.labels.contains_key(MIG_CONFIG_LABEL) {
+        labels[MIG_STATE_LABEL] = json!("success");
+    }
+    if device_plugin_pods {
+        labels[DEVICE_PLUGIN_DEPLOY_LABEL] = json!("true");
+    }
+    labels
 }
 
 /// The name of the device-plugin pod on `node`.

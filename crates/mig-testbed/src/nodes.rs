@@ -31,7 +31,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Precon
 use kube::{Api, Client};
 use kube_emulator::cluster::{
     DEVICE_PLUGIN_DEPLOY_LABEL, DEVICE_PLUGIN_NAMESPACE, MIG_CONFIG_LABEL, MIG_STATE_LABEL,
-    device_plugin_pod, device_plugin_pod_name, node_admits, pod_requests, quantity,
+    device_plugin_pod, device_plugin_pod_name, node_admits, node_labels, pod_requests, quantity,
 };
 use kube_emulator::{ApplyError, ClusterSpec, Hardware};
 use mig_catalog::migparted::MigPartedConfig;
@@ -79,21 +79,7 @@ impl SimulatedNodes {
         }
         let api: Api<Node> = Api::all(nodes.client.clone());
         for n in &spec.nodes {
-            let product = n.gpus.first().map(|g| g.product.clone()).unwrap_or_default();
-            let mut labels = json!({
-                "kubernetes.io/hostname": n.name, "kubernetes.io/os": "linux",
-                "nvidia.com/gpu.product": product, "nvidia.com/gpu.count": n.gpus.len().to_string(),
-                "nvidia.com/mig.capable": "true", "nvidia.com/mig.strategy": "mixed",
-            });
-            for (k, v) in &n.labels {
-                labels[k] = json!(v);
-            }
-            if n.labels.contains_key(MIG_CONFIG_LABEL) {
-                labels[MIG_STATE_LABEL] = json!("success");
-            }
-            if spec.device_plugin_pods {
-                labels[DEVICE_PLUGIN_DEPLOY_LABEL] = json!("true");
-            }
+            let labels = node_labels(n, spec.device_plugin_pods);
             let node: Node = serde_json::from_value(json!({"metadata": {"name": n.name, "labels": labels}}))?;
             api.create(&PostParams::default(), &node)
                 .await

@@ -642,39 +642,9 @@ async fn s6_a_budget_of_one_node_holds_with_real_agents() {
     let mut s = fast_settings(Mode::Auto);
     s.budgets.max_nodes_reconfiguring = Amount::Count(1);
     let c = controller(&env, s, "replica-a").await;
-    // Sample every node's flight often; count nodes in flight at once.
-    let client = env.client.clone();
+    // Watch every node's flight; count nodes in flight at once.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let monitor = tokio::spawn(async move {
-        let mut max = 0;
-        while !*stop_rx.borrow() {
-            let nodes = Api::<Node>::all(client.clone())
-                .list(&Default::default())
-                .await
-                .unwrap()
-                .items;
-            let n = nodes
-                .iter()
-                .filter(|n| {
-                    let g: Option<Grant> = n
-                        .annotations()
-                        .get(GRANT_ANNOTATION)
-                        .and_then(|g| serde_json::from_str(g).ok());
-                    let s: Option<NodeState> = n
-                        .annotations()
-                        .get(STATE_ANNOTATION)
-                        .and_then(|s| serde_json::from_str(s).ok());
-                    !matches!(
-                        mig_protocol::flight(g.as_ref(), s.as_ref()),
-                        mig_protocol::Flight::Idle { .. }
-                    )
-                })
-                .count();
-            max = max.max(n);
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        max
-    });
+    let monitor = tokio::spawn(mig_testbed::harness::max_in_flight(env.client.clone(), stop_rx));
     let mut names_created = Vec::new();
     for (i, p) in ["7g.80gb", "3g.40gb", "4g.40gb", "2g.20gb", "7g.80gb", "3g.40gb"]
         .iter()
