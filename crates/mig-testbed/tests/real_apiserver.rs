@@ -364,6 +364,21 @@ async fn workloads_and_mig_parted_config(admin: &Client) {
         .unwrap();
 }
 
+/// Who holds the controller's Lease, as `kubectl` says.
+fn lease_holder(plane: &ControlPlane) -> String {
+    plane
+        .kubectl(&[
+            "get",
+            "lease",
+            "mig-autoscaler",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .unwrap()
+}
+
 /// The controller's identity as the chart's ServiceAccount token would authenticate it.
 fn controller_identity(plane: &ControlPlane) -> Client {
     as_service_account(plane, "mig-autoscaler-controller")
@@ -442,18 +457,7 @@ async fn the_controller_plans_in_dry_run_with_only_the_charts_permissions() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
     assert!(plan["leader"].as_bool().unwrap(), "{plan}");
-    let lease = plane
-        .kubectl(&[
-            "get",
-            "lease",
-            "mig-autoscaler",
-            "-n",
-            NAMESPACE,
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ])
-        .unwrap();
-    assert_eq!(lease, "replica-a");
+    assert_eq!(lease_holder(&plane), "replica-a");
     // The Event as users read it.
     let started = std::time::Instant::now();
     loop {
@@ -734,19 +738,7 @@ async fn a_pdb_refusal_waits_and_a_killed_leader_and_agent_hand_over_mid_drain()
             })
     })
     .await;
-    let holder = || {
-        plane
-            .kubectl(&[
-                "get",
-                "lease",
-                "mig-autoscaler",
-                "-n",
-                NAMESPACE,
-                "-o",
-                "jsonpath={.spec.holderIdentity}",
-            ])
-            .unwrap()
-    };
+    let holder = || lease_holder(&plane);
     let leader = holder();
     let follower = if leader == "replica-a" {
         "replica-b"
