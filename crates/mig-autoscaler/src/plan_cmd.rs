@@ -18,12 +18,29 @@ pub struct PlanArgs {
     /// Policy (JSON); replaces the snapshot's own `policy`.
     #[arg(long)]
     policy: Option<PathBuf>,
-    /// Print the Plan as JSON instead of a table.
-    #[arg(long)]
+    /// Output: `table`; `wide` (also what each priority got, every GPU, each node's phases);
+    /// `json` or `yaml` (the whole Plan).
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// The same as `-o json`.
+    #[arg(long, conflicts_with = "output")]
     json: bool,
     /// Print the snapshot's JSON Schema and exit.
     #[arg(long)]
     print_schema: bool,
+}
+
+/// How `plan` prints the plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// Changes, pods, evictions, warnings.
+    Table,
+    /// The table, what each priority got, every GPU and each node's phases.
+    Wide,
+    /// The whole Plan as JSON.
+    Json,
+    /// The whole Plan as YAML.
+    Yaml,
 }
 
 fn read(path: &PathBuf) -> Result<String> {
@@ -50,10 +67,11 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
         None => snapshot.policy.clone(),
     };
     let plan = mig_planner::plan(&snapshot, &policy);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&plan)?);
-    } else {
-        print!("{}", plan.render_table());
+    match if args.json { Output::Json } else { args.output } {
+        Output::Table => print!("{}", plan.render_table()),
+        Output::Wide => print!("{}", plan.render_wide()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(&plan)?),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -332,6 +332,28 @@ fn plan_prints_a_table_or_json_and_rejects_bad_snapshots_with_a_path() {
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["pods"].as_array().unwrap().len(), 4);
     assert_eq!(v["nodes"][0]["phases"][0]["phase"], "Tainting");
+    // -o json is --json; -o yaml is the same Plan in YAML.
+    let o_json = cli(&["plan", "--snapshot", example.to_str().unwrap(), "-o", "json"]);
+    let same: serde_json::Value = serde_json::from_slice(&o_json.stdout).unwrap();
+    assert_eq!(same["id"], v["id"]);
+    let yaml = cli(&["plan", "--snapshot", example.to_str().unwrap(), "-o", "yaml"]);
+    assert_eq!(yaml.status.code(), Some(0));
+    let from_yaml: serde_json::Value = serde_yaml::from_slice(&yaml.stdout).unwrap();
+    assert_eq!(from_yaml["id"], v["id"]);
+    assert_eq!(from_yaml["pods"], v["pods"]);
+    // -o wide: the table and more.
+    let wide = cli(&["plan", "--snapshot", example.to_str().unwrap(), "-o", "wide"]);
+    let wide = String::from_utf8_lossy(&wide.stdout);
+    for line in stdout.lines().skip(1) {
+        assert!(wide.contains(line), "{line:?} missing from {wide}");
+    }
+    for section in ["BY PRIORITY", "ALL GPUS", "NODE PHASES"] {
+        assert!(wide.contains(section), "{section}: {wide}");
+    }
+    assert!(wide.contains("(kept)"), "unchanged GPUs listed: {wide}");
+    assert!(wide.contains("Tainting -> "), "{wide}");
+    let unknown = cli(&["plan", "--snapshot", example.to_str().unwrap(), "-o", "xml"]);
+    assert_eq!(unknown.status.code(), Some(2));
 
     let dir = std::env::temp_dir().join(format!("mig-autoscaler-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -939,6 +939,51 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// [`Plan::render_table`] and more: what each priority got (and greedy), every GPU with its
+    /// layout whether it changes or not, and each changed node's mig-parted config and phases.
+    pub fn render_wide(&self) -> String {
+        let mut s = self.render_table();
+        let _ = writeln!(s, "\nBY PRIORITY (placed value: plan / greedy)");
+        if self.solver.by_priority.is_empty() {
+            let _ = writeln!(s, "  none");
+        }
+        for b in &self.solver.by_priority {
+            let _ = writeln!(s, "  {}: {:.1} / {:.1}", b.priority, b.score, b.greedy_score);
+        }
+        let _ = writeln!(s, "\nALL GPUS");
+        if self.gpus.is_empty() {
+            let _ = writeln!(s, "  none");
+        }
+        for g in &self.gpus {
+            let layout = if g.changed {
+                format!("{} -> {}", g.actual, g.target)
+            } else {
+                format!("{} (kept)", g.actual)
+            };
+            let _ = writeln!(s, "  {}/{} {}: {layout}", g.node, g.index, g.model);
+        }
+        let _ = writeln!(s, "\nNODE PHASES");
+        if self.nodes.is_empty() {
+            let _ = writeln!(s, "  none");
+        }
+        for n in &self.nodes {
+            let phases: Vec<String> = n
+                .phases
+                .iter()
+                .filter_map(|p| Some(serde_json::to_value(p).ok()?["phase"].as_str()?.to_string()))
+                .collect();
+            let config = n
+                .mig_config
+                .as_ref()
+                .map(|c| format!(" (nvidia.com/mig.config={c})"))
+                .unwrap_or_default();
+            let _ = writeln!(s, "  {}{config}: {}", n.node, phases.join(" -> "));
+        }
+        s
+    }
+}
+
 /// `1 GPU`, `2 GPUs`, `0 GPUs`.
 fn counted(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
