@@ -692,3 +692,29 @@ fn version_names_the_commit_and_its_date() {
     let long = cli(&["--version"]);
     assert_eq!(String::from_utf8_lossy(&long.stdout).trim(), version);
 }
+
+/// Issue 19: `catalog layouts --json | head` is not an error. The JSON (2,318 layouts, far more
+/// than a pipe holds) is written with serde_json's writer, whose error wraps the closed pipe; it
+/// used to exit 2 with "error: Broken pipe (os error 32)".
+#[test]
+fn a_reader_that_stops_early_is_not_an_error() {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mig-autoscaler"))
+        .args(["catalog", "layouts", "--gpu", "a100-80gb", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // The read end is closed here (dropped), as `head` closes it.
+    let out = child.wait_with_output().unwrap();
+    assert!(first.starts_with(b"["), "{first:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}
