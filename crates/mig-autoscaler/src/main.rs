@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod agent_cmd;
 mod catalog_cmd;
@@ -62,6 +62,12 @@ enum Command {
     Plan(plan_cmd::PlanArgs),
     /// Print the version, the git commit and its date (also `--version` and the `build_info` metric).
     Version,
+    /// Print a shell completion script: `source <(mig-autoscaler completion bash)`, or save it
+    /// where your shell loads completions (zsh: a `_mig-autoscaler` file on `$fpath`).
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,6 +80,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Version => {
             println!("mig-autoscaler {}", mig_protocol::build::get());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "mig-autoscaler",
+                &mut std::io::stdout(),
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Catalog { command } => catalog_cmd::run(command),

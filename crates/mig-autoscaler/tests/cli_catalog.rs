@@ -718,3 +718,30 @@ fn a_reader_that_stops_early_is_not_an_error() {
     );
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Issue 19: shell completion. The scripts name the subcommands and their flags; bash's is valid
+/// bash (`bash -n`), and an unknown shell is refused (exit 2).
+#[test]
+fn completion_scripts_name_the_subcommands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = cli(&["completion", shell]);
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for word in ["controller", "simulate", "plan", "snapshot"] {
+            assert!(script.contains(word), "{shell}: no {word}");
+        }
+        if shell == "bash" {
+            let dir = std::env::temp_dir().join(format!("mig-autoscaler-completion-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let file = dir.join("completion.bash");
+            std::fs::write(&file, script.as_bytes()).unwrap();
+            let checked = Command::new("bash").arg("-n").arg(&file).output().unwrap();
+            assert!(
+                checked.status.success(),
+                "{}",
+                String::from_utf8_lossy(&checked.stderr)
+            );
+        }
+    }
+    assert_eq!(cli(&["completion", "tcsh"]).status.code(), Some(2));
+}
