@@ -52,7 +52,7 @@ pub mod weights {
     pub const PLACE: f64 = 1000.0;
     /// The pod that has waited longest is worth `1 + AGE_GAIN` times as much per slice as one that
     /// just arrived: 8, the largest ratio of two profiles' sizes, so that a small pod that has
-    /// waited long enough outweighs any fresh large one (no size class starves).
+    /// waited longest is worth at least as much as any fresh large one (no size class starves).
     pub const AGE_GAIN: f64 = 7.0;
     /// Waits are measured against the longest wait among the pending pods, but never against less
     /// than this: pods that all waited minutes are valued by size alone.
