@@ -23,8 +23,48 @@ pub(super) struct Caches {
     pub(super) config_maps: Store<ConfigMap>,
 }
 
+/// kube's default watcher backoff (800 ms doubling to 30 s, with jitter), except that it is not
+/// reset by the `Init` event a watcher yields before each (re)list. kube's `StreamBackoff` resets
+/// its backoff on every item that is not an error, `Init` included, so against an API server that
+/// refuses every list the delay never grew past its first step: each reflector retried about once
+/// a second for as long as the server was down. Here a reset counts only once no error has come
+/// for [`WatchBackoff::HEALTHY`] (more than the largest delay); kube's own timer still resets it
+/// after two minutes without a backoff.
+#[derive(Default)]
+pub(crate) struct WatchBackoff {
+    inner: watcher::DefaultBackoff,
+    last_error: Option<tokio::time::Instant>,
+}
+
+impl WatchBackoff {
+    /// How long a watch must go without an error before a success resets the delay.
+    pub(crate) const HEALTHY: std::time::Duration = std::time::Duration::from_secs(60);
+}
+
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+
+    /// The delay after an error.
+    fn next(&mut self) -> Option<Self::Item> {
+        self.last_error = Some(tokio::time::Instant::now());
+        self.inner.next()
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        if self
+            .last_error
+            .is_none_or(|t| t.elapsed() >= WatchBackoff::HEALTHY)
+        {
+            self.inner.reset();
+            self.last_error = None;
+        }
+    }
+}
+
 /// A reflector of `api` that wakes the loop on every event; its errors are logged with the
-/// resource and the API server (`api_server`), and retried with kube's backoff.
+/// resource and the API server (`api_server`), and retried with [`WatchBackoff`].
 pub(super) fn spawn_reflector<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -36,7 +76,7 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let stream = reflector::reflector(writer, watcher(api, config).backoff(WatchBackoff::default()));
     let (resource, api_server) = (
         K::kind(&K::DynamicType::default()).to_string(),
         api_server.to_string(),
@@ -149,5 +189,40 @@ impl ControlLoop {
             }
         }
         facts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kube::runtime::utils::Backoff;
+
+    use super::WatchBackoff;
+
+    /// Issue 19: a watcher yields `Init` before each (re)list, and kube's `StreamBackoff` resets
+    /// the backoff on it. Against a server that refuses every list (error, sleep, `Init`, error, …)
+    /// the delays must still grow (kube's `DefaultBackoff` stayed between 0.8 and 1.6 s); after a
+    /// healthy minute a success resets them.
+    #[tokio::test(start_paused = true)]
+    async fn an_init_between_failed_lists_does_not_reset_the_backoff() {
+        let mut b = WatchBackoff::default();
+        let mut delays = Vec::new();
+        for _ in 0..7 {
+            let d = b.next().unwrap();
+            delays.push(d);
+            tokio::time::advance(d).await;
+            b.reset(); // the watcher's Init before its next list
+        }
+        // 800 ms doubling (jitter adds up to as much again), capped at 30 s (60 s with jitter).
+        for (step, d) in delays.iter().enumerate() {
+            let base = Duration::from_millis(800) * 2u32.pow(step as u32);
+            let base = base.min(Duration::from_secs(30));
+            assert!(*d >= base && *d < base * 2, "step {step}: {d:?} ({delays:?})");
+        }
+        // A minute without an error: the next success resets the delay.
+        tokio::time::advance(WatchBackoff::HEALTHY).await;
+        b.reset();
+        assert!(b.next().unwrap() < Duration::from_millis(1600));
     }
 }
