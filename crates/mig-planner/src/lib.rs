@@ -43,9 +43,9 @@ use crate::ilp::ClassSolver;
 /// and so on (the ILP is solved once per priority, highest first; docs/planner.md "Objective"), so
 /// no pod waits for capacity given to lower-priority pods. Within a tier, placing a pod is worth
 /// [`PLACE`](weights::PLACE) per memory slice it asks for (a 7g is not a 1g), times an age factor
-/// from 1 to 8 that grows with its wait relative to the longest wait (no size class starves). Placing any pod outweighs any disruption a
-/// plan can cause for it; among plans that place the same pods, fewer changed GPUs and nodes and
-/// fewer evictions win.
+/// from 1 to 8 that grows with its wait relative to the longest wait (no size class starves).
+/// Placing any pod outweighs any disruption a plan can cause for it; among plans that place the
+/// same pods, fewer changed GPUs and nodes and fewer evictions win.
 pub mod weights {
     /// Value of placing a pod per memory slice it asks for (1g.10gb: 1, 3g.40gb: 4, 7g.80gb: 8),
     /// before its age factor.

@@ -937,9 +937,7 @@ impl Plan {
         }
         s
     }
-}
 
-impl Plan {
     /// [`Plan::render_table`] and more: what each priority got (and greedy), every GPU with its
     /// layout whether it changes or not, and each changed node's mig-parted config and phases.
     pub fn render_wide(&self) -> String {

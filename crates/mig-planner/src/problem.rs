@@ -69,11 +69,14 @@ pub(crate) struct Demand {
 impl Demand {
     /// Total memory slices asked for (for ordering big-first).
     pub fn size(&self, p: &Problem<'_>) -> u32 {
-        self.req
-            .iter()
-            .map(|(q, n)| p.profile_size[*q] * u32::from(*n))
-            .sum()
+        memory_slices(&self.req, &p.profile_size)
     }
+}
+
+/// The memory slices a request `(global profile, count)` asks for in all, with each profile's
+/// size from `profile_size`.
+fn memory_slices(req: &[(usize, u16)], profile_size: &[u32]) -> u32 {
+    req.iter().map(|(q, n)| profile_size[*q] * u32::from(*n)).sum()
 }
 
 /// A capacity group: one node (exact model) or nodes with identical labels and taints (aggregated).
@@ -571,8 +574,6 @@ fn demands(
 ) -> (Vec<Demand>, Vec<(usize, String)>) {
     let mut demands = Vec::new();
     let mut rejected = Vec::new();
-    let slices =
-        |req: &[(usize, u16)]| -> u32 { req.iter().map(|(q, n)| profile_size[*q] * u32::from(*n)).sum() };
     let longest = snapshot
         .pending_pods
         .iter()
@@ -596,7 +597,11 @@ fn demands(
         demands.push(Demand {
             key: pod.key(),
             tier: pod.priority,
-            weight: weights::place(slices(&req), pod.waited_seconds.unwrap_or(0), longest),
+            weight: weights::place(
+                memory_slices(&req, profile_size),
+                pod.waited_seconds.unwrap_or(0),
+                longest,
+            ),
             req,
             groups: groups_ok,
             evicted_from: None,
@@ -620,7 +625,7 @@ fn demands(
             demands.push(Demand {
                 key: p.clone(),
                 tier: disruptions.running.get(p).map_or(0, |r| r.priority),
-                weight: weights::place(slices(&req), 0, longest),
+                weight: weights::place(memory_slices(&req, profile_size), 0, longest),
                 req,
                 groups: vec![g.group],
                 evicted_from: Some(gi),

@@ -117,11 +117,7 @@ impl SimulatedNodes {
     async fn operator_namespace(&self) -> anyhow::Result<()> {
         let namespace: Namespace =
             serde_json::from_value(json!({"metadata": {"name": DEVICE_PLUGIN_NAMESPACE}}))?;
-        let exists = |r: Result<(), kube::Error>| match r {
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-            other => other,
-        };
-        exists(
+        ignore_exists(
             Api::all(self.client.clone())
                 .create(&PostParams::default(), &namespace)
                 .await
@@ -129,7 +125,7 @@ impl SimulatedNodes {
         )
         .context("cannot create the GPU operator's namespace")?;
         let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
-        exists(
+        ignore_exists(
             Api::namespaced(self.client.clone(), DEVICE_PLUGIN_NAMESPACE)
                 .create(&PostParams::default(), &account)
                 .await
@@ -526,6 +522,14 @@ fn ns_name(o: &Value) -> (String, String) {
 fn key(o: &Value) -> String {
     let (ns, name) = ns_name(o);
     format!("{ns}/{name}")
+}
+
+/// A create that finds the object already there has what it wanted.
+fn ignore_exists(r: Result<(), kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        other => other,
+    }
 }
 
 /// Not found and conflicts are what a round racing with others sees; the next round looks again.

@@ -364,6 +364,11 @@ async fn workloads_and_mig_parted_config(admin: &Client) {
         .unwrap();
 }
 
+/// A pod's phase, `None` once it is gone.
+async fn phase(pods: &Api<Pod>, name: &str) -> Option<String> {
+    pods.get_opt(name).await.unwrap().and_then(|p| p.status?.phase)
+}
+
 /// Who holds the controller's Lease, as `kubectl` says.
 fn lease_holder(plane: &ControlPlane) -> String {
     plane
@@ -670,17 +675,13 @@ async fn a_pdb_refusal_waits_and_a_killed_leader_and_agent_hand_over_mid_drain()
     let cluster = simulated(&mut plane, nodes(1, 1, SEVEN_1G), false).await;
     let admin = plane.admin();
     let pods: Api<Pod> = Api::namespaced(admin.clone(), "default");
-    let phase = |name: &'static str| {
-        let pods = pods.clone();
-        async move { pods.get_opt(name).await.unwrap().and_then(|p| p.status?.phase) }
-    };
     // The protected pod, scheduled by kube-scheduler and run by the simulated kubelet.
     let mut victim = mig_pod("victim", "1g.10gb", "1");
     victim.metadata.labels = Some([("app".to_string(), "protected".to_string())].into());
     victim.spec.as_mut().unwrap().termination_grace_period_seconds = Some(1);
     pods.create(&PostParams::default(), &victim).await.unwrap();
     eventually(20, "the protected pod runs", || async {
-        phase("victim").await.as_deref() == Some("Running")
+        phase(&pods, "victim").await.as_deref() == Some("Running")
     })
     .await;
     let pdb: PodDisruptionBudget = serde_json::from_value(json!({
@@ -746,7 +747,7 @@ async fn a_pdb_refusal_waits_and_a_killed_leader_and_agent_hand_over_mid_drain()
         "replica-a"
     };
     assert!(replicas[leader.as_str()].shared.metrics.eviction_count("blocked") >= 1);
-    assert_eq!(phase("victim").await.as_deref(), Some("Running"));
+    assert_eq!(phase(&pods, "victim").await.as_deref(), Some("Running"));
 
     let state: mig_protocol::NodeState = serde_json::from_str(
         &Api::<Node>::all(admin.clone())
@@ -770,11 +771,11 @@ async fn a_pdb_refusal_waits_and_a_killed_leader_and_agent_hand_over_mid_drain()
     // The disruption controller catches up: the eviction goes through, the 7g pod runs.
     disruption_controller_says(&admin, true).await;
     eventually(60, "the 7g pod runs", || async {
-        phase("wants-7g").await.as_deref() == Some("Running")
+        phase(&pods, "wants-7g").await.as_deref() == Some("Running")
     })
     .await;
     assert_eq!(
-        phase("victim").await,
+        phase(&pods, "victim").await,
         None,
         "the protected pod was evicted, not left"
     );
@@ -822,16 +823,12 @@ async fn the_nvml_backend_repartitions_around_a_running_pod_on_the_real_server()
     let admin = plane.admin();
     let node = cluster.agents[0].0.clone();
     let pods: Api<Pod> = Api::namespaced(admin.clone(), "default");
-    let phase = |name: &'static str| {
-        let pods = pods.clone();
-        async move { pods.get_opt(name).await.unwrap().and_then(|p| p.status?.phase) }
-    };
     let plugin_before = running_device_plugin(&admin, &node).await;
     pods.create(&PostParams::default(), &mig_pod("keep", "1g.10gb", "1"))
         .await
         .unwrap();
     eventually(20, "keep runs", || async {
-        phase("keep").await.as_deref() == Some("Running")
+        phase(&pods, "keep").await.as_deref() == Some("Running")
     })
     .await;
     let keep_uid = pods.get("keep").await.unwrap().metadata.uid;
@@ -851,7 +848,7 @@ async fn the_nvml_backend_repartitions_around_a_running_pod_on_the_real_server()
         .await
         .unwrap();
     eventually(60, "the 3g pod runs", || async {
-        phase("wants-3g").await.as_deref() == Some("Running")
+        phase(&pods, "wants-3g").await.as_deref() == Some("Running")
     })
     .await;
 

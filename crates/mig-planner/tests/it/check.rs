@@ -246,39 +246,31 @@ pub fn tiers(snapshot: &Snapshot) -> Vec<i32> {
     set.into_iter().rev().collect()
 }
 
-/// A plan's greedy score as a key like [`score_without_drains`]'s (tiers of `tiers`).
-pub fn greedy_key(plan: &Plan, tiers: &[i32]) -> Vec<f64> {
+/// A plan's own score (`greedy` false) or its greedy plan's as a key like
+/// [`score_without_drains`]'s: the value of each of `tiers` (0 for one the plan does not list),
+/// then the total.
+pub fn reported_key(plan: &Plan, tiers: &[i32], greedy: bool) -> Vec<f64> {
+    let r = &plan.solver;
     let mut key: Vec<f64> = tiers
         .iter()
         .map(|t| {
-            plan.solver
-                .by_priority
+            r.by_priority
                 .iter()
                 .find(|b| b.priority == *t)
-                .map_or(0.0, |b| b.greedy_score)
+                .map_or(0.0, |b| if greedy { b.greedy_score } else { b.score })
         })
         .collect();
-    key.push(plan.solver.greedy_score);
+    key.push(if greedy { r.greedy_score } else { r.score });
     key
 }
 
 /// Whether the plan is at least as good as its greedy plan: by priority first, then in all.
 pub fn at_least_greedy(plan: &Plan) -> bool {
-    let plan_key: Vec<f64> = plan
-        .solver
-        .by_priority
-        .iter()
-        .map(|b| b.score)
-        .chain([plan.solver.score])
-        .collect();
-    let greedy: Vec<f64> = plan
-        .solver
-        .by_priority
-        .iter()
-        .map(|b| b.greedy_score)
-        .chain([plan.solver.greedy_score])
-        .collect();
-    !lex_better(&greedy, &plan_key)
+    let tiers: Vec<i32> = plan.solver.by_priority.iter().map(|b| b.priority).collect();
+    !lex_better(
+        &reported_key(plan, &tiers, true),
+        &reported_key(plan, &tiers, false),
+    )
 }
 
 /// Score of a plan under drain=never, recomputed from its output (see `mig_planner::weights`): the
