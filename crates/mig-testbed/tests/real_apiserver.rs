@@ -816,7 +816,7 @@ async fn running_device_plugin(admin: &Client, node: &str) -> String {
 /// never evicted and keeps its instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nvml_backend_repartitions_around_a_running_pod_on_the_real_server() {
-    use mig_testbed::harness::{SEVEN_1G, SystemOnNodes, eventually, mig_pod, nodes};
+    use mig_testbed::harness::{SEVEN_1G, SystemOnNodes, create_pod, eventually, mig_pod, nodes};
 
     let Some(mut plane) = installed() else { return };
     let cluster = simulated(&mut plane, nodes(1, 1, SEVEN_1G), true).await;
@@ -824,9 +824,7 @@ async fn the_nvml_backend_repartitions_around_a_running_pod_on_the_real_server()
     let node = cluster.agents[0].0.clone();
     let pods: Api<Pod> = Api::namespaced(admin.clone(), "default");
     let plugin_before = running_device_plugin(&admin, &node).await;
-    pods.create(&PostParams::default(), &mig_pod("keep", "1g.10gb", "1"))
-        .await
-        .unwrap();
+    create_pod(&admin, &mig_pod("keep", "1g.10gb", "1")).await;
     eventually(20, "keep runs", || async {
         phase(&pods, "keep").await.as_deref() == Some("Running")
     })
@@ -844,9 +842,7 @@ async fn the_nvml_backend_repartitions_around_a_running_pod_on_the_real_server()
         settings,
     )
     .await;
-    pods.create(&PostParams::default(), &mig_pod("wants-3g", "3g.40gb", "1"))
-        .await
-        .unwrap();
+    create_pod(&admin, &mig_pod("wants-3g", "3g.40gb", "1")).await;
     eventually(60, "the 3g pod runs", || async {
         phase(&pods, "wants-3g").await.as_deref() == Some("Running")
     })
