@@ -81,6 +81,17 @@ pub struct SimulateArgs {
     /// (instances in use stay; only the free rest of a GPU changes).
     #[arg(long, default_value = "mig-manager")]
     backend: String,
+    /// Reservations by attrition: most GPUs earmarked at once for large waiting pods (0: none;
+    /// default: the planner's, 8).
+    #[arg(long)]
+    reserve_max_gpus: Option<u32>,
+    /// Reservations by attrition: most nodes holding one at once (default: the planner's, 4).
+    #[arg(long)]
+    reserve_max_nodes: Option<u32>,
+    /// Reservations by attrition: seconds after which one is chosen again (default: the
+    /// planner's, 21600).
+    #[arg(long)]
+    reserve_max_age: Option<u64>,
     /// With policy `system`: wall seconds per simulated second (0.01: a simulated hour in 36 s).
     /// Batching, mig-manager's delay, the replay and the agent and controller ticks (5 simulated
     /// seconds, 10–100 ms wall) scale with it.
@@ -133,7 +144,7 @@ fn workload(args: &SimulateArgs) -> Result<(Vec<TracePod>, f64)> {
 
 fn row(r: &Report, delay: f64) -> String {
     format!(
-        "{},{delay},{},{},{:.1},{:.1},{:.1},{:.1},{:.4},{:.4},{},{},{:.1},{:.1},{},{:.1}",
+        "{},{delay},{},{},{:.1},{:.1},{:.1},{:.1},{:.4},{:.4},{},{},{:.1},{:.1},{},{:.1},{},{:.1}",
         r.policy,
         r.pods,
         r.started,
@@ -149,6 +160,8 @@ fn row(r: &Report, delay: f64) -> String {
         quantile(&r.plan_millis, 0.99),
         r.evictions,
         r.lost_slice_hours,
+        r.reservations,
+        r.reserved_gpus,
     )
 }
 
@@ -203,7 +216,8 @@ pub fn run(args: SimulateArgs) -> Result<ExitCode> {
     })?;
     let backend: mig_planner::Backend = serde_json::from_value(serde_json::json!(args.backend))
         .map_err(|_| anyhow::anyhow!("unknown --backend {:?}: use mig-manager or nvml", args.backend))?;
-    let header = "policy,reconfig_delay_s,pods,started,wait_p50_s,wait_p95_s,wait_p99_s,wait_mean_s,allocation,demand,reconfigurations,plans,plan_ms_p50,plan_ms_p99,evictions,lost_slice_hours";
+    let defaults = mig_planner::ReservationPolicy::default();
+    let header = "policy,reconfig_delay_s,pods,started,wait_p50_s,wait_p95_s,wait_p99_s,wait_mean_s,allocation,demand,reconfigurations,plans,plan_ms_p50,plan_ms_p99,evictions,lost_slice_hours,reservations,reserved_gpus_mean";
     let mut csv = format!("{header}\n");
     let mut by_profile =
         String::from("policy,reconfig_delay_s,profile,pods,wait_mean_s,wait_p95_s,wait_p99_s\n");
@@ -221,6 +235,12 @@ pub fn run(args: SimulateArgs) -> Result<ExitCode> {
             drain,
             max_evictions: args.max_evictions,
             backend,
+            reservations: mig_planner::ReservationPolicy {
+                max_gpus: args.reserve_max_gpus.unwrap_or(defaults.max_gpus),
+                max_nodes: args.reserve_max_nodes.unwrap_or(defaults.max_nodes),
+                max_age_seconds: args.reserve_max_age.unwrap_or(defaults.max_age_seconds),
+                ..defaults.clone()
+            },
         };
         for policy in &args.policies {
             let report = match policy.as_str() {

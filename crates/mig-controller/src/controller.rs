@@ -5,6 +5,7 @@ mod caches;
 mod drain;
 mod housekeeping;
 mod report;
+mod reserve;
 mod sweep;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -237,6 +238,8 @@ struct LoopState {
     evicted: HashMap<String, Instant>,
     /// When each node's agent report last changed (stale ones are left alone).
     reports: crate::observe::ReportClock,
+    /// Reservations by attrition in force (from the last plan, or read back on becoming leader).
+    reservations: reserve::Held,
 }
 
 struct ControlLoop {
@@ -376,7 +379,8 @@ impl ControlLoop {
         let cap = |a: Option<u32>, b: u32| Some(a.map_or(b, |a| a.min(b)));
         policy.budgets.max_nodes_changed = cap(policy.budgets.max_nodes_changed, room.nodes);
         policy.budgets.max_evictions = cap(policy.budgets.max_evictions, room.evictions);
-        let snapshot = obs.snapshot.clone();
+        let mut snapshot = obs.snapshot.clone();
+        snapshot.reservations = self.reservations_at(now);
         let plan = match tokio::task::spawn_blocking(move || mig_planner::plan(&snapshot, &policy)).await {
             Ok(p) => p,
             Err(e) => {
@@ -398,6 +402,7 @@ impl ControlLoop {
             self.report_problem(p);
         }
 
+        self.carry_reservations(&plan, now);
         let (decisions, leader) = self.decide(&plan, &obs, &facts, now).await;
         self.explain_to_pods_and_nodes(&plan, &decisions, settings.mode);
 

@@ -61,6 +61,7 @@ one_label!(BudgetLabel, budget, "`nodes` or `evictions`.");
 one_label!(ReportLabel, report, "`missing` or `stale`.");
 one_label!(ReasonLabel, reason, "Input problem reason.");
 one_label!(OutcomeLabel, outcome, "`fits` or `waits`.");
+one_label!(EventLabel, event, "`made` or `released`.");
 one_label!(
     LimitLabel,
     limit,
@@ -116,6 +117,10 @@ pub struct Metrics {
     pub plan_pods: Family<OutcomeLabel, Gauge>,
     /// Evictions in the last plan.
     pub plan_evictions: Gauge,
+    /// GPUs reserved for large pending pods in the last plan.
+    pub reserved_gpus: Gauge,
+    /// Reservations made and released by plans.
+    pub reservations: Family<EventLabel, Counter>,
     /// Node decisions.
     pub decisions: Family<DecisionLabel, Counter>,
     /// Grant writes by result.
@@ -157,6 +162,8 @@ impl Metrics {
             plans: Family::default(),
             plan_pods: Family::default(),
             plan_evictions: Gauge::default(),
+            reserved_gpus: Gauge::default(),
+            reservations: Family::default(),
             decisions: Family::default(),
             grants: Family::default(),
             budget_headroom: Family::default(),
@@ -271,6 +278,16 @@ fn register(m: &Metrics, registry: &mut Registry) {
         m.plan_evictions.clone(),
     );
     registry.register(
+        "reserved_gpus",
+        "GPUs reserved for large pending pods in the last plan (reservations by attrition)",
+        m.reserved_gpus.clone(),
+    );
+    registry.register(
+        "reservations",
+        "Reservations by attrition made and released by plans",
+        m.reservations.clone(),
+    );
+    registry.register(
         "decisions",
         "Per changed node of a plan: granted, dry-run, invalidated or deferred (and why)",
         m.decisions.clone(),
@@ -355,6 +372,9 @@ fn initialise_labels(m: &Metrics, profiles: impl IntoIterator<Item = String>) {
     }
     for report in ["missing", "stale"] {
         let _ = m.nodes_unreported.get_or_create(&ReportLabel { report });
+    }
+    for event in ["made", "released"] {
+        let _ = m.reservations.get_or_create(&EventLabel { event });
     }
     for budget in ["nodes", "evictions"] {
         let _ = m.budget_headroom.get_or_create(&BudgetLabel { budget });

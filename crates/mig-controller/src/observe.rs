@@ -19,8 +19,8 @@ use mig_planner::snapshot::{
 use crate::budget::{self, NodeFacts};
 use crate::settings::DisruptionBudgets;
 use mig_protocol::{
-    DO_NOT_DISRUPT, Flight, GRANT_ANNOTATION, Grant, MIG_CONFIG_LABEL, MIG_RESOURCE_PREFIX, NodeReport,
-    NodeState, REPORT_ANNOTATION, Reason, STATE_ANNOTATION, TAINT_KEY, flight, mig_requests,
+    DO_NOT_DISRUPT, EXPECTED_END, Flight, GRANT_ANNOTATION, Grant, MIG_CONFIG_LABEL, MIG_RESOURCE_PREFIX,
+    NodeReport, NodeState, REPORT_ANNOTATION, Reason, STATE_ANNOTATION, TAINT_KEY, flight, mig_requests,
     parse_annotation,
 };
 
@@ -333,6 +333,7 @@ pub fn observe(
             .collect(),
         policy: policy.clone(),
         recent_demand: pods.recent_demand,
+        reservations: Vec::new(),
     };
     obs
 }
@@ -419,17 +420,20 @@ fn observe_pods(
         if is_pending(pod) {
             out.pending.push(pending_pod(pod, requests, now));
         } else if spec.node_name.is_some() {
-            out.running.push(running_pod(pod, spec, pdbs));
+            out.running.push(running_pod(pod, spec, pdbs, now, problems));
         }
     }
     out
 }
 
-/// A running pod with the PDBs of its namespace that select it.
+/// A running pod with the PDBs of its namespace that select it, how long it has run and when it
+/// declares it will end (a malformed declaration is a problem and ignored).
 fn running_pod(
     pod: &Pod,
     spec: &k8s_openapi::api::core::v1::PodSpec,
     pdbs: &[Arc<PodDisruptionBudget>],
+    now: Timestamp,
+    problems: &mut Vec<InputProblem>,
 ) -> RunningPod {
     let (ns, name) = key(pod);
     let labels = pod.metadata.labels.clone().unwrap_or_default();
@@ -445,17 +449,39 @@ fn running_pod(
         })
         .map(|p| format!("{ns}/{}", p.metadata.name.clone().unwrap_or_default()))
         .collect();
+    let annotations = pod.metadata.annotations.as_ref();
+    let expected_end_seconds =
+        annotations
+            .and_then(|a| a.get(EXPECTED_END))
+            .and_then(|v| match v.parse::<Timestamp>() {
+                Ok(end) => Some(end.duration_since(now).as_secs().max(0) as u64),
+                Err(e) => {
+                    let why =
+                        format!("annotation {EXPECTED_END}={v:?} is not an RFC 3339 time ({e}); ignored");
+                    problem(
+                        problems,
+                        "Pod",
+                        (ns.clone(), name.clone()),
+                        Reason::MalformedAnnotation,
+                        why,
+                    );
+                    None
+                }
+            });
     RunningPod {
-        namespace: ns,
-        name,
         priority: spec.priority.unwrap_or(0),
-        do_not_disrupt: pod
-            .metadata
-            .annotations
-            .as_ref()
+        do_not_disrupt: annotations
             .and_then(|a| a.get(DO_NOT_DISRUPT))
             .is_some_and(|v| v == "true"),
         pdbs: member_of,
+        running_seconds: pod
+            .status
+            .as_ref()
+            .and_then(|s| s.start_time.as_ref())
+            .map(|t| now.duration_since(t.0).as_secs().max(0) as u64),
+        expected_end_seconds,
+        namespace: ns,
+        name,
     }
 }
 

@@ -23,6 +23,7 @@ mod assign;
 mod ilp;
 mod plan;
 mod problem;
+mod reserve;
 pub mod snapshot;
 pub mod synthetic;
 
@@ -34,7 +35,8 @@ pub use plan::{
     Disruption, Eviction, GpuPlan, NodePlan, PlacedInstance, Plan, PlannedPhase, PodOutcome, PodPlan,
     PriorityScore, RECONFIGURING_TAINT, SolverReport, Spare, Warning,
 };
-pub use snapshot::{Backend, DrainPolicy, InputError, Policy, Snapshot, SolverKind};
+pub use reserve::{PlannedReservation, ReleasedReservation};
+pub use snapshot::{Backend, DrainPolicy, InputError, Policy, ReservationPolicy, Snapshot, SolverKind};
 
 use crate::ilp::ClassSolver;
 
@@ -180,11 +182,14 @@ pub fn plan_with(catalog: &Catalog, snapshot: &Snapshot, policy: &Policy) -> Pla
             }
         }
     }
+    let reservations = reserve::settle(&p, snapshot, &outcome);
+    outcome.withhold = reservations.withhold.clone();
     let mut plan = Plan::build(plan::Context {
         p: &p,
         snapshot,
         outcome: &outcome,
         report,
+        reservations,
     });
     plan.solver.millis = started.elapsed().as_secs_f64() * 1000.0;
     plan

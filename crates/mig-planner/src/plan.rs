@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 
 use crate::assign::Outcome;
 use crate::problem::{Problem, node_rejects};
+use crate::reserve::{PlannedReservation, ReleasedReservation, Reservations};
 use crate::snapshot::{Backend, Snapshot};
 use crate::weights;
 
@@ -40,6 +41,13 @@ pub struct Plan {
     /// demand.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub spare: Vec<Spare>,
+    /// Reservations by attrition in force after this plan: GPUs earmarked for large pods that
+    /// wait, until the pods running there finish (docs/planner.md "Reservations").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reservations: Vec<PlannedReservation>,
+    /// Reservations of the snapshot that end with this plan, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released: Vec<ReleasedReservation>,
 }
 
 /// Spare capacity of one profile after the plan.
@@ -341,13 +349,19 @@ pub(crate) fn score(p: &Problem<'_>, o: &Outcome) -> Score {
     }
     Score {
         tiers,
-        total: total - disruption(p, o).cost,
+        total: total - disruption_of(p, o, false).cost,
     }
 }
 
+/// The plan's disruption, reservations' withdrawn instances included.
 fn disruption(p: &Problem<'_>, o: &Outcome) -> Disruption {
+    disruption_of(p, o, true)
+}
+
+/// Disruption of the options chosen, and of the withdrawn instances when `withheld`.
+fn disruption_of(p: &Problem<'_>, o: &Outcome, withheld: bool) -> Disruption {
     let changed: Vec<usize> = (0..p.gpus.len())
-        .filter(|g| p.gpus[*g].options[o.option[*g]].changed)
+        .filter(|g| p.gpus[*g].options[o.option[*g]].changed || withheld && o.withhold.contains_key(g))
         .collect();
     let nodes: BTreeSet<usize> = changed.iter().map(|g| p.gpus[*g].node).collect();
     let evictions = (0..p.gpus.len())
@@ -356,7 +370,10 @@ fn disruption(p: &Problem<'_>, o: &Outcome) -> Disruption {
         .sum();
     let cost = changed
         .iter()
-        .map(|g| p.gpus[*g].options[o.option[*g]].cost)
+        .map(|g| match o.withhold.contains_key(g) {
+            true => weights::CHANGE_GPU + weights::TOUCH_BUSY_GPU,
+            false => p.gpus[*g].options[o.option[*g]].cost,
+        })
         .sum::<f64>()
         + weights::CHANGE_NODE * nodes.len() as f64;
     Disruption {
@@ -374,7 +391,9 @@ fn targets(p: &Problem<'_>, o: &Outcome, warnings: &mut Vec<Warning>) -> Vec<Lay
         .enumerate()
         .map(|(g, gs)| {
             let opt = &gs.options[o.option[g]];
-            let layout = if !opt.changed {
+            let layout = if let Some(kept) = o.withhold.get(&g) {
+                Ok(kept.clone())
+            } else if !opt.changed {
                 Ok(gs.actual.clone())
             } else if opt.drain {
                 gs.model.arrange(&opt.counts)
@@ -404,6 +423,7 @@ pub(crate) struct Context<'a, 'c> {
     pub snapshot: &'a Snapshot,
     pub outcome: &'a Outcome,
     pub report: SolverReport,
+    pub reservations: Reservations,
 }
 
 /// Where each placed demand goes: its node and the concrete instances it takes, handed out per GPU
@@ -418,6 +438,7 @@ impl Plan {
             snapshot,
             outcome: o,
             mut report,
+            reservations,
         } = cx;
         let mut warnings = p.warnings.clone();
         let targets = targets(p, o, &mut warnings);
@@ -425,7 +446,8 @@ impl Plan {
         let gpus = gpu_plans(p, o, &targets, &placements);
         let evictions = evictions(p, o, &placements, &gpus);
         let dis = disruption(p, o);
-        let pods = pod_plans(p, snapshot, o, &placements, &dis);
+        let mut pods = pod_plans(p, snapshot, o, &placements, &dis);
+        note_reservations(&mut pods, &reservations.holding);
         let nodes = node_plans(p, o, &targets, &gpus, &evictions, &mut warnings);
         let scored = score(p, o);
         report.score = scored.total;
@@ -442,17 +464,50 @@ impl Plan {
             disruption: dis,
             warnings,
             spare: spare(p, o),
+            reservations: reservations.holding,
+            released: reservations.released,
         };
-        let decisions = serde_json::to_string(&(&plan.gpus, &plan.pods, &plan.evictions)).unwrap_or_default();
+        let reserved: Vec<(&String, &String, &Vec<crate::snapshot::ReservedInstance>)> = plan
+            .reservations
+            .iter()
+            .map(|r| (&r.pod, &r.node, &r.gpus))
+            .collect();
+        let decisions =
+            serde_json::to_string(&(&plan.gpus, &plan.pods, &plan.evictions, reserved)).unwrap_or_default();
         let digest = Sha256::digest(decisions.as_bytes());
         plan.id = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
         plan
     }
 }
 
-/// Whether GPU `g` changes under outcome `o`.
+/// Whether GPU `g` changes under outcome `o` (a reserved GPU losing free instances included).
 fn changes(p: &Problem<'_>, o: &Outcome, g: usize) -> bool {
-    p.gpus[g].options[o.option[g]].changed
+    p.gpus[g].options[o.option[g]].changed || o.withhold.contains_key(&g)
+}
+
+/// A waiting pod that holds a reservation is told where and what it waits for.
+fn note_reservations(pods: &mut [PodPlan], holding: &[PlannedReservation]) {
+    for r in holding {
+        let Some(pod) = pods
+            .iter_mut()
+            .find(|p| format!("{}/{}", p.namespace, p.name) == r.pod)
+        else {
+            continue;
+        };
+        if let PodOutcome::Waits { reason } = &mut pod.outcome {
+            let gpus: Vec<String> = r
+                .gpus
+                .iter()
+                .map(|g| format!("{}/{} ({}@{})", r.node, g.gpu, g.profile, g.start))
+                .collect();
+            let _ = write!(
+                reason,
+                "; reserved for it: {}, free once {} running pod(s) finish",
+                gpus.join(", "),
+                r.waiting_for.len()
+            );
+        }
+    }
 }
 
 /// Hand out concrete instances: per GPU, the target's instances not kept busy, by start.
@@ -515,6 +570,20 @@ fn gpu_plans(p: &Problem<'_>, o: &Outcome, targets: &[Layout], placements: &Plac
         .enumerate()
         .map(|(g, gs)| {
             let opt = &gs.options[o.option[g]];
+            if o.withhold.contains_key(&g) {
+                return GpuPlan {
+                    node: p.nodes[gs.node].name.clone(),
+                    index: gs.index,
+                    model: gs.model.key.clone(),
+                    actual: gs.model.format_layout(&gs.actual),
+                    target: gs.model.format_layout(&targets[g]),
+                    changed: true,
+                    drained: false,
+                    reason: Some(
+                        "withdraws free instances from the region reserved for a waiting pod".into(),
+                    ),
+                };
+            }
             GpuPlan {
                 node: p.nodes[gs.node].name.clone(),
                 index: gs.index,
@@ -921,6 +990,36 @@ impl Plan {
             let _ = writeln!(s, "\nEVICTIONS");
             for e in &self.evictions {
                 let _ = writeln!(s, "  {} on {}/{}: {}", e.pod, e.node, e.gpu, e.reason);
+            }
+        }
+        if !self.reservations.is_empty() || !self.released.is_empty() {
+            let _ = writeln!(s, "\nRESERVATIONS");
+            for r in &self.reservations {
+                let gpus: Vec<String> = r
+                    .gpus
+                    .iter()
+                    .map(|g| format!("gpu{}:{}@{}", g.gpu, g.profile, g.start))
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "  {} on {} [{}]{}: waits for {}",
+                    r.pod,
+                    r.node,
+                    gpus.join(" "),
+                    if r.new {
+                        " (new)".to_string()
+                    } else {
+                        format!(" (held {} s)", r.age_seconds)
+                    },
+                    if r.waiting_for.is_empty() {
+                        "its change".to_string()
+                    } else {
+                        r.waiting_for.join(", ")
+                    }
+                );
+            }
+            for r in &self.released {
+                let _ = writeln!(s, "  released: {} on {}: {}", r.pod, r.node, r.reason);
             }
         }
         if !self.spare.is_empty() {

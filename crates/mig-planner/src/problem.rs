@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use mig_catalog::{Catalog, Counts, GpuModel, Instance, Layout, ProfileIdx};
 
 use crate::plan::Warning;
+use crate::reserve::{self, Hold, ReleasedReservation};
 use crate::snapshot::{
     Backend, DrainPolicy, GpuInstance, LabelExpression, Node, PendingPod, Policy, Snapshot,
 };
@@ -115,6 +116,10 @@ pub(crate) struct Problem<'c> {
     pub exact: bool,
     /// Recent demand: (global profile index, instances).
     pub recent_demand: Vec<(usize, u32)>,
+    /// Reservations of the snapshot that still hold.
+    pub holds: Vec<Hold>,
+    /// Reservations of the snapshot that end, with why.
+    pub released: Vec<ReleasedReservation>,
 }
 
 /// What the planner keeps of a node.
@@ -351,11 +356,17 @@ type VectorCache = HashMap<(String, String), Vec<Counts>>;
 
 /// Stage 3: each GPU's options: keep (always first), change in place around its busy instances, and
 /// (when the drain policy allows and nothing protects its pods) drain and change.
-fn set_options(gpus: &mut [GpuState<'_>], nodes: &[NodeInfo], input: &OptionInputs<'_>) {
+fn set_options(
+    gpus: &mut [GpuState<'_>],
+    nodes: &[NodeInfo],
+    held: &BTreeSet<usize>,
+    input: &OptionInputs<'_>,
+) {
     let mut cache = VectorCache::new();
-    for gs in gpus.iter_mut() {
+    for (gi, gs) in gpus.iter_mut().enumerate() {
         let node = &nodes[gs.node];
-        let changeable = node.managed && node.schedulable && !node.frozen;
+        // A reserved GPU whose kept region is still in use waits for it: nothing changes it.
+        let changeable = node.managed && node.schedulable && !node.frozen && !held.contains(&gi);
         // Why its pods may not be drained, asked only where a drain is an option at all.
         let blocked = (changeable && !gs.busy.is_empty() && input.policy.drain != DrainPolicy::Never)
             .then(|| drain_blocked(gs, input))
@@ -516,9 +527,13 @@ fn maximal_vectors(
     maximal
 }
 
+/// Per held node: its owners and their highest priority.
+type Owners = BTreeMap<usize, (BTreeSet<String>, i32)>;
+
 /// Stage 4: groups of nodes the model treats alike (one per node when `exact`; otherwise by the
-/// labels some pending pod selects on, foreign taints, schedulable and frozen), and each node's group.
-fn group_nodes(snapshot: &Snapshot, exact: bool) -> (Vec<Group>, Vec<usize>) {
+/// labels some pending pod selects on, foreign taints, schedulable, frozen and reservations), and
+/// each node's group.
+fn group_nodes(snapshot: &Snapshot, exact: bool, owners: &Owners) -> (Vec<Group>, Vec<usize>) {
     // Only labels that some pending pod selects on tell nodes apart (not, say, the hostname).
     let relevant: BTreeSet<&str> = snapshot
         .pending_pods
@@ -550,7 +565,11 @@ fn group_nodes(snapshot: &Snapshot, exact: bool) -> (Vec<Group>, Vec<usize>) {
                 .iter()
                 .filter(|(k, _)| relevant.contains(k.as_str()))
                 .collect();
-            format!("{labels:?}|{taints:?}|{}|{}", node.schedulable, node.frozen)
+            let held = owners.get(&ni).map(|o| &o.0);
+            format!(
+                "{labels:?}|{taints:?}|{}|{}|{held:?}",
+                node.schedulable, node.frozen
+            )
         };
         let gi = *by_sig.entry(sig).or_insert_with(|| {
             groups.push(Group { nodes: Vec::new() });
@@ -564,6 +583,7 @@ fn group_nodes(snapshot: &Snapshot, exact: bool) -> (Vec<Group>, Vec<usize>) {
 
 /// Stage 5: demands, first the pending pods (or why one cannot be planned), then the pods a drain
 /// would evict, to be placed again in their own group.
+#[allow(clippy::too_many_arguments)]
 fn demands(
     snapshot: &Snapshot,
     profiles: &[String],
@@ -571,6 +591,7 @@ fn demands(
     groups: &[Group],
     gpus: &[GpuState<'_>],
     disruptions: &Disruptions<'_>,
+    owners: &Owners,
 ) -> (Vec<Demand>, Vec<(usize, String)>) {
     let mut demands = Vec::new();
     let mut rejected = Vec::new();
@@ -588,14 +609,21 @@ fn demands(
                 continue;
             }
         };
+        let key = pod.key();
+        // A node reserved for other pods of this priority or higher is not this pod's to take.
+        let reserved_for_others = |n: &usize| {
+            owners
+                .get(n)
+                .is_some_and(|(who, top)| !who.contains(&key) && *top >= pod.priority)
+        };
         let eligible_nodes: BTreeSet<usize> = (0..snapshot.nodes.len())
-            .filter(|n| node_rejects(pod, &snapshot.nodes[*n]).is_none())
+            .filter(|n| node_rejects(pod, &snapshot.nodes[*n]).is_none() && !reserved_for_others(n))
             .collect();
         let groups_ok: Vec<usize> = (0..groups.len())
             .filter(|g| groups[*g].nodes.iter().any(|n| eligible_nodes.contains(n)))
             .collect();
         demands.push(Demand {
-            key: pod.key(),
+            key,
             tier: pod.priority,
             weight: weights::place(
                 memory_slices(&req, profile_size),
@@ -767,13 +795,24 @@ impl<'c> Problem<'c> {
             disruptions: &disruptions,
             pods_per_gpu: &pods_per_gpu,
         };
-        set_options(&mut gpus, &nodes, &inputs);
+        let (holds, released) = reserve::read_holds(snapshot, policy, &nodes, &gpus);
+        let held = reserve::frozen_gpus(snapshot, policy.backend, &gpus, &holds);
+        set_options(&mut gpus, &nodes, &held, &inputs);
         let exact = nodes.len() <= policy.solver.exact_node_limit;
-        let (groups, node_group) = group_nodes(snapshot, exact);
+        let owners = reserve::owners(&holds);
+        let (groups, node_group) = group_nodes(snapshot, exact, &owners);
         for g in &mut gpus {
             g.group = node_group[g.node];
         }
-        let (demands, rejected) = demands(snapshot, &profiles, &profile_size, &groups, &gpus, &disruptions);
+        let (demands, rejected) = demands(
+            snapshot,
+            &profiles,
+            &profile_size,
+            &groups,
+            &gpus,
+            &disruptions,
+            &owners,
+        );
         let classes = classes(&gpus, exact);
         let recent_demand = recent_demand(snapshot, &profiles, &mut warnings);
         Problem {
@@ -791,6 +830,8 @@ impl<'c> Problem<'c> {
             pod_pdbs,
             exact,
             recent_demand,
+            holds,
+            released,
         }
     }
 

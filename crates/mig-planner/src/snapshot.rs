@@ -33,6 +33,38 @@ pub struct Snapshot {
     /// makes a GPU change on its own (see docs/planner.md).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub recent_demand: BTreeMap<String, u32>,
+    /// Reservations by attrition that earlier plans made and are still in force (the controller
+    /// reads them back from its node annotations): while one holds, no pod of its owner's priority
+    /// or lower other than the owner is planned onto its node (see docs/planner.md "Reservations").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reservations: Vec<Reservation>,
+}
+
+/// GPUs earmarked for a large pending pod until the pods running there finish.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Reservation {
+    /// The pending pod it is for, `namespace/name`.
+    pub pod: String,
+    /// Node.
+    pub node: String,
+    /// The instance each earmarked GPU is to hold for the pod once its region is free.
+    pub gpus: Vec<ReservedInstance>,
+    /// How long it has held, in seconds.
+    #[serde(default)]
+    pub age_seconds: u64,
+}
+
+/// One earmarked GPU and the instance (profile and placement) kept for the pod there.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ReservedInstance {
+    /// GPU index on the node.
+    pub gpu: u32,
+    /// Profile name (`7g.80gb`).
+    pub profile: String,
+    /// First memory slice of the placement.
+    pub start: u8,
 }
 
 /// A Kubernetes node.
@@ -257,6 +289,14 @@ pub struct RunningPod {
     /// Names (`namespace/name`) of the PDBs that select it.
     #[serde(default)]
     pub pdbs: Vec<String>,
+    /// How long it has run, in seconds, when known: among GPUs to earmark for a waiting pod, those
+    /// whose pods have run longest go first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_seconds: Option<u64>,
+    /// Seconds until it declared it will end (annotation `mig-autoscaler.io/expected-end`), when
+    /// declared: GPUs whose pods all declare an end are earmarked by the latest of those ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_end_seconds: Option<u64>,
 }
 
 /// A PodDisruptionBudget.
@@ -289,6 +329,35 @@ pub struct Policy {
     pub managed_node_selector: BTreeMap<String, String>,
     /// Solver settings.
     pub solver: SolverSettings,
+    /// Reservations by attrition: bounds and which pods get them.
+    pub reservations: ReservationPolicy,
+}
+
+/// When and how much the planner earmarks GPUs for large pods that cannot be placed without
+/// evicting (docs/planner.md "Reservations").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ReservationPolicy {
+    /// Most GPUs earmarked at once, over all reservations (0: no reservations).
+    pub max_gpus: u32,
+    /// Most nodes holding a reservation at once.
+    pub max_nodes: u32,
+    /// A reservation is released after this long and chosen again from scratch.
+    pub max_age_seconds: u64,
+    /// Only pods asking for at least this many memory slices in all get one (4: a 3g.40gb or
+    /// larger on 80 GB GPUs); smaller pods find room as instances free.
+    pub min_memory_slices: u32,
+}
+
+impl Default for ReservationPolicy {
+    fn default() -> Self {
+        ReservationPolicy {
+            max_gpus: 8,
+            max_nodes: 4,
+            max_age_seconds: 6 * 3600,
+            min_memory_slices: 4,
+        }
+    }
 }
 
 impl Default for Policy {
@@ -301,6 +370,7 @@ impl Default for Policy {
             budgets: Budgets::default(),
             managed_node_selector: BTreeMap::new(),
             solver: SolverSettings::default(),
+            reservations: ReservationPolicy::default(),
         }
     }
 }

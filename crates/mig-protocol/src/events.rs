@@ -25,7 +25,8 @@ pub enum Reason {
     ReconfigurationDeferred,
     /// Pod: a MIG request that is not a non-negative whole number.
     InvalidMigRequest,
-    /// Node: one of our annotations does not parse; the node is left alone.
+    /// Node: one of our annotations does not parse; the node is left alone. Pod: its
+    /// `mig-autoscaler.io/expected-end` does not parse; ignored.
     MalformedAnnotation,
     /// Node: a reported GPU the catalog does not know.
     UnknownGpuModel,
@@ -63,11 +64,15 @@ pub enum Reason {
     /// Node: the driver's MIG profiles or placements differ from the catalog (or the model is not
     /// in it); the agent reports but will not reconfigure the node.
     CatalogMismatch,
+    /// Pod and Node: GPUs reserved for the pod until the pods using them finish.
+    GpusReserved,
+    /// Node: a reservation ended (its pod placed or gone, expired, or outranked).
+    ReservationReleased,
 }
 
 impl Reason {
     /// Every reason.
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 26] = [
         Reason::WaitingForMigCapacity,
         Reason::WaitingForRepartition,
         Reason::LayoutChangePlanned,
@@ -92,6 +97,8 @@ impl Reason {
         Reason::ReconfigurationSuperseded,
         Reason::GrantRefused,
         Reason::CatalogMismatch,
+        Reason::GpusReserved,
+        Reason::ReservationReleased,
     ];
 
     /// The reason as written on the Event (PascalCase).
@@ -121,6 +128,8 @@ impl Reason {
             Reason::ReconfigurationSuperseded => "ReconfigurationSuperseded",
             Reason::GrantRefused => "GrantRefused",
             Reason::CatalogMismatch => "CatalogMismatch",
+            Reason::GpusReserved => "GpusReserved",
+            Reason::ReservationReleased => "ReservationReleased",
         }
     }
 

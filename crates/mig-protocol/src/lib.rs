@@ -36,8 +36,18 @@ pub const GRANT_ANNOTATION: &str = "mig-autoscaler.io/grant";
 pub const STATE_ANNOTATION: &str = "mig-autoscaler.io/state";
 /// Our NoSchedule taint on a node whose GPUs are being reconfigured.
 pub const TAINT_KEY: &str = mig_planner::RECONFIGURING_TAINT;
+/// Node annotation: the controller's [`NodeReservation`]s on the node (a JSON list).
+pub const RESERVATIONS_ANNOTATION: &str = "mig-autoscaler.io/reservations";
+/// Our NoSchedule taint on a node holding a reservation, on the mig-manager backend: no new pod
+/// lands there until the pods using the reserved GPUs finish (the controller adds and removes it;
+/// the agent may not touch it).
+pub const RESERVED_TAINT: &str = "mig-autoscaler.io/reserved";
 /// Pod annotation: `"true"` means never evict this pod.
 pub const DO_NOT_DISRUPT: &str = "mig-autoscaler.io/do-not-disrupt";
+/// Pod annotation: when the pod expects to end (RFC 3339). Only a hint for choosing which GPUs
+/// to reserve for a large waiting pod (a wrong one costs that pod time, bounded by the
+/// reservation's maximum age); nothing is evicted by it.
+pub const EXPECTED_END: &str = "mig-autoscaler.io/expected-end";
 /// Label mig-manager reads.
 pub const MIG_CONFIG_LABEL: &str = "nvidia.com/mig.config";
 /// Label mig-manager writes (`pending`, `success`, `failed`, `rebooting`).
@@ -161,6 +171,19 @@ pub fn backend_name(b: mig_planner::snapshot::Backend) -> &'static str {
         mig_planner::snapshot::Backend::MigManager => "mig-manager",
         mig_planner::snapshot::Backend::Nvml => "nvml",
     }
+}
+
+/// GPUs of a node reserved for a large pending pod (written by the controller, read back by a new
+/// leader; docs/planner.md "Reservations").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReservation {
+    /// The pending pod, `namespace/name`.
+    pub pod: String,
+    /// The reserved GPUs, each with the instance kept for the pod.
+    pub gpus: Vec<mig_planner::snapshot::ReservedInstance>,
+    /// When it was made (RFC 3339).
+    pub since: String,
 }
 
 /// The controller's permission for a node to reconfigure to a target.

@@ -14,6 +14,12 @@
 //! Dynamic policies plan at most every `batch` seconds while pods are pending; a changed GPU is
 //! unusable for `reconfig_delay` seconds, then has its target layout. Only idle GPUs change (drain
 //! policy `never`), so nothing is evicted.
+//!
+//! Reservations by attrition are modelled as the system runs them: the planner's reservations are
+//! carried from plan to plan (with their age); on mig-manager the scheduler binds nothing on a
+//! reserved node (the controller's NoSchedule taint), on nvml the planner's withdrawal of free
+//! instances is a change like any other, and an instance freed on a reserved GPU is open to the
+//! scheduler until the next plan withdraws it, as in the cluster.
 
 pub mod demand_sets;
 pub mod inflation;
@@ -24,8 +30,8 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::time::Instant as Clock;
 
 use mig_catalog::{Catalog, Counts, GpuModel, Instance, Layout};
-use mig_planner::snapshot::{Gpu, Node, PendingPod, RunningPod};
-use mig_planner::{Backend, DrainPolicy, Policy, Snapshot, SolverKind};
+use mig_planner::snapshot::{Gpu, Node, PendingPod, Reservation, RunningPod};
+use mig_planner::{Backend, DrainPolicy, Policy, ReservationPolicy, Snapshot, SolverKind};
 
 pub use trace::{TracePod, parse_dlrm, parse_openb};
 
@@ -81,6 +87,8 @@ pub struct SimConfig {
     /// How layouts reach the GPUs: `MigManager` rebuilds a changed GPU whole (its instances must
     /// all be free, or drained); `Nvml` keeps the instances in use and changes only the rest.
     pub backend: Backend,
+    /// Reservations by attrition (the planner's policy; `max_gpus` 0: none).
+    pub reservations: ReservationPolicy,
 }
 
 /// What a run measured.
@@ -108,6 +116,11 @@ pub struct Report {
     pub evictions: usize,
     /// Work lost to evictions: compute-slice hours the evicted pods had run.
     pub lost_slice_hours: f64,
+    /// Reservations made.
+    pub reservations: usize,
+    /// Time-average of GPUs earmarked by reservations (on mig-manager a reserved node takes no new
+    /// pods at all).
+    pub reserved_gpus: f64,
 }
 
 impl Report {
@@ -247,6 +260,9 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
     let mut run: Vec<u32> = vec![0; pods.len()];
     let mut run_start: Vec<f64> = vec![0.0; pods.len()];
     let mut holding: BTreeMap<usize, Vec<(usize, Instance)>> = BTreeMap::new();
+    // Reservations in force, with the time each was made.
+    let mut reserved: Vec<(Reservation, f64)> = Vec::new();
+    let mut reserved_area = 0.0;
     let mut tick_scheduled = false;
     // Whether anything the planner sees changed since its last call; an unchanged state gives the
     // same plan (the planner is deterministic), so the tick is skipped.
@@ -259,6 +275,7 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
         let t = ev.at.min(config.horizon);
         alloc_area += allocated * (t - last_t);
         demand_area += demanded * (t - last_t);
+        reserved_area += reserved.iter().map(|(r, _)| r.gpus.len()).sum::<usize>() as f64 * (t - last_t);
         last_t = t;
         if ev.at > config.horizon {
             break;
@@ -286,13 +303,18 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
             Kind::PlanTick => {
                 tick_scheduled = false;
                 if !pending.is_empty() && dirty {
+                    let world = World {
+                        now: t,
+                        pending: &pending,
+                        holding: &holding,
+                        run_start: &run_start,
+                    };
                     let (changed, evicted) = plan_round(
                         model,
                         &mut gpus,
                         pods,
-                        t,
-                        &pending,
-                        &holding,
+                        &world,
+                        &mut reserved,
                         policy,
                         config,
                         &mut report,
@@ -315,8 +337,15 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
                 }
             }
         }
-        // Schedule: first-fit, arrival order.
-        for (i, taken) in first_fit(model, policy, &mut gpus, pods, &mut pending) {
+        // Schedule: first-fit, arrival order; on mig-manager nothing lands on a reserved node.
+        let tainted: Vec<usize> = match config.backend {
+            Backend::MigManager => reserved
+                .iter()
+                .filter_map(|(r, _)| r.node.strip_prefix("node-")?.parse().ok())
+                .collect(),
+            Backend::Nvml => Vec::new(),
+        };
+        for (i, taken) in first_fit(model, policy, &mut gpus, pods, &mut pending, &tainted) {
             holding.insert(i, taken);
             started[i].get_or_insert(t);
             run_start[i] = t;
@@ -332,6 +361,7 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
     let span = (last_t - start_t).max(1e-9);
     report.allocation = alloc_area / span / total_slices;
     report.demand = demand_area / span / total_slices;
+    report.reserved_gpus = reserved_area / span;
     record_waits(&mut report, pods, &started, config.horizon, last_t);
     Ok(report)
 }
@@ -390,6 +420,7 @@ fn first_fit(
     gpus: &mut [SimGpu],
     pods: &[TracePod],
     pending: &mut VecDeque<usize>,
+    tainted: &[usize],
 ) -> Vec<(usize, Vec<(usize, Instance)>)> {
     let mut bound = Vec::new();
     let mut still = VecDeque::new();
@@ -401,7 +432,7 @@ fn first_fit(
         }
         let taken = match policy {
             PolicyKind::Ideal => fit_slices(model, gpus, &pods[i]),
-            _ => fit(model, gpus, &pods[i]),
+            _ => fit(model, gpus, &pods[i], tainted),
         };
         match taken {
             Some(taken) => {
@@ -490,13 +521,22 @@ pub fn report_from_starts(
     Ok(report)
 }
 
-/// Free instances of the pod's profile on one node (not reconfiguring), or None.
-fn fit(model: &GpuModel, gpus: &[SimGpu], pod: &TracePod) -> Option<Vec<(usize, Instance)>> {
+/// Free instances of the pod's profile on one node (not reconfiguring, not `tainted`), or None.
+fn fit(
+    model: &GpuModel,
+    gpus: &[SimGpu],
+    pod: &TracePod,
+    tainted: &[usize],
+) -> Option<Vec<(usize, Instance)>> {
     let want = model.profile_by_name(pod.profile)?;
     let need = pod.count as usize;
     // One pass over the GPUs, node by node (in node order, as first-fit over nodes would).
     let mut by_node: BTreeMap<usize, Vec<(usize, Instance)>> = BTreeMap::new();
-    for (gi, g) in gpus.iter().enumerate().filter(|(_, g)| g.target.is_none()) {
+    for (gi, g) in gpus
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.target.is_none() && !tainted.contains(&g.node))
+    {
         let free = by_node.entry(g.node).or_default();
         if free.len() < need {
             free.extend(
@@ -578,20 +618,35 @@ pub(crate) fn snapshot_gpu(
     })
 }
 
-/// Plan with the planner; evict what it evicts (their instances freed; the caller requeues them)
-/// and start the reconfigurations it asks for. Returns the GPUs changed and the pods evicted.
+/// What the planner is shown besides the GPUs: the time, the queue and the running pods.
+struct World<'a> {
+    now: f64,
+    pending: &'a VecDeque<usize>,
+    holding: &'a BTreeMap<usize, Vec<(usize, Instance)>>,
+    /// When each pod's current run began.
+    run_start: &'a [f64],
+}
+
+/// Plan with the planner; evict what it evicts (their instances freed; the caller requeues them),
+/// start the reconfigurations it asks for and carry its reservations. Returns the GPUs changed and
+/// the pods evicted.
 #[allow(clippy::too_many_arguments)]
 fn plan_round(
     model: &GpuModel,
     gpus: &mut [SimGpu],
     pods: &[TracePod],
-    now: f64,
-    pending: &VecDeque<usize>,
-    holding: &BTreeMap<usize, Vec<(usize, Instance)>>,
+    world: &World<'_>,
+    reserved: &mut Vec<(Reservation, f64)>,
     policy: &PolicyKind,
     config: &SimConfig,
     report: &mut Report,
 ) -> (Vec<usize>, Vec<usize>) {
+    let World {
+        now,
+        pending,
+        holding,
+        run_start,
+    } = *world;
     let name = |i: usize| format!("p{i}");
     let mut nodes: Vec<Node> = (0..config.nodes)
         .map(|n| Node {
@@ -631,7 +686,15 @@ fn plan_round(
             .map(|i| RunningPod {
                 namespace: "sim".into(),
                 name: name(*i),
+                running_seconds: Some((now - run_start[*i]).max(0.0) as u64),
                 ..Default::default()
+            })
+            .collect(),
+        reservations: reserved
+            .iter()
+            .map(|(r, since)| Reservation {
+                age_seconds: (now - since).max(0.0) as u64,
+                ..r.clone()
             })
             .collect(),
         ..Default::default()
@@ -644,9 +707,23 @@ fn plan_round(
     p.backend = config.backend;
     p.budgets.max_evictions = config.max_evictions;
     p.solver.time_limit_ms = 2_000;
+    p.reservations = config.reservations.clone();
     let clock = Clock::now();
     let plan = mig_planner::plan(&snapshot, &p);
     report.plan_millis.push(clock.elapsed().as_secs_f64() * 1000.0);
+    let made_at = |r: &mig_planner::PlannedReservation| {
+        reserved
+            .iter()
+            .find(|(old, _)| old.pod == r.pod && old.node == r.node && !r.new)
+            .map_or(now, |(_, since)| *since)
+    };
+    let next: Vec<(Reservation, f64)> = plan
+        .reservations
+        .iter()
+        .map(|r| (r.carried(0), made_at(r)))
+        .collect();
+    report.reservations += plan.reservations.iter().filter(|r| r.new).count();
+    *reserved = next;
     let mut evicted = Vec::new();
     for e in &plan.evictions {
         let Some(i) = e

@@ -19,6 +19,7 @@ fn config() -> SimConfig {
         drain: mig_planner::DrainPolicy::Never,
         max_evictions: None,
         backend: mig_planner::Backend::MigManager,
+        reservations: Default::default(),
     }
 }
 
@@ -430,4 +431,34 @@ fn the_nvml_backend_repartitions_around_a_running_pod_that_mig_manager_must_wait
     assert!(nvml.waits[1] <= 10.0 + 30.0 + 1e-6, "{:?}", nvml.waits);
     assert_eq!(nvml.evictions, 0);
     assert_eq!(nvml.reconfigurations, 1);
+}
+
+/// Reservations by attrition: node 0 is full of long 1g pods, node 1 runs one short 1g pod, and a
+/// 7g pod arrives while a stream of short 1g pods keeps coming. Without a reservation the stream
+/// keeps node 1 busy and the 7g pod waits until it ends; with one, node 1 takes no new pod (the
+/// taint), empties when its pod ends, and the 7g pod starts soon after. The 1g pods it kept out
+/// wait meanwhile, and start once the 7g pod ends.
+#[test]
+fn a_reservation_lets_a_large_pod_through_a_stream_of_small_ones() {
+    let mut pods: Vec<TracePod> = (0..7).map(|i| pod(i, 0.0, "1g.10gb", 9_000.0)).collect();
+    pods.push(pod(7, 1.0, "1g.10gb", 500.0));
+    pods.push(pod(8, 10.0, "7g.80gb", 1_000.0));
+    pods.extend((0..40).map(|k| pod(9 + k, 20.0 + 100.0 * k as f64, "1g.10gb", 400.0)));
+    let one_gpu_nodes = SimConfig {
+        nodes: 2,
+        gpus_per_node: 1,
+        ..config()
+    };
+    let with = simulate(&one_gpu_nodes, &PolicyKind::Ilp, &pods).unwrap();
+    let mut off = one_gpu_nodes.clone();
+    off.reservations.max_gpus = 0;
+    let without = simulate(&off, &PolicyKind::Ilp, &pods).unwrap();
+    assert!(
+        without.waits[8] > 3_900.0,
+        "the stream keeps node 1 busy: {}",
+        without.waits[8]
+    );
+    assert!(with.waits[8] < 500.0 + 10.0 + 30.0 + 10.0, "{}", with.waits[8]);
+    assert!(with.reservations >= 1 && without.reservations == 0);
+    assert_eq!(with.started, pods.len());
 }

@@ -645,6 +645,125 @@ pub async fn a_3g_pod_runs_after_a_repartition(
     node_name
 }
 
+/// `pod`, allowed only on `node`.
+pub fn only_on(mut pod: Pod, node: &str) -> Pod {
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.node_selector = Some([("kubernetes.io/hostname".to_string(), node.to_string())].into());
+    }
+    pod
+}
+
+/// Whether pod `default/name` is `Running`.
+pub async fn pod_running(client: &Client, name: &str) -> bool {
+    Api::<Pod>::namespaced(client.clone(), "default")
+        .get(name)
+        .await
+        .ok()
+        .and_then(|p| p.status?.phase)
+        .as_deref()
+        == Some("Running")
+}
+
+/// Reservations by attrition on the mig-manager backend, on two nodes of one H100 at seven 1g
+/// (`gpu-node-0`, `gpu-node-1`) with the controller at `controller` in auto mode: a 7g pod that no
+/// GPU can serve without evicting gets the GPU that should empty soonest (one pod, not two); its
+/// node is annotated and tainted so that nothing new lands there, and the plan, `explain`, Events
+/// and metrics say so; once that pod ends, the GPU is rebuilt for the 7g pod, which runs there
+/// within `secs`, and the reservation and its taint are gone.
+pub async fn a_large_pod_gets_a_reserved_gpu_and_runs_there(
+    admin: &Client,
+    controller: std::net::SocketAddr,
+    secs: u64,
+) {
+    use mig_protocol::{RESERVATIONS_ANNOTATION, RESERVED_TAINT};
+    for (name, node) in [("a", "gpu-node-0"), ("b", "gpu-node-0"), ("c", "gpu-node-1")] {
+        create_pod(admin, &only_on(mig_pod(name, "1g.10gb", "1"), node)).await;
+    }
+    eventually(secs, "the 1g pods run", || async {
+        pod_running(admin, "a").await && pod_running(admin, "b").await && pod_running(admin, "c").await
+    })
+    .await;
+    create_pod(admin, &mig_pod("big", "7g.80gb", "1")).await;
+    let api: Api<Node> = Api::all(admin.clone());
+    let reserved = |n: &Node| {
+        let taints = n.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+        (
+            n.annotations().get(RESERVATIONS_ANNOTATION).cloned(),
+            taints
+                .iter()
+                .any(|t| t.key == RESERVED_TAINT && t.effect == "NoSchedule"),
+        )
+    };
+    eventually(secs, "gpu-node-1 reserved for the 7g pod and tainted", || async {
+        let (note, tainted) = reserved(&api.get("gpu-node-1").await.unwrap());
+        note.is_some_and(|n| n.contains("default/big")) && tainted
+    })
+    .await;
+    assert_eq!(reserved(&api.get("gpu-node-0").await.unwrap()), (None, false));
+    let (_, p) = get_json(controller, "/api/v1/plan").await;
+    let r = &p["plan"]["reservations"][0];
+    assert_eq!(
+        (r["pod"].as_str(), r["node"].as_str()),
+        (Some("default/big"), Some("gpu-node-1")),
+        "{p:#}"
+    );
+    assert_eq!(r["waitingFor"], json!(["default/c"]));
+    let (_, e) = get_json(controller, "/api/v1/pods/default/big/explain").await;
+    assert!(
+        e["explanation"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("reserved for it: gpu-node-1/0 (7g.80gb@0)"),
+        "{e}"
+    );
+    // A new 1g pod that may only use the reserved node stays off it.
+    create_pod(admin, &only_on(mig_pod("late", "1g.10gb", "1"), "gpu-node-1")).await;
+    eventually(secs, "GpusReserved on the pod and the node", || async {
+        let ev = events(admin, "default").await;
+        ev.iter().any(|(w, r, _, _)| w == "big" && r == "GpusReserved")
+            && ev
+                .iter()
+                .any(|(w, r, _, _)| w == "gpu-node-1" && r == "GpusReserved")
+    })
+    .await;
+    let (_, scrape) = http(controller, "GET", "/metrics", b"").await;
+    assert_eq!(
+        sample(&scrape, "mig_autoscaler_reserved_gpus"),
+        Some(1.0),
+        "{scrape}"
+    );
+    assert!(!pod_running(admin, "late").await);
+
+    // The pod it waits for ends: the GPU is rebuilt for the 7g pod, which runs there.
+    Api::<Pod>::namespaced(admin.clone(), "default")
+        .delete("c", &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    eventually(secs, "the 7g pod runs on gpu-node-1", || async {
+        let pod = Api::<Pod>::namespaced(admin.clone(), "default")
+            .get("big")
+            .await
+            .unwrap();
+        pod_running(admin, "big").await && pod.spec.and_then(|s| s.node_name).as_deref() == Some("gpu-node-1")
+    })
+    .await;
+    eventually(secs, "the reservation and its taint are gone", || async {
+        reserved(&api.get("gpu-node-1").await.unwrap()) == (None, false)
+    })
+    .await;
+    assert!(
+        !pod_running(admin, "late").await,
+        "the 1g pod never took the room"
+    );
+    eventually(secs, "ReservationReleased", || async {
+        events(admin, "default")
+            .await
+            .iter()
+            .any(|(w, r, note, _)| w == "gpu-node-1" && r == "ReservationReleased" && note.contains("ready"))
+    })
+    .await;
+}
+
 /// Pod lifecycle as the real API server keeps it, which the emulator must keep alike (both tiers
 /// check it, with simulated kubelets running on `node`): a new pod is `Pending`; deleting a pod on
 /// no node removes it at once, grace period or not; deleting a bound pod only marks it terminating

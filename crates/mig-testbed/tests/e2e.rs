@@ -12,16 +12,6 @@ use mig_protocol::{GRANT_ANNOTATION, Grant};
 use mig_testbed::harness::*;
 use serde_json::json;
 
-async fn pod_running(client: &kube::Client, name: &str) -> bool {
-    Api::<Pod>::namespaced(client.clone(), "default")
-        .get(name)
-        .await
-        .ok()
-        .and_then(|p| p.status?.phase)
-        .as_deref()
-        == Some("Running")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_plans_explains_and_never_writes() {
     let env = env(nodes(2, 2, SEVEN_1G), AgentBehaviour::default()).await;
@@ -1148,4 +1138,13 @@ async fn simulated_nodes_as_api_clients_serve_the_whole_loop() {
     for t in tasks {
         t.abort();
     }
+}
+
+/// Reservations by attrition on the mig-manager backend, end to end (see the scenario).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_pod_gets_the_gpu_that_empties_first_and_nothing_else_lands_there() {
+    let env = env(nodes(2, 1, SEVEN_1G), AgentBehaviour::default()).await;
+    let c = controller(&env, fast_settings(Mode::Auto), "replica-a").await;
+    a_large_pod_gets_a_reserved_gpu_and_runs_there(&env.client, c.addr, 30).await;
+    c.stop().await;
 }

@@ -892,3 +892,30 @@ async fn the_nvml_backend_repartitions_around_a_running_pod_on_the_real_server()
     assert!(described.contains("ReconfigurationSucceeded"), "{described}");
     system.stop().await;
 }
+
+/// Issue 17: reservations by attrition on the real control plane: the controller's RBAC lets it
+/// annotate and taint the reserved node, the real kube-scheduler keeps new pods off it, and the
+/// 7g pod runs there once the GPU empties (the scenario in `mig_testbed::harness`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserved_node_takes_no_new_pods_from_kube_scheduler_until_its_large_pod_runs() {
+    use mig_testbed::harness::{
+        SEVEN_1G, SystemOnNodes, a_large_pod_gets_a_reserved_gpu_and_runs_there, nodes,
+    };
+
+    let Some(mut plane) = installed() else { return };
+    let cluster = simulated(&mut plane, nodes(2, 1, SEVEN_1G), false).await;
+    let admin = plane.admin();
+    let system = SystemOnNodes::start(
+        cluster.hardware.clone(),
+        cluster.agents.clone(),
+        controller_identity(&plane),
+        auto_settings(),
+    )
+    .await;
+    a_large_pod_gets_a_reserved_gpu_and_runs_there(&admin, system.controller.addr, 60).await;
+    let described = plane
+        .kubectl(&["describe", "pod", "big", "-n", "default"])
+        .unwrap();
+    assert!(described.contains("GpusReserved"), "{described}");
+    system.stop().await;
+}

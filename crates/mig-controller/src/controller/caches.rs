@@ -136,6 +136,7 @@ impl ControlLoop {
             }
         };
         let now = self.now();
+        self.read_back_reservations(&list.items);
         for n in list.items {
             let Some(g) = annotation::<Grant>(&n, GRANT_ANNOTATION) else {
                 continue;

@@ -45,6 +45,7 @@ impl ControlLoop {
         for command in sweep::sweep(&obs, &mut self.state.sweep, now, instant, limits) {
             self.carry_out(&obs, command).await;
         }
+        self.sync_reservations().await;
     }
 
     /// A reconfiguration ended: counted, noted among the recent actions, its cooldown started on
@@ -64,6 +65,10 @@ impl ControlLoop {
         // Plan afresh now rather than at the next batch or resync (each retry costs a taint and
         // two agent ticks, so this cannot spin).
         self.state.replan |= phase == Phase::Superseded;
+        // A reserved node whose change is made: the next plan finds its pod's instances and
+        // releases the reservation (on mig-manager its taint keeps that pod off until then).
+        self.state.replan |=
+            phase == Phase::Done && self.state.reservations.values().any(|(r, _)| r.node == node);
         // The agent announces the end on the Node (it owns the Reconfiguration* reasons).
         tracing::info!(node = %node, grant_id = %grant, phase = phase.as_str(), message = %message, "reconfiguration ended");
         let now = self.now();

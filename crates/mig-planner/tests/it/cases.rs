@@ -7,28 +7,28 @@ use mig_planner::{Backend, DrainPolicy, Plan, PodOutcome, Policy, Snapshot, Solv
 use crate::check::check_plan;
 use crate::fixtures::{gpu, node, pending, running};
 
-const A100: &str = "NVIDIA-A100-SXM4-80GB";
+pub(crate) const A100: &str = "NVIDIA-A100-SXM4-80GB";
 const H100: &str = "NVIDIA-H100-80GB-HBM3";
 const H200: &str = "NVIDIA-H200";
 
-fn run(s: &Snapshot, policy: &Policy) -> Plan {
+pub(crate) fn run(s: &Snapshot, policy: &Policy) -> Plan {
     let plan = mig_planner::plan(s, policy);
     check_plan(s, policy, &plan);
     plan
 }
 
-fn outcome<'a>(plan: &'a Plan, name: &str) -> &'a PodOutcome {
+pub(crate) fn outcome<'a>(plan: &'a Plan, name: &str) -> &'a PodOutcome {
     &plan.pods.iter().find(|p| p.name == name).unwrap().outcome
 }
 
-fn waits(plan: &Plan, name: &str) -> String {
+pub(crate) fn waits(plan: &Plan, name: &str) -> String {
     match outcome(plan, name) {
         PodOutcome::Waits { reason } => reason.clone(),
         other => panic!("{name} fits: {other:?}\n{}", plan.render_table()),
     }
 }
 
-fn fits_on(plan: &Plan, name: &str) -> String {
+pub(crate) fn fits_on(plan: &Plan, name: &str) -> String {
     match outcome(plan, name) {
         PodOutcome::Fits { node, .. } => node.clone(),
         other => panic!("{name} waits: {other:?}\n{}", plan.render_table()),

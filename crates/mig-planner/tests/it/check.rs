@@ -185,11 +185,72 @@ pub fn check_plan(snapshot: &Snapshot, policy: &Policy, plan: &Plan) {
             assert!(snapshot.nodes.iter().any(|x| &x.name == n));
         }
     }
-    // No gratuitous change: a changed GPU hosts a placed pending pod or an evicted pod placed again.
+    // Reservations: within the bounds, for pods that still wait, on GPUs nobody else is placed on,
+    // and nothing placed on their nodes but their owners and pods of higher priority.
+    let rp = &policy.reservations;
+    let reserved: BTreeSet<(String, u32)> = plan
+        .reservations
+        .iter()
+        .flat_map(|r| r.gpus.iter().map(|g| (r.node.clone(), g.gpu)))
+        .collect();
+    let held: usize = plan.reservations.iter().map(|r| r.gpus.len()).sum();
+    assert_eq!(held, reserved.len(), "a GPU reserved twice");
+    assert!(
+        held <= rp.max_gpus as usize,
+        "{held} reserved GPUs > {}",
+        rp.max_gpus
+    );
+    let held_nodes: BTreeSet<&str> = plan.reservations.iter().map(|r| r.node.as_str()).collect();
+    assert!(held_nodes.len() <= rp.max_nodes as usize);
+    for r in &plan.reservations {
+        let owner = plan
+            .pods
+            .iter()
+            .find(|p| format!("{}/{}", p.namespace, p.name) == r.pod)
+            .unwrap_or_else(|| panic!("reservation for {} which is not pending", r.pod));
+        // Placed, it holds only on its node until the change that makes its instances.
+        assert!(
+            match &owner.outcome {
+                PodOutcome::Waits { .. } => true,
+                PodOutcome::Fits {
+                    node,
+                    needs_repartition,
+                    ..
+                } => node == &r.node && *needs_repartition,
+            },
+            "{} is placed and still holds a reservation",
+            r.pod
+        );
+        for other in &plan.pods {
+            if let PodOutcome::Fits { node, .. } = &other.outcome {
+                assert!(
+                    node != &r.node
+                        || other.priority > r.priority
+                        || format!("{}/{}", other.namespace, other.name) == r.pod,
+                    "{}/{} placed on {} reserved for {}",
+                    other.namespace,
+                    other.name,
+                    r.node,
+                    r.pod
+                );
+            }
+        }
+    }
+    // No gratuitous change: a changed GPU hosts a placed pending pod or an evicted pod placed again,
+    // or is a reserved GPU (nvml) that only loses free instances.
     for g in plan.gpus.iter().filter(|g| g.changed) {
         let hosts_pending = hosting.contains(&(g.node.clone(), g.index));
+        let withdraws = policy.backend == Backend::Nvml && reserved.contains(&(g.node.clone(), g.index)) && {
+            let model = catalog.model(&g.model).unwrap();
+            let (actual, target) = (
+                model.parse_layout(&g.actual).unwrap(),
+                model.parse_layout(&g.target).unwrap(),
+            );
+            let (busy, _) = busy_layout(snapshot, &g.node, g.index);
+            actual.contains_all(&target) && target.contains_all(&busy) && target.len() < actual.len()
+        };
         assert!(
-            hosts_pending || !plan.evictions.is_empty(),
+            hosts_pending || withdraws || !plan.evictions.is_empty(),
             "GPU {}/{} changes for nothing",
             g.node,
             g.index

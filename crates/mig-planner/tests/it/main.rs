@@ -7,4 +7,5 @@ mod cases;
 mod check;
 mod fixtures;
 mod invariants;
+mod reservations;
 mod schema;
