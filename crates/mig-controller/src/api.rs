@@ -124,6 +124,11 @@ async fn post_plan(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Res
     if solver.mip_gap.is_nan() || solver.mip_gap < own.mip_gap {
         solver.mip_gap = own.mip_gap;
     }
+    // Nor reserves more (each reservation considered costs a pass over the pods and nodes).
+    let own = &s.settings.planner.reservations;
+    let reserve = &mut snapshot.policy.reservations;
+    reserve.max_gpus = reserve.max_gpus.min(own.max_gpus);
+    reserve.max_nodes = reserve.max_nodes.min(own.max_nodes);
     if let Some(program) = s.settings.http.what_if_program.clone() {
         // The slot goes with this future: when the request ends, the child is killed and the slot
         // is free at once.

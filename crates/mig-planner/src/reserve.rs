@@ -123,6 +123,11 @@ pub(crate) fn read_holds(
         .enumerate()
         .map(|(i, p)| (p.key(), i))
         .collect();
+    let node_index: HashMap<&str, usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.as_str(), i))
+        .collect();
     let mut taken: BTreeSet<usize> = BTreeSet::new();
     let mut held_nodes: BTreeSet<usize> = BTreeSet::new();
     for r in &snapshot.reservations {
@@ -130,16 +135,24 @@ pub(crate) fn read_holds(
             if rp.max_gpus == 0 {
                 return Err("reservations are off (policy reservations.maxGpus is 0)".into());
             }
+            if r.gpus.is_empty() {
+                return Err("it names no GPU".into());
+            }
+            // The bounds first: however many reservations a snapshot carries, at most `maxGpus`
+            // GPUs' worth are looked at further.
+            if taken.len() + r.gpus.len() > rp.max_gpus as usize {
+                return Err(format!(
+                    "over the reservation bounds (reservations.maxGpus {}, maxNodes {})",
+                    rp.max_gpus, rp.max_nodes
+                ));
+            }
             let pi = *pending
                 .get(&r.pod)
                 .ok_or("its pod is no longer pending (bound, deleted or evicted)")?;
             if holds.iter().any(|h| h.pod == r.pod) {
                 return Err("the pod already holds another reservation".into());
             }
-            let ni = nodes
-                .iter()
-                .position(|n| n.name == r.node)
-                .ok_or("the node is gone")?;
+            let ni = *node_index.get(r.node.as_str()).ok_or("the node is gone")?;
             let node = &nodes[ni];
             if let Some(why) = &snapshot.nodes[ni].unobserved {
                 return Err(format!("the node's GPUs are not observed ({why})"));
@@ -169,9 +182,6 @@ pub(crate) fn read_holds(
                     owner.priority
                 ));
             }
-            if r.gpus.is_empty() {
-                return Err("it names no GPU".into());
-            }
             let mut held = Vec::new();
             for ri in &r.gpus {
                 let g = node
@@ -193,21 +203,18 @@ pub(crate) fn read_holds(
                     .ok_or_else(|| {
                         format!("{}@{} is not a placement on {}", ri.profile, ri.start, model.key)
                     })?;
-                if !taken.insert(g) {
-                    return Err(format!("GPU {} is already reserved for another pod", ri.gpu));
+                if taken.contains(&g) || held.iter().any(|(h, _)| *h == g) {
+                    return Err(format!("GPU {} is already reserved", ri.gpu));
                 }
                 held.push((g, region));
             }
-            let over_nodes = !held_nodes.contains(&ni) && held_nodes.len() >= rp.max_nodes as usize;
-            if taken.len() > rp.max_gpus as usize || over_nodes {
-                for (g, _) in &held {
-                    taken.remove(g);
-                }
+            if !held_nodes.contains(&ni) && held_nodes.len() >= rp.max_nodes as usize {
                 return Err(format!(
                     "over the reservation bounds (reservations.maxGpus {}, maxNodes {})",
                     rp.max_gpus, rp.max_nodes
                 ));
             }
+            taken.extend(held.iter().map(|(g, _)| *g));
             held_nodes.insert(ni);
             Ok(Hold {
                 pod: r.pod.clone(),
@@ -372,12 +379,19 @@ pub(crate) fn settle(p: &Problem<'_>, snapshot: &Snapshot, o: &Outcome) -> Reser
     let mut reserved: BTreeSet<usize> = kept.iter().flat_map(|k| k.gpus.iter().map(|(g, _)| *g)).collect();
     let mut nodes: BTreeSet<usize> = kept.iter().map(|k| k.node).collect();
     let holders: BTreeSet<usize> = p.holds.iter().map(|h| h.pending).collect();
+    // Each try looks at every GPU of the pod's nodes: the first few candidates in the plan's order
+    // are tried, not every waiting pod of a large fleet.
+    let mut tries = 2 * rp.max_gpus as usize;
     for d in p.demand_order() {
         let dm = &p.demands[d];
         let Some(pi) = dm.pending else { continue };
         if o.placed[d].is_some() || holders.contains(&pi) || dm.size(p) < rp.min_memory_slices {
             continue;
         }
+        if tries == 0 {
+            break;
+        }
+        tries -= 1;
         let regions: usize = dm.req.iter().map(|(_, n)| usize::from(*n)).sum();
         if reserved.len() + regions > rp.max_gpus as usize {
             continue;

@@ -244,6 +244,27 @@ fn reservations_end_with_their_pod_node_or_age_and_stay_within_bounds() {
         age_seconds: 0,
     }];
     assert!(released(&hostile).contains("not a placement"));
+    hostile.reservations[0].gpus = vec![
+        ReservedInstance {
+            gpu: 1,
+            profile: "7g.80gb".into(),
+            start: 0,
+        };
+        2
+    ];
+    assert!(released(&hostile).contains("already reserved"));
+    // A flood: each is looked at only within the bounds, and all of them end.
+    hostile.reservations = (0..20_000)
+        .map(|i| Reservation {
+            pod: "ml/big".into(),
+            node: format!("n{i}"),
+            gpus: vec![ReservedInstance::default()],
+            age_seconds: 0,
+        })
+        .collect();
+    let plan = run(&hostile, &nvml());
+    assert_eq!(plan.released.len(), 20_000);
+    assert!(plan.released.iter().all(|r| !r.reason.is_empty()));
 
     // Bounds: one GPU at most, two big pods: one reservation.
     let mut two = s.clone();
