@@ -1,5 +1,6 @@
 //! Times one plan on a synthetic fleet: `cargo run --release -p mig-planner --example time_plan -- GPUS PODS`.
-//! Environment: `SOLVER` (highs, microlp, greedy), `MIP_GAP`, `EXACT_NODE_LIMIT`, `SEED` (default 7).
+//! Environment: `SOLVER` (highs, microlp, greedy), `MIP_GAP`, `EXACT_NODE_LIMIT`, `SEED` (default 7),
+//! `RESERVE_MAX_GPUS` (reservations by attrition; 0: none).
 
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
@@ -27,6 +28,9 @@ fn main() {
     if let Ok(l) = std::env::var("EXACT_NODE_LIMIT") {
         s.policy.solver.exact_node_limit = l.parse().unwrap_or(s.policy.solver.exact_node_limit);
     }
+    if let Ok(r) = std::env::var("RESERVE_MAX_GPUS") {
+        s.policy.reservations.max_gpus = r.parse().unwrap_or(s.policy.reservations.max_gpus);
+    }
     println!(
         "{} GPUs, {} pending, {:.0}% of slices in use",
         gpus,
@@ -42,7 +46,7 @@ fn main() {
             .filter(|x| matches!(x.outcome, mig_planner::PodOutcome::Fits { .. }))
             .count();
         println!(
-            "{:>8.1} ms  solver {} {} ({} vars, {} classes, ilp {:.1} ms)  placed {placed}  gpus changed {}  score {:.0} greedy {:.0}",
+            "{:>8.1} ms  solver {} {} ({} vars, {} classes, ilp {:.1} ms)  placed {placed}  gpus changed {}  score {:.0} greedy {:.0}  reserved {}",
             t.elapsed().as_secs_f64() * 1000.0,
             p.solver.used,
             p.solver.status,
@@ -51,7 +55,8 @@ fn main() {
             p.solver.solver_millis,
             p.disruption.gpus_changed,
             p.solver.score,
-            p.solver.greedy_score
+            p.solver.greedy_score,
+            p.reservations.len()
         );
         if let Some(why) = &p.solver.fallback_reason {
             println!("          fallback: {why}");

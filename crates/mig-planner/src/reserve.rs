@@ -267,6 +267,10 @@ pub(crate) fn frozen_gpus(
 /// first), then the latest declared end, then the youngest pod's running time (longer first).
 type Soonness = (usize, u64, std::cmp::Reverse<u64>);
 
+/// How soon a node's reserved regions should all be free: the latest GPU's soonness, then how many
+/// GPUs still have to empty (fewer first).
+type NodeSoonness = (Soonness, usize);
+
 /// The soonness of a region no pod uses.
 const FREE: Soonness = (0, 0, std::cmp::Reverse(u64::MAX));
 
@@ -396,7 +400,7 @@ pub(crate) fn settle(p: &Problem<'_>, snapshot: &Snapshot, o: &Outcome) -> Reser
         if reserved.len() + regions > rp.max_gpus as usize {
             continue;
         }
-        let mut best: Option<(Soonness, usize, Regions)> = None;
+        let mut best: Option<(NodeSoonness, usize, Regions)> = None;
         for g in &dm.groups {
             for &n in &p.groups[*g].nodes {
                 let info = &p.nodes[n];
@@ -502,7 +506,7 @@ fn pick_on_node(
     n: usize,
     req: &[(usize, u16)],
     reserved: &BTreeSet<usize>,
-) -> Option<(Soonness, Regions)> {
+) -> Option<(NodeSoonness, Regions)> {
     let backend = p.policy.backend;
     let mut free: Vec<usize> = p.nodes[n]
         .gpus
@@ -512,6 +516,7 @@ fn pick_on_node(
         .collect();
     let mut picked = Vec::new();
     let mut worst: Option<Soonness> = None;
+    let mut free_already = 0;
     // A region already free is the best there is; but a request whose regions are all free has
     // nothing to wait for (it waits for another reason: a budget, say).
     let mut waits_for_some = false;
@@ -538,11 +543,13 @@ fn pick_on_node(
             }
             let (key, g, region) = best?;
             waits_for_some |= key != FREE;
+            free_already += usize::from(key == FREE);
             free.retain(|x| *x != g);
             picked.push((g, region));
             worst = Some(worst.map_or(key, |w| w.max(key)));
         }
     }
     waits_for_some.then_some(())?;
-    Some((worst?, picked))
+    let to_empty = picked.len() - free_already;
+    Some(((worst?, to_empty), picked))
 }

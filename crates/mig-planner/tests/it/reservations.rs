@@ -293,3 +293,50 @@ fn the_table_lists_reservations_and_releases() {
         "{table}"
     );
 }
+
+/// A gang (8 × 7g, one node) is planned as a unit and, when it cannot be placed, reserves a whole
+/// node: the one whose last busy GPU should empty soonest, its idle GPUs included (they are kept
+/// idle for it), within the GPU bound.
+#[test]
+fn a_gang_reserves_a_whole_node() {
+    let node_of = |name: &str, busy: &[(u32, &'static str, u64)]| {
+        let gpus = (0..8)
+            .map(|i| match busy.iter().find(|(g, _, _)| *g == i) {
+                Some((_, pod, _)) => gpu(i, A100, &[("1g.10gb", 0, Some(pod))]),
+                None => gpu(i, A100, &[]),
+            })
+            .collect();
+        node(name, &[], gpus)
+    };
+    let a_pods: Vec<(u32, &str, u64)> = vec![
+        (0, "ml/a0", 60),
+        (1, "ml/a1", 60),
+        (2, "ml/a2", 60),
+        (3, "ml/a3", 60),
+        (4, "ml/a4", 60),
+        (5, "ml/a5", 60),
+        (6, "ml/a6", 60),
+        (7, "ml/a7", 60),
+    ];
+    let b_pods: Vec<(u32, &str, u64)> = vec![(3, "ml/b3", 60)];
+    let s = Snapshot {
+        nodes: vec![node_of("a", &a_pods), node_of("b", &b_pods)],
+        pending_pods: vec![pending("gang", 0, &[("7g.80gb", 8)])],
+        running_pods: a_pods
+            .iter()
+            .chain(&b_pods)
+            .map(|(_, p, t)| aged(p, *t))
+            .collect(),
+        ..Default::default()
+    };
+    let plan = run(&s, &Policy::default());
+    assert_eq!(plan.reservations.len(), 1, "{}", plan.render_table());
+    let r = &plan.reservations[0];
+    assert_eq!(r.node, "b");
+    assert_eq!(r.gpus.len(), 8);
+    assert_eq!(r.waiting_for, ["ml/b3"]);
+    // Seven GPUs are too few.
+    let mut small = Policy::default();
+    small.reservations.max_gpus = 7;
+    assert!(run(&s, &small).reservations.is_empty());
+}
