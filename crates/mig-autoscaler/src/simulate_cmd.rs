@@ -354,19 +354,31 @@ fn slow_path(config: &SimConfig, pods: &[TracePod], scale: f64) -> Result<Report
             .filter(|l| {
                 l.starts_with("mig_autoscaler_decisions_total{")
                     || l.starts_with("mig_autoscaler_reconfigurations_total{")
+                    || l.starts_with("mig_autoscaler_reservations_total{")
             })
             .filter(|l| l.rsplit(' ').next().is_some_and(|v| v != "0"))
             .map(|l| l.trim_start_matches("mig_autoscaler_").to_string())
             .collect();
         eprintln!("system: {}", counters.join(", "));
+        let made = system
+            .controller
+            .shared
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix("mig_autoscaler_reservations_total{event=\"made\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
         system.stop().await;
-        Ok(report_from_starts(
+        let mut report = report_from_starts(
             "system",
             config,
             pods,
             &seen.starts,
             seen.end,
             seen.reconfigurations,
-        )?)
+        )?;
+        report.reservations = made as usize;
+        Ok(report)
     })
 }

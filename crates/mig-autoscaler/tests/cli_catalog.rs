@@ -578,9 +578,16 @@ fn simulate_slow_and_fast_paths_agree_on_a_small_trace() {
         let (fast, slow) = (row("ilp"), row("system"));
         assert_eq!(slow[2], fast[2], "{backend} started: {stdout}");
         assert_eq!(slow[2], slow[1], "{backend}: every pod starts: {stdout}");
+        // Reservations (made and expired on each path's own clock) make the paths diverge more
+        // than ticks alone: within 2 GPUs or a quarter.
         assert!(
-            slow[9] >= 1.0 && (slow[9] - fast[9]).abs() <= 2.0,
+            slow[9] >= 1.0 && (slow[9] - fast[9]).abs() <= (fast[9] / 4.0).max(2.0),
             "{backend} reconfigurations: {stdout}"
+        );
+        // Both paths reserve on this trace (reservations made).
+        assert!(
+            fast[15] >= 1.0 && slow[15] >= 1.0,
+            "{backend} reservations: {stdout}"
         );
         let ratio = slow[6] / fast[6];
         assert!(

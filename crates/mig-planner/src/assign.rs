@@ -28,9 +28,6 @@ pub(crate) struct Outcome {
     pub placed: Vec<Placement>,
     /// Nodes whose changes were dropped to honour the node budget (aggregated model).
     pub budget_reverted: BTreeSet<usize>,
-    /// Reserved GPUs (nvml) whose free instances in a kept region are removed: GPU → the layout
-    /// without them. Set once the outcome is final; not part of how outcomes compare.
-    pub withhold: std::collections::BTreeMap<usize, mig_catalog::Layout>,
 }
 
 /// Free instances per GPU under the current options, minus what is already taken.
@@ -251,7 +248,6 @@ pub(crate) fn realise(p: &Problem<'_>, decision: &Decision) -> Outcome {
                 option,
                 placed,
                 budget_reverted,
-                withhold: Default::default(),
             };
         }
         for g in idle_changes {

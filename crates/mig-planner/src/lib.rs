@@ -183,7 +183,6 @@ pub fn plan_with(catalog: &Catalog, snapshot: &Snapshot, policy: &Policy) -> Pla
         }
     }
     let reservations = reserve::settle(&p, snapshot, &outcome);
-    outcome.withhold = reservations.withhold.clone();
     let mut plan = Plan::build(plan::Context {
         p: &p,
         snapshot,

@@ -349,19 +349,13 @@ pub(crate) fn score(p: &Problem<'_>, o: &Outcome) -> Score {
     }
     Score {
         tiers,
-        total: total - disruption_of(p, o, false).cost,
+        total: total - disruption(p, o).cost,
     }
 }
 
-/// The plan's disruption, reservations' withdrawn instances included.
 fn disruption(p: &Problem<'_>, o: &Outcome) -> Disruption {
-    disruption_of(p, o, true)
-}
-
-/// Disruption of the options chosen, and of the withdrawn instances when `withheld`.
-fn disruption_of(p: &Problem<'_>, o: &Outcome, withheld: bool) -> Disruption {
     let changed: Vec<usize> = (0..p.gpus.len())
-        .filter(|g| p.gpus[*g].options[o.option[*g]].changed || withheld && o.withhold.contains_key(g))
+        .filter(|g| p.gpus[*g].options[o.option[*g]].changed)
         .collect();
     let nodes: BTreeSet<usize> = changed.iter().map(|g| p.gpus[*g].node).collect();
     let evictions = (0..p.gpus.len())
@@ -370,10 +364,7 @@ fn disruption_of(p: &Problem<'_>, o: &Outcome, withheld: bool) -> Disruption {
         .sum();
     let cost = changed
         .iter()
-        .map(|g| match o.withhold.contains_key(g) {
-            true => weights::CHANGE_GPU + weights::TOUCH_BUSY_GPU,
-            false => p.gpus[*g].options[o.option[*g]].cost,
-        })
+        .map(|g| p.gpus[*g].options[o.option[*g]].cost)
         .sum::<f64>()
         + weights::CHANGE_NODE * nodes.len() as f64;
     Disruption {
@@ -391,9 +382,7 @@ fn targets(p: &Problem<'_>, o: &Outcome, warnings: &mut Vec<Warning>) -> Vec<Lay
         .enumerate()
         .map(|(g, gs)| {
             let opt = &gs.options[o.option[g]];
-            let layout = if let Some(kept) = o.withhold.get(&g) {
-                Ok(kept.clone())
-            } else if !opt.changed {
+            let layout = if !opt.changed {
                 Ok(gs.actual.clone())
             } else if opt.drain {
                 gs.model.arrange(&opt.counts)
@@ -480,9 +469,9 @@ impl Plan {
     }
 }
 
-/// Whether GPU `g` changes under outcome `o` (a reserved GPU losing free instances included).
+/// Whether GPU `g` changes under outcome `o`.
 fn changes(p: &Problem<'_>, o: &Outcome, g: usize) -> bool {
-    p.gpus[g].options[o.option[g]].changed || o.withhold.contains_key(&g)
+    p.gpus[g].options[o.option[g]].changed
 }
 
 /// A waiting pod that holds a reservation is told where and what it waits for.
@@ -498,7 +487,7 @@ fn note_reservations(pods: &mut [PodPlan], holding: &[PlannedReservation]) {
             let gpus: Vec<String> = r
                 .gpus
                 .iter()
-                .map(|g| format!("{}/{} ({}@{})", r.node, g.gpu, g.profile, g.start))
+                .map(|g| format!("{}/{} ({g})", r.node, g.gpu))
                 .collect();
             let _ = write!(
                 reason,
@@ -570,20 +559,6 @@ fn gpu_plans(p: &Problem<'_>, o: &Outcome, targets: &[Layout], placements: &Plac
         .enumerate()
         .map(|(g, gs)| {
             let opt = &gs.options[o.option[g]];
-            if o.withhold.contains_key(&g) {
-                return GpuPlan {
-                    node: p.nodes[gs.node].name.clone(),
-                    index: gs.index,
-                    model: gs.model.key.clone(),
-                    actual: gs.model.format_layout(&gs.actual),
-                    target: gs.model.format_layout(&targets[g]),
-                    changed: true,
-                    drained: false,
-                    reason: Some(
-                        "withdraws free instances from the region reserved for a waiting pod".into(),
-                    ),
-                };
-            }
             GpuPlan {
                 node: p.nodes[gs.node].name.clone(),
                 index: gs.index,
@@ -995,11 +970,7 @@ impl Plan {
         if !self.reservations.is_empty() || !self.released.is_empty() {
             let _ = writeln!(s, "\nRESERVATIONS");
             for r in &self.reservations {
-                let gpus: Vec<String> = r
-                    .gpus
-                    .iter()
-                    .map(|g| format!("gpu{}:{}@{}", g.gpu, g.profile, g.start))
-                    .collect();
+                let gpus: Vec<String> = r.gpus.iter().map(|g| format!("gpu{}:{g}", g.gpu)).collect();
                 let _ = writeln!(
                     s,
                     "  {} on {} [{}]{}: waits for {}",

@@ -6,13 +6,15 @@
 //! `Snapshot::reservations`. While it holds,
 //! - no pod of its owner's priority or lower, other than the owner, is planned onto its node (the
 //!   node is its own capacity group, left out of those pods' groups);
-//! - its GPUs are not changed for anyone while the region kept for the owner is still in use, and on
-//!   the nvml backend their free instances that overlap that region are removed (a change of layout
-//!   that keeps every other instance where it is), so the device plugin stops offering them;
-//! - on the mig-manager backend the caller keeps new pods off the node (a NoSchedule taint).
+//! - its GPUs are not changed for anyone while the region kept for the owner is still in use;
+//! - the caller keeps new pods off the node (the controller's NoSchedule taint), on both backends:
+//!   on nvml, withdrawing the free instances of a reserved GPU was tried and lost the race: an
+//!   instance freed when a pod ends is offered at once, and a waiting pod took it before the next
+//!   plan could withdraw it (e2e `on_nvml_a_reserved_node_takes_no_new_pods_until_its_large_pod_runs`, before the taint).
 //!
-//! It ends when the owner is placed, is no longer pending, its node or GPUs go, a pending pod of
-//! higher priority may use the node, or it reaches the policy's maximum age.
+//! It ends when the owner is placed elsewhere or its instances exist, it is no longer pending, its
+//! node or GPUs go, a pending pod of higher priority may use the node, or it reaches the policy's
+//! maximum age.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -326,12 +328,10 @@ impl<'a> Kept<'a> {
 pub(crate) struct Reservations {
     pub holding: Vec<PlannedReservation>,
     pub released: Vec<ReleasedReservation>,
-    /// nvml backend: GPU → its layout without the free instances in kept regions.
-    pub withhold: BTreeMap<usize, Layout>,
 }
 
-/// After the outcome is final: which holds end (their owner is placed), which new ones are made
-/// for large pods that still wait, and, on nvml, which free instances are withdrawn.
+/// After the outcome is final: which holds end (their owner is placed or gone), and which new
+/// ones are made for large pods that still wait.
 pub(crate) fn settle(p: &Problem<'_>, snapshot: &Snapshot, o: &Outcome) -> Reservations {
     let rp = &p.policy.reservations;
     let backend = p.policy.backend;
@@ -432,16 +432,6 @@ pub(crate) fn settle(p: &Problem<'_>, snapshot: &Snapshot, o: &Outcome) -> Reser
             });
         }
     }
-    // Withdrawing instances changes a node: within the node budget.
-    let mut changed_nodes: BTreeSet<usize> = (0..p.gpus.len())
-        .filter(|g| p.gpus[*g].options[o.option[*g]].changed)
-        .map(|g| p.gpus[g].node)
-        .collect();
-    let budget = p
-        .policy
-        .budgets
-        .max_nodes_changed
-        .map_or(usize::MAX, |b| b as usize);
     for Kept {
         node: n,
         gpus: held,
@@ -452,29 +442,8 @@ pub(crate) fn settle(p: &Problem<'_>, snapshot: &Snapshot, o: &Outcome) -> Reser
     } in kept
     {
         let mut waiting: BTreeSet<String> = BTreeSet::new();
-        let may_change = changed_nodes.contains(&n) || changed_nodes.len() < budget;
         for (g, region) in &held {
-            let gs = &p.gpus[*g];
-            waiting.extend(blocking(snapshot, gs, region, backend));
-            let hosts = o
-                .placed
-                .iter()
-                .flatten()
-                .any(|(_, t)| t.iter().any(|(h, _, _)| h == g));
-            if backend == Backend::Nvml && may_change && !hosts {
-                let mask = gs.model.instance_mask(region);
-                let kept_instances: Layout = gs
-                    .actual
-                    .instances()
-                    .iter()
-                    .filter(|i| gs.busy.contains(i) || gs.model.instance_mask(i) & mask == 0)
-                    .copied()
-                    .collect();
-                if kept_instances.len() < gs.actual.len() && !p.gpus[*g].options[o.option[*g]].changed {
-                    out.withhold.insert(*g, kept_instances);
-                    changed_nodes.insert(n);
-                }
-            }
+            waiting.extend(blocking(snapshot, &p.gpus[*g], region, backend));
         }
         out.holding.push(PlannedReservation {
             pod: pod.to_string(),

@@ -67,6 +67,13 @@ pub struct ReservedInstance {
     pub start: u8,
 }
 
+impl std::fmt::Display for ReservedInstance {
+    /// `7g.80gb@0`: the kept instance (its GPU is said by whoever prints it).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.profile, self.start)
+    }
+}
+
 /// A Kubernetes node.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

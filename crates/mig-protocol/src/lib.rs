@@ -38,9 +38,8 @@ pub const STATE_ANNOTATION: &str = "mig-autoscaler.io/state";
 pub const TAINT_KEY: &str = mig_planner::RECONFIGURING_TAINT;
 /// Node annotation: the controller's [`NodeReservation`]s on the node (a JSON list).
 pub const RESERVATIONS_ANNOTATION: &str = "mig-autoscaler.io/reservations";
-/// Our NoSchedule taint on a node holding a reservation, on the mig-manager backend: no new pod
-/// lands there until the pods using the reserved GPUs finish (the controller adds and removes it;
-/// the agent may not touch it).
+/// Our NoSchedule taint on a node holding a reservation: no new pod lands there until the pods
+/// using the reserved GPUs finish (the controller adds and removes it; the agent may not touch it).
 pub const RESERVED_TAINT: &str = "mig-autoscaler.io/reserved";
 /// Pod annotation: `"true"` means never evict this pod.
 pub const DO_NOT_DISRUPT: &str = "mig-autoscaler.io/do-not-disrupt";

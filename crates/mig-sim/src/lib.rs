@@ -16,10 +16,9 @@
 //! policy `never`), so nothing is evicted.
 //!
 //! Reservations by attrition are modelled as the system runs them: the planner's reservations are
-//! carried from plan to plan (with their age); on mig-manager the scheduler binds nothing on a
-//! reserved node (the controller's NoSchedule taint), on nvml the planner's withdrawal of free
-//! instances is a change like any other, and an instance freed on a reserved GPU is open to the
-//! scheduler until the next plan withdraws it, as in the cluster.
+//! carried from plan to plan (with their age), and the scheduler binds nothing on a reserved node
+//! (the controller's NoSchedule taint, on both backends) until the plan that finds the reserved
+//! pod's instances releases it.
 
 pub mod demand_sets;
 pub mod inflation;
@@ -118,8 +117,7 @@ pub struct Report {
     pub lost_slice_hours: f64,
     /// Reservations made.
     pub reservations: usize,
-    /// Time-average of GPUs earmarked by reservations (on mig-manager a reserved node takes no new
-    /// pods at all).
+    /// Time-average of GPUs earmarked by reservations (a reserved node takes no new pods at all).
     pub reserved_gpus: f64,
 }
 
@@ -337,14 +335,11 @@ pub fn simulate(config: &SimConfig, policy: &PolicyKind, pods: &[TracePod]) -> R
                 }
             }
         }
-        // Schedule: first-fit, arrival order; on mig-manager nothing lands on a reserved node.
-        let tainted: Vec<usize> = match config.backend {
-            Backend::MigManager => reserved
-                .iter()
-                .filter_map(|(r, _)| r.node.strip_prefix("node-")?.parse().ok())
-                .collect(),
-            Backend::Nvml => Vec::new(),
-        };
+        // Schedule: first-fit, arrival order; nothing lands on a reserved node.
+        let tainted: Vec<usize> = reserved
+            .iter()
+            .filter_map(|(r, _)| r.node.strip_prefix("node-")?.parse().ok())
+            .collect();
         for (i, taken) in first_fit(model, policy, &mut gpus, pods, &mut pending, &tainted) {
             holding.insert(i, taken);
             started[i].get_or_insert(t);

@@ -664,12 +664,13 @@ pub async fn pod_running(client: &Client, name: &str) -> bool {
         == Some("Running")
 }
 
-/// Reservations by attrition on the mig-manager backend, on two nodes of one H100 at seven 1g
-/// (`gpu-node-0`, `gpu-node-1`) with the controller at `controller` in auto mode: a 7g pod that no
-/// GPU can serve without evicting gets the GPU that should empty soonest (one pod, not two); its
-/// node is annotated and tainted so that nothing new lands there, and the plan, `explain`, Events
-/// and metrics say so; once that pod ends, the GPU is rebuilt for the 7g pod, which runs there
-/// within `secs`, and the reservation and its taint are gone.
+/// Reservations by attrition, on two nodes of one H100 at seven 1g (`gpu-node-0`, `gpu-node-1`)
+/// with the controller at `controller` in auto mode (either backend): a 7g pod that no GPU can
+/// serve without evicting gets the GPU that should empty soonest (one pod, not two); its node is
+/// annotated and tainted so that nothing new lands there, and the plan, `explain`, Events and
+/// metrics say so; once that pod ends (a 1g pod that may only use that node waits meanwhile, and
+/// does not take the freed instance), the GPU is rebuilt for the 7g pod, which runs there within
+/// `secs`, and the reservation and its taint are gone.
 pub async fn a_large_pod_gets_a_reserved_gpu_and_runs_there(
     admin: &Client,
     controller: std::net::SocketAddr,

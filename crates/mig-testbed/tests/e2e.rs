@@ -1148,3 +1148,138 @@ async fn a_large_pod_gets_the_gpu_that_empties_first_and_nothing_else_lands_ther
     a_large_pod_gets_a_reserved_gpu_and_runs_there(&env.client, c.addr, 30).await;
     c.stop().await;
 }
+
+/// Reservations survive a change of leader and are swept when stale: a reservation and its taint
+/// left on a node for a pod that no longer exists (a crash, an old controller) are removed by the
+/// first leader; a reservation made by one leader is read back by the next, which keeps its age
+/// and does not announce it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_are_read_back_by_a_new_leader_and_stale_ones_swept() {
+    use mig_protocol::{RESERVATIONS_ANNOTATION, RESERVED_TAINT};
+    let env = env(nodes(2, 1, SEVEN_1G), AgentBehaviour::default()).await;
+    for (name, node) in [("a", "gpu-node-0"), ("c", "gpu-node-1")] {
+        create_pod(&env.client, &only_on(mig_pod(name, "1g.10gb", "1"), node)).await;
+    }
+    eventually(10, "the 1g pods run", || async {
+        pod_running(&env.client, "a").await && pod_running(&env.client, "c").await
+    })
+    .await;
+    let api: Api<Node> = Api::all(env.client.clone());
+    let stale = json!([{"pod": "default/ghost", "gpus": [{"gpu": 0, "profile": "7g.80gb", "start": 0}], "since": "2026-01-01T00:00:00Z"}]);
+    api.patch(
+        "gpu-node-0",
+        &PatchParams::default(),
+        &Patch::Merge(json!({
+            "metadata": {"annotations": {RESERVATIONS_ANNOTATION: stale.to_string()}},
+            "spec": {"taints": [
+                {"key": RESERVED_TAINT, "value": "attrition", "effect": "NoSchedule"},
+                {"key": "example.com/maintenance", "value": "true", "effect": "NoSchedule"}]},
+        })),
+    )
+    .await
+    .unwrap();
+    let mut s = fast_settings(Mode::Auto);
+    s.lease.duration = mig_controller::settings::Dur::secs(30);
+    let a = controller(&env, s.clone(), "replica-a").await;
+    let taint_keys = |n: &Node| -> Vec<String> {
+        n.spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| t.key)
+            .collect()
+    };
+    eventually(10, "the stale reservation and its taint are gone", || async {
+        let n0 = api.get("gpu-node-0").await.unwrap();
+        !n0.annotations().contains_key(RESERVATIONS_ANNOTATION)
+            && taint_keys(&n0) == vec!["example.com/maintenance".to_string()]
+    })
+    .await;
+    eventually(5, "ReservationReleased for the ghost", || async {
+        events(&env.client, "default")
+            .await
+            .iter()
+            .any(|(w, r, note, _)| {
+                w == "gpu-node-0" && r == "ReservationReleased" && note.contains("default/ghost")
+            })
+    })
+    .await;
+
+    create_pod(&env.client, &mig_pod("big", "7g.80gb", "1")).await;
+    let since = || async {
+        let mut found = None;
+        for n in ["gpu-node-0", "gpu-node-1"] {
+            let n = api.get(n).await.unwrap();
+            let written: Vec<mig_protocol::NodeReservation> = n
+                .annotations()
+                .get(RESERVATIONS_ANNOTATION)
+                .and_then(|v| serde_json::from_str(v).ok())
+                .unwrap_or_default();
+            found = found.or(written
+                .iter()
+                .find(|r| r.pod == "default/big")
+                .map(|r| r.since.clone()));
+        }
+        found
+    };
+    eventually(10, "a reservation for big", || async { since().await.is_some() }).await;
+    let made = since().await.unwrap();
+    let announced = || async {
+        events(&env.client, "default")
+            .await
+            .iter()
+            .filter(|(w, r, _, _)| w == "big" && r == "GpusReserved")
+            .count()
+    };
+    eventually(5, "GpusReserved for big", || async { announced().await == 1 }).await;
+
+    let b = controller(&env, s, "replica-b").await;
+    a.stop().await;
+    eventually(5, "b leads", || async { b.shared.lease.is_leader() }).await;
+    eventually(5, "b has planned", || async {
+        get_json(b.addr, "/api/v1/plan").await.1["leader"] == json!(true)
+    })
+    .await;
+    let (_, p) = get_json(b.addr, "/api/v1/plan").await;
+    let r = &p["plan"]["reservations"][0];
+    assert_eq!(
+        (r["pod"].as_str(), r["new"].as_bool()),
+        (Some("default/big"), Some(false)),
+        "{p:#}"
+    );
+    assert_eq!(
+        since().await,
+        Some(made),
+        "the reservation keeps the time it was made"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(announced().await, 1, "announced again by the new leader");
+    b.stop().await;
+}
+
+/// The same on the nvml backend with the real node agents. Before the reserved node was tainted on
+/// nvml too (only the reserved GPU's free instances were withdrawn), this failed: when the pod on
+/// the reserved GPU ended, the waiting 1g pod took its freed instance at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_nvml_a_reserved_node_takes_no_new_pods_until_its_large_pod_runs() {
+    let spec = kube_emulator::ClusterSpec {
+        nodes: nodes(2, 1, SEVEN_1G),
+        mig_parted_config_map: "gpu-operator/default-mig-parted-config".into(),
+        mig_manager_delay_ms: 50,
+        device_plugin_pods: true,
+    };
+    let mut settings = fast_settings(Mode::Auto);
+    settings.planner.backend = mig_planner::Backend::Nvml;
+    let system = mig_testbed::System::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &spec,
+        settings,
+        Duration::from_millis(50),
+        0,
+    )
+    .await
+    .unwrap();
+    a_large_pod_gets_a_reserved_gpu_and_runs_there(&system.client, system.controller.addr, 30).await;
+    system.stop().await;
+}

@@ -536,6 +536,23 @@ async fn simulated(
     }
 }
 
+/// `nodes` on `plane` (mig-manager backend) with an agent each and the controller in automatic
+/// mode under the chart's identity.
+async fn auto_system(
+    plane: &mut ControlPlane,
+    nodes: Vec<kube_emulator::NodeSpec>,
+) -> (Simulated, mig_testbed::harness::SystemOnNodes) {
+    let cluster = simulated(plane, nodes, false).await;
+    let system = mig_testbed::harness::SystemOnNodes::start(
+        cluster.hardware.clone(),
+        cluster.agents.clone(),
+        controller_identity(plane),
+        auto_settings(),
+    )
+    .await;
+    (cluster, system)
+}
+
 /// Automatic mode, fast, with the chart's mig-parted ConfigMap.
 fn auto_settings() -> mig_controller::settings::Settings {
     let mut settings = mig_testbed::harness::fast_settings(mig_controller::settings::Mode::Auto);
@@ -551,18 +568,11 @@ fn auto_settings() -> mig_controller::settings::Settings {
 /// pod's and the node's Events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_scheduler_runs_a_3g_pod_after_the_agents_repartition() {
-    use mig_testbed::harness::{SEVEN_1G, SystemOnNodes, a_3g_pod_runs_after_a_repartition, nodes};
+    use mig_testbed::harness::{SEVEN_1G, a_3g_pod_runs_after_a_repartition, nodes};
 
     let Some(mut plane) = installed() else { return };
-    let cluster = simulated(&mut plane, nodes(2, 1, SEVEN_1G), false).await;
+    let (cluster, system) = auto_system(&mut plane, nodes(2, 1, SEVEN_1G)).await;
     let admin = plane.admin();
-    let system = SystemOnNodes::start(
-        cluster.hardware.clone(),
-        cluster.agents.clone(),
-        controller_identity(&plane),
-        auto_settings(),
-    )
-    .await;
     let node = a_3g_pod_runs_after_a_repartition(&admin, &cluster.hardware, 60).await;
     let other = cluster.agents.iter().find(|(n, _)| *n != node).unwrap();
     assert_eq!(
@@ -898,20 +908,11 @@ async fn the_nvml_backend_repartitions_around_a_running_pod_on_the_real_server()
 /// 7g pod runs there once the GPU empties (the scenario in `mig_testbed::harness`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reserved_node_takes_no_new_pods_from_kube_scheduler_until_its_large_pod_runs() {
-    use mig_testbed::harness::{
-        SEVEN_1G, SystemOnNodes, a_large_pod_gets_a_reserved_gpu_and_runs_there, nodes,
-    };
+    use mig_testbed::harness::{SEVEN_1G, a_large_pod_gets_a_reserved_gpu_and_runs_there, nodes};
 
     let Some(mut plane) = installed() else { return };
-    let cluster = simulated(&mut plane, nodes(2, 1, SEVEN_1G), false).await;
+    let (_cluster, system) = auto_system(&mut plane, nodes(2, 1, SEVEN_1G)).await;
     let admin = plane.admin();
-    let system = SystemOnNodes::start(
-        cluster.hardware.clone(),
-        cluster.agents.clone(),
-        controller_identity(&plane),
-        auto_settings(),
-    )
-    .await;
     a_large_pod_gets_a_reserved_gpu_and_runs_there(&admin, system.controller.addr, 60).await;
     let described = plane
         .kubectl(&["describe", "pod", "big", "-n", "default"])

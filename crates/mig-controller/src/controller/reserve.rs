@@ -1,9 +1,10 @@
 //! Reservations by attrition in the cluster (docs/planner.md "Reservations"). The planner decides
 //! them; the controller carries them from plan to plan (with their age), and the leader in auto
 //! mode keeps the Nodes in step every round: the `mig-autoscaler.io/reservations` annotation (read
-//! back by the next leader) and, on the mig-manager backend, the `mig-autoscaler.io/reserved`
-//! NoSchedule taint, so that no new pod lands on a reserved node. A node with our annotation or
-//! taint and no reservation is cleaned the same way (the sweep).
+//! back by the next leader) and the `mig-autoscaler.io/reserved` NoSchedule taint, so that no new
+//! pod lands on a reserved node (on both backends: see the planner's `reserve` module for why not
+//! only withdrawn instances on nvml). A node with our annotation or taint and no reservation is
+//! cleaned the same way (the sweep).
 
 use std::collections::BTreeMap;
 
@@ -11,8 +12,8 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
+use mig_planner::Plan;
 use mig_planner::snapshot::Reservation;
-use mig_planner::{Backend, Plan};
 use mig_protocol::{NodeReservation, RESERVATIONS_ANNOTATION, RESERVED_TAINT, Reason};
 use serde_json::json;
 
@@ -101,11 +102,7 @@ impl ControlLoop {
             return;
         }
         for r in plan.reservations.iter().filter(|r| r.new) {
-            let gpus: Vec<String> = r
-                .gpus
-                .iter()
-                .map(|g| format!("GPU {} ({}@{})", g.gpu, g.profile, g.start))
-                .collect();
+            let gpus: Vec<String> = r.gpus.iter().map(|g| format!("GPU {} ({g})", g.gpu)).collect();
             let note = format!(
                 "plan {}: {} on {} reserved for {} until {} running pod(s) finish",
                 plan.id,
@@ -150,7 +147,6 @@ impl ControlLoop {
     /// is tried again next round.
     pub(super) async fn sync_reservations(&mut self) {
         let want = by_node(&self.state.reservations);
-        let taints_on = self.shared.settings.planner.backend == Backend::MigManager;
         let api: Api<Node> = Api::all(self.client.clone());
         for node in self.caches.nodes.state() {
             let name = node.name_any();
@@ -161,7 +157,7 @@ impl ControlLoop {
                 .and_then(|s| s.taints.clone())
                 .unwrap_or_default();
             let tainted = taints.iter().any(|t| t.key == RESERVED_TAINT);
-            let want_taint = taints_on && !wanted.is_empty();
+            let want_taint = !wanted.is_empty();
             let annotated = node.annotations().contains_key(RESERVATIONS_ANNOTATION);
             if written(&node) == wanted && annotated != wanted.is_empty() && tainted == want_taint {
                 continue;
@@ -188,10 +184,9 @@ impl ControlLoop {
                 .await
             {
                 Ok(_) => {
-                    let what = match (wanted.len(), want_taint) {
-                        (0, _) => "reservations cleared".to_string(),
-                        (n, true) => format!("{n} reservation(s) written, tainted {RESERVED_TAINT}"),
-                        (n, false) => format!("{n} reservation(s) written"),
+                    let what = match wanted.len() {
+                        0 => "reservations cleared".to_string(),
+                        n => format!("{n} reservation(s) written, tainted {RESERVED_TAINT}"),
                     };
                     self.shared.record_write(format!("{name}: {what}"));
                 }

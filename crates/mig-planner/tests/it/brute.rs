@@ -194,8 +194,8 @@ fn plans_are_optimal_on_small_random_clusters() {
         let mut rng = Rng::new(seed);
         let snapshot = random_snapshot(&mut rng, 4, 8, false);
         let mut policy = random_policy(&mut rng, false);
-        // Reservations act after the plan is chosen (withdrawing free instances is not part of
-        // how plans compare); the oracle knows nothing of them. Invariants cover them.
+        // Reservations are made after the plan is chosen and are not part of how plans compare;
+        // the oracle knows nothing of them. Invariants cover them.
         policy.reservations.max_gpus = 0;
         let Some(best) = brute_force_best(
             &snapshot,

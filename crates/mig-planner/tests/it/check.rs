@@ -236,21 +236,11 @@ pub fn check_plan(snapshot: &Snapshot, policy: &Policy, plan: &Plan) {
             }
         }
     }
-    // No gratuitous change: a changed GPU hosts a placed pending pod or an evicted pod placed again,
-    // or is a reserved GPU (nvml) that only loses free instances.
+    // No gratuitous change: a changed GPU hosts a placed pending pod or an evicted pod placed again.
     for g in plan.gpus.iter().filter(|g| g.changed) {
         let hosts_pending = hosting.contains(&(g.node.clone(), g.index));
-        let withdraws = policy.backend == Backend::Nvml && reserved.contains(&(g.node.clone(), g.index)) && {
-            let model = catalog.model(&g.model).unwrap();
-            let (actual, target) = (
-                model.parse_layout(&g.actual).unwrap(),
-                model.parse_layout(&g.target).unwrap(),
-            );
-            let (busy, _) = busy_layout(snapshot, &g.node, g.index);
-            actual.contains_all(&target) && target.contains_all(&busy) && target.len() < actual.len()
-        };
         assert!(
-            hosts_pending || withdraws || !plan.evictions.is_empty(),
+            hosts_pending || !plan.evictions.is_empty(),
             "GPU {}/{} changes for nothing",
             g.node,
             g.index

@@ -100,17 +100,16 @@ fn a_large_pod_that_cannot_be_placed_gets_the_gpu_that_empties_soonest() {
         "one pod that ran two hours, not two that ran a minute nor seven"
     );
     assert_eq!(r.waiting_for, ["ml/old"]);
-    // nvml: the free instances of the kept region go, so that no new pod lands there.
-    let g = plan.gpus.iter().find(|g| g.node == "n" && g.index == 1).unwrap();
-    assert!(g.changed && !g.drained);
-    assert_eq!(g.target, "1g.10gb@0", "{}", plan.render_table());
+    // Nothing changes and nobody is evicted: the caller keeps new pods off the node (a taint).
+    assert!(plan.gpus.iter().all(|g| !g.changed), "{}", plan.render_table());
+    assert!(plan.evictions.is_empty());
     let why = waits(&plan, "big");
     assert!(why.contains("reserved for it: n/1 (7g.80gb@0)"), "{why}");
-    assert!(plan.evictions.is_empty());
 
-    // mig-manager: the node is kept free of new pods by the caller's taint; nothing changes.
+    // mig-manager: the same GPU (its every pod blocks the region there).
     let plan = run(&s, &Policy::default());
     assert_eq!(plan.reservations.len(), 1);
+    assert_eq!(plan.reservations[0].gpus[0].gpu, 1);
     assert!(plan.gpus.iter().all(|g| !g.changed), "{}", plan.render_table());
 
     // Small pods get none, and none is made when reservations are off.
@@ -147,8 +146,7 @@ fn a_declared_end_outranks_running_time() {
 fn a_reserved_node_is_kept_from_other_pods_of_the_same_priority_until_its_region_frees() {
     let mut s = busy_cluster();
     let first = run(&s, &nvml());
-    // The withdrawal was applied; a 1g pod of equal priority arrives.
-    s.nodes[0].gpus[1].instances.retain(|i| !i.pods.is_empty());
+    // A 1g pod of equal priority arrives; GPU 1 of the node still has free 1g instances.
     s.reservations = carried(&first, 120);
     s.pending_pods.push(pending("small", 0, &[("1g.10gb", 1)]));
     let plan = run(&s, &nvml());
