@@ -331,6 +331,11 @@ fn slow_path(config: &SimConfig, pods: &[TracePod], scale: f64) -> Result<Report
         settings.budgets.node_cooldown = Dur::millis(0);
         settings.budgets.max_nodes_reconfiguring = Amount::Percent(100);
         settings.planner.backend = config.backend;
+        // The controller's clock is the wall clock: a reservation's age too is wall seconds.
+        settings.planner.reservations = mig_planner::ReservationPolicy {
+            max_age_seconds: ((config.reservations.max_age_seconds as f64 * scale) as u64).max(1),
+            ..config.reservations.clone()
+        };
         let system = System::start(listen, &spec, settings, tick, 0).await?;
         let since = std::time::Instant::now();
         while !system.controller.shared.ready.load(Ordering::SeqCst) {
