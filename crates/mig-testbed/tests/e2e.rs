@@ -458,6 +458,27 @@ async fn the_plan_api_plans_posted_snapshots_and_rejects_bad_ones() {
     assert!(e["path"].as_str().unwrap().contains("nodes[0].gpus[0]"), "{e}");
     assert!(!e["error"].as_str().unwrap().is_empty());
 
+    // A posted policy reserves no more than the controller's own (4 nodes at most by default):
+    // ten nodes whose one GPU each runs a 1g pod, ten 7g pods waiting, bounds of 1,000 asked for.
+    let busy_nodes: Vec<serde_json::Value> = (0..10)
+        .map(|i| {
+            json!({"name": format!("n{i}"), "gpus": [{"index": 0, "product": "NVIDIA-H100-80GB-HBM3",
+            "instances": [{"profile": "1g.10gb", "start": 0, "pods": [format!("ml/r{i}")]}]}]})
+        })
+        .collect();
+    let waiting: Vec<serde_json::Value> = (0..10)
+        .map(|i| json!({"namespace": "ml", "name": format!("big{i}"), "requests": {"nvidia.com/mig-7g.80gb": 1}}))
+        .collect();
+    let hungry = json!({
+        "nodes": busy_nodes,
+        "pendingPods": waiting,
+        "policy": {"reservations": {"maxGpus": 1000, "maxNodes": 1000}},
+    });
+    let (status, body) = http(c.addr, "POST", "/api/v1/plan", hungry.to_string().as_bytes()).await;
+    assert_eq!(status, 200, "{body}");
+    let got: mig_planner::Plan = serde_json::from_str(&body).unwrap();
+    assert_eq!(got.reservations.len(), 4, "{}", got.render_table());
+
     let big = vec![b' '; 100 * 1024];
     assert_eq!(http(c.addr, "POST", "/api/v1/plan", &big).await.0, 413);
     let (status, body) = http(c.addr, "GET", "/api/v1/nothing", b"").await;
