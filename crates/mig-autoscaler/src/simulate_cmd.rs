@@ -365,15 +365,7 @@ fn slow_path(config: &SimConfig, pods: &[TracePod], scale: f64) -> Result<Report
             .map(|l| l.trim_start_matches("mig_autoscaler_").to_string())
             .collect();
         eprintln!("system: {}", counters.join(", "));
-        let made = system
-            .controller
-            .shared
-            .metrics
-            .encode()
-            .lines()
-            .find_map(|l| l.strip_prefix("mig_autoscaler_reservations_total{event=\"made\"} "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let made = system.controller.shared.metrics.reservation_count("made");
         system.stop().await;
         let mut report = report_from_starts(
             "system",

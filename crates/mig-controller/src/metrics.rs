@@ -189,6 +189,11 @@ impl Metrics {
         self.evictions.get_or_create(&ResultLabel { result }).get()
     }
 
+    /// Reservations `made` or `released` by plans so far.
+    pub fn reservation_count(&self, event: &'static str) -> u64 {
+        self.reservations.get_or_create(&EventLabel { event }).get()
+    }
+
     /// The exposition in the Prometheus text format 0.0.4 (for clients that do not ask for
     /// OpenMetrics: curl, promtool): counters' HELP/TYPE lines carry the `_total` name, no `# EOF`.
     pub fn encode_text(&self) -> String {

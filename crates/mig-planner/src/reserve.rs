@@ -300,29 +300,6 @@ fn soonness(pods: &[String], running: &HashMap<String, &RunningPod>) -> Soonness
 /// GPUs with the region kept on each.
 type Regions = Vec<(usize, Instance)>;
 
-/// A reservation the plan ends with, old or new.
-struct Kept<'a> {
-    node: usize,
-    gpus: Regions,
-    pod: &'a str,
-    priority: i32,
-    age: u64,
-    new: bool,
-}
-
-impl<'a> Kept<'a> {
-    fn of(h: &'a Hold) -> Kept<'a> {
-        Kept {
-            node: h.node,
-            gpus: h.gpus.clone(),
-            pod: &h.pod,
-            priority: h.priority,
-            age: h.age_seconds,
-            new: false,
-        }
-    }
-}
-
 /// What a plan does about reservations.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Reservations {
@@ -350,7 +327,8 @@ pub(crate) fn settle(p: &Problem<'_>, snapshot: &Snapshot, o: &Outcome) -> Reser
         released: p.released.clone(),
         ..Default::default()
     };
-    let mut kept: Vec<Kept<'_>> = Vec::new();
+    // The reservations the plan ends with, and whether each is new.
+    let mut kept: Vec<(Hold, bool)> = Vec::new();
     for h in &p.holds {
         let placed = demand_of.get(&h.pending).and_then(|d| o.placed[*d].as_ref());
         // Placed on its node after a change there: it holds until the instances exist (so that
@@ -361,7 +339,7 @@ pub(crate) fn settle(p: &Problem<'_>, snapshot: &Snapshot, o: &Outcome) -> Reser
                 .any(|(g, _, _)| p.gpus[*g].options[o.option[*g]].changed)
         };
         match placed {
-            Some((n, taken)) if *n == h.node && changes_first(taken) => kept.push(Kept::of(h)),
+            Some((n, taken)) if *n == h.node && changes_first(taken) => kept.push((h.clone(), false)),
             Some((n, _)) => out.released.push(ReleasedReservation {
                 pod: h.pod.clone(),
                 node: p.nodes[h.node].name.clone(),
@@ -371,7 +349,7 @@ pub(crate) fn settle(p: &Problem<'_>, snapshot: &Snapshot, o: &Outcome) -> Reser
                     format!("its pod is placed on {}", p.nodes[*n].name)
                 },
             }),
-            None => kept.push(Kept::of(h)),
+            None => kept.push((h.clone(), false)),
         }
     }
     // New holds go only where this plan neither changes nor places anything.
@@ -380,8 +358,11 @@ pub(crate) fn settle(p: &Problem<'_>, snapshot: &Snapshot, o: &Outcome) -> Reser
         .map(|g| p.gpus[g].node)
         .collect();
     touched.extend(o.placed.iter().flatten().map(|(n, _)| *n));
-    let mut reserved: BTreeSet<usize> = kept.iter().flat_map(|k| k.gpus.iter().map(|(g, _)| *g)).collect();
-    let mut nodes: BTreeSet<usize> = kept.iter().map(|k| k.node).collect();
+    let mut reserved: BTreeSet<usize> = kept
+        .iter()
+        .flat_map(|(h, _)| h.gpus.iter().map(|(g, _)| *g))
+        .collect();
+    let mut nodes: BTreeSet<usize> = kept.iter().map(|(h, _)| h.node).collect();
     let holders: BTreeSet<usize> = p.holds.iter().map(|h| h.pending).collect();
     // Each try looks at every GPU of the pod's nodes: the first few candidates in the plan's order
     // are tried, not every waiting pod of a large fleet.
@@ -422,34 +403,26 @@ pub(crate) fn settle(p: &Problem<'_>, snapshot: &Snapshot, o: &Outcome) -> Reser
         if let Some((_, n, picked)) = best {
             reserved.extend(picked.iter().map(|(g, _)| *g));
             nodes.insert(n);
-            kept.push(Kept {
+            let hold = Hold {
+                pod: dm.key.clone(),
+                pending: pi,
+                priority: dm.tier,
                 node: n,
                 gpus: picked,
-                pod: &dm.key,
-                priority: dm.tier,
-                age: 0,
-                new: true,
-            });
+                age_seconds: 0,
+            };
+            kept.push((hold, true));
         }
     }
-    for Kept {
-        node: n,
-        gpus: held,
-        pod,
-        priority,
-        age,
-        new,
-    } in kept
-    {
+    for (h, new) in kept {
         let mut waiting: BTreeSet<String> = BTreeSet::new();
-        for (g, region) in &held {
+        for (g, region) in &h.gpus {
             waiting.extend(blocking(snapshot, &p.gpus[*g], region, backend));
         }
         out.holding.push(PlannedReservation {
-            pod: pod.to_string(),
-            priority,
-            node: p.nodes[n].name.clone(),
-            gpus: held
+            node: p.nodes[h.node].name.clone(),
+            gpus: h
+                .gpus
                 .iter()
                 .map(|(g, region)| ReservedInstance {
                     gpu: p.gpus[*g].index,
@@ -457,7 +430,9 @@ pub(crate) fn settle(p: &Problem<'_>, snapshot: &Snapshot, o: &Outcome) -> Reser
                     start: region.start,
                 })
                 .collect(),
-            age_seconds: age,
+            pod: h.pod,
+            priority: h.priority,
+            age_seconds: h.age_seconds,
             new,
             waiting_for: waiting.into_iter().collect(),
         });

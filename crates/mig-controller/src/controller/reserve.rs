@@ -17,7 +17,7 @@ use mig_planner::snapshot::Reservation;
 use mig_protocol::{NodeReservation, RESERVATIONS_ANNOTATION, RESERVED_TAINT, Reason};
 use serde_json::json;
 
-use super::{ControlLoop, FIELD_MANAGER, node_ref, pod_ref};
+use super::{ControlLoop, FIELD_MANAGER, annotation, node_ref, pod_ref};
 use crate::metrics::EventLabel;
 use crate::settings::Mode;
 
@@ -27,10 +27,7 @@ pub(super) type Held = BTreeMap<String, (Reservation, Timestamp)>;
 /// The reservations written on `node`, or none (a malformed annotation counts as none: the
 /// controller owns it and writes it again).
 pub(super) fn written(node: &Node) -> Vec<NodeReservation> {
-    node.annotations()
-        .get(RESERVATIONS_ANNOTATION)
-        .and_then(|v| serde_json::from_str(v).ok())
-        .unwrap_or_default()
+    annotation(node, RESERVATIONS_ANNOTATION).unwrap_or_default()
 }
 
 /// The reservations of `held` on each node, as written there (sorted by pod).
