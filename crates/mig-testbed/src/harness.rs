@@ -684,8 +684,26 @@ pub async fn a_large_pod_gets_a_reserved_gpu_and_runs_there(
         pod_running(admin, "a").await && pod_running(admin, "b").await && pod_running(admin, "c").await
     })
     .await;
-    create_pod(admin, &mig_pod("big", "7g.80gb", "1")).await;
     let api: Api<Node> = Api::all(admin.clone());
+    // The agents' reports show them (a plan over an older report sees fewer pods and may reserve
+    // the other node: a fresh-clone CI run on the real tier did).
+    let reported = |node: &'static str, pods: &'static [&'static str]| {
+        let api = api.clone();
+        async move {
+            let n = api.get(node).await.unwrap();
+            let report = n
+                .annotations()
+                .get(REPORT_ANNOTATION)
+                .cloned()
+                .unwrap_or_default();
+            pods.iter().all(|p| report.contains(&format!("\"default/{p}\"")))
+        }
+    };
+    eventually(secs, "the agents report the 1g pods", || async {
+        reported("gpu-node-0", &["a", "b"]).await && reported("gpu-node-1", &["c"]).await
+    })
+    .await;
+    create_pod(admin, &mig_pod("big", "7g.80gb", "1")).await;
     let reserved = |n: &Node| {
         let taints = n.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
         (
