@@ -2,7 +2,7 @@
 //! scratch; the ILP's class-level answer is turned into one here; both end in [`realise`], which
 //! places every demand on real free instances and cleans up changes that serve nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::problem::Problem;
 
@@ -30,45 +30,165 @@ pub(crate) struct Outcome {
     pub budget_reverted: BTreeSet<usize>,
 }
 
-/// Free instances per GPU under the current options, minus what is already taken.
+/// Free instances under a set of options, minus what is already taken: per GPU, summed per node,
+/// and, per capacity group and profile, the nodes that have any (in node order), so that first-fit
+/// looks at nodes that might fit instead of every node for every demand.
 struct Capacity<'a, 'c> {
     p: &'a Problem<'c>,
+    option: Vec<usize>,
     used: Vec<Vec<u16>>,
+    /// Per node and profile: free instances of its GPUs under `option`, less `used`.
+    node_avail: Vec<Vec<u32>>,
+    /// Per group and profile: the nodes whose `node_avail` is not zero.
+    offering: Vec<Vec<BTreeSet<usize>>>,
+    node_group: Vec<usize>,
+    /// Per node: whether one of its GPUs changes under `option`; how many do, and which.
+    node_changed: Vec<bool>,
+    changed_nodes: usize,
+    changing: BTreeSet<usize>,
+    /// Nodes touched (instances taken, options changed), in order.
+    touched: Vec<usize>,
 }
 
 impl<'a, 'c> Capacity<'a, 'c> {
-    fn new(p: &'a Problem<'c>) -> Self {
-        Capacity {
+    fn new(p: &'a Problem<'c>, option: Vec<usize>) -> Self {
+        let mut cap = Capacity {
             p,
+            option,
             used: vec![vec![0; p.profiles.len()]; p.gpus.len()],
+            node_avail: vec![vec![0; p.profiles.len()]; p.nodes.len()],
+            offering: vec![vec![BTreeSet::new(); p.profiles.len()]; p.groups.len()],
+            node_group: node_groups(p),
+            node_changed: vec![false; p.nodes.len()],
+            changed_nodes: 0,
+            changing: BTreeSet::new(),
+            touched: Vec::new(),
+        };
+        for n in 0..p.nodes.len() {
+            cap.recount(n);
         }
+        cap
     }
 
     fn avail(&self, g: usize, option: usize, q: usize) -> u16 {
         self.p.gpus[g].options[option].free[q].saturating_sub(self.used[g][q])
     }
 
-    /// What the node still lacks for `req` with these options: Σ_q max(0, need - available).
-    fn missing(&self, node: usize, option: &[usize], req: &[(usize, u16)]) -> u32 {
+    /// Recompute node `n`'s sums, index entries and changed flag from its GPUs.
+    fn recount(&mut self, n: usize) {
+        let p = self.p;
+        for q in 0..p.profiles.len() {
+            let have: u32 = p.nodes[n]
+                .gpus
+                .iter()
+                .map(|g| u32::from(self.avail(*g, self.option[*g], q)))
+                .sum();
+            self.node_avail[n][q] = have;
+            let offering = &mut self.offering[self.node_group[n]][q];
+            if have > 0 {
+                offering.insert(n);
+            } else {
+                offering.remove(&n);
+            }
+        }
+        let changed = p.nodes[n]
+            .gpus
+            .iter()
+            .any(|g| p.gpus[*g].options[self.option[*g]].changed);
+        if changed != self.node_changed[n] {
+            self.node_changed[n] = changed;
+            if changed {
+                self.changed_nodes += 1;
+                self.changing.insert(n);
+            } else {
+                self.changed_nodes -= 1;
+                self.changing.remove(&n);
+            }
+        }
+    }
+
+    /// What the node still lacks for `req`: Σ_q max(0, need - available).
+    fn missing(&self, node: usize, req: &[(usize, u16)]) -> u32 {
+        req.iter()
+            .map(|(q, need)| u32::from(*need).saturating_sub(self.node_avail[node][*q]))
+            .sum()
+    }
+
+    /// [`missing`](Self::missing) if the node's GPUs took the options in `trial` (its GPUs, in
+    /// order) instead.
+    fn missing_with(&self, node: usize, trial: &[usize], req: &[(usize, u16)]) -> u32 {
         req.iter()
             .map(|(q, need)| {
                 let have: u32 = self.p.nodes[node]
                     .gpus
                     .iter()
-                    .map(|g| u32::from(self.avail(*g, option[*g], *q)))
+                    .zip(trial)
+                    .map(|(g, o)| u32::from(self.avail(*g, *o, *q)))
                     .sum();
                 u32::from(*need).saturating_sub(have)
             })
             .sum()
     }
 
+    /// The first node, in the order of `groups` and then node order, that is schedulable and has
+    /// what `req` asks for.
+    fn first_fit(&self, groups: &[usize], req: &[(usize, u16)]) -> Option<usize> {
+        let (q, _) = req.first()?;
+        groups.iter().find_map(|g| {
+            self.offering[*g][*q]
+                .iter()
+                .copied()
+                .find(|n| self.p.nodes[*n].schedulable && self.missing(*n, req) == 0)
+        })
+    }
+
+    /// Options for node `n`'s GPUs (in order) under which it has what `req` asks for, changing one
+    /// GPU at a time to the option that leaves least missing and never dropping what this plan
+    /// already put on a GPU, or `None`.
+    fn reconfigure(&self, n: usize, req: &[(usize, u16)]) -> Option<Vec<usize>> {
+        let p = self.p;
+        let gpus = &p.nodes[n].gpus;
+        let mut trial: Vec<usize> = gpus.iter().map(|g| self.option[*g]).collect();
+        let mut missing = self.missing(n, req);
+        for (k, g) in gpus.iter().enumerate() {
+            if missing == 0 {
+                break;
+            }
+            let mut best = (missing, trial[k]);
+            for (o, opt) in p.gpus[*g].options.iter().enumerate() {
+                if opt.drain || (0..p.profiles.len()).any(|q| opt.free[q] < self.used[*g][q]) {
+                    continue;
+                }
+                let saved = trial[k];
+                trial[k] = o;
+                let m = self.missing_with(n, &trial, req);
+                trial[k] = saved;
+                if m < best.0 {
+                    best = (m, o);
+                }
+            }
+            trial[k] = best.1;
+            missing = best.0;
+        }
+        (missing == 0).then_some(trial)
+    }
+
+    /// Node `node`'s GPUs take the options in `trial` (its GPUs, in order).
+    fn set_options(&mut self, node: usize, trial: &[usize]) {
+        for (g, o) in self.p.nodes[node].gpus.iter().zip(trial) {
+            self.option[*g] = *o;
+        }
+        self.recount(node);
+        self.touched.push(node);
+    }
+
     /// Take `req` from the node's GPUs in index order (caller checked it fits).
-    fn take(&mut self, node: usize, option: &[usize], req: &[(usize, u16)]) -> Taken {
+    fn take(&mut self, node: usize, req: &[(usize, u16)]) -> Taken {
         let mut taken = Vec::new();
         for (q, need) in req {
             let mut left = *need;
             for g in &self.p.nodes[node].gpus {
-                let n = left.min(self.avail(*g, option[*g], *q));
+                let n = left.min(self.avail(*g, self.option[*g], *q));
                 if n > 0 {
                     self.used[*g][*q] += n;
                     taken.push((*g, *q, n));
@@ -76,8 +196,26 @@ impl<'a, 'c> Capacity<'a, 'c> {
                 }
             }
         }
+        self.recount(node);
+        self.touched.push(node);
         taken
     }
+}
+
+/// A demand's request and groups: demands alike in both fit on the same nodes.
+type RequestKey<'a> = (&'a [(usize, u16)], &'a [usize]);
+/// Nodes as (rank of the node's group among a demand's groups, node): first-fit order.
+type OpenNodes = BTreeSet<(usize, usize)>;
+
+/// Each node's capacity group.
+fn node_groups(p: &Problem<'_>) -> Vec<usize> {
+    let mut node_group = vec![0; p.nodes.len()];
+    for (gi, group) in p.groups.iter().enumerate() {
+        for n in &group.nodes {
+            node_group[*n] = gi;
+        }
+    }
+    node_group
 }
 
 fn node_changed(p: &Problem<'_>, option: &[usize], node: usize) -> bool {
@@ -110,18 +248,20 @@ pub(crate) fn greedy(p: &Problem<'_>) -> Decision {
 /// replayed first; the remaining demands are placed greedily, changing more GPUs where that helps.
 /// Used to complete an ILP answer that the aggregated model could not place whole.
 pub(crate) fn greedy_from(p: &Problem<'_>, start: &Decision) -> Decision {
-    let mut option = start.option.clone();
     let mut prefer_node = vec![None; p.demands.len()];
-    let mut cap = Capacity::new(p);
-    for d in p.demand_order() {
+    let mut cap = Capacity::new(p, start.option.clone());
+    let order = p.demand_order();
+    for &d in &order {
         if let Some(n) = start.prefer_node[d]
-            && cap.missing(n, &option, &p.demands[d].req) == 0
+            && cap.missing(n, &p.demands[d].req) == 0
         {
-            cap.take(n, &option, &p.demands[d].req);
+            cap.take(n, &p.demands[d].req);
             prefer_node[d] = Some(n);
         }
     }
     let max_nodes = p.policy.budgets.max_nodes_changed.map(|b| b as usize);
+    let mut open: HashMap<RequestKey<'_>, OpenNodes> = HashMap::new();
+    let mut seen = cap.touched.len();
     // Upper bound of what each node could offer per profile: skip nodes that can never fit.
     let ceiling: Vec<Vec<u16>> = p
         .nodes
@@ -137,65 +277,72 @@ pub(crate) fn greedy_from(p: &Problem<'_>, start: &Decision) -> Decision {
                 .collect()
         })
         .collect();
-    for d in p.demand_order() {
+    let node_group = node_groups(p);
+    // Where node `n` comes in the first-fit order of a demand's groups, if it may host `req`.
+    let first_fit_rank = |groups: &[usize], req: &[(usize, u16)], n: usize| {
+        let fits = p.nodes[n].schedulable && req.iter().all(|(q, c)| ceiling[n][*q] >= *c);
+        let rank = groups.iter().position(|g| *g == node_group[n])?;
+        fits.then_some((rank, n))
+    };
+    for &d in &order {
         let demand = &p.demands[d];
         if demand.evicted_from.is_some() || prefer_node[d].is_some() {
             continue;
         }
-        let nodes: Vec<usize> = eligible_nodes(p, d)
-            .filter(|n| p.nodes[*n].schedulable && demand.req.iter().all(|(q, c)| ceiling[*n][*q] >= *c))
-            .collect();
         // Existing free instances first, anywhere; only then reconfigure.
-        if let Some(n) = nodes
-            .iter()
-            .copied()
-            .find(|n| cap.missing(*n, &option, &demand.req) == 0)
-        {
-            cap.take(n, &option, &demand.req);
+        if let Some(n) = cap.first_fit(&demand.groups, &demand.req) {
+            cap.take(n, &demand.req);
             prefer_node[d] = Some(n);
             continue;
         }
-        let changed_nodes = (0..p.nodes.len())
-            .filter(|m| node_changed(p, &option, *m))
-            .count();
-        for &n in &nodes {
-            if max_nodes.is_some_and(|b| !node_changed(p, &option, n) && changed_nodes >= b) {
-                continue;
-            }
-            let mut trial = option.clone();
-            let mut missing = cap.missing(n, &trial, &demand.req);
-            for g in &p.nodes[n].gpus {
-                let gs = &p.gpus[*g];
-                let mut best = (missing, trial[*g]);
-                for (o, opt) in gs.options.iter().enumerate() {
-                    // Keep what this plan already put on the GPU.
-                    if opt.drain || (0..p.profiles.len()).any(|q| opt.free[q] < cap.used[*g][q]) {
-                        continue;
-                    }
-                    let saved = trial[*g];
-                    trial[*g] = o;
-                    let m = cap.missing(n, &trial, &demand.req);
-                    trial[*g] = saved;
-                    if m < best.0 {
-                        best = (m, o);
-                    }
-                }
-                trial[*g] = best.1;
-                missing = best.0;
-                if missing == 0 {
-                    break;
+        // Nodes where this request failed and that nothing touched since fail again (taking
+        // instances and changing options only ever narrow what a node can still become, and the
+        // node budget only fills up): per request and groups, the nodes still open, in first-fit
+        // order; a node leaves when it fails and comes back when it is touched.
+        let key = (demand.req.as_slice(), demand.groups.as_slice());
+        for n in cap.touched[seen..].iter().copied().collect::<BTreeSet<usize>>() {
+            for ((req, groups), nodes) in &mut open {
+                if let Some(at) = first_fit_rank(groups, req, n) {
+                    nodes.insert(at);
                 }
             }
-            if missing == 0 {
-                option = trial;
-                cap.take(n, &option, &demand.req);
-                prefer_node[d] = Some(n);
+        }
+        seen = cap.touched.len();
+        let nodes = open.entry(key).or_insert_with(|| {
+            eligible_nodes(p, d)
+                .filter_map(|n| first_fit_rank(&demand.groups, &demand.req, n))
+                .collect()
+        });
+        // With the node budget spent, only nodes that change already may change more (and the
+        // others stay open: the budget frees up when a node's change is undone).
+        let tried: Vec<(usize, usize)> = if max_nodes.is_some_and(|b| cap.changed_nodes >= b) {
+            let mut changing: Vec<(usize, usize)> = cap
+                .changing
+                .iter()
+                .filter_map(|n| first_fit_rank(&demand.groups, &demand.req, *n))
+                .filter(|at| nodes.contains(at))
+                .collect();
+            changing.sort_unstable();
+            changing
+        } else {
+            nodes.iter().copied().collect()
+        };
+        let mut found = None;
+        for (rank, n) in tried {
+            if let Some(trial) = cap.reconfigure(n, &demand.req) {
+                found = Some((n, trial));
                 break;
             }
+            nodes.remove(&(rank, n));
+        }
+        if let Some((n, trial)) = found {
+            cap.set_options(n, &trial);
+            cap.take(n, &demand.req);
+            prefer_node[d] = Some(n);
         }
     }
     Decision {
-        option,
+        option: cap.option,
         prefer_node,
         prefer_group: vec![Vec::new(); p.demands.len()],
     }
@@ -257,7 +404,7 @@ pub(crate) fn realise(p: &Problem<'_>, decision: &Decision) -> Outcome {
 }
 
 fn place_all(p: &Problem<'_>, decision: &Decision, option: &[usize]) -> Vec<Placement> {
-    let mut cap = Capacity::new(p);
+    let mut cap = Capacity::new(p, option.to_vec());
     let mut placed = vec![None; p.demands.len()];
     let order: Vec<usize> = p
         .demand_order()
@@ -276,27 +423,157 @@ fn place_all(p: &Problem<'_>, decision: &Decision, option: &[usize]) -> Vec<Plac
             if placed[d].is_some() {
                 continue;
             }
-            let mut candidates: Vec<usize> = Vec::new();
-            candidates.extend(decision.prefer_node.get(d).copied().flatten());
-            for g in decision.prefer_group.get(d).into_iter().flatten() {
-                candidates.extend(p.groups[*g].nodes.iter().copied());
-            }
-            if !preferred_only {
-                candidates.extend(eligible_nodes(p, d));
-            }
-            let mut seen = BTreeSet::new();
-            for n in candidates {
-                if !seen.insert(n) || !p.nodes[n].schedulable {
-                    continue;
-                }
-                if cap.missing(n, option, &p.demands[d].req) == 0 {
-                    // An evicted pod may land on the GPU it left when the new layout still has room:
-                    // that is a restart in place, and the drain then served nothing (see `realise`).
-                    placed[d] = Some((n, cap.take(n, option, &p.demands[d].req)));
-                    break;
-                }
+            let req = &p.demands[d].req;
+            let preferred = decision
+                .prefer_node
+                .get(d)
+                .copied()
+                .flatten()
+                .filter(|n| p.nodes[*n].schedulable && cap.missing(*n, req) == 0);
+            let groups = decision.prefer_group.get(d).map_or(&[][..], Vec::as_slice);
+            let found = preferred.or_else(|| cap.first_fit(groups, req)).or_else(|| {
+                (!preferred_only)
+                    .then(|| cap.first_fit(&p.demands[d].groups, req))
+                    .flatten()
+            });
+            if let Some(n) = found {
+                // An evicted pod may land on the GPU it left when the new layout still has room:
+                // that is a restart in place, and the drain then served nothing (see `realise`).
+                placed[d] = Some((n, cap.take(n, req)));
             }
         }
     }
     placed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::{FleetSpec, fleet};
+
+    /// First-fit as written before the capacity index and the memo of failed nodes: every
+    /// eligible node, in order, for every demand. The indexed greedy must decide exactly the same.
+    fn reference_greedy(p: &Problem<'_>) -> Decision {
+        let mut option = vec![0; p.gpus.len()];
+        let mut used = vec![vec![0u16; p.profiles.len()]; p.gpus.len()];
+        let avail = |used: &[Vec<u16>], g: usize, o: usize, q: usize| {
+            p.gpus[g].options[o].free[q].saturating_sub(used[g][q])
+        };
+        let missing = |used: &[Vec<u16>], option: &[usize], n: usize, req: &[(usize, u16)]| -> u32 {
+            req.iter()
+                .map(|(q, need)| {
+                    let have: u32 = p.nodes[n]
+                        .gpus
+                        .iter()
+                        .map(|g| u32::from(avail(used, *g, option[*g], *q)))
+                        .sum();
+                    u32::from(*need).saturating_sub(have)
+                })
+                .sum()
+        };
+        let take = |used: &mut Vec<Vec<u16>>, option: &[usize], n: usize, req: &[(usize, u16)]| {
+            for (q, need) in req {
+                let mut left = *need;
+                for g in &p.nodes[n].gpus {
+                    let k = left.min(avail(used, *g, option[*g], *q));
+                    used[*g][*q] += k;
+                    left -= k;
+                }
+            }
+        };
+        let mut prefer_node = vec![None; p.demands.len()];
+        let budget = p.policy.budgets.max_nodes_changed.map(|b| b as usize);
+        for d in p.demand_order() {
+            let demand = &p.demands[d];
+            if demand.evicted_from.is_some() {
+                continue;
+            }
+            let nodes: Vec<usize> = eligible_nodes(p, d).filter(|n| p.nodes[*n].schedulable).collect();
+            if let Some(n) = nodes
+                .iter()
+                .copied()
+                .find(|n| missing(&used, &option, *n, &demand.req) == 0)
+            {
+                take(&mut used, &option, n, &demand.req);
+                prefer_node[d] = Some(n);
+                continue;
+            }
+            let changed_nodes = (0..p.nodes.len())
+                .filter(|m| node_changed(p, &option, *m))
+                .count();
+            for &n in &nodes {
+                if budget.is_some_and(|b| !node_changed(p, &option, n) && changed_nodes >= b) {
+                    continue;
+                }
+                let mut trial = option.clone();
+                let mut left = missing(&used, &trial, n, &demand.req);
+                for g in &p.nodes[n].gpus {
+                    if left == 0 {
+                        break;
+                    }
+                    let mut best = (left, trial[*g]);
+                    for (o, opt) in p.gpus[*g].options.iter().enumerate() {
+                        if opt.drain || (0..p.profiles.len()).any(|q| opt.free[q] < used[*g][q]) {
+                            continue;
+                        }
+                        let saved = trial[*g];
+                        trial[*g] = o;
+                        let m = missing(&used, &trial, n, &demand.req);
+                        trial[*g] = saved;
+                        if m < best.0 {
+                            best = (m, o);
+                        }
+                    }
+                    trial[*g] = best.1;
+                    left = best.0;
+                }
+                if left == 0 {
+                    option = trial;
+                    take(&mut used, &option, n, &demand.req);
+                    prefer_node[d] = Some(n);
+                    break;
+                }
+            }
+        }
+        Decision {
+            option,
+            prefer_node,
+            prefer_group: vec![Vec::new(); p.demands.len()],
+        }
+    }
+
+    #[test]
+    fn indexed_greedy_decides_as_plain_first_fit() {
+        let catalog = mig_catalog::Catalog::embedded();
+        let mut compared = 0;
+        for (gpus, pending, seed) in (1..40u64)
+            .flat_map(|s| [(48, 200, s), (160, 400, s)])
+            .chain([(800, 3000, 1)])
+        {
+            for budget in [None, Some(3)] {
+                for exact_node_limit in [0, 1000] {
+                    let mut s = fleet(&FleetSpec {
+                        gpus,
+                        pending,
+                        busy_gpu_share: 0.6,
+                        seed,
+                    });
+                    s.policy.budgets.max_nodes_changed = budget;
+                    s.policy.solver.exact_node_limit = exact_node_limit;
+                    let p = Problem::build(catalog, &s, &s.policy);
+                    let (fast, plain) = (greedy(&p), reference_greedy(&p));
+                    assert_eq!(
+                        fast.option, plain.option,
+                        "{gpus} GPUs, {pending} pods, budget {budget:?}"
+                    );
+                    assert_eq!(
+                        fast.prefer_node, plain.prefer_node,
+                        "{gpus} GPUs, {pending} pods, budget {budget:?}"
+                    );
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(compared, 79 * 4);
+    }
 }

@@ -145,7 +145,8 @@ impl Model {
                     (members, v)
                 })
                 .collect();
-            let change: Vec<Variable> = opts[1..]
+            let change: Vec<Variable> = opts
+                .changes()
                 .iter()
                 .map(|_| self.add(variable().integer().min(0).max(size)))
                 .collect();
@@ -155,7 +156,7 @@ impl Model {
                 .chain(change.iter().map(|v| Expression::from(*v)))
                 .sum();
             self.constraints.push(constraint!(all == size));
-            for (v, o) in change.iter().zip(&opts[1..]) {
+            for (v, o) in change.iter().zip(opts.changes()) {
                 self.objective -= o.cost * *v;
             }
             self.n.push(ClassVars { keep, change });
@@ -166,7 +167,9 @@ impl Model {
     fn drain_of(&self, p: &Problem<'_>, g: usize) -> Expression {
         let ci = p.classes.iter().position(|c| c.gpus.contains(&g));
         match ci {
-            Some(ci) => p.gpus[g].options[1..]
+            Some(ci) => p.gpus[g]
+                .options
+                .changes()
                 .iter()
                 .zip(&self.n[ci].change)
                 .filter(|(o, _)| o.drain)
@@ -250,7 +253,11 @@ impl Model {
                         for (members, v) in &self.n[ci].keep {
                             supply += f64::from(p.gpus[members[0]].options[0].free[q]) * *v;
                         }
-                        for (v, o) in self.n[ci].change.iter().zip(&p.gpus[class.gpus[0]].options[1..]) {
+                        for (v, o) in self.n[ci]
+                            .change
+                            .iter()
+                            .zip(p.gpus[class.gpus[0]].options.changes())
+                        {
                             supply += f64::from(o.free[q]) * *v;
                         }
                     }

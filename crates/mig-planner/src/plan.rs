@@ -1,6 +1,6 @@
 //! The planner's output: what would change, why, and in which order.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use mig_catalog::migparted::{GpuTarget, render_node_config};
@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::assign::Outcome;
-use crate::problem::{Problem, node_rejects};
+use crate::problem::{Constraints, Problem, node_rejects};
 use crate::reserve::{PlannedReservation, ReleasedReservation, Reservations};
 use crate::snapshot::{Backend, Snapshot};
 use crate::weights;
@@ -638,31 +638,47 @@ fn pod_plans(
 ) -> Vec<PodPlan> {
     let mut pods = Vec::new();
     let not_counted = unobserved_note(snapshot);
+    let rejected: HashMap<usize, &String> = p.rejected.iter().map(|(i, why)| (*i, why)).collect();
+    let demand_of: HashMap<usize, usize> = p
+        .demands
+        .iter()
+        .enumerate()
+        .filter_map(|(d, dm)| Some((dm.pending?, d)))
+        .collect();
+    type Key<'k> = Option<(&'k [(usize, u16)], &'k [usize], Option<Constraints<'k>>)>;
+    let mut reasons: HashMap<Key<'_>, String> = HashMap::new();
     for (pi, pod) in snapshot.pending_pods.iter().enumerate() {
-        let outcome = if let Some((_, why)) = p.rejected.iter().find(|(i, _)| *i == pi) {
+        let outcome = if let Some(why) = rejected.get(&pi) {
             PodOutcome::Waits {
                 reason: format!("{why}{not_counted}"),
             }
         } else {
-            let d = p
-                .demands
-                .iter()
-                .position(|dm| dm.pending == Some(pi))
-                .unwrap_or(usize::MAX);
+            let d = demand_of.get(&pi).copied().unwrap_or(usize::MAX);
             match placements.get(d).cloned().flatten() {
                 Some((node, instances)) => PodOutcome::Fits {
                     node: p.nodes[node].name.clone(),
                     needs_repartition: instances.iter().any(|i| {
-                        p.gpus
+                        p.nodes[node]
+                            .gpus
                             .iter()
-                            .enumerate()
-                            .any(|(g, gs)| gs.node == node && gs.index == i.gpu && changes(p, o, g))
+                            .any(|g| p.gpus[*g].index == i.gpu && changes(p, o, *g))
                     }),
                     instances,
                 },
-                None => PodOutcome::Waits {
-                    reason: format!("{}{not_counted}", explain(p, snapshot, d, dis, o)),
-                },
+                None => {
+                    // Pods that ask for the same on the same groups wait for the same reason
+                    // (and, where no node admits them, when they have the same constraints).
+                    let key = p.demands.get(d).map(|dm| {
+                        let constraints = dm.groups.is_empty().then(|| Constraints::of(pod));
+                        (dm.req.as_slice(), dm.groups.as_slice(), constraints)
+                    });
+                    let why = reasons
+                        .entry(key)
+                        .or_insert_with(|| explain(p, snapshot, d, dis, o));
+                    PodOutcome::Waits {
+                        reason: format!("{why}{not_counted}"),
+                    }
+                }
             }
         };
         pods.push(PodPlan {

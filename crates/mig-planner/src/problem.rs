@@ -2,6 +2,7 @@
 //! and where they may go. Bad input becomes a warning or a pod-level reason here, never a panic.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use mig_catalog::{Catalog, Counts, GpuModel, Instance, Layout, ProfileIdx};
 
@@ -31,6 +32,41 @@ pub(crate) struct GpuOption {
     pub cost: f64,
 }
 
+/// What a GPU may become: `options[0]` is "keep" (its own layout); the change options after it are
+/// shared by every GPU of the same model, busy instances and costs (one allocation for thousands of
+/// identical GPUs).
+#[derive(Clone, Debug)]
+pub(crate) struct Options {
+    keep: GpuOption,
+    changes: Arc<[GpuOption]>,
+}
+
+impl Options {
+    pub fn len(&self) -> usize {
+        1 + self.changes.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &GpuOption> {
+        std::iter::once(&self.keep).chain(self.changes.iter())
+    }
+
+    /// `options[1..]`: the changes, shared with identical GPUs.
+    pub fn changes(&self) -> &[GpuOption] {
+        &self.changes
+    }
+}
+
+impl std::ops::Index<usize> for Options {
+    type Output = GpuOption;
+
+    fn index(&self, o: usize) -> &GpuOption {
+        match o {
+            0 => &self.keep,
+            _ => &self.changes[o - 1],
+        }
+    }
+}
+
 /// A GPU the planner knows about.
 #[derive(Clone, Debug)]
 pub(crate) struct GpuState<'c> {
@@ -43,7 +79,7 @@ pub(crate) struct GpuState<'c> {
     /// Running pods on this GPU (keys), evicted if it is drained.
     pub pods: Vec<String>,
     /// options[0] is "keep".
-    pub options: Vec<GpuOption>,
+    pub options: Options,
     /// Why its in-use instances may not be drained (when draining is allowed at all).
     pub drain_blocked: Option<String>,
     pub group: usize,
@@ -229,6 +265,8 @@ fn read_gpus<'c>(
     let mut nodes = Vec::new();
     let mut gpus: Vec<GpuState<'c>> = Vec::new();
     let mut pods_per_gpu: HashMap<String, BTreeSet<usize>> = HashMap::new();
+    // A fleet has a handful of products: each is looked up once.
+    let mut models: HashMap<&str, Result<&'c GpuModel, String>> = HashMap::new();
     for (ni, node) in snapshot.nodes.iter().enumerate() {
         let managed = policy
             .managed_node_selector
@@ -243,7 +281,11 @@ fn read_gpus<'c>(
         };
         for (gi, gpu) in node.gpus.iter().enumerate() {
             let path = format!("$.nodes[{ni}].gpus[{gi}]");
-            let Some((model, actual, busy, pods)) = read_gpu(catalog, gpu, &path, warnings) else {
+            let model = models
+                .entry(&gpu.product)
+                .or_insert_with(|| catalog.lookup(&gpu.product).map_err(|e| e.to_string()))
+                .clone();
+            let Some((model, actual, busy, pods)) = read_gpu(model, gpu, &path, warnings) else {
                 continue;
             };
             let gpu_id = gpus.len();
@@ -258,7 +300,16 @@ fn read_gpus<'c>(
                 actual,
                 busy,
                 pods: pods.into_iter().collect(),
-                options: Vec::new(),
+                options: Options {
+                    keep: GpuOption {
+                        counts: Counts::zero(0),
+                        free: Vec::new(),
+                        changed: false,
+                        drain: false,
+                        cost: 0.0,
+                    },
+                    changes: Arc::from([]),
+                },
                 drain_blocked: None,
                 group: 0,
             });
@@ -271,13 +322,13 @@ fn read_gpus<'c>(
 /// One reported GPU as the planner uses it: model, actual layout, busy instances, pods using it;
 /// `None` (with a warning at `path`) when it must be left alone.
 fn read_gpu<'c>(
-    catalog: &'c Catalog,
+    model: Result<&'c GpuModel, String>,
     gpu: &crate::snapshot::Gpu,
     path: &str,
     warnings: &mut Vec<Warning>,
 ) -> Option<(&'c GpuModel, Layout, Layout, BTreeSet<String>)> {
     let mut warn = |path: String, message: String| warnings.push(Warning { path, message });
-    let model = match catalog.lookup(&gpu.product) {
+    let model = match model {
         Ok(m) => m,
         Err(e) => {
             warn(format!("{path}.product"), format!("GPU left alone: {e}"));
@@ -352,7 +403,18 @@ struct OptionInputs<'a> {
 }
 
 /// Maximal count vectors compatible with a pinned layout, per model and pinned layout.
-type VectorCache = HashMap<(String, String), Vec<Counts>>;
+type VectorCache = HashMap<(String, Layout), Vec<Counts>>;
+
+/// A GPU's change options, per model, busy instances, whether it changes in place and what a
+/// drain of it costs (`f64::to_bits`): identical GPUs share one list.
+type ChangeCache = HashMap<(String, Layout, bool, Option<u64>), Arc<[GpuOption]>>;
+
+/// Option lists already built, shared by the GPUs that have the same ones.
+#[derive(Default)]
+struct OptionCache {
+    vectors: VectorCache,
+    changes: ChangeCache,
+}
 
 /// Stage 3: each GPU's options: keep (always first), change in place around its busy instances, and
 /// (when the drain policy allows and nothing protects its pods) drain and change.
@@ -362,7 +424,7 @@ fn set_options(
     held: &BTreeSet<usize>,
     input: &OptionInputs<'_>,
 ) {
-    let mut cache = VectorCache::new();
+    let mut cache = OptionCache::default();
     for (gi, gs) in gpus.iter_mut().enumerate() {
         let node = &nodes[gs.node];
         // A reserved GPU whose kept region is still in use waits for it: nothing changes it.
@@ -416,51 +478,22 @@ fn gpu_options(
     changeable: bool,
     drainable: bool,
     input: &OptionInputs<'_>,
-    cache: &mut VectorCache,
-) -> Vec<GpuOption> {
+    cache: &mut OptionCache,
+) -> Options {
     let model = gs.model;
     let policy = input.policy;
     let busy_counts = model.counts(&gs.busy);
-    let to_free = |counts: &Counts, kept: &Counts| -> Vec<u16> {
-        let mut free = vec![0u16; input.profiles.len()];
-        for (idx, _) in model.profiles_indexed() {
-            let n = counts.get(idx).saturating_sub(kept.get(idx));
-            free[global_profile(input.profiles, model, idx)] += u16::from(n);
-        }
-        free
-    };
     let actual_counts = model.counts(&gs.actual);
-    let mut options = vec![GpuOption {
-        counts: actual_counts.clone(),
-        free: to_free(&actual_counts, &busy_counts),
+    let keep = GpuOption {
+        free: free_instances(input.profiles, model, &actual_counts, &busy_counts),
+        counts: actual_counts,
         changed: false,
         drain: false,
         cost: 0.0,
-    }];
-    if !changeable {
-        return options;
-    }
-    let can_change_in_place = gs.busy.is_empty() || policy.backend == Backend::Nvml;
-    if can_change_in_place {
-        // The GPU's own count vector stays in the list so that identical GPUs share one option
-        // set; choosing it is turned back into "keep" when decisions are made.
-        let cost = weights::CHANGE_GPU
-            + if gs.busy.is_empty() {
-                0.0
-            } else {
-                weights::TOUCH_BUSY_GPU
-            };
-        for c in maximal_vectors(model, &gs.busy, &input.wanted, cache) {
-            options.push(GpuOption {
-                free: to_free(&c, &busy_counts),
-                counts: c,
-                changed: true,
-                drain: false,
-                cost,
-            });
-        }
-    }
-    if !gs.busy.is_empty() && policy.drain != DrainPolicy::Never && drainable {
+    };
+    let in_place = changeable && (gs.busy.is_empty() || policy.backend == Backend::Nvml);
+    let drain = changeable && !gs.busy.is_empty() && policy.drain != DrainPolicy::Never && drainable;
+    let drain_cost = drain.then(|| {
         let util: f64 = gs
             .pods
             .iter()
@@ -470,11 +503,45 @@ fn gpu_options(
                     .fold(0.0, f64::max)
             })
             .sum();
-        let cost = weights::CHANGE_GPU + weights::EVICT * gs.pods.len() as f64 + weights::EVICT * util;
+        weights::CHANGE_GPU + weights::EVICT * gs.pods.len() as f64 + weights::EVICT * util
+    });
+    let key = (
+        model.key.clone(),
+        gs.busy.clone(),
+        in_place,
+        drain_cost.map(f64::to_bits),
+    );
+    if let Some(changes) = cache.changes.get(&key) {
+        return Options {
+            keep,
+            changes: changes.clone(),
+        };
+    }
+    let mut changes = Vec::new();
+    if in_place {
+        // The GPU's own count vector stays in the list so that identical GPUs share one option
+        // set; choosing it is turned back into "keep" when decisions are made.
+        let cost = weights::CHANGE_GPU
+            + if gs.busy.is_empty() {
+                0.0
+            } else {
+                weights::TOUCH_BUSY_GPU
+            };
+        for c in maximal_vectors(model, &gs.busy, &input.wanted, &mut cache.vectors) {
+            changes.push(GpuOption {
+                free: free_instances(input.profiles, model, &c, &busy_counts),
+                counts: c,
+                changed: true,
+                drain: false,
+                cost,
+            });
+        }
+    }
+    if let Some(cost) = drain_cost {
         let none = Counts::zero(model.profiles.len());
-        for c in maximal_vectors(model, &Layout::empty(), &input.wanted, cache) {
-            options.push(GpuOption {
-                free: to_free(&c, &none),
+        for c in maximal_vectors(model, &Layout::empty(), &input.wanted, &mut cache.vectors) {
+            changes.push(GpuOption {
+                free: free_instances(input.profiles, model, &c, &none),
                 counts: c,
                 changed: true,
                 drain: true,
@@ -482,7 +549,19 @@ fn gpu_options(
             });
         }
     }
-    options
+    let changes: Arc<[GpuOption]> = changes.into();
+    cache.changes.insert(key, changes.clone());
+    Options { keep, changes }
+}
+
+/// Instances of `counts` beyond `kept`, per global profile.
+fn free_instances(profiles: &[String], model: &GpuModel, counts: &Counts, kept: &Counts) -> Vec<u16> {
+    let mut free = vec![0u16; profiles.len()];
+    for (idx, _) in model.profiles_indexed() {
+        let n = counts.get(idx).saturating_sub(kept.get(idx));
+        free[global_profile(profiles, model, idx)] += u16::from(n);
+    }
+    free
 }
 
 /// A model's profile `idx` in the global universe.
@@ -501,7 +580,7 @@ fn maximal_vectors(
     wanted: &BTreeSet<String>,
     cache: &mut VectorCache,
 ) -> Vec<Counts> {
-    let key = (model.key.clone(), model.format_layout(pinned));
+    let key = (model.key.clone(), pinned.clone());
     if let Some(v) = cache.get(&key) {
         return v.clone();
     }
@@ -581,6 +660,24 @@ fn group_nodes(snapshot: &Snapshot, exact: bool, owners: &Owners) -> (Vec<Group>
     (groups, node_group)
 }
 
+/// What `node_rejects` reads of a pod.
+#[derive(PartialEq, Eq, Hash)]
+pub(crate) struct Constraints<'s> {
+    node_selector: &'s BTreeMap<String, String>,
+    node_affinity: &'s [crate::snapshot::NodeSelectorTerm],
+    tolerations: &'s [crate::snapshot::Toleration],
+}
+
+impl<'s> Constraints<'s> {
+    pub(crate) fn of(pod: &'s PendingPod) -> Self {
+        Constraints {
+            node_selector: &pod.node_selector,
+            node_affinity: &pod.node_affinity,
+            tolerations: &pod.tolerations,
+        }
+    }
+}
+
 /// Stage 5: demands, first the pending pods (or why one cannot be planned), then the pods a drain
 /// would evict, to be placed again in their own group.
 #[allow(clippy::too_many_arguments)]
@@ -601,6 +698,10 @@ fn demands(
         .filter_map(|p| p.waited_seconds)
         .max()
         .unwrap_or(0);
+    // The nodes of a group agree on everything `node_rejects` reads (the labels pods select on,
+    // foreign taints, schedulable) and on their reservation owners (`group_nodes`), so one node
+    // speaks for its group, and pods with the same constraints share the answer.
+    let mut admitted: HashMap<Constraints<'_>, Vec<usize>> = HashMap::new();
     for (pi, pod) in snapshot.pending_pods.iter().enumerate() {
         let req = match pod_request(pod, profiles) {
             Ok(req) => req,
@@ -610,17 +711,21 @@ fn demands(
             }
         };
         let key = pod.key();
+        let admitting = admitted.entry(Constraints::of(pod)).or_insert_with(|| {
+            (0..groups.len())
+                .filter(|g| node_rejects(pod, &snapshot.nodes[groups[*g].nodes[0]]).is_none())
+                .collect()
+        });
         // A node reserved for other pods of this priority or higher is not this pod's to take.
-        let reserved_for_others = |n: &usize| {
+        let reserved_for_others = |g: &usize| {
             owners
-                .get(n)
+                .get(&groups[*g].nodes[0])
                 .is_some_and(|(who, top)| !who.contains(&key) && *top >= pod.priority)
         };
-        let eligible_nodes: BTreeSet<usize> = (0..snapshot.nodes.len())
-            .filter(|n| node_rejects(pod, &snapshot.nodes[*n]).is_none() && !reserved_for_others(n))
-            .collect();
-        let groups_ok: Vec<usize> = (0..groups.len())
-            .filter(|g| groups[*g].nodes.iter().any(|n| eligible_nodes.contains(n)))
+        let groups_ok: Vec<usize> = admitting
+            .iter()
+            .copied()
+            .filter(|g| !reserved_for_others(g))
             .collect();
         demands.push(Demand {
             key,
@@ -725,23 +830,30 @@ fn pod_request(
 /// "keep" are constants and in none).
 fn classes(gpus: &[GpuState<'_>], exact: bool) -> Vec<Class> {
     let mut classes: Vec<Class> = Vec::new();
-    let mut by_key: HashMap<String, usize> = HashMap::new();
+    #[derive(PartialEq, Eq, Hash)]
+    enum ClassKey {
+        Drain(usize),
+        Shared {
+            group: usize,
+            node: Option<usize>,
+            changes: usize,
+        },
+    }
+    let mut by_key: HashMap<ClassKey, usize> = HashMap::new();
     for (gi, g) in gpus.iter().enumerate() {
         if g.options.len() == 1 {
             continue;
         }
         let key = if g.options.iter().any(|o| o.drain) {
-            format!("drain:{gi}")
+            ClassKey::Drain(gi)
         } else {
-            let node_key = if exact { g.node.to_string() } else { String::new() };
-            // Members must share options[1..] exactly: the fingerprint makes that structural.
-            let changes: Vec<&Counts> = g.options[1..].iter().map(|o| &o.counts).collect();
-            format!(
-                "{}|{}|{}|{node_key}|{changes:?}",
-                g.group,
-                g.model.key,
-                g.model.format_layout(&g.busy)
-            )
+            // Members must share options[1..] exactly: sharing the very list makes that structural
+            // (the list is per model and busy instances, so those agree too).
+            ClassKey::Shared {
+                group: g.group,
+                node: exact.then_some(g.node),
+                changes: Arc::as_ptr(&g.options.changes).cast::<()>() as usize,
+            }
         };
         let ci = *by_key.entry(key).or_insert_with(|| {
             classes.push(Class { gpus: Vec::new() });

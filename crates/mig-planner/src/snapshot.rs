@@ -240,7 +240,7 @@ impl PendingPod {
 }
 
 /// A required node-affinity term: every expression must hold.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NodeSelectorTerm {
     /// Label expressions.
@@ -249,7 +249,7 @@ pub struct NodeSelectorTerm {
 }
 
 /// One label expression (`In`, `NotIn`, `Exists`, `DoesNotExist`, `Gt`, `Lt`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LabelExpression {
     /// Label key.
@@ -262,7 +262,7 @@ pub struct LabelExpression {
 }
 
 /// A toleration.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Toleration {
     /// Taint key; empty with `Exists` tolerates everything.
