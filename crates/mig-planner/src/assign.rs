@@ -2,7 +2,7 @@
 //! scratch; the ILP's class-level answer is turned into one here; both end in [`realise`], which
 //! places every demand on real free instances and cleans up changes that serve nothing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::problem::Problem;
 
@@ -348,6 +348,50 @@ pub(crate) fn greedy_from(p: &Problem<'_>, start: &Decision) -> Decision {
     }
 }
 
+/// Most GPUs per capacity group that get drain options in one plan.
+pub(crate) const DRAIN_CANDIDATES: usize = 32;
+
+/// The drainable GPUs worth a drain option, given a plan without drains (`o`): none when it
+/// places every pending pod (a drain only costs then); otherwise, per capacity group where waiting
+/// pods may go, the cheapest to drain (fewest pods, least busy; `GpuState::drain_cost`) among the
+/// GPUs whose model has a profile they ask for: twice the instances they ask for there, at most
+/// the eviction budget (each drain evicts a pod at least) and [`DRAIN_CANDIDATES`].
+pub(crate) fn drain_candidates(p: &Problem<'_>, o: &Outcome) -> BTreeSet<usize> {
+    let mut wanted: HashMap<usize, (u32, BTreeSet<usize>)> = HashMap::new();
+    for (d, dm) in p.demands.iter().enumerate() {
+        if dm.evicted_from.is_some() || o.placed[d].is_some() {
+            continue;
+        }
+        for g in &dm.groups {
+            let (instances, profiles) = wanted.entry(*g).or_default();
+            for (q, n) in &dm.req {
+                *instances += u32::from(*n);
+                profiles.insert(*q);
+            }
+        }
+    }
+    let budget = p.policy.budgets.max_evictions.map_or(usize::MAX, |b| b as usize);
+    let mut by_group: BTreeMap<usize, Vec<(f64, usize)>> = BTreeMap::new();
+    for (g, gs) in p.gpus.iter().enumerate() {
+        let (Some(cost), Some((_, profiles))) = (gs.drain_cost, wanted.get(&gs.group)) else {
+            continue;
+        };
+        if profiles
+            .iter()
+            .any(|q| gs.model.profile_by_name(&p.profiles[*q]).is_some())
+        {
+            by_group.entry(gs.group).or_default().push((cost, g));
+        }
+    }
+    let mut chosen = BTreeSet::new();
+    for (group, mut gpus) in by_group {
+        gpus.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let limit = (2 * wanted[&group].0 as usize).min(budget).min(DRAIN_CANDIDATES);
+        chosen.extend(gpus.into_iter().take(limit).map(|(_, g)| g));
+    }
+    chosen
+}
+
 /// Place every demand on real free instances under the decision's options, honouring the node
 /// budget, then undo changes that no placed demand uses.
 pub(crate) fn realise(p: &Problem<'_>, decision: &Decision) -> Outcome {
@@ -560,7 +604,7 @@ mod tests {
                     });
                     s.policy.budgets.max_nodes_changed = budget;
                     s.policy.solver.exact_node_limit = exact_node_limit;
-                    let p = Problem::build(catalog, &s, &s.policy);
+                    let p = Problem::build(catalog, &s, &s.policy, &crate::problem::Drains::None);
                     let (fast, plain) = (greedy(&p), reference_greedy(&p));
                     assert_eq!(
                         fast.option, plain.option,

@@ -39,6 +39,7 @@ pub use reserve::{PlannedReservation, ReleasedReservation};
 pub use snapshot::{Backend, DrainPolicy, InputError, Policy, ReservationPolicy, Snapshot, SolverKind};
 
 use crate::ilp::ClassSolver;
+use crate::problem::Drains;
 
 /// Objective weights. Pods compete in strict tiers by priority: a plan places as much of the
 /// highest priority's demand as it can, then, never less of that, as much of the next priority's,
@@ -95,9 +96,18 @@ pub fn plan(snapshot: &Snapshot, policy: &Policy) -> Plan {
 /// [`plan`] with another catalog.
 pub fn plan_with(catalog: &Catalog, snapshot: &Snapshot, policy: &Policy) -> Plan {
     let started = Instant::now();
-    let p = problem::Problem::build(catalog, snapshot, policy);
-    let greedy = assign::greedy(&p);
-    let greedy_outcome = assign::realise(&p, &greedy);
+    // First without drains; only when that leaves pods waiting do the cheapest drainable GPUs
+    // where they may go get drain options (each would otherwise be a class of its own).
+    let mut p = problem::Problem::build(catalog, snapshot, policy, &Drains::None);
+    let mut greedy = assign::greedy(&p);
+    let mut greedy_outcome = assign::realise(&p, &greedy);
+    let candidates = assign::drain_candidates(&p, &greedy_outcome);
+    let drain_candidates = candidates.len();
+    if !candidates.is_empty() {
+        p = problem::Problem::build(catalog, snapshot, policy, &Drains::Only(candidates));
+        greedy = assign::greedy(&p);
+        greedy_outcome = assign::realise(&p, &greedy);
+    }
     let greedy_score = plan::score(&p, &greedy_outcome);
     let model = if p.exact { "per-node" } else { "per-node-group" };
     let mut report = SolverReport {
@@ -120,6 +130,7 @@ pub fn plan_with(catalog: &Catalog, snapshot: &Snapshot, policy: &Policy) -> Pla
         variables: 0,
         constraints: 0,
         gpu_classes: p.classes.len(),
+        drain_candidates,
         solver_millis: 0.0,
         millis: 0.0,
     };

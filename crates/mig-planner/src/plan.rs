@@ -101,6 +101,11 @@ pub struct SolverReport {
     pub constraints: usize,
     /// GPU classes (decision units).
     pub gpu_classes: usize,
+    /// GPUs given drain options in this plan: none when the plan places every pending pod without
+    /// evicting; otherwise the cheapest drainable GPUs where waiting pods may go (docs/planner.md
+    /// "Drain candidates").
+    #[serde(default)]
+    pub drain_candidates: usize,
     /// Wall time of the ILP (model building and solving), ms.
     pub solver_millis: f64,
     /// Wall time of planning, ms (not part of the plan id).

@@ -82,6 +82,9 @@ pub(crate) struct GpuState<'c> {
     pub options: Options,
     /// Why its in-use instances may not be drained (when draining is allowed at all).
     pub drain_blocked: Option<String>,
+    /// What draining it costs, when the policy allows it and nothing protects its pods (whether
+    /// or not this problem gives it drain options).
+    pub drain_cost: Option<f64>,
     pub group: usize,
 }
 
@@ -311,6 +314,7 @@ fn read_gpus<'c>(
                     changes: Arc::from([]),
                 },
                 drain_blocked: None,
+                drain_cost: None,
                 group: 0,
             });
         }
@@ -400,6 +404,16 @@ struct OptionInputs<'a> {
     wanted: BTreeSet<String>,
     disruptions: &'a Disruptions<'a>,
     pods_per_gpu: &'a HashMap<String, BTreeSet<usize>>,
+    drains: &'a Drains,
+}
+
+/// Which drainable GPUs get drain options.
+#[derive(Clone, Debug)]
+pub(crate) enum Drains {
+    /// None: a plan without evictions (what greedy plans anyway).
+    None,
+    /// These GPUs (ids as `Problem::gpus` numbers them; the same snapshot numbers them the same).
+    Only(BTreeSet<usize>),
 }
 
 /// Maximal count vectors compatible with a pinned layout, per model and pinned layout.
@@ -433,7 +447,16 @@ fn set_options(
         let blocked = (changeable && !gs.busy.is_empty() && input.policy.drain != DrainPolicy::Never)
             .then(|| drain_blocked(gs, input))
             .flatten();
-        gs.options = gpu_options(gs, changeable, blocked.is_none(), input, &mut cache);
+        let drainable = changeable
+            && !gs.busy.is_empty()
+            && input.policy.drain != DrainPolicy::Never
+            && blocked.is_none();
+        gs.drain_cost = drainable.then(|| drain_cost(gs, input));
+        let drain = match input.drains {
+            Drains::None => None,
+            Drains::Only(gpus) => gs.drain_cost.filter(|_| gpus.contains(&gi)),
+        };
+        gs.options = gpu_options(gs, changeable, drain, input, &mut cache);
         gs.drain_blocked = blocked;
     }
 }
@@ -471,12 +494,26 @@ fn drain_blocked(gs: &GpuState<'_>, input: &OptionInputs<'_>) -> Option<String> 
     })
 }
 
+/// What draining `gs` costs: the change, and per evicted pod a fixed cost plus its utilization.
+fn drain_cost(gs: &GpuState<'_>, input: &OptionInputs<'_>) -> f64 {
+    let util: f64 = gs
+        .pods
+        .iter()
+        .map(|p| {
+            pod_instances(&input.snapshot.nodes[gs.node], p)
+                .filter_map(|i| i.utilization)
+                .fold(0.0, f64::max)
+        })
+        .sum();
+    weights::CHANGE_GPU + weights::EVICT * gs.pods.len() as f64 + weights::EVICT * util
+}
+
 /// The options of one GPU (`changeable`: its node is managed, schedulable and not frozen;
-/// `drainable`: nothing protects its pods).
+/// `drain_cost`: what draining it costs, when it gets drain options).
 fn gpu_options(
     gs: &GpuState<'_>,
     changeable: bool,
-    drainable: bool,
+    drain_cost: Option<f64>,
     input: &OptionInputs<'_>,
     cache: &mut OptionCache,
 ) -> Options {
@@ -492,19 +529,6 @@ fn gpu_options(
         cost: 0.0,
     };
     let in_place = changeable && (gs.busy.is_empty() || policy.backend == Backend::Nvml);
-    let drain = changeable && !gs.busy.is_empty() && policy.drain != DrainPolicy::Never && drainable;
-    let drain_cost = drain.then(|| {
-        let util: f64 = gs
-            .pods
-            .iter()
-            .map(|p| {
-                pod_instances(&input.snapshot.nodes[gs.node], p)
-                    .filter_map(|i| i.utilization)
-                    .fold(0.0, f64::max)
-            })
-            .sum();
-        weights::CHANGE_GPU + weights::EVICT * gs.pods.len() as f64 + weights::EVICT * util
-    });
     let key = (
         model.key.clone(),
         gs.busy.clone(),
@@ -882,7 +906,7 @@ fn recent_demand(snapshot: &Snapshot, profiles: &[String], warnings: &mut Vec<Wa
 
 impl<'c> Problem<'c> {
     /// The planning problem of `snapshot` under `policy`, in named stages.
-    pub fn build(catalog: &'c Catalog, snapshot: &Snapshot, policy: &Policy) -> Problem<'c> {
+    pub fn build(catalog: &'c Catalog, snapshot: &Snapshot, policy: &Policy, drains: &Drains) -> Problem<'c> {
         let mut warnings = Vec::new();
         let disruptions = Disruptions::of(snapshot);
         let pod_pdbs: HashMap<String, Vec<String>> = disruptions
@@ -906,6 +930,7 @@ impl<'c> Problem<'c> {
             wanted,
             disruptions: &disruptions,
             pods_per_gpu: &pods_per_gpu,
+            drains,
         };
         let (holds, released) = reserve::read_holds(snapshot, policy, &nodes, &gpus);
         let held = reserve::frozen_gpus(snapshot, policy.backend, &gpus, &holds);

@@ -202,6 +202,73 @@ fn do_not_disrupt_and_drain_policies() {
     assert!(run(&one_busy_gpu(5, false), &capped).evictions.is_empty());
 }
 
+/// Twenty nodes of four busy H100s: each GPU runs `pods(node, gpu)` 1g pods and has one free 1g.
+fn busy_fleet(pods: impl Fn(usize, usize) -> usize) -> Snapshot {
+    let mut s = Snapshot::default();
+    for n in 0..20 {
+        let gpus = (0..4)
+            .map(|g| {
+                let names: Vec<String> = (0..pods(n, g)).map(|k| format!("batch/p-{n}-{g}-{k}")).collect();
+                let mut instances: Vec<(&str, u8, Option<&str>)> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(k, name)| ("1g.10gb", k as u8, Some(name.as_str())))
+                    .collect();
+                instances.push(("1g.10gb", 6, None));
+                s.running_pods.extend(names.iter().map(|name| running(name, 0)));
+                gpu(g as u32, H100, &instances)
+            })
+            .collect();
+        s.nodes.push(node(&format!("n{n}"), &[], gpus));
+    }
+    s
+}
+
+#[test]
+fn drains_are_weighed_only_for_the_cheapest_gpus_where_waiting_pods_may_go() {
+    // Every GPU runs three or four 1g pods, except one that runs a single pod: the one to drain.
+    let mut s = busy_fleet(|n, g| if (n, g) == (13, 2) { 1 } else { 3 + (n + g) % 2 });
+    let allowed = Policy {
+        drain: DrainPolicy::Allowed,
+        ..Default::default()
+    };
+    // Nothing waits for a drain (the 1g takes a free instance): no GPU gets a drain option (80
+    // busy GPUs would be 80 classes).
+    s.pending_pods = vec![pending("small", 100, &[("1g.10gb", 1)])];
+    let plan = run(&s, &allowed);
+    assert_eq!(plan.solver.drain_candidates, 0);
+    assert!(plan.evictions.is_empty());
+    assert_eq!(plan.solver.gpu_classes, 0, "{}", plan.render_table());
+
+    // A 7g waits: twice the instances it asks for, cheapest first.
+    s.pending_pods = vec![pending("big", 100, &[("7g.80gb", 1)])];
+    let plan = run(&s, &allowed);
+    assert_eq!(plan.solver.drain_candidates, 2);
+    assert_eq!(fits_on(&plan, "big"), "n13");
+    assert_eq!(plan.evictions.len(), 1);
+    assert_eq!(plan.evictions[0].pod, "batch/p-13-2-0");
+
+    // The eviction budget bounds them too (one pod per drain at least), and 0 means none.
+    let mut capped = allowed.clone();
+    capped.budgets.max_evictions = Some(1);
+    s.pending_pods = (0..5)
+        .map(|i| pending(&format!("big-{i}"), 100, &[("7g.80gb", 1)]))
+        .collect();
+    let plan = run(&s, &capped);
+    assert_eq!(plan.solver.drain_candidates, 1);
+    assert_eq!(plan.evictions.len(), 1);
+    capped.budgets.max_evictions = Some(0);
+    let plan = run(&s, &capped);
+    assert_eq!(plan.solver.drain_candidates, 0);
+    assert!(plan.evictions.is_empty());
+
+    // Without a budget: ten instances asked for, twenty candidates at most; the ILP picks the
+    // cheapest drains among them (GPUs with three pods before those with four).
+    let plan = run(&s, &allowed);
+    assert_eq!(plan.solver.drain_candidates, 10);
+    assert_eq!(plan.evictions.len(), 1 + 4 * 3, "{}", plan.render_table());
+}
+
 #[test]
 fn an_equal_priority_pod_is_not_evicted_for_another() {
     let mut s = one_busy_gpu(5, false);
