@@ -431,8 +431,15 @@ pub(crate) fn realise(p: &Problem<'_>, decision: &Decision) -> Outcome {
                 }
             }
         }
-        let idle_changes: Vec<usize> = (0..p.gpus.len())
+        // A drain whose pods must move and one of them found no place is not made.
+        let stranded = placed.iter().enumerate().filter_map(|(d, pl)| {
+            let dm = &p.demands[d];
+            let g = dm.evicted_from?;
+            (dm.must_move && pl.is_none() && p.gpus[g].options[option[g]].drain).then_some(g)
+        });
+        let idle_changes: BTreeSet<usize> = (0..p.gpus.len())
             .filter(|g| p.gpus[*g].options[option[*g]].changed && !hosts[*g])
+            .chain(stranded)
             .collect();
         if idle_changes.is_empty() {
             return Outcome {

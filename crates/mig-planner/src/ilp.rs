@@ -218,6 +218,9 @@ impl Model {
                 let v = self.add(variable().binary());
                 let drained = self.drain_of(p, g);
                 self.constraints.push(constraint!(v <= drained.clone()));
+                if dm.must_move {
+                    self.constraints.push(constraint!(v >= drained.clone()));
+                }
                 let value = dm.weight * v - dm.weight * drained;
                 self.objective += value.clone();
                 *self.tier_value.entry(dm.tier).or_default() += value;

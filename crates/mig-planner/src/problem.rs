@@ -101,6 +101,10 @@ pub(crate) struct Demand {
     pub groups: Vec<usize>,
     /// For evicted pods: the GPU whose drain evicts it.
     pub evicted_from: Option<usize>,
+    /// For evicted pods: whether the plan must place it again to drain its GPU (no pending pod has
+    /// a higher priority: a pod is displaced without a place to go only for a more important one,
+    /// as the scheduler's preemption does; otherwise drains would only move the waiting around).
+    pub must_move: bool,
     pub created: String,
     /// Index into `Snapshot::pending_pods` for pending pods.
     pub pending: Option<usize>,
@@ -762,10 +766,16 @@ fn demands(
             req,
             groups: groups_ok,
             evicted_from: None,
+            must_move: false,
             created: pod.created.clone().unwrap_or_default(),
             pending: Some(pi),
         });
     }
+    let top_pending = demands
+        .iter()
+        .filter(|d| !d.groups.is_empty())
+        .map(|d| d.tier)
+        .max();
     for (gi, g) in gpus.iter().enumerate() {
         if !g.options.iter().any(|o| o.drain) {
             continue;
@@ -779,9 +789,11 @@ fn demands(
                 }
             }
             let req: Vec<(usize, u16)> = counts.into_iter().collect();
+            let tier = disruptions.running.get(p).map_or(0, |r| r.priority);
             demands.push(Demand {
                 key: p.clone(),
-                tier: disruptions.running.get(p).map_or(0, |r| r.priority),
+                tier,
+                must_move: top_pending.is_none_or(|t| t <= tier),
                 weight: weights::place(memory_slices(&req, profile_size), 0, longest),
                 req,
                 groups: vec![g.group],

@@ -270,6 +270,59 @@ fn drains_are_weighed_only_for_the_cheapest_gpus_where_waiting_pods_may_go() {
 }
 
 #[test]
+fn a_drain_evicts_pods_of_equal_priority_only_when_they_have_somewhere_to_go() {
+    // GPU 0 runs one small pod; GPU 1 runs a 7g. A 7g of the same priority waits.
+    let snapshot = |spare: bool| {
+        let mut second = gpu(1, H100, &[("7g.80gb", 0, Some("batch/big"))]);
+        if spare {
+            second = gpu(
+                1,
+                H100,
+                &[("1g.10gb", 0, None), ("1g.10gb", 1, Some("batch/other"))],
+            );
+        }
+        Snapshot {
+            nodes: vec![node(
+                "n",
+                &[],
+                vec![gpu(0, H100, &[("1g.10gb", 3, Some("batch/small"))]), second],
+            )],
+            pending_pods: vec![pending("large", 0, &[("7g.80gb", 1)])],
+            running_pods: vec![
+                running("batch/small", 0),
+                running("batch/big", 0),
+                running("batch/other", 0),
+            ],
+            ..Default::default()
+        }
+    };
+    let allowed = Policy {
+        drain: DrainPolicy::Allowed,
+        ..Default::default()
+    };
+    // Nowhere for the small pod to go: it is not evicted for an equal-priority pod (that would
+    // only move the waiting from one pod to another, and back on the next plan).
+    let plan = run(&snapshot(false), &allowed);
+    assert!(plan.evictions.is_empty(), "{}", plan.render_table());
+    waits(&plan, "large");
+
+    // A free 1g elsewhere: the small pod moves there and the 7g gets GPU 0.
+    let plan = run(&snapshot(true), &allowed);
+    assert_eq!(plan.evictions.len(), 1, "{}", plan.render_table());
+    assert_eq!(plan.evictions[0].pod, "batch/small");
+    assert_eq!(plan.evictions[0].replaced_on.as_deref(), Some("n"));
+    assert_eq!(fits_on(&plan, "large"), "n");
+
+    // A higher-priority pod may displace it with nowhere to go, as the scheduler's preemption does.
+    let mut urgent = snapshot(false);
+    urgent.pending_pods[0].priority = 100;
+    let plan = run(&urgent, &allowed);
+    assert_eq!(plan.evictions.len(), 1, "{}", plan.render_table());
+    assert_eq!(plan.evictions[0].replaced_on, None);
+    assert_eq!(fits_on(&plan, "large"), "n");
+}
+
+#[test]
 fn an_equal_priority_pod_is_not_evicted_for_another() {
     let mut s = one_busy_gpu(5, false);
     s.pending_pods[0].priority = 0;

@@ -76,6 +76,19 @@ pub fn check_plan(snapshot: &Snapshot, policy: &Policy, plan: &Plan) {
             .running_pods
             .iter()
             .find(|r| format!("{}/{}", r.namespace, r.name) == e.pod);
+        // Displaced with nowhere to go only for a pending pod of higher priority that the plan
+        // places (preemption); otherwise an evicted pod is placed again.
+        let priority = r.map_or(0, |r| r.priority);
+        if e.replaced_on.is_none() {
+            let for_higher = plan
+                .pods
+                .iter()
+                .any(|p| p.priority > priority && matches!(p.outcome, mig_planner::PodOutcome::Fits { .. }));
+            assert!(
+                for_higher,
+                "{e:?} evicted with nowhere to go, for no higher-priority pod"
+            );
+        }
         if let Some(r) = r {
             assert!(!r.do_not_disrupt, "do-not-disrupt pod evicted: {e:?}");
             for d in &r.pdbs {
