@@ -898,6 +898,32 @@ fn explain(p: &Problem<'_>, snapshot: &Snapshot, d: usize, dis: &Disruption, o: 
     {
         return format!("eviction budget exhausted ({b} per plan)");
     }
+    // Room for it only by draining, and every drain it could use would strand pods that may not be
+    // displaced for it (docs/planner.md: evicted pods must find a place unless a higher-priority
+    // pod waits).
+    let drainable = eligible_gpus.iter().any(|g| p.gpus[*g].drain_cost.is_some());
+    let without_drains = |q: usize| {
+        eligible
+            .iter()
+            .map(|n| {
+                p.nodes[*n]
+                    .gpus
+                    .iter()
+                    .map(|g| {
+                        let opts = p.gpus[*g].options.iter().filter(|o| !o.drain);
+                        opts.map(|o| o.free[q]).max().unwrap_or(0)
+                    })
+                    .sum::<u16>()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    if drainable && dm.req.iter().any(|(q, need)| without_drains(*q) < *need) {
+        return "only a drain makes room for it, and no drain this plan may make leaves the pods it \
+                would evict a place to go (pods are displaced with nowhere to go only for a pod of \
+                higher priority)"
+            .into();
+    }
     "the GPUs it may use are taken by higher-priority or earlier pods in this plan".into()
 }
 

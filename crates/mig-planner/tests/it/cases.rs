@@ -304,7 +304,11 @@ fn a_drain_evicts_pods_of_equal_priority_only_when_they_have_somewhere_to_go() {
     // only move the waiting from one pod to another, and back on the next plan).
     let plan = run(&snapshot(false), &allowed);
     assert!(plan.evictions.is_empty(), "{}", plan.render_table());
-    waits(&plan, "large");
+    let why = waits(&plan, "large");
+    assert!(
+        why.contains("only a drain makes room for it, and no drain"),
+        "{why}"
+    );
 
     // A free 1g elsewhere: the small pod moves there and the 7g gets GPU 0.
     let plan = run(&snapshot(true), &allowed);
