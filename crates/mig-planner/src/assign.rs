@@ -353,9 +353,10 @@ pub(crate) const DRAIN_CANDIDATES: usize = 32;
 
 /// The drainable GPUs worth a drain option, given a plan without drains (`o`): none when it
 /// places every pending pod (a drain only costs then); otherwise, per capacity group where waiting
-/// pods may go, the cheapest to drain (fewest pods, least busy; `GpuState::drain_cost`) among the
-/// GPUs whose model has a profile they ask for: twice the instances they ask for there, at most
-/// the eviction budget (each drain evicts a pod at least) and [`DRAIN_CANDIDATES`].
+/// pods may go, among the GPUs whose model has a profile they ask for, those whose pods the rest
+/// of the group has room for first, then the cheapest to drain (fewest pods, least busy;
+/// `GpuState::drain_cost`): twice the instances they ask for there, at most the eviction budget
+/// (each drain evicts a pod at least) and [`DRAIN_CANDIDATES`].
 pub(crate) fn drain_candidates(p: &Problem<'_>, o: &Outcome) -> BTreeSet<usize> {
     let mut wanted: HashMap<usize, (u32, BTreeSet<usize>)> = HashMap::new();
     for (d, dm) in p.demands.iter().enumerate() {
@@ -370,8 +371,36 @@ pub(crate) fn drain_candidates(p: &Problem<'_>, o: &Outcome) -> BTreeSet<usize> 
             }
         }
     }
+    // Room for evicted pods: per group and profile, what the GPUs could offer without a drain,
+    // less what the plan takes. A GPU whose pods fit in the room of the others is ranked first:
+    // its drain need not strand anyone (see `Demand::must_move`).
+    let ceiling = |g: usize, q: usize| p.gpus[g].options.iter().map(|o| o.free[q]).max().unwrap_or(0);
+    let mut room: HashMap<(usize, usize), i64> = HashMap::new();
+    for (g, gs) in p.gpus.iter().enumerate() {
+        if wanted.contains_key(&gs.group) {
+            for q in 0..p.profiles.len() {
+                *room.entry((gs.group, q)).or_default() += i64::from(ceiling(g, q));
+            }
+        }
+    }
+    for (_, taken) in o.placed.iter().flatten() {
+        for (g, q, n) in taken {
+            *room.entry((p.gpus[*g].group, *q)).or_default() -= i64::from(*n);
+        }
+    }
+    let movable = |g: usize| {
+        let gs = &p.gpus[g];
+        let mut held: BTreeMap<usize, i64> = BTreeMap::new();
+        for i in gs.busy.instances() {
+            if let Ok(q) = p.profiles.binary_search(&gs.model.profile_name(i.profile)) {
+                *held.entry(q).or_default() += 1;
+            }
+        }
+        held.iter()
+            .all(|(q, n)| room.get(&(gs.group, *q)).copied().unwrap_or(0) - i64::from(ceiling(g, *q)) >= *n)
+    };
     let budget = p.policy.budgets.max_evictions.map_or(usize::MAX, |b| b as usize);
-    let mut by_group: BTreeMap<usize, Vec<(f64, usize)>> = BTreeMap::new();
+    let mut by_group: BTreeMap<usize, Vec<(bool, f64, usize)>> = BTreeMap::new();
     for (g, gs) in p.gpus.iter().enumerate() {
         let (Some(cost), Some((_, profiles))) = (gs.drain_cost, wanted.get(&gs.group)) else {
             continue;
@@ -380,14 +409,14 @@ pub(crate) fn drain_candidates(p: &Problem<'_>, o: &Outcome) -> BTreeSet<usize> 
             .iter()
             .any(|q| gs.model.profile_by_name(&p.profiles[*q]).is_some())
         {
-            by_group.entry(gs.group).or_default().push((cost, g));
+            by_group.entry(gs.group).or_default().push((!movable(g), cost, g));
         }
     }
     let mut chosen = BTreeSet::new();
     for (group, mut gpus) in by_group {
-        gpus.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        gpus.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
         let limit = (2 * wanted[&group].0 as usize).min(budget).min(DRAIN_CANDIDATES);
-        chosen.extend(gpus.into_iter().take(limit).map(|(_, g)| g));
+        chosen.extend(gpus.into_iter().take(limit).map(|(_, _, g)| g));
     }
     chosen
 }

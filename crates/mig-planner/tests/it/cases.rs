@@ -327,6 +327,67 @@ fn a_drain_evicts_pods_of_equal_priority_only_when_they_have_somewhere_to_go() {
 }
 
 #[test]
+fn drain_candidates_favour_gpus_whose_pods_have_somewhere_to_go() {
+    // Three GPUs run one 3g each (cheapest to drain, but no 3g is free anywhere), one runs two 1g
+    // that the free 1g instances of the last GPU can take. A 7g of the same priority waits.
+    let three_g = |i: u32| {
+        gpu(
+            i,
+            H100,
+            &[("3g.40gb", 0, Some(["batch/a", "batch/b", "batch/c"][i as usize]))],
+        )
+    };
+    let s = Snapshot {
+        nodes: vec![node(
+            "n",
+            &[],
+            vec![
+                three_g(0),
+                three_g(1),
+                three_g(2),
+                gpu(
+                    3,
+                    H100,
+                    &[("1g.10gb", 0, Some("batch/d")), ("1g.10gb", 1, Some("batch/e"))],
+                ),
+                gpu(
+                    4,
+                    H100,
+                    &[
+                        ("1g.10gb", 0, Some("batch/f")),
+                        ("1g.10gb", 1, None),
+                        ("1g.10gb", 2, None),
+                    ],
+                ),
+            ],
+        )],
+        pending_pods: vec![pending("large", 0, &[("7g.80gb", 1)])],
+        running_pods: ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .map(|p| running(&format!("batch/{p}"), 0))
+            .collect(),
+        ..Default::default()
+    };
+    let plan = run(
+        &s,
+        &Policy {
+            drain: DrainPolicy::Allowed,
+            ..Default::default()
+        },
+    );
+    assert_eq!(plan.solver.drain_candidates, 2);
+    assert_eq!(fits_on(&plan, "large"), "n", "{}", plan.render_table());
+    let mut evicted: Vec<&str> = plan.evictions.iter().map(|e| e.pod.as_str()).collect();
+    evicted.sort_unstable();
+    assert_eq!(evicted, ["batch/d", "batch/e"]);
+    assert!(
+        plan.evictions
+            .iter()
+            .all(|e| e.replaced_on.as_deref() == Some("n"))
+    );
+}
+
+#[test]
 fn an_equal_priority_pod_is_not_evicted_for_another() {
     let mut s = one_busy_gpu(5, false);
     s.pending_pods[0].priority = 0;
