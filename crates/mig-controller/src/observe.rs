@@ -235,49 +235,63 @@ pub fn is_pending(pod: &Pod) -> bool {
     !bound && phase == "Pending" && pod.metadata.deletion_timestamp.is_none()
 }
 
-fn pending_pod(pod: &Pod, requests: BTreeMap<String, i64>, now: Timestamp) -> PendingPod {
-    let (namespace, name) = key(pod);
-    let spec = pod.spec.clone().unwrap_or_default();
+/// Where a pod may run: `spec.nodeSelector`, its required node affinity and its tolerations.
+type Constraints = (BTreeMap<String, String>, Vec<NodeSelectorTerm>, Vec<Toleration>);
+
+fn constraints(spec: &k8s_openapi::api::core::v1::PodSpec) -> Constraints {
     let node_affinity = spec
         .affinity
-        .and_then(|a| a.node_affinity)
-        .and_then(|n| n.required_during_scheduling_ignored_during_execution)
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref())
         .map(|r| {
             r.node_selector_terms
-                .into_iter()
+                .iter()
                 .map(|t| NodeSelectorTerm {
                     match_expressions: t
                         .match_expressions
-                        .unwrap_or_default()
-                        .into_iter()
+                        .iter()
+                        .flatten()
                         .map(|e| LabelExpression {
-                            key: e.key,
-                            operator: e.operator,
-                            values: e.values.unwrap_or_default(),
+                            key: e.key.clone(),
+                            operator: e.operator.clone(),
+                            values: e.values.clone().unwrap_or_default(),
                         })
                         .collect(),
                 })
                 .collect()
         })
         .unwrap_or_default();
+    let tolerations = spec
+        .tolerations
+        .iter()
+        .flatten()
+        .map(|t| Toleration {
+            key: t.key.clone().unwrap_or_default(),
+            operator: t.operator.clone().unwrap_or_else(|| "Equal".into()),
+            value: t.value.clone().unwrap_or_default(),
+            effect: t.effect.clone().unwrap_or_default(),
+        })
+        .collect();
+    (
+        spec.node_selector.clone().unwrap_or_default(),
+        node_affinity,
+        tolerations,
+    )
+}
+
+fn pending_pod(pod: &Pod, requests: BTreeMap<String, i64>, now: Timestamp) -> PendingPod {
+    let (namespace, name) = key(pod);
+    let spec = pod.spec.clone().unwrap_or_default();
+    let (node_selector, node_affinity, tolerations) = constraints(&spec);
     PendingPod {
         namespace,
         name,
         priority: spec.priority.unwrap_or(0),
         requests,
-        node_selector: spec.node_selector.unwrap_or_default(),
+        node_selector,
         node_affinity,
-        tolerations: spec
-            .tolerations
-            .unwrap_or_default()
-            .into_iter()
-            .map(|t| Toleration {
-                key: t.key.unwrap_or_default(),
-                operator: t.operator.unwrap_or_else(|| "Equal".into()),
-                value: t.value.unwrap_or_default(),
-                effect: t.effect.unwrap_or_default(),
-            })
-            .collect(),
+        tolerations,
         created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
         waited_seconds: pod
             .metadata
@@ -468,7 +482,11 @@ fn running_pod(
                     None
                 }
             });
+    let (node_selector, node_affinity, tolerations) = constraints(spec);
     RunningPod {
+        node_selector,
+        node_affinity,
+        tolerations,
         priority: spec.priority.unwrap_or(0),
         do_not_disrupt: annotations
             .and_then(|a| a.get(DO_NOT_DISRUPT))
@@ -805,6 +823,51 @@ mod tests {
         );
         assert_eq!(run(4 * 3600).recent_demand.get("3g.40gb"), Some(&1));
         assert!(run(0).recent_demand.is_empty(), "0s turns it off");
+    }
+
+    #[test]
+    fn running_and_pending_pods_carry_where_they_may_run() {
+        // A drain may send a running pod elsewhere: the planner must know where it may go.
+        let constrained = |name: &str, phase: &str, node: Option<&str>| {
+            let p = pod(name, "2026-11-22T11:00:00Z", phase, node, "1g.10gb", 1);
+            let mut p = (*p).clone();
+            let spec = p.spec.as_mut().unwrap();
+            spec.node_selector = Some(BTreeMap::from([("pool".to_string(), "a".to_string())]));
+            spec.tolerations = Some(vec![k8s_openapi::api::core::v1::Toleration {
+                key: Some("dedicated".into()),
+                operator: Some("Exists".into()),
+                ..Default::default()
+            }]);
+            spec.affinity = serde_json::from_value(serde_json::json!({"nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["x"]}]}]}}}))
+            .unwrap();
+            Arc::new(p)
+        };
+        let pods = [
+            constrained("running", "Running", Some("n1")),
+            constrained("waiting", "Pending", None),
+        ];
+        let s = observe(
+            &[],
+            &pods,
+            &[],
+            &mig_planner::Policy::default(),
+            &DisruptionBudgets::default(),
+            std::time::Duration::from_secs(60),
+            "2026-11-22T12:00:00Z".parse().unwrap(),
+        )
+        .snapshot;
+        let r = &s.running_pods[0];
+        let p = &s.pending_pods[0];
+        assert_eq!(r.node_selector.get("pool").map(String::as_str), Some("a"));
+        assert_eq!(r.node_selector, p.node_selector);
+        assert_eq!(r.tolerations.len(), 1);
+        assert_eq!(r.tolerations[0].key, "dedicated");
+        assert_eq!(r.tolerations, p.tolerations);
+        assert_eq!(r.node_affinity.len(), 1);
+        assert_eq!(r.node_affinity[0].match_expressions[0].values, ["x"]);
+        assert_eq!(r.node_affinity, p.node_affinity);
     }
 
     /// One node observed under a planner for `backend`.

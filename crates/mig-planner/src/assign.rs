@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::problem::Problem;
+use crate::problem::{DrainCandidates, Problem};
 
 /// Instances a demand takes: (GPU, global profile, count).
 pub(crate) type Taken = Vec<(usize, usize, u16)>;
@@ -357,10 +357,11 @@ pub(crate) const DRAIN_CANDIDATES: usize = 32;
 /// of the group has room for first, then the cheapest to drain (fewest pods, least busy;
 /// `GpuState::drain_cost`): twice the instances they ask for there, at most the eviction budget
 /// (each drain evicts a pod at least) and [`DRAIN_CANDIDATES`].
-pub(crate) fn drain_candidates(p: &Problem<'_>, o: &Outcome) -> BTreeSet<usize> {
+pub(crate) fn drain_candidates(p: &Problem<'_>, o: &Outcome) -> DrainCandidates {
     let mut wanted: HashMap<usize, (u32, BTreeSet<usize>)> = HashMap::new();
     for (d, dm) in p.demands.iter().enumerate() {
-        if dm.evicted_from.is_some() || o.placed[d].is_some() {
+        // A request larger than one GPU (a gang) is served by one node: `gang_candidates`.
+        if dm.evicted_from.is_some() || o.placed[d].is_some() || dm.size(p) > GPU_SLICES {
             continue;
         }
         for g in &dm.groups {
@@ -418,7 +419,78 @@ pub(crate) fn drain_candidates(p: &Problem<'_>, o: &Outcome) -> BTreeSet<usize> 
         let limit = (2 * wanted[&group].0 as usize).min(budget).min(DRAIN_CANDIDATES);
         chosen.extend(gpus.into_iter().take(limit).map(|(_, _, g)| g));
     }
-    chosen
+    let (gang_gpus, gang_nodes) = gang_candidates(p, o, &movable);
+    chosen.extend(gang_gpus);
+    DrainCandidates {
+        gpus: chosen,
+        gang_nodes,
+    }
+}
+
+/// Memory slices of one whole GPU (A100, H100, H200): a request for more is a gang.
+const GPU_SLICES: u32 = 8;
+
+/// Most distinct requests for several instances on one node that get a node of drain candidates.
+const GANG_REQUESTS: usize = 4;
+
+/// A pod that needs several instances on one node (up to 8 × 7g, a whole node) waits for GPUs of
+/// one node to empty, which the cheapest GPUs of a group rarely are. Per such request (at most
+/// [`GANG_REQUESTS`]), the node that could hold it once its drainable GPUs are drained, draining
+/// which strands fewest GPUs' pods and costs least, gives all its drainable GPUs as candidates.
+fn gang_candidates(
+    p: &Problem<'_>,
+    o: &Outcome,
+    movable: &dyn Fn(usize) -> bool,
+) -> (BTreeSet<usize>, BTreeSet<usize>) {
+    let mut requests: BTreeSet<RequestKey<'_>> = BTreeSet::new();
+    for (d, dm) in p.demands.iter().enumerate() {
+        let instances: u32 = dm.req.iter().map(|(_, n)| u32::from(*n)).sum();
+        if dm.evicted_from.is_none() && o.placed[d].is_none() && instances > 1 {
+            requests.insert((dm.req.as_slice(), dm.groups.as_slice()));
+        }
+    }
+    // What a GPU could offer of profile `q`: anything its model can hold when drained, else the
+    // best of its options.
+    let offer = |g: usize, q: usize| -> u32 {
+        let gs = &p.gpus[g];
+        if gs.drain_cost.is_none() {
+            return gs.options.iter().map(|o| u32::from(o.free[q])).max().unwrap_or(0);
+        }
+        gs.model.profile_by_name(&p.profiles[q]).map_or(0, |idx| {
+            let most = gs.model.count_vectors().iter().map(|c| c.get(idx)).max();
+            u32::from(most.unwrap_or(0))
+        })
+    };
+    let (mut chosen, mut nodes) = (BTreeSet::new(), BTreeSet::new());
+    for (req, groups) in requests.into_iter().take(GANG_REQUESTS) {
+        let best = groups
+            .iter()
+            .flat_map(|g| p.groups[*g].nodes.iter().copied())
+            .filter(|n| p.nodes[*n].schedulable)
+            .filter_map(|n| {
+                let gpus = &p.nodes[n].gpus;
+                let drainable: Vec<usize> = gpus
+                    .iter()
+                    .copied()
+                    .filter(|g| p.gpus[*g].drain_cost.is_some())
+                    .collect();
+                let holds = req
+                    .iter()
+                    .all(|(q, need)| gpus.iter().map(|g| offer(*g, *q)).sum::<u32>() >= u32::from(*need));
+                if drainable.is_empty() || !holds {
+                    return None;
+                }
+                let stranded = drainable.iter().filter(|g| !movable(**g)).count();
+                let cost: f64 = drainable.iter().filter_map(|g| p.gpus[*g].drain_cost).sum();
+                Some((stranded, cost, n, drainable))
+            })
+            .min_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
+        if let Some((_, _, n, drainable)) = best {
+            chosen.extend(drainable);
+            nodes.insert(n);
+        }
+    }
+    (chosen, nodes)
 }
 
 /// Place every demand on real free instances under the decision's options, honouring the node

@@ -71,6 +71,8 @@ pub(crate) enum SolveError {
 /// HiGHS, one thread, time limit and gap from the policy.
 pub(crate) struct Highs;
 
+/// An evicted pod's share per group it may go to.
+type GroupParts = Vec<(usize, Variable)>;
 /// A class of identical pending pods: its members and, per capacity group, its variable.
 type PodClass = (Vec<usize>, Vec<(usize, Variable)>);
 /// What makes pods identical for the model: request, groups, weight, priority.
@@ -89,6 +91,8 @@ struct Model {
     /// pod class → (demands, per group variable)
     pod_classes: Vec<PodClass>,
     y: HashMap<usize, Variable>,
+    /// Per evicted pod that may go to several groups: (group, whether it goes there), summing to y.
+    y_group: HashMap<usize, GroupParts>,
     u: BTreeMap<usize, Variable>,
     constraints: Vec<good_lp::Constraint>,
     objective: Expression,
@@ -106,6 +110,7 @@ fn build(p: &Problem<'_>) -> Model {
         n: Vec::new(),
         pod_classes: Vec::new(),
         y: HashMap::new(),
+        y_group: HashMap::new(),
         u: BTreeMap::new(),
         constraints: Vec::new(),
         objective: Expression::from(0.0),
@@ -225,6 +230,17 @@ impl Model {
                 self.objective += value.clone();
                 *self.tier_value.entry(dm.tier).or_default() += value;
                 self.y.insert(d, v);
+                if dm.groups.len() > 1 {
+                    let parts: Vec<(usize, Variable)> = dm
+                        .groups
+                        .iter()
+                        .map(|s| (*s, self.add(variable().binary())))
+                        .collect();
+                    self.constraints.push(constraint!(
+                        parts.iter().map(|(_, x)| *x).sum::<Expression>() == v
+                    ));
+                    self.y_group.insert(d, parts);
+                }
             }
         }
     }
@@ -281,8 +297,15 @@ impl Model {
                 for (d, v) in &self.y {
                     let dm = &p.demands[*d];
                     let need = dm.req.iter().find(|(r, _)| *r == q).map_or(0, |(_, c)| *c);
-                    if need > 0 && dm.groups.contains(&s) {
-                        demand += f64::from(need) * *v;
+                    // In the group it goes to: its only one, or the one its part says.
+                    let there = match self.y_group.get(d) {
+                        Some(parts) => parts.iter().find(|(g, _)| *g == s).map(|(_, x)| *x),
+                        None => dm.groups.contains(&s).then_some(*v),
+                    };
+                    if need > 0
+                        && let Some(x) = there
+                    {
+                        demand += f64::from(need) * x;
                         any_demand = true;
                     }
                 }
@@ -437,7 +460,10 @@ where
         constraints: constraints.len(),
         millis: started.elapsed().as_secs_f64() * 1000.0,
     };
-    Ok((decode(p, &m.n, &m.pod_classes, &m.y, &solution), info))
+    Ok((
+        decode(p, &m.n, &m.pod_classes, (&m.y, &m.y_group), &solution),
+        info,
+    ))
 }
 
 /// The status of a series of solves: the first that was not optimal says how it ended.
@@ -476,7 +502,7 @@ fn warm_start(p: &Problem<'_>, m: &Model, warm: &Decision) -> Vec<(Variable, f64
             initial.push((*z, k as f64));
         }
     }
-    for v in m.y.values() {
+    for v in m.y.values().chain(m.y_group.values().flatten().map(|(_, x)| x)) {
         initial.push((*v, 0.0));
     }
     for (node, v) in &m.u {
@@ -494,7 +520,7 @@ fn decode<S: Solution>(
     p: &Problem<'_>,
     n: &[ClassVars],
     pod_classes: &[PodClass],
-    y: &HashMap<usize, Variable>,
+    (y, y_group): (&HashMap<usize, Variable>, &HashMap<usize, GroupParts>),
     solution: &S,
 ) -> Decision {
     // Back to GPUs: members keep their layout as the keep variables say; the rest, in order
@@ -537,7 +563,14 @@ fn decode<S: Solution>(
     }
     for (d, v) in y {
         if solution.value(*v) > 0.5 {
-            prefer_group[*d] = p.demands[*d].groups.clone();
+            prefer_group[*d] = match y_group.get(d) {
+                Some(parts) => parts
+                    .iter()
+                    .filter(|(_, x)| solution.value(*x) > 0.5)
+                    .map(|(g, _)| *g)
+                    .collect(),
+                None => p.demands[*d].groups.clone(),
+            };
         }
     }
     Decision {

@@ -102,8 +102,8 @@ pub fn plan_with(catalog: &Catalog, snapshot: &Snapshot, policy: &Policy) -> Pla
     let mut greedy = assign::greedy(&p);
     let mut greedy_outcome = assign::realise(&p, &greedy);
     let candidates = assign::drain_candidates(&p, &greedy_outcome);
-    let drain_candidates = candidates.len();
-    if !candidates.is_empty() {
+    let drain_candidates = candidates.gpus.len();
+    if !candidates.gpus.is_empty() {
         p = problem::Problem::build(catalog, snapshot, policy, &Drains::Only(candidates));
         greedy = assign::greedy(&p);
         greedy_outcome = assign::realise(&p, &greedy);

@@ -205,6 +205,11 @@ fn pod_instances<'a>(node: &'a Node, pod: &'a str) -> impl Iterator<Item = &'a G
 
 /// Why a pod may not run on a node, or `None` if it may (selectors, affinity, taints).
 pub(crate) fn node_rejects(pod: &PendingPod, node: &Node) -> Option<&'static str> {
+    rejects(&Constraints::of(pod), node)
+}
+
+/// [`node_rejects`] for a pod's constraints.
+pub(crate) fn rejects(pod: &Constraints<'_>, node: &Node) -> Option<&'static str> {
     if !node.schedulable {
         return Some("cordoned");
     }
@@ -417,7 +422,16 @@ pub(crate) enum Drains {
     /// None: a plan without evictions (what greedy plans anyway).
     None,
     /// These GPUs (ids as `Problem::gpus` numbers them; the same snapshot numbers them the same).
-    Only(BTreeSet<usize>),
+    Only(DrainCandidates),
+}
+
+/// The GPUs that get drain options, and the nodes chosen for requests that need several GPUs of
+/// one node: each of those is a capacity group of its own, so that the aggregated model cannot
+/// count drains spread over several nodes as room for them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct DrainCandidates {
+    pub gpus: BTreeSet<usize>,
+    pub gang_nodes: BTreeSet<usize>,
 }
 
 /// Maximal count vectors compatible with a pinned layout, per model and pinned layout.
@@ -458,7 +472,7 @@ fn set_options(
         gs.drain_cost = drainable.then(|| drain_cost(gs, input));
         let drain = match input.drains {
             Drains::None => None,
-            Drains::Only(gpus) => gs.drain_cost.filter(|_| gpus.contains(&gi)),
+            Drains::Only(c) => gs.drain_cost.filter(|_| c.gpus.contains(&gi)),
         };
         gs.options = gpu_options(gs, changeable, drain, input, &mut cache);
         gs.drain_blocked = blocked;
@@ -640,14 +654,26 @@ type Owners = BTreeMap<usize, (BTreeSet<String>, i32)>;
 /// Stage 4: groups of nodes the model treats alike (one per node when `exact`; otherwise by the
 /// labels some pending pod selects on, foreign taints, schedulable, frozen and reservations), and
 /// each node's group.
-fn group_nodes(snapshot: &Snapshot, exact: bool, owners: &Owners) -> (Vec<Group>, Vec<usize>) {
-    // Only labels that some pending pod selects on tell nodes apart (not, say, the hostname).
-    let relevant: BTreeSet<&str> = snapshot
-        .pending_pods
+fn group_nodes(
+    snapshot: &Snapshot,
+    exact: bool,
+    drains: bool,
+    apart: &BTreeSet<usize>,
+    owners: &Owners,
+) -> (Vec<Group>, Vec<usize>) {
+    // Only labels that some pod selects on tell nodes apart (not, say, the hostname): pending
+    // pods, and running pods when a drain may send them elsewhere.
+    let pending = snapshot.pending_pods.iter().map(Constraints::of);
+    let running = snapshot
+        .running_pods
         .iter()
-        .flat_map(|p| {
-            p.node_selector.keys().map(String::as_str).chain(
-                p.node_affinity
+        .filter(|_| drains)
+        .map(Constraints::of_running);
+    let relevant: BTreeSet<&str> = pending
+        .chain(running)
+        .flat_map(|c| {
+            c.node_selector.keys().map(String::as_str).chain(
+                c.node_affinity
                     .iter()
                     .flat_map(|t| t.match_expressions.iter().map(|e| e.key.as_str())),
             )
@@ -657,7 +683,7 @@ fn group_nodes(snapshot: &Snapshot, exact: bool, owners: &Owners) -> (Vec<Group>
     let mut node_group = vec![0usize; snapshot.nodes.len()];
     let mut by_sig: BTreeMap<String, usize> = BTreeMap::new();
     for (ni, node) in snapshot.nodes.iter().enumerate() {
-        let sig = if exact {
+        let sig = if exact || apart.contains(&ni) {
             format!("node:{ni}")
         } else {
             let mut taints: Vec<_> = node
@@ -698,6 +724,14 @@ pub(crate) struct Constraints<'s> {
 
 impl<'s> Constraints<'s> {
     pub(crate) fn of(pod: &'s PendingPod) -> Self {
+        Constraints {
+            node_selector: &pod.node_selector,
+            node_affinity: &pod.node_affinity,
+            tolerations: &pod.tolerations,
+        }
+    }
+
+    fn of_running(pod: &'s crate::snapshot::RunningPod) -> Self {
         Constraints {
             node_selector: &pod.node_selector,
             node_affinity: &pod.node_affinity,
@@ -789,14 +823,26 @@ fn demands(
                 }
             }
             let req: Vec<(usize, u16)> = counts.into_iter().collect();
-            let tier = disruptions.running.get(p).map_or(0, |r| r.priority);
+            let running = disruptions.running.get(p);
+            let tier = running.map_or(0, |r| r.priority);
+            // Where it may run again: wherever its own constraints admit it (the groups agree on
+            // the labels it selects on); a pod the snapshot does not describe, only its own group.
+            let groups_ok: Vec<usize> = match running {
+                Some(r) => {
+                    let c = Constraints::of_running(r);
+                    (0..groups.len())
+                        .filter(|s| rejects(&c, &snapshot.nodes[groups[*s].nodes[0]]).is_none())
+                        .collect()
+                }
+                None => vec![g.group],
+            };
             demands.push(Demand {
                 key: p.clone(),
                 tier,
                 must_move: top_pending.is_none_or(|t| t <= tier),
                 weight: weights::place(memory_slices(&req, profile_size), 0, longest),
                 req,
-                groups: vec![g.group],
+                groups: groups_ok,
                 evicted_from: Some(gi),
                 created: String::new(),
                 pending: None,
@@ -949,7 +995,12 @@ impl<'c> Problem<'c> {
         set_options(&mut gpus, &nodes, &held, &inputs);
         let exact = nodes.len() <= policy.solver.exact_node_limit;
         let owners = reserve::owners(&holds);
-        let (groups, node_group) = group_nodes(snapshot, exact, &owners);
+        let none = BTreeSet::new();
+        let (drains_any, apart) = match drains {
+            Drains::Only(c) => (!c.gpus.is_empty(), &c.gang_nodes),
+            Drains::None => (false, &none),
+        };
+        let (groups, node_group) = group_nodes(snapshot, exact, drains_any, apart, &owners);
         for g in &mut gpus {
             g.group = node_group[g.node];
         }

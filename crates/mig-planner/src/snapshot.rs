@@ -304,6 +304,15 @@ pub struct RunningPod {
     /// declared: GPUs whose pods all declare an end are earmarked by the latest of those ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_end_seconds: Option<u64>,
+    /// `spec.nodeSelector`: where the pod may run again if a drain evicts it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Required node affinity (any one term).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_affinity: Vec<NodeSelectorTerm>,
+    /// Tolerations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
 }
 
 /// A PodDisruptionBudget.

@@ -388,6 +388,65 @@ fn drain_candidates_favour_gpus_whose_pods_have_somewhere_to_go() {
 }
 
 #[test]
+fn a_gang_gets_the_drain_candidates_of_one_node() {
+    // Node a: eight GPUs, one busy 1g pod each (half busy, so dearer to drain than the rest).
+    // Nodes b and c: a pod each GPU too, idle (cheaper), plus six free 1g where pods can move; one
+    // pod on each is do-not-disrupt, so neither node can ever be emptied. An 8 x 7g gang waits,
+    // and node a's pods may run on any node (evicted pods go where their constraints admit them,
+    // not only back to their own node or group).
+    let mut s = Snapshot::default();
+    for (name, pinned) in [("a", None), ("b", Some(3)), ("c", Some(5))] {
+        let gpus = (0..8u32)
+            .map(|g| {
+                let pod = format!("batch/{name}{g}");
+                let mut r = running(&pod, 0);
+                r.do_not_disrupt = pinned == Some(g);
+                s.running_pods.push(r);
+                let mut instances = vec![("1g.10gb", 0u8, Some(pod.as_str()))];
+                if name != "a" {
+                    instances.extend((1..7).map(|k| ("1g.10gb", k, None)));
+                }
+                let mut gpu = gpu(g, H100, &instances);
+                gpu.instances[0].utilization = Some(if name == "a" { 0.5 } else { 0.0 });
+                gpu
+            })
+            .collect();
+        s.nodes.push(node(name, &[], gpus));
+    }
+    s.pending_pods = vec![pending("gang", 0, &[("7g.80gb", 8)])];
+    let mut policy = Policy {
+        drain: DrainPolicy::Allowed,
+        ..Default::default()
+    };
+    policy.budgets.max_evictions = Some(10);
+    // Per node (three nodes): a's pods move to b and c.
+    let plan = run(&s, &policy);
+    assert_eq!(plan.solver.model, "per-node");
+    assert_eq!(plan.solver.drain_candidates, 8);
+    assert_eq!(fits_on(&plan, "gang"), "a", "{}", plan.render_table());
+    assert_eq!(plan.evictions.len(), 8);
+    assert!(
+        plan.evictions
+            .iter()
+            .all(|e| e.node == "a" && e.replaced_on.is_some())
+    );
+    // One group for all three: the cheapest GPUs of the group (on b and c) would be drained
+    // spread over two nodes, which the pooled model counts as room for the gang; the gang gets
+    // node a's eight GPUs instead, and node a a capacity group of its own.
+    policy.solver.exact_node_limit = 0;
+    let plan = run(&s, &policy);
+    assert_eq!(plan.solver.model, "per-node-group");
+    assert_eq!(plan.solver.drain_candidates, 8, "{}", plan.render_table());
+    assert_eq!(fits_on(&plan, "gang"), "a", "{}", plan.render_table());
+    assert_eq!(plan.evictions.len(), 8);
+    assert!(
+        plan.evictions
+            .iter()
+            .all(|e| e.node == "a" && e.replaced_on.is_some())
+    );
+}
+
+#[test]
 fn an_equal_priority_pod_is_not_evicted_for_another() {
     let mut s = one_busy_gpu(5, false);
     s.pending_pods[0].priority = 0;
