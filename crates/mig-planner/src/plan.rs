@@ -644,12 +644,7 @@ fn pod_plans(
     let mut pods = Vec::new();
     let not_counted = unobserved_note(snapshot);
     let rejected: HashMap<usize, &String> = p.rejected.iter().map(|(i, why)| (*i, why)).collect();
-    let demand_of: HashMap<usize, usize> = p
-        .demands
-        .iter()
-        .enumerate()
-        .filter_map(|(d, dm)| Some((dm.pending?, d)))
-        .collect();
+    let demand_of = p.demand_of_pending();
     type Key<'k> = Option<(&'k [(usize, u16)], &'k [usize], Option<Constraints<'k>>)>;
     let mut reasons: HashMap<Key<'_>, String> = HashMap::new();
     for (pi, pod) in snapshot.pending_pods.iter().enumerate() {

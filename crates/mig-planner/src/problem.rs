@@ -1035,6 +1035,15 @@ impl<'c> Problem<'c> {
         }
     }
 
+    /// Per pending pod (its index in `Snapshot::pending_pods`), its demand.
+    pub fn demand_of_pending(&self) -> HashMap<usize, usize> {
+        self.demands
+            .iter()
+            .enumerate()
+            .filter_map(|(d, dm)| Some((dm.pending?, d)))
+            .collect()
+    }
+
     /// The priorities with demand, highest first: the tiers plans are compared by, in order.
     pub fn tiers(&self) -> Vec<i32> {
         let tiers: BTreeSet<i32> = self.demands.iter().map(|d| d.tier).collect();

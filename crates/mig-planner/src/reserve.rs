@@ -317,12 +317,7 @@ pub(crate) fn settle(p: &Problem<'_>, snapshot: &Snapshot, o: &Outcome) -> Reser
         .iter()
         .map(|r| (format!("{}/{}", r.namespace, r.name), r))
         .collect();
-    let demand_of: HashMap<usize, usize> = p
-        .demands
-        .iter()
-        .enumerate()
-        .filter_map(|(d, dm)| Some((dm.pending?, d)))
-        .collect();
+    let demand_of = p.demand_of_pending();
     let mut out = Reservations {
         released: p.released.clone(),
         ..Default::default()

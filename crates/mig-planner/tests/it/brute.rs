@@ -184,27 +184,36 @@ fn brute_force_best(
     }
 }
 
+/// The random small clusters of seeds 0..400 that the brute force can enumerate, with their policy
+/// (changed by `tweak`) and the optimum. Reservations are off: they are made after the plan is
+/// chosen and are not part of how plans compare (the oracle knows nothing of them; the invariant
+/// checks cover them).
+fn enumerable(
+    tweak: impl Fn(&mut mig_planner::Policy),
+) -> impl Iterator<Item = (u64, Snapshot, mig_planner::Policy, Vec<f64>)> {
+    (0..400).filter_map(move |seed| {
+        let mut rng = Rng::new(seed);
+        let snapshot = random_snapshot(&mut rng, 4, 8, false);
+        let mut policy = random_policy(&mut rng, false);
+        policy.reservations.max_gpus = 0;
+        tweak(&mut policy);
+        let best = brute_force_best(
+            &snapshot,
+            policy.backend,
+            policy.budgets.max_nodes_changed,
+            200_000,
+        )?;
+        Some((seed, snapshot, policy, best))
+    })
+}
+
 #[test]
 fn plans_are_optimal_on_small_random_clusters() {
     let mut checked = 0;
     let mut greedy_short = 0;
     let mut microlp_used = 0;
     let mut by_backend: BTreeMap<String, usize> = BTreeMap::new();
-    for seed in 0..400 {
-        let mut rng = Rng::new(seed);
-        let snapshot = random_snapshot(&mut rng, 4, 8, false);
-        let mut policy = random_policy(&mut rng, false);
-        // Reservations are made after the plan is chosen and are not part of how plans compare;
-        // the oracle knows nothing of them. Invariants cover them.
-        policy.reservations.max_gpus = 0;
-        let Some(best) = brute_force_best(
-            &snapshot,
-            policy.backend,
-            policy.budgets.max_nodes_changed,
-            200_000,
-        ) else {
-            continue;
-        };
+    for (seed, snapshot, policy, best) in enumerable(|_| ()) {
         let plan = mig_planner::plan(&snapshot, &policy);
         check_plan(&snapshot, &policy, &plan);
         let got = score_without_drains(&snapshot, &plan);
@@ -274,20 +283,7 @@ fn plans_are_optimal_on_small_random_clusters() {
 fn aggregated_model_against_brute_force() {
     let (mut checked, mut equal) = (0, 0);
     let mut gaps: Vec<(u64, Vec<f64>, Vec<f64>)> = Vec::new();
-    for seed in 0..400 {
-        let mut rng = Rng::new(seed);
-        let snapshot = random_snapshot(&mut rng, 4, 8, false);
-        let mut policy = random_policy(&mut rng, false);
-        policy.reservations.max_gpus = 0;
-        policy.solver.exact_node_limit = 0;
-        let Some(best) = brute_force_best(
-            &snapshot,
-            policy.backend,
-            policy.budgets.max_nodes_changed,
-            200_000,
-        ) else {
-            continue;
-        };
+    for (seed, snapshot, policy, best) in enumerable(|p| p.solver.exact_node_limit = 0) {
         let plan = mig_planner::plan(&snapshot, &policy);
         assert_eq!(plan.solver.model, "per-node-group");
         check_plan(&snapshot, &policy, &plan);

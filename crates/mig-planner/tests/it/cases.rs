@@ -419,17 +419,20 @@ fn a_gang_gets_the_drain_candidates_of_one_node() {
         ..Default::default()
     };
     policy.budgets.max_evictions = Some(10);
+    let moves_node_a = |plan: &Plan| {
+        assert_eq!(fits_on(plan, "gang"), "a", "{}", plan.render_table());
+        assert_eq!(plan.evictions.len(), 8);
+        assert!(
+            plan.evictions
+                .iter()
+                .all(|e| e.node == "a" && e.replaced_on.is_some())
+        );
+    };
     // Per node (three nodes): a's pods move to b and c.
     let plan = run(&s, &policy);
     assert_eq!(plan.solver.model, "per-node");
     assert_eq!(plan.solver.drain_candidates, 8);
-    assert_eq!(fits_on(&plan, "gang"), "a", "{}", plan.render_table());
-    assert_eq!(plan.evictions.len(), 8);
-    assert!(
-        plan.evictions
-            .iter()
-            .all(|e| e.node == "a" && e.replaced_on.is_some())
-    );
+    moves_node_a(&plan);
     // One group for all three: the cheapest GPUs of the group (on b and c) would be drained
     // spread over two nodes, which the pooled model counts as room for the gang; the gang gets
     // node a's eight GPUs instead, and node a a capacity group of its own.
@@ -437,13 +440,7 @@ fn a_gang_gets_the_drain_candidates_of_one_node() {
     let plan = run(&s, &policy);
     assert_eq!(plan.solver.model, "per-node-group");
     assert_eq!(plan.solver.drain_candidates, 8, "{}", plan.render_table());
-    assert_eq!(fits_on(&plan, "gang"), "a", "{}", plan.render_table());
-    assert_eq!(plan.evictions.len(), 8);
-    assert!(
-        plan.evictions
-            .iter()
-            .all(|e| e.node == "a" && e.replaced_on.is_some())
-    );
+    moves_node_a(&plan);
 }
 
 #[test]
