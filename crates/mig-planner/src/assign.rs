@@ -451,15 +451,31 @@ fn gang_candidates(
     }
     // What a GPU could offer of profile `q`: anything its model can hold when drained, else the
     // best of its options.
+    if requests.is_empty() {
+        return (BTreeSet::new(), BTreeSet::new());
+    }
+    // (Most of a profile an empty GPU of a model holds, per model and profile, worked out once.)
+    let wanted_profiles: BTreeSet<usize> = requests
+        .iter()
+        .flat_map(|(req, _)| req.iter().map(|(q, _)| *q))
+        .collect();
+    let mut most: HashMap<(&str, usize), u32> = HashMap::new();
+    for gs in &p.gpus {
+        for &q in &wanted_profiles {
+            most.entry((gs.model.key.as_str(), q)).or_insert_with(|| {
+                gs.model.profile_by_name(&p.profiles[q]).map_or(0, |idx| {
+                    let n = gs.model.count_vectors().iter().map(|c| c.get(idx)).max();
+                    u32::from(n.unwrap_or(0))
+                })
+            });
+        }
+    }
     let offer = |g: usize, q: usize| -> u32 {
         let gs = &p.gpus[g];
         if gs.drain_cost.is_none() {
             return gs.options.iter().map(|o| u32::from(o.free[q])).max().unwrap_or(0);
         }
-        gs.model.profile_by_name(&p.profiles[q]).map_or(0, |idx| {
-            let most = gs.model.count_vectors().iter().map(|c| c.get(idx)).max();
-            u32::from(most.unwrap_or(0))
-        })
+        most.get(&(gs.model.key.as_str(), q)).copied().unwrap_or(0)
     };
     let (mut chosen, mut nodes) = (BTreeSet::new(), BTreeSet::new());
     for (req, groups) in requests.into_iter().take(GANG_REQUESTS) {
