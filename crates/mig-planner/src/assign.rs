@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::problem::{DrainCandidates, Problem};
+use crate::problem::{DrainCandidates, Problem, global_profile};
 
 /// Instances a demand takes: (GPU, global profile, count).
 pub(crate) type Taken = Vec<(usize, usize, u16)>;
@@ -268,12 +268,7 @@ pub(crate) fn greedy_from(p: &Problem<'_>, start: &Decision) -> Decision {
         .iter()
         .map(|n| {
             (0..p.profiles.len())
-                .map(|q| {
-                    n.gpus
-                        .iter()
-                        .map(|g| p.gpus[*g].options.iter().map(|o| o.free[q]).max().unwrap_or(0))
-                        .sum()
-                })
+                .map(|q| n.gpus.iter().map(|g| p.gpus[*g].options.most_free(q, true)).sum())
                 .collect()
         })
         .collect();
@@ -375,7 +370,7 @@ pub(crate) fn drain_candidates(p: &Problem<'_>, o: &Outcome) -> DrainCandidates 
     // Room for evicted pods: per group and profile, what the GPUs could offer without a drain,
     // less what the plan takes. A GPU whose pods fit in the room of the others is ranked first:
     // its drain need not strand anyone (see `Demand::must_move`).
-    let ceiling = |g: usize, q: usize| p.gpus[g].options.iter().map(|o| o.free[q]).max().unwrap_or(0);
+    let ceiling = |g: usize, q: usize| p.gpus[g].options.most_free(q, true);
     let mut room: HashMap<(usize, usize), i64> = HashMap::new();
     for (g, gs) in p.gpus.iter().enumerate() {
         if wanted.contains_key(&gs.group) {
@@ -393,9 +388,9 @@ pub(crate) fn drain_candidates(p: &Problem<'_>, o: &Outcome) -> DrainCandidates 
         let gs = &p.gpus[g];
         let mut held: BTreeMap<usize, i64> = BTreeMap::new();
         for i in gs.busy.instances() {
-            if let Ok(q) = p.profiles.binary_search(&gs.model.profile_name(i.profile)) {
-                *held.entry(q).or_default() += 1;
-            }
+            *held
+                .entry(global_profile(&p.profiles, gs.model, i.profile))
+                .or_default() += 1;
         }
         held.iter()
             .all(|(q, n)| room.get(&(gs.group, *q)).copied().unwrap_or(0) - i64::from(ceiling(g, *q)) >= *n)
@@ -473,7 +468,7 @@ fn gang_candidates(
     let offer = |g: usize, q: usize| -> u32 {
         let gs = &p.gpus[g];
         if gs.drain_cost.is_none() {
-            return gs.options.iter().map(|o| u32::from(o.free[q])).max().unwrap_or(0);
+            return u32::from(gs.options.most_free(q, true));
         }
         most.get(&(gs.model.key.as_str(), q)).copied().unwrap_or(0)
     };

@@ -829,6 +829,20 @@ fn explain(p: &Problem<'_>, snapshot: &Snapshot, d: usize, dis: &Disruption, o: 
         .iter()
         .flat_map(|n| p.nodes[*n].gpus.iter().copied())
         .collect();
+    // The most instances of profile `q` one node it may use could offer (by drains too, or not).
+    let best_on_a_node = |q: usize, drains: bool| {
+        eligible
+            .iter()
+            .map(|n| {
+                p.nodes[*n]
+                    .gpus
+                    .iter()
+                    .map(|g| p.gpus[*g].options.most_free(q, drains))
+                    .sum::<u16>()
+            })
+            .max()
+            .unwrap_or(0)
+    };
     for (q, need) in &dm.req {
         let name = &p.profiles[*q];
         let models: BTreeSet<&str> = eligible_gpus
@@ -844,17 +858,7 @@ fn explain(p: &Problem<'_>, snapshot: &Snapshot, d: usize, dis: &Disruption, o: 
                 models.into_iter().collect::<Vec<_>>().join(", ")
             );
         }
-        let best_node = eligible
-            .iter()
-            .map(|n| {
-                p.nodes[*n]
-                    .gpus
-                    .iter()
-                    .map(|g| p.gpus[*g].options.iter().map(|o| o.free[*q]).max().unwrap_or(0))
-                    .sum::<u16>()
-            })
-            .max()
-            .unwrap_or(0);
+        let best_node = best_on_a_node(*q, true);
         if best_node < *need {
             let pinned = eligible_gpus
                 .iter()
@@ -897,23 +901,7 @@ fn explain(p: &Problem<'_>, snapshot: &Snapshot, d: usize, dis: &Disruption, o: 
     // displaced for it (docs/planner.md: evicted pods must find a place unless a higher-priority
     // pod waits).
     let drainable = eligible_gpus.iter().any(|g| p.gpus[*g].drain_cost.is_some());
-    let without_drains = |q: usize| {
-        eligible
-            .iter()
-            .map(|n| {
-                p.nodes[*n]
-                    .gpus
-                    .iter()
-                    .map(|g| {
-                        let opts = p.gpus[*g].options.iter().filter(|o| !o.drain);
-                        opts.map(|o| o.free[q]).max().unwrap_or(0)
-                    })
-                    .sum::<u16>()
-            })
-            .max()
-            .unwrap_or(0)
-    };
-    if drainable && dm.req.iter().any(|(q, need)| without_drains(*q) < *need) {
+    if drainable && dm.req.iter().any(|(q, need)| best_on_a_node(*q, false) < *need) {
         return "only a drain makes room for it, and no drain this plan may make leaves the pods it \
                 would evict a place to go (pods are displaced with nowhere to go only for a pod of \
                 higher priority)"

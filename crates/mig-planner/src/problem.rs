@@ -18,7 +18,7 @@ pub const OWN_TAINT_PREFIX: &str = "mig-autoscaler.io/";
 const RESOURCE_PREFIX: &str = "nvidia.com/mig-";
 
 /// One way a GPU may end up.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct GpuOption {
     /// Target profile counts (indexed by the GPU model's profiles).
     pub counts: Counts,
@@ -35,7 +35,7 @@ pub(crate) struct GpuOption {
 /// What a GPU may become: `options[0]` is "keep" (its own layout); the change options after it are
 /// shared by every GPU of the same model, busy instances and costs (one allocation for thousands of
 /// identical GPUs).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Options {
     keep: GpuOption,
     changes: Arc<[GpuOption]>,
@@ -53,6 +53,16 @@ impl Options {
     /// `options[1..]`: the changes, shared with identical GPUs.
     pub fn changes(&self) -> &[GpuOption] {
         &self.changes
+    }
+
+    /// The most instances of global profile `q` any option offers (drain options counted only
+    /// when `drains`).
+    pub fn most_free(&self, q: usize, drains: bool) -> u16 {
+        self.iter()
+            .filter(|o| drains || !o.drain)
+            .map(|o| o.free[q])
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -312,16 +322,7 @@ fn read_gpus<'c>(
                 actual,
                 busy,
                 pods: pods.into_iter().collect(),
-                options: Options {
-                    keep: GpuOption {
-                        counts: Counts::zero(0),
-                        free: Vec::new(),
-                        changed: false,
-                        drain: false,
-                        cost: 0.0,
-                    },
-                    changes: Arc::from([]),
-                },
+                options: Options::default(),
                 drain_blocked: None,
                 drain_cost: None,
                 group: 0,
@@ -462,14 +463,9 @@ fn set_options(
         // A reserved GPU whose kept region is still in use waits for it: nothing changes it.
         let changeable = node.managed && node.schedulable && !node.frozen && !held.contains(&gi);
         // Why its pods may not be drained, asked only where a drain is an option at all.
-        let blocked = (changeable && !gs.busy.is_empty() && input.policy.drain != DrainPolicy::Never)
-            .then(|| drain_blocked(gs, input))
-            .flatten();
-        let drainable = changeable
-            && !gs.busy.is_empty()
-            && input.policy.drain != DrainPolicy::Never
-            && blocked.is_none();
-        gs.drain_cost = drainable.then(|| drain_cost(gs, input));
+        let may_drain = changeable && !gs.busy.is_empty() && input.policy.drain != DrainPolicy::Never;
+        let blocked = may_drain.then(|| drain_blocked(gs, input)).flatten();
+        gs.drain_cost = (may_drain && blocked.is_none()).then(|| drain_cost(gs, input));
         let drain = match input.drains {
             Drains::None => None,
             Drains::Only(c) => gs.drain_cost.filter(|_| c.gpus.contains(&gi)),
@@ -607,7 +603,7 @@ fn free_instances(profiles: &[String], model: &GpuModel, counts: &Counts, kept: 
 }
 
 /// A model's profile `idx` in the global universe.
-fn global_profile(profiles: &[String], model: &GpuModel, idx: ProfileIdx) -> usize {
+pub(crate) fn global_profile(profiles: &[String], model: &GpuModel, idx: ProfileIdx) -> usize {
     profiles
         .binary_search(&model.profiles[usize::from(idx.0)].name)
         .unwrap_or(0)
@@ -657,17 +653,19 @@ type Owners = BTreeMap<usize, (BTreeSet<String>, i32)>;
 fn group_nodes(
     snapshot: &Snapshot,
     exact: bool,
-    drains: bool,
-    apart: &BTreeSet<usize>,
+    drains: &Drains,
     owners: &Owners,
 ) -> (Vec<Group>, Vec<usize>) {
+    // Nodes chosen for a gang's drains are groups of their own.
+    let apart = |n: usize| matches!(drains, Drains::Only(c) if c.gang_nodes.contains(&n));
     // Only labels that some pod selects on tell nodes apart (not, say, the hostname): pending
     // pods, and running pods when a drain may send them elsewhere.
+    let moving = matches!(drains, Drains::Only(c) if !c.gpus.is_empty());
     let pending = snapshot.pending_pods.iter().map(Constraints::of);
     let running = snapshot
         .running_pods
         .iter()
-        .filter(|_| drains)
+        .filter(|_| moving)
         .map(Constraints::of_running);
     let relevant: BTreeSet<&str> = pending
         .chain(running)
@@ -683,7 +681,7 @@ fn group_nodes(
     let mut node_group = vec![0usize; snapshot.nodes.len()];
     let mut by_sig: BTreeMap<String, usize> = BTreeMap::new();
     for (ni, node) in snapshot.nodes.iter().enumerate() {
-        let sig = if exact || apart.contains(&ni) {
+        let sig = if exact || apart(ni) {
             format!("node:{ni}")
         } else {
             let mut taints: Vec<_> = node
@@ -741,15 +739,15 @@ impl<'s> Constraints<'s> {
 }
 
 /// Stage 5: demands, first the pending pods (or why one cannot be planned), then the pods a drain
-/// would evict, to be placed again in their own group.
+/// would evict, to be placed again where their own constraints admit them.
 #[allow(clippy::too_many_arguments)]
-fn demands(
-    snapshot: &Snapshot,
+fn demands<'s>(
+    snapshot: &'s Snapshot,
     profiles: &[String],
     profile_size: &[u32],
     groups: &[Group],
     gpus: &[GpuState<'_>],
-    disruptions: &Disruptions<'_>,
+    disruptions: &Disruptions<'s>,
     owners: &Owners,
 ) -> (Vec<Demand>, Vec<(usize, String)>) {
     let mut demands = Vec::new();
@@ -764,6 +762,16 @@ fn demands(
     // foreign taints, schedulable) and on their reservation owners (`group_nodes`), so one node
     // speaks for its group, and pods with the same constraints share the answer.
     let mut admitted: HashMap<Constraints<'_>, Vec<usize>> = HashMap::new();
+    let mut admitting = |c: Constraints<'s>| -> Vec<usize> {
+        admitted
+            .entry(c)
+            .or_insert_with_key(|c| {
+                (0..groups.len())
+                    .filter(|g| rejects(c, &snapshot.nodes[groups[*g].nodes[0]]).is_none())
+                    .collect()
+            })
+            .clone()
+    };
     for (pi, pod) in snapshot.pending_pods.iter().enumerate() {
         let req = match pod_request(pod, profiles) {
             Ok(req) => req,
@@ -773,22 +781,14 @@ fn demands(
             }
         };
         let key = pod.key();
-        let admitting = admitted.entry(Constraints::of(pod)).or_insert_with(|| {
-            (0..groups.len())
-                .filter(|g| node_rejects(pod, &snapshot.nodes[groups[*g].nodes[0]]).is_none())
-                .collect()
-        });
         // A node reserved for other pods of this priority or higher is not this pod's to take.
         let reserved_for_others = |g: &usize| {
             owners
                 .get(&groups[*g].nodes[0])
                 .is_some_and(|(who, top)| !who.contains(&key) && *top >= pod.priority)
         };
-        let groups_ok: Vec<usize> = admitting
-            .iter()
-            .copied()
-            .filter(|g| !reserved_for_others(g))
-            .collect();
+        let mut groups_ok = admitting(Constraints::of(pod));
+        groups_ok.retain(|g| !reserved_for_others(g));
         demands.push(Demand {
             key,
             tier: pod.priority,
@@ -827,13 +827,8 @@ fn demands(
             let tier = running.map_or(0, |r| r.priority);
             // Where it may run again: wherever its own constraints admit it (the groups agree on
             // the labels it selects on); a pod the snapshot does not describe, only its own group.
-            let groups_ok: Vec<usize> = match running {
-                Some(r) => {
-                    let c = Constraints::of_running(r);
-                    (0..groups.len())
-                        .filter(|s| rejects(&c, &snapshot.nodes[groups[*s].nodes[0]]).is_none())
-                        .collect()
-                }
+            let groups_ok = match running {
+                Some(r) => admitting(Constraints::of_running(r)),
                 None => vec![g.group],
             };
             demands.push(Demand {
@@ -995,12 +990,7 @@ impl<'c> Problem<'c> {
         set_options(&mut gpus, &nodes, &held, &inputs);
         let exact = nodes.len() <= policy.solver.exact_node_limit;
         let owners = reserve::owners(&holds);
-        let none = BTreeSet::new();
-        let (drains_any, apart) = match drains {
-            Drains::Only(c) => (!c.gpus.is_empty(), &c.gang_nodes),
-            Drains::None => (false, &none),
-        };
-        let (groups, node_group) = group_nodes(snapshot, exact, drains_any, apart, &owners);
+        let (groups, node_group) = group_nodes(snapshot, exact, drains, &owners);
         for g in &mut gpus {
             g.group = node_group[g.node];
         }

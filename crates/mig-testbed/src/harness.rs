@@ -691,12 +691,17 @@ pub async fn a_large_pod_gets_a_reserved_gpu_and_runs_there(
         let api = api.clone();
         async move {
             let n = api.get(node).await.unwrap();
-            let report = n
+            let report: Option<NodeReport> = n
                 .annotations()
                 .get(REPORT_ANNOTATION)
-                .cloned()
-                .unwrap_or_default();
-            pods.iter().all(|p| report.contains(&format!("\"default/{p}\"")))
+                .and_then(|text| serde_json::from_str(text).ok());
+            let reported: Vec<&String> = report
+                .iter()
+                .flat_map(|r| &r.gpus)
+                .flat_map(|g| &g.instances)
+                .flat_map(|i| &i.pods)
+                .collect();
+            pods.iter().all(|p| reported.iter().any(|r| **r == format!("default/{p}")))
         }
     };
     eventually(secs, "the agents report the 1g pods", || async {
