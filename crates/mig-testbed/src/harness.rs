@@ -701,7 +701,8 @@ pub async fn a_large_pod_gets_a_reserved_gpu_and_runs_there(
                 .flat_map(|g| &g.instances)
                 .flat_map(|i| &i.pods)
                 .collect();
-            pods.iter().all(|p| reported.iter().any(|r| **r == format!("default/{p}")))
+            pods.iter()
+                .all(|p| reported.iter().any(|r| **r == format!("default/{p}")))
         }
     };
     eventually(secs, "the agents report the 1g pods", || async {
